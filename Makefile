@@ -1,0 +1,22 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/cmim: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: install run test lint bench
+install: $(BIN)/cmim
+
+run: install
+	$(BIN)/cmim serve
+
+test: install
+	$(BIN)/ruff check ml app worker migrations tests bench
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/cmim bench speed

@@ -1,0 +1,1 @@
+"""cmim's machine-learning library: plain PyTorch, no web, queue or database."""
