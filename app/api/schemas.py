@@ -1,0 +1,243 @@
+"""Request and response bodies. Job configuration reuses the ML library's own typed configs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ml.audit import AuditConfig
+from ml.data import DatasetInfo
+from ml.train import TrainConfig
+
+# A demo that finishes in a few minutes on a 2-core CPU: small MNIST-1D, short teacher and audit.
+DEMO_JOB: dict[str, Any] = {
+    "teacher": {
+        "dataset": "mnist1d",
+        "dataset_params": {"num_train": 2000, "num_test": 2000},
+        "arch": "cnn1d",
+        "objective": "cmim",
+        "objective_params": {"lam": 3.0},
+        "epochs": 20,
+        "batch_size": 128,
+        "seed": 0,
+    },
+    "audit": {
+        "students": ["mlp"],
+        "attacks": ["kd", "hard_label", "fm"],
+        "seeds": 2,
+        "epochs": 30,
+        "control": True,
+        "output_mode": {"kind": "probs"},
+    },
+}
+
+
+class JobCreate(BaseModel):
+    """A protection job: train the teacher, audit it against black-box distillation, serve it as audited."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DEMO_JOB]})
+
+    teacher: TrainConfig = Field(
+        description="how the teacher is trained: dataset and its parameters, architecture, objective and "
+        "its parameters, budget (epochs, batch size, optimiser), seed. `device` is chosen by the worker."
+    )
+    dataset_id: uuid.UUID | None = Field(
+        None, description="an uploaded dataset (POST /api/v1/datasets) to use instead of teacher.dataset"
+    )
+    audit: AuditConfig = Field(
+        default_factory=AuditConfig,
+        description="the audit: students, attacks, seeds, schedule, control. `output_mode` is also how the "
+        "model is served by the predict endpoints (it is attacked exactly as deployed)",
+    )
+
+
+class Links(BaseModel):
+    self: str
+    events: str
+    report: str
+    report_html: str
+    artifacts: str
+    model: str
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    status: Literal["queued", "training", "auditing", "succeeded", "failed", "cancelled"]
+    attempts: int
+    max_attempts: int
+    error: str | None
+    cancel_requested: bool
+    spec: dict[str, Any]
+    dataset_id: uuid.UUID | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: Links
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+
+
+class EventOut(BaseModel):
+    id: int = Field(description="the per-job sequence number (the SSE event id)")
+    kind: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    kind: str
+    media_type: str
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+    url: str
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    sha256: str
+    size_bytes: int
+    input_shape: list[int]
+    num_classes: int
+    n_train: int
+    n_test: int
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    builtin: list[DatasetInfo]
+    uploads: list[DatasetOut]
+
+
+class Catalog(BaseModel):
+    datasets: list[DatasetInfo]
+    architectures: list[dict[str, Any]]
+    objectives: list[str]
+    attacks: list[dict[str, Any]]
+    scopes: list[str]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"name": "shop frontend", "scopes": ["models:predict"], "query_budget": 10000}]
+        },
+    )
+
+    name: str = Field("key", min_length=1, max_length=200)
+    scopes: list[str] | None = Field(None, description="a subset of the caller's scopes; default: all of them")
+    query_budget: int | None = Field(None, ge=0, description="predict queries (rows) allowed; null: unlimited")
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="predict requests per minute")
+
+
+class KeyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    name: str
+    prefix: str
+    scopes: list[str]
+    query_budget: int | None
+    queries_used: int
+    rate_limit_per_minute: int | None
+    created_at: datetime
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the secret; shown once, stored only as its sha256")
+
+
+# ---------------------------------------------------------------- inference (KServe v2 + simple JSON)
+
+Datatype = Literal["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8"]
+
+
+class TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class InferInput(BaseModel):
+    name: str = "input"
+    shape: list[int]
+    datatype: Datatype = "FP32"
+    data: list[Any] = Field(description="row-major values, flat or nested")
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "req-1",
+                    "inputs": [{"name": "input", "shape": [1, 1, 40], "datatype": "FP32", "data": [0.0] * 40}],
+                }
+            ]
+        }
+    )
+
+    id: str | None = None
+    inputs: list[InferInput] = Field(min_length=1, max_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[InferOutput]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [[[0.0] * 40]]}]})
+
+    inputs: list[Any] = Field(description="a batch: nested lists of shape (B, *input_shape)")
+
+
+class Prediction(BaseModel):
+    label: int
+    class_name: str
+    scores: list[float] = Field(description="the served scores (as the job's output mode allows)")
+
+
+class PredictResponse(BaseModel):
+    model: uuid.UUID
+    output_mode: dict[str, Any]
+    predictions: list[Prediction]

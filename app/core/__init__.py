@@ -1,0 +1,1 @@
+"""Settings, database, artifact store and queue helpers shared by the API and the worker."""

@@ -1,0 +1,57 @@
+"""Typed settings from `CMIM_*` environment variables; the defaults run the embedded mode."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ALL_SCOPES = ("jobs:read", "jobs:write", "datasets:read", "datasets:write", "models:predict", "keys:admin")
+
+
+class Settings(BaseSettings):
+    """Everything configurable; embedded mode (SQLite, local worker, no broker) unless told otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="CMIM_", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    database_url: str = "sqlite:///var/cmim.db"
+    broker_url: str | None = Field(None, description="Redis URL; unset = embedded mode (the DB is the queue)")
+    artifact_url: str = Field("file://var/artifacts", description="fsspec URL of the artifact store")
+    work_dir: str = Field("var/work", description="per-job scratch space (resumable training state)")
+    cache_dir: str = Field("var/cache", description="local copies of remote artifacts for serving")
+
+    # Queue and lease: a worker must renew its lease faster than lease_seconds (it does so every epoch).
+    queue_name: str = "gpu"
+    lease_seconds: int = Field(900, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    sweep_seconds: float = Field(60.0, gt=0)
+    poll_seconds: float = Field(1.0, gt=0)
+    visibility_timeout: int = Field(7 * 24 * 3600, ge=60, description="longer than the longest job")
+    device: str = Field("auto", description="torch device for jobs: auto = CUDA when present")
+
+    # Uploads and serving.
+    upload_max_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    predict_max_batch: int = Field(1024, ge=1)
+    model_cache_size: int = Field(8, ge=1)
+    default_query_budget: int | None = Field(100_000, ge=0, description="queries per key; None = unlimited")
+    rate_limit_per_minute: int = Field(600, ge=1, description="predict requests per key and minute")
+
+    @model_validator(mode="after")
+    def _deployed_needs_real_parts(self) -> Settings:
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            raise ValueError("CMIM_DATABASE_URL must name a server database (PostgreSQL) in production")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: the local worker polls the jobs table."""
+        return not self.broker_url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings read once from the environment."""
+    return Settings()

@@ -1,0 +1,267 @@
+"""The jobs table is the queue: atomic claim and lease, events, cancel, sweep; plus the broker hand-off.
+
+With a broker (Celery on Redis) the API sends only the job id, by task name, so `app` never imports
+`worker`. In embedded mode nothing is sent: the local worker polls the table for claimable jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.models import RUNNING, Job, JobEvent, JobStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "cmim.run_job"
+_RUNNING = [s.value for s in RUNNING]
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the job (its lease ran out and another worker claimed it)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Proof of holding a job: every write by the worker is fenced on (worker_id, attempt)."""
+
+    job_id: uuid.UUID
+    worker_id: str
+    attempt: int
+
+
+# ---------------------------------------------------------------- broker hand-off
+
+_clients: dict[str, Celery] = {}
+_clients_lock = threading.Lock()
+
+
+def broker_client(broker_url: str) -> Celery:
+    """A Celery app used only to send tasks by name (one per broker URL and process)."""
+    with _clients_lock:
+        if broker_url not in _clients:
+            client = Celery("cmim-client", broker=broker_url, set_as_current=False)
+            client.conf.update(broker_connection_timeout=3, broker_connection_retry_on_startup=False)
+            _clients[broker_url] = client
+        return _clients[broker_url]
+
+
+def enqueue(settings: Settings, job_id: uuid.UUID) -> bool:
+    """Send the job id to the workers (no-op in embedded mode); False if the broker did not take it.
+
+    A job whose message could not be sent stays `queued` with enqueued_at NULL: the worker's sweep
+    sends it later, so the database row stays the truth.
+    """
+    if settings.embedded:
+        return True
+    try:
+        broker_client(settings.broker_url).send_task(
+            RUN_JOB_TASK, args=[str(job_id)], queue=settings.queue_name, retry=False
+        )
+        sent = True
+    except Exception:  # noqa: BLE001 - any broker failure leaves the job for the sweep
+        log.warning("could not enqueue job %s; the sweep will retry", job_id, exc_info=True)
+        sent = False
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+            .values(enqueued_at=utcnow() if sent else None)
+        )
+    return sent
+
+
+def broker_reachable(settings: Settings) -> bool:
+    """True when the broker answers (always True in embedded mode)."""
+    if settings.embedded:
+        return True
+    try:
+        with broker_client(settings.broker_url).connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return True
+    except Exception:  # noqa: BLE001 - readiness reports any failure as "not ready"
+        return False
+
+
+# ---------------------------------------------------------------- events
+
+
+def append_event(session: Session, job_id: uuid.UUID, kind: str, data: dict[str, Any]) -> int:
+    """Add the job's next event (seq = 1, 2, ... per job, allocated atomically); returns its seq."""
+    seq = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(last_event_seq=Job.last_event_seq + 1)
+        .returning(Job.last_event_seq)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    session.add(JobEvent(job_id=job_id, seq=seq, kind=kind, data=data))
+    session.flush()
+    return seq
+
+
+def status_event(session: Session, job_id: uuid.UUID, status: JobStatus, **extra: Any) -> int:
+    return append_event(session, job_id, "status", {"status": status.value, **extra})
+
+
+# ---------------------------------------------------------------- claim and lease
+
+
+def _claimable(now: datetime) -> Any:
+    return and_(
+        Job.cancel_requested_at.is_(None),
+        Job.attempts < Job.max_attempts,
+        or_(
+            Job.status == JobStatus.queued.value,
+            and_(Job.status.in_(_RUNNING), Job.lease_expires_at < now),
+        ),
+    )
+
+
+def claim_job(session: Session, job_id: uuid.UUID, worker_id: str, lease_seconds: int) -> Claim | None:
+    """Atomically take a queued job (or one whose lease ran out): attempts += 1. None if not claimable."""
+    now = utcnow()
+    attempt = session.execute(
+        update(Job)
+        .where(Job.id == job_id, _claimable(now))
+        .values(
+            status=JobStatus.training.value,
+            attempts=Job.attempts + 1,
+            worker_id=worker_id,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            enqueued_at=None,
+            started_at=now,
+        )
+        .returning(Job.attempts)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if attempt is None:
+        return None
+    status_event(session, job_id, JobStatus.training, attempt=attempt, worker=worker_id)
+    return Claim(job_id, worker_id, attempt)
+
+
+def _fenced(claim: Claim) -> Any:
+    return and_(
+        Job.id == claim.job_id,
+        Job.worker_id == claim.worker_id,
+        Job.attempts == claim.attempt,
+        Job.status.in_(_RUNNING),
+    )
+
+
+def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> bool:
+    """Extend the lease; returns True when cancellation was requested. Raises LeaseLost."""
+    cancel_requested_at = session.execute(
+        update(Job)
+        .where(_fenced(claim))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(Job.cancel_requested_at)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if cancel_requested_at is None:
+        raise LeaseLost(f"job {claim.job_id}: lease of attempt {claim.attempt} is gone")
+    return cancel_requested_at[0] is not None
+
+
+def transition(
+    session: Session, claim: Claim, status: JobStatus, *, error: str | None = None, **extra: Any
+) -> None:
+    """Move a held job to status (and record the event); raises LeaseLost if no longer held."""
+    values: dict[str, Any] = {"status": status.value}
+    if status.terminal:
+        values.update(finished_at=utcnow(), lease_expires_at=None, error=error)
+    result = session.execute(
+        update(Job).where(_fenced(claim)).values(**values).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        raise LeaseLost(f"job {claim.job_id}: lease of attempt {claim.attempt} is gone")
+    status_event(session, claim.job_id, status, **({"error": error} if error else {}), **extra)
+
+
+def next_claimable_job(session: Session) -> uuid.UUID | None:
+    """The oldest job a worker could claim now (embedded mode polls this)."""
+    return session.scalar(select(Job.id).where(_claimable(utcnow())).order_by(Job.created_at).limit(1))
+
+
+# ---------------------------------------------------------------- cancel and sweep
+
+
+def request_cancel(session: Session, job_id: uuid.UUID) -> JobStatus:
+    """Cancel a queued job at once, or flag a running one for its worker; returns the resulting status."""
+    now = utcnow()
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(status=JobStatus.cancelled.value, cancel_requested_at=now, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if done.rowcount == 1:
+        status_event(session, job_id, JobStatus.cancelled, reason="cancelled before it started")
+        return JobStatus.cancelled
+    flagged = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(_RUNNING), Job.cancel_requested_at.is_(None))
+        .values(cancel_requested_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if flagged.rowcount == 1:
+        append_event(session, job_id, "cancel_requested", {})
+    return JobStatus(session.scalar(select(Job.status).where(Job.id == job_id)))
+
+
+def _finish_expired(session: Session, now: datetime, condition: Any, status: JobStatus, reason: str) -> None:
+    ids = session.execute(
+        update(Job)
+        .where(Job.status.in_(_RUNNING), Job.lease_expires_at < now, condition)
+        .values(status=status.value, finished_at=now, lease_expires_at=None, error=reason)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).scalars().all()
+    for job_id in ids:
+        status_event(session, job_id, status, error=reason)
+
+
+def sweep(session: Session, *, broker: bool) -> list[uuid.UUID]:
+    """Settle jobs whose worker vanished; returns ids that need a (new) broker message.
+
+    Lease expired and attempts exhausted -> failed; lease expired with cancel requested -> cancelled;
+    otherwise the job goes back to `queued`. With a broker, every queued job without a message in
+    flight (enqueued_at NULL) is marked as sent and returned: the caller sends it with `enqueue`,
+    which clears the mark again if the broker refuses.
+    """
+    now = utcnow()
+    lost = "the worker was lost (its lease expired) on the last allowed attempt: max_attempts reached"
+    _finish_expired(session, now, Job.attempts >= Job.max_attempts, JobStatus.failed, lost)
+    cancelled = "cancelled; the worker was lost before it stopped"
+    _finish_expired(session, now, Job.cancel_requested_at.is_not(None), JobStatus.cancelled, cancelled)
+    requeued = session.execute(
+        update(Job)
+        .where(Job.status.in_(_RUNNING), Job.lease_expires_at < now)
+        .values(status=JobStatus.queued.value, lease_expires_at=None, worker_id=None, enqueued_at=None)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).scalars().all()
+    for job_id in requeued:
+        status_event(session, job_id, JobStatus.queued, reason="the worker's lease expired; re-queued")
+    if not broker:
+        return []
+    return list(
+        session.execute(
+            update(Job)
+            .where(Job.status == JobStatus.queued.value, Job.enqueued_at.is_(None))
+            .values(enqueued_at=now)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).scalars()
+    )

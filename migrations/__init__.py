@@ -1,0 +1,1 @@
+"""Alembic migrations: the only way cmim's tables are made."""

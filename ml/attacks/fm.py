@@ -1,0 +1,37 @@
+"""Beyer et al., CVPR 2022, "Knowledge distillation: A good teacher is patient and consistent" (function matching).
+
+The student and the black box see the same mixup of two augmented inputs, and the student matches
+the teacher's tempered answer there, with no label term: the queries leave the data manifold, which
+is where a protection trained on clean data is least constrained. Under label-only serving the
+tempered one-hot answer stays one-hot, so this copies the teacher's labels on mixed inputs.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from ml.attacks.base import Attack, AttackContext, AttackParams, register, tempered_kl
+
+
+def fm_loss(logits: Tensor, teacher: Tensor, T: float) -> dict[str, Tensor]:
+    """T^2 KL(temper(p_t, T) || softmax(z_s / T)) on the mixup view; no CE."""
+    return {"kd": tempered_kl(teacher, logits, T)}
+
+
+class FMParams(AttackParams):
+    T: float = Field(4.0, gt=0, description="temperature (T 4 beat T 1 in our calibration)")
+
+
+@register
+class FM(Attack):
+    key = "fm"
+    paper = "Beyer et al., CVPR 2022"
+    Params = FMParams
+    views = ("mixup",)
+    params: FMParams
+
+    def forward(
+        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
+    ) -> dict[str, Tensor]:
+        return fm_loss(student["mixup"], teacher["mixup"], self.params.T)

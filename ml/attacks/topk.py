@@ -1,0 +1,46 @@
+"""KD on the teacher's top-k probabilities only, renormalised (what a top-k endpoint would leak)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import Tensor
+
+from ml.attacks.base import Attack, AttackContext, AttackParams, register
+from ml.attacks.kd import kd_loss
+from ml.oracle import topk_renormalise
+
+
+def topk_loss(logits: Tensor, teacher: Tensor, targets: Tensor, k: int, T: float, a: float) -> dict[str, Tensor]:
+    """(1-a) CE + a T^2 KL(temper(topk_k(p_t), T) || softmax(z_s / T)), topk_k = top k kept, renormalised."""
+    return kd_loss(logits, topk_renormalise(teacher, k), targets, T, a)
+
+
+def default_k(num_classes: int) -> int:
+    """k = 5, or C / 10 from 50 classes on (at most C)."""
+    return min(num_classes, max(5, num_classes // 10))
+
+
+class TopKParams(AttackParams):
+    k: int | None = Field(None, ge=1, description="classes kept; None: 5, or C/10 when C >= 50")
+    T: float = Field(4.0, gt=0, description="temperature applied to both teacher and student")
+    a: float = Field(0.9, ge=0, le=1, description="weight of the KD term; CE gets 1 - a")
+
+
+@register
+class TopK(Attack):
+    key = "topk"
+    paper = "KD on the renormalised top-k teacher probabilities"
+    Params = TopKParams
+    params: TopKParams
+
+    def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
+        super().__init__(num_classes, params)
+        self.k = default_k(num_classes) if self.params.k is None else self.params.k
+        if self.k > num_classes:
+            raise ValueError(f"topk: k = {self.k} exceeds the {num_classes} classes")
+
+    def forward(
+        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
+    ) -> dict[str, Tensor]:
+        p = self.params
+        return topk_loss(student["plain"], teacher["plain"], targets, self.k, p.T, p.a)

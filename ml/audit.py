@@ -1,0 +1,592 @@
+"""The undistillability audit: LS students against knockoff students, trained in lockstep.
+
+Per seed, every student (each LS row and each attack row, against the teacher and the CE control)
+sees the same shuffled, augmented batches; each input view (plain, mixup, strong) is built once per
+batch and each teacher is queried once per view, so the teacher's cost is shared by all students
+of that seed. All students of a seed and architecture start from the same initialisation (common
+random numbers: differences between rows are then the method's, not the init's). Different seeds
+keep their own data order and initialisation, so statistics over seeds stay honest. Students of the
+same architecture without BatchNorm train as one batched computation (`torch.func` over stacked
+parameters); others (BatchNorm nets, attacks that read intermediate features) run one module each
+on the same shared batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ml.attacks import ATTACKS, Attack, AttackContext, build_params, rows
+from ml.cmi import cmi_by_temperature, model_logits
+from ml.data import Dataset
+from ml.models import MODELS, build_model
+from ml.oracle import Oracle, OutputMode
+from ml.train import (
+    OptimConfig,
+    TrainingCancelled,
+    accuracy,
+    batches,
+    make_optimizer,
+    make_schedule,
+    resolve_device,
+)
+
+REPORT_VERSION = 1
+CMI_CURVE_TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+__all__ = ["AuditConfig", "AuditProgress", "run_audit", "TrainingCancelled", "lockstep_ratio"]
+
+
+class AuditConfig(OptimConfig):
+    """Students, attacks, seeds, schedule, LS sweep, control and the threat model of one audit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    students: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1)
+    attacks: list[str] = Field(default_factory=lambda: list(ATTACKS.names()), min_length=1)
+    attack_params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per attack key: parameter overrides (replace its default sweep)"
+    )
+    seeds: int = Field(5, ge=1, le=100)
+    base_seed: int = Field(0, ge=0)
+    epochs: int = Field(300, ge=1, le=100_000)
+    ls_eps: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3], min_length=1)
+    ls_mixup: bool = Field(True, description="also sweep LS students trained on mixup")
+    control: bool = Field(True, description="audit a CE teacher of the same architecture the same way")
+    output_mode: OutputMode = Field(default_factory=OutputMode)
+    compare_raw: bool = Field(False, description="also attack the raw probabilities (when served otherwise)")
+    labelled_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the train split the attacker holds"
+    )
+    augment: bool = True
+    mixup_alpha: float = Field(1.0, gt=0)
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
+    eval_every: int = Field(1, ge=1)
+    device: str = "auto"
+
+    @field_validator("students")
+    @classmethod
+    def _students(cls, v: list[str]) -> list[str]:
+        for name in v:
+            MODELS.get(name)
+        return v
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, v: list[str]) -> list[str]:
+        for key in v:
+            ATTACKS.get(key)
+        return v
+
+    @field_validator("ls_eps")
+    @classmethod
+    def _eps(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= e < 1 for e in v):
+            raise ValueError("label smoothing eps must lie in [0, 1)")
+        return v
+
+    def attack_rows(self) -> list[tuple[str, str, BaseModel]]:
+        """(row name, attack key, params) for every requested attack, its default sweep unless overridden."""
+        out = []
+        for key in self.attacks:
+            if key in self.attack_params:
+                out.append((key, key, build_params(key, **self.attack_params[key])))
+            else:
+                out.extend((name, key, params) for name, params in rows(key))
+        return out
+
+
+class AuditProgress(BaseModel):
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+
+
+# ---------------------------------------------------------------- one student run
+
+
+@dataclass
+class Run:
+    """One student: an LS row (attack None) or an attack row against one teacher."""
+
+    name: str
+    arch: str
+    teacher: str | None = None  # key into the oracles; None for LS students
+    attack: Attack | None = None
+    eps: float = 0.0
+    mixup: bool = False
+    acc: list[float] = field(default_factory=list)  # test accuracy at each evaluated epoch
+    fidelity: float = float("nan")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        if self.attack is None:
+            return ("mixup",) if self.mixup else ("plain",)
+        return self.attack.views
+
+
+def _loss(
+    run: Run, out: dict[str, Tensor], served: dict[str, dict[str, Tensor]], batch: Batch, ctx: AttackContext
+) -> Tensor:
+    if run.attack is None:
+        if run.mixup:  # mixup CE: lam CE(y) + (1 - lam) CE(y[perm]), per-sample lam
+            ce_a = F.cross_entropy(out["mixup"], batch.y, label_smoothing=run.eps, reduction="none")
+            ce_b = F.cross_entropy(
+                out["mixup"], batch.y[batch.perm], label_smoothing=run.eps, reduction="none"
+            )
+            return (batch.lam * ce_a + (1 - batch.lam) * ce_b).mean()
+        return F.cross_entropy(out["plain"], batch.y, label_smoothing=run.eps)
+    return sum(run.attack(out, served[run.teacher], batch.y, ctx).values())
+
+
+@dataclass
+class Batch:
+    y: Tensor
+    views: dict[str, Tensor]
+    perm: Tensor | None = None
+    lam: Tensor | None = None
+
+
+def _make_batch(
+    data: Dataset, x: Tensor, y: Tensor, needed: set[str], cfg: AuditConfig, gen: torch.Generator
+) -> Batch:
+    plain = data.augment(x, gen) if cfg.augment else x
+    batch = Batch(y=y, views={"plain": plain})
+    if "mixup" in needed:  # mixup of two augmented inputs, per-sample ratio ~ Beta(alpha, alpha)
+        n = len(x)
+        batch.perm = torch.randperm(n, generator=gen).to(x.device)
+        a = torch.tensor(cfg.mixup_alpha)
+        lam = (
+            torch.distributions.Beta(a, a).sample((n,))
+            if cfg.mixup_alpha != 1
+            else torch.rand(n, generator=gen)
+        )
+        batch.lam = lam.to(x.device)
+        shape = (n,) + (1,) * (x.dim() - 1)
+        batch.views["mixup"] = batch.lam.view(shape) * plain + (1 - batch.lam.view(shape)) * plain[batch.perm]
+    if "strong" in needed:  # a second, stronger view: augmentation twice plus extra noise
+        strong = data.augment(data.augment(x, gen), gen) if cfg.augment else x
+        batch.views["strong"] = strong + 0.1 * torch.randn(strong.shape, generator=gen).to(x.device)
+    return batch
+
+
+# ---------------------------------------------------------------- student groups
+
+
+def _vmappable(model: nn.Module, runs: list[Run]) -> bool:
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return not has_bn and not any(r.attack is not None and r.attack.needs_features for r in runs)
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+class StackedGroup:
+    """Students of one architecture trained as one batched computation over stacked parameters."""
+
+    def __init__(self, runs: list[Run], init: nn.Module) -> None:
+        self.runs = runs
+        copies = [copy.deepcopy(init) for _ in runs]
+        self.params, self.buffers = stack_module_state(copies)
+        self.base = copy.deepcopy(init).to("meta")
+        self.slots = [(i, v) for i, r in enumerate(runs) for v in r.views]  # one forward per (run, view)
+        self.slot_index = torch.tensor([i for i, _ in self.slots], device=next(init.parameters()).device)
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def _fwd(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def forward(self, batch: Batch) -> list[dict[str, Tensor]]:
+        p = {k: v[self.slot_index] for k, v in self.params.items()}
+        b = {k: v[self.slot_index] for k, v in self.buffers.items()}
+        x = torch.stack([batch.views[v] for _, v in self.slots])
+        logits = vmap(self._fwd)(p, b, x)
+        outs: list[dict[str, Tensor]] = [{} for _ in self.runs]
+        for s, (i, v) in enumerate(self.slots):
+            outs[i][v] = logits[s]
+        return outs
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """(S, N) predicted labels of every student."""
+        preds = []
+        for i in range(0, len(x), 2048):
+            chunk = x[i : i + 2048]
+            logits = vmap(self._fwd, in_dims=(0, 0, None))(self.params, self.buffers, chunk)
+            preds.append(logits.argmax(-1))
+        return torch.cat(preds, dim=1)
+
+
+class ModuleGroup:
+    """Students that cannot be stacked (BatchNorm, feature hooks): one module each, same batches."""
+
+    def __init__(self, runs: list[Run], init: nn.Module) -> None:
+        self.runs = runs
+        self.models = [copy.deepcopy(init) for _ in runs]
+        self.features: list[Tensor | None] = [None] * len(runs)
+        for i, (run, m) in enumerate(zip(runs, self.models, strict=True)):
+            if run.attack is not None and run.attack.needs_features:
+                last = _last_linear(m)
+                run.attack.setup(last.in_features)
+                last.register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            self.features[i] = inputs[0]
+
+        return hook
+
+    def parameters(self) -> list[Tensor]:
+        return [p for m in self.models for p in m.parameters()]
+
+    def forward(self, batch: Batch) -> list[dict[str, Tensor]]:
+        outs = []
+        for i, (run, m) in enumerate(zip(self.runs, self.models, strict=True)):
+            m.train()
+            out = {v: m(batch.views[v]) for v in run.views if v != "plain"}
+            out["plain"] = m(batch.views["plain"])  # last, so the hooked features are the plain view's
+            if self.features[i] is not None:
+                out["features"] = self.features[i]
+            outs.append(out)
+        return outs
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        return torch.stack([model_logits(m, x).argmax(-1).to(x.device) for m in self.models])
+
+
+# ---------------------------------------------------------------- lockstep training of one seed
+
+
+def train_lockstep(
+    runs: list[Run],
+    data: Dataset,
+    oracles: dict[str, Oracle],
+    cfg: AuditConfig,
+    seed: int,
+    *,
+    on_epoch: Callable[[int], None] | None = None,
+) -> None:
+    """Train every run of one seed on shared batches; fills each run's per-epoch accuracies."""
+    device = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(seed)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    groups: list[StackedGroup | ModuleGroup] = []
+    for arch in dict.fromkeys(r.arch for r in runs):
+        torch.manual_seed(seed)  # same init for every student of this seed and architecture
+        init = build_model(arch, data.input_shape, data.num_classes, mean=data.mean, std=data.std).to(device)
+        members = [r for r in runs if r.arch == arch]
+        groups.append((StackedGroup if _vmappable(init, members) else ModuleGroup)(members, init))
+    for r in runs:
+        if r.attack is not None:
+            r.attack.to(device)
+    params = [p for g in groups for p in g.parameters()]
+    params += [p for r in runs if r.attack is not None for p in r.attack.parameters()]
+    opt = make_optimizer(params, cfg)
+    steps = math.ceil(len(x_train) / cfg.batch_size)
+    sched = make_schedule(opt, cfg, steps)
+    needed = {v for r in runs for v in r.views}
+    queried = {t: {v for r in runs if r.teacher == t for v in r.views} for t in oracles}
+    for epoch in range(cfg.epochs):
+        ctx = AttackContext(epoch=epoch, epochs=cfg.epochs, num_classes=data.num_classes)
+        for idx in batches(len(x_train), cfg.batch_size, gen):
+            idx = idx.to(device)
+            batch = _make_batch(data, x_train[idx], y_train[idx], needed, cfg, gen)
+            served = {t: {v: oracles[t](batch.views[v]) for v in views} for t, views in queried.items()}
+            loss = torch.zeros((), device=device)
+            for g in groups:
+                for run, out in zip(g.runs, g.forward(batch), strict=True):
+                    loss = loss + _loss(run, out, served, batch, ctx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            for g in groups:
+                preds = g.predict(x_test)
+                for run, p in zip(g.runs, preds, strict=True):
+                    run.acc.append(100.0 * (p == y_test).float().mean().item())
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+    # fidelity: top-1 agreement with the teacher it attacked, on the test split
+    teacher_pred = {t: model_logits(o.model, x_test).argmax(-1).to(device) for t, o in oracles.items()}
+    for g in groups:
+        for run, p in zip(g.runs, g.predict(x_test), strict=True):
+            if run.teacher is not None:
+                run.fidelity = 100.0 * (p == teacher_pred[run.teacher]).float().mean().item()
+
+
+# ---------------------------------------------------------------- statistics and verdicts
+
+
+def summarise(values: list[float]) -> dict[str, Any]:
+    """mean, std (ddof 1), standard error and the values."""
+    a = np.asarray(values, dtype=float)
+    std = float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+    return {
+        "mean": float(a.mean()),
+        "std": std,
+        "se": std / math.sqrt(len(a)) if len(a) > 1 else float("nan"),
+        "values": a.tolist(),
+    }
+
+
+def welch_one_sided(a: list[float], b: list[float]) -> float:
+    """p-value of H1: mean(a) > mean(b), Welch's unequal-variance t test; nan with < 2 samples."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    diff = float(np.mean(a) - np.mean(b))
+    if va + vb == 0:
+        return 0.0 if diff > 0 else 1.0
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va and vb else len(a) + len(b) - 2
+    return float(stats.t.sf(t, df))
+
+
+def _row_stats(
+    acc_best: list[float], acc_last: list[float], fidelity: list[float], queries: int
+) -> dict[str, Any]:
+    row = {"acc_best": summarise(acc_best), "acc_last": summarise(acc_last), "queries": queries}
+    if not all(math.isnan(f) for f in fidelity):
+        row["fidelity"] = summarise(fidelity)
+    return row
+
+
+def judge(ls: dict[str, dict[str, Any]], attacks: dict[str, dict[str, Any]], alpha: float) -> dict[str, Any]:
+    """Best LS row, per-attack margins and tests, and this student's verdict (SPEC.md's rule)."""
+    best_ls = max(ls, key=lambda k: ls[k]["acc_best"]["mean"])
+    ls_vals = ls[best_ls]["acc_best"]["values"]
+    for row in attacks.values():
+        vals = row["acc_best"]["values"]
+        row["margin"] = row["acc_best"]["mean"] - ls[best_ls]["acc_best"]["mean"]
+        row["margin_se"] = summarise([a - b for a, b in zip(vals, ls_vals, strict=True)])["se"]
+        row["p_value"] = welch_one_sided(vals, ls_vals)
+        row["significant"] = bool(row["p_value"] < alpha)
+    best_attack = max(attacks, key=lambda k: attacks[k]["acc_best"]["mean"])
+    b = attacks[best_attack]
+    n = len(ls_vals)
+    if n < 2:
+        verdict, reason = "inconclusive", f"{n} seed: too few for a test"
+    elif b["margin"] > 0 and b["significant"]:
+        verdict, reason = (
+            "distillable",
+            f"{best_attack} beats the best LS student by {b['margin']:.2f} (p={b['p_value']:.3g})",
+        )
+    elif b["margin"] > 0:
+        verdict, reason = (
+            "inconclusive",
+            f"{best_attack} is ahead by {b['margin']:.2f}, not significant (p={b['p_value']:.3g})",
+        )
+    else:
+        verdict, reason = "undistillable", f"no attack beats the best LS student ({best_ls})"
+    last_ls = max(ls[k]["acc_last"]["mean"] for k in ls)
+    return {
+        "best_ls": best_ls,
+        "ls_acc": ls[best_ls]["acc_best"]["mean"],
+        "best_attack": best_attack,
+        "margin": b["margin"],
+        "margin_se": b["margin_se"],
+        "p_value": b["p_value"],
+        "margin_last": max(a["acc_last"]["mean"] for a in attacks.values()) - last_ls,
+        "verdict": verdict,
+        "reason": reason,
+    }
+
+
+def combine_verdicts(verdicts: list[str]) -> str:
+    if "distillable" in verdicts:
+        return "distillable"
+    return "undistillable" if all(v == "undistillable" for v in verdicts) else "inconclusive"
+
+
+# ---------------------------------------------------------------- the audit
+
+
+def teacher_summary(model: nn.Module, data: Dataset) -> dict[str, Any]:
+    logits = model_logits(model, data.x_test)
+    return {
+        "accuracy": accuracy(logits, data.y_test),
+        "cmi_test": cmi_by_temperature(logits, data.y_test, CMI_CURVE_TEMPERATURES),
+        "cmi_train": cmi_by_temperature(
+            model_logits(model, data.x_train), data.y_train, CMI_CURVE_TEMPERATURES
+        ),
+    }
+
+
+def run_audit(
+    cfg: AuditConfig,
+    teacher: nn.Module,
+    dataset: Dataset,
+    *,
+    control: nn.Module | None = None,
+    on_progress: Callable[[AuditProgress], None] | None = None,
+) -> dict[str, Any]:
+    """Audit a teacher as it will be served; returns the versioned JSON report."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if cfg.control and control is None:
+        raise ValueError("the audit asks for a CE control (control=true) but no control teacher was given")
+    attacker_data = (
+        dataset.subset_train(cfg.labelled_fraction, cfg.base_seed) if cfg.labelled_fraction < 1 else dataset
+    )
+    teachers = {"teacher": (teacher, cfg.output_mode)}
+    if cfg.compare_raw and cfg.output_mode.kind != "probs":
+        teachers["teacher_raw"] = (teacher, OutputMode())
+    if cfg.control:
+        teachers["control"] = (control, cfg.output_mode)
+    attack_rows = cfg.attack_rows()
+    ls_rows = [
+        (f"ls{'_mixup' if m else ''}_{e:g}", e, m)
+        for m in ([False, True] if cfg.ls_mixup else [False])
+        for e in cfg.ls_eps
+    ]
+    results: dict[tuple[str | None, str, str], dict[str, list[float]]] = {}
+    queries: dict[tuple[str | None, str, str], int] = {}
+    total = cfg.seeds * cfg.epochs
+    for s in range(cfg.seeds):
+        seed = cfg.base_seed + s
+        oracles = {t: Oracle(m.to(device).eval(), mode) for t, (m, mode) in teachers.items()}
+        runs: list[Run] = []
+        for arch in cfg.students:
+            runs += [Run(name, arch, eps=e, mixup=m) for name, e, m in ls_rows]
+            for t in teachers:
+                for name, key, params in attack_rows:
+                    runs.append(
+                        Run(name, arch, teacher=t, attack=ATTACKS.get(key)(dataset.num_classes, params))
+                    )
+
+        def tick(epoch: int, s: int = s) -> None:
+            if on_progress is not None:
+                on_progress(
+                    AuditProgress(
+                        stage="audit",
+                        done=s * cfg.epochs + epoch,
+                        total=total,
+                        message=f"seed {s + 1}/{cfg.seeds}, epoch {epoch}/{cfg.epochs}",
+                    )
+                )
+
+        train_lockstep(runs, attacker_data, oracles, cfg, seed, on_epoch=tick)
+        n_train = len(attacker_data.x_train)
+        for r in runs:
+            key = (r.teacher, r.arch, r.name)
+            rec = results.setdefault(key, {"best": [], "last": [], "fidelity": []})
+            rec["best"].append(max(r.acc))
+            rec["last"].append(r.acc[-1])
+            rec["fidelity"].append(r.fidelity)
+            queries[key] = cfg.epochs * n_train * len(r.views) if r.teacher else 0
+
+    def rows_for(teacher_key: str | None, arch: str, names: list[str]) -> dict[str, dict[str, Any]]:
+        return {
+            n: _row_stats(
+                *(results[(teacher_key, arch, n)][k] for k in ("best", "last", "fidelity")),
+                queries[(teacher_key, arch, n)],
+            )
+            for n in names
+        }
+
+    ls_names, attack_names = [r[0] for r in ls_rows], [r[0] for r in attack_rows]
+    report: dict[str, Any] = {
+        "version": REPORT_VERSION,
+        "config": cfg.model_dump(mode="json"),
+        "threat_model": {
+            "output_mode": cfg.output_mode.model_dump(),
+            "labelled_fraction": cfg.labelled_fraction,
+            "labelled_samples": len(attacker_data.x_train),
+            "query_augmentation": "the student's own view; mixup for fm; a second strong view for mlkd",
+            "epochs": cfg.epochs,
+            "queries_per_view_per_epoch": len(attacker_data.x_train),
+        },
+        "dataset": {
+            "name": dataset.name,
+            "fingerprint": dataset.fingerprint,
+            "n_train": len(dataset.x_train),
+            "n_test": len(dataset.x_test),
+        },
+        "teacher": teacher_summary(teacher, dataset),
+        "students": {},
+    }
+    for t in teachers:
+        per_student = {}
+        for arch in cfg.students:
+            ls = rows_for(None, arch, ls_names)
+            attacks = rows_for(t, arch, attack_names)
+            per_student[arch] = {"ls": ls, "attacks": attacks, **judge(ls, attacks, cfg.alpha)}
+        verdict = combine_verdicts([v["verdict"] for v in per_student.values()])
+        if t == "teacher":
+            report["students"] = per_student
+            report["verdict"] = verdict
+        elif t == "teacher_raw":
+            report["raw_probabilities"] = {"students": per_student, "verdict": verdict}
+        else:
+            report["control"] = {
+                **teacher_summary(control, dataset),
+                "students": per_student,
+                "verdict": verdict,
+            }
+    report["verdict_reason"] = "; ".join(f"{a}: {v['reason']}" for a, v in report["students"].items())
+    if cfg.control and report["verdict"] == "undistillable" and report["control"]["verdict"] != "distillable":
+        report["verdict"] = "inconclusive"
+        report["verdict_reason"] += (
+            "; the CE control is not found distillable either, so this audit cannot discriminate"
+        )
+    elif not cfg.control:
+        report["verdict_reason"] += (
+            "; no CE control was run, so the audit's power to discriminate is unchecked"
+        )
+    report["wall_s"] = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def lockstep_ratio(students: int = 8, epochs: int = 3, log: Callable[..., Any] = print) -> dict[str, float]:
+    """Wall time of `students` MLP knockoffs trained in lockstep / the same trained one after another."""
+    from ml.data import load_dataset
+
+    data = load_dataset("mnist1d", num_train=2000, num_test=1000)
+    torch.manual_seed(0)
+    teacher = build_model("cnn1d", data.input_shape, data.num_classes).eval()
+    cfg = AuditConfig(epochs=epochs, seeds=1, control=False, attacks=["kd"], device="cpu")
+    keys = ["kd", "hard_label", "topk", "nkd", "dist", "avg", "fm", "wttm"]
+    keys = (keys * (students // len(keys) + 1))[:students]
+
+    def make_runs() -> list[Run]:
+        return [
+            Run(f"{k}{i}", "mlp", teacher="teacher", attack=ATTACKS.get(k)(10, None))
+            for i, k in enumerate(keys)
+        ]
+
+    def timed(fn: Callable[[], None]) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    oracle = {"teacher": Oracle(teacher)}
+    lock = timed(lambda: train_lockstep(make_runs(), data, oracle, cfg, 0))
+    seq = timed(lambda: [train_lockstep([r], data, oracle, cfg, 0) for r in make_runs()])
+    log(
+        f"{students} MLP students x {epochs} epochs: lockstep {lock:.2f} s, "
+        f"sequential {seq:.2f} s, ratio {lock / seq:.3f}"
+    )
+    return {"lockstep_s": lock, "sequential_s": seq, "lockstep_ratio": lock / seq}

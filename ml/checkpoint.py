@@ -1,0 +1,90 @@
+"""The checkpoint the service stores, serves and lets owners download: safetensors + JSON config.
+
+Loading rebuilds the model from the allow-listed zoo and reads plain tensors; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ml.models import build_model
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "model.json"
+
+
+class ModelMeta(BaseModel):
+    """Everything needed to rebuild, serve and describe a trained model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    arch: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    class_names: list[str]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    objective: str = "ce"
+    objective_params: dict[str, Any] = Field(default_factory=dict)
+    dataset: str = ""
+    dataset_fingerprint: str = ""
+    train_config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+def build_from_meta(meta: ModelMeta) -> nn.Module:
+    """A fresh (untrained) model of the architecture a checkpoint describes."""
+    return build_model(meta.arch, tuple(meta.input_shape), meta.num_classes, mean=meta.mean, std=meta.std)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(model: nn.Module, meta: ModelMeta, directory: str | Path) -> tuple[Path, Path]:
+    """Write model.safetensors and model.json into directory; returns both paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, config = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(weights, lambda p: save_file(tensors, p, metadata={"format": "pt", "arch": meta.arch}))
+    _atomic_write(config, lambda p: Path(p).write_text(meta.model_dump_json(indent=2)))
+    return weights, config
+
+
+def load_meta(config: str | Path) -> ModelMeta:
+    """Read and validate a checkpoint's JSON config."""
+    try:
+        return ModelMeta.model_validate(json.loads(Path(config).read_text()))
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"{config}: not a valid cmim model config: {e}") from None
+
+
+def load_checkpoint(weights: str | Path, config: str | Path | None = None) -> tuple[nn.Module, ModelMeta]:
+    """Rebuild the model from its config and load its weights; returns (model in eval mode, meta)."""
+    weights = Path(weights)
+    config = Path(config) if config is not None else weights.with_name(CONFIG_NAME)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no weights file at {weights}")
+    if not config.is_file():
+        raise FileNotFoundError(f"no model config next to the weights: expected {config}")
+    meta = load_meta(config)
+    model = build_from_meta(meta)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval(), meta

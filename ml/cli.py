@@ -1,0 +1,216 @@
+"""`cmim` command line for the ML library: works with no server running."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(help="Train undistillable classifiers (CMIM) and audit them.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print their numbers and ratios.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+err = Console(stderr=True)
+R = TypeVar("R")
+
+ParamList = Annotated[list[str] | None, typer.Option(help="key=value (value parsed as JSON), repeatable")]
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit 2."""
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn a user's bad input into a one-line message instead of a traceback."""
+    try:
+        yield
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        fail(f"{where + ': ' if where else ''}{first['msg']}")
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e).strip("'\""))
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """['lam=3', 'temperatures=[1,4]'] -> {'lam': 3, 'temperatures': [1, 4]}."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            fail(f"expected key=value, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r])
+    console.print(table)
+
+
+def run_with_progress(description: str, total: int, work: Callable[[Callable[..., None]], R]) -> R:
+    """Run work(update) under a progress bar; update(advance_to, info) moves it."""
+    with progress() as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def update(done: int, info: str = "", total: int | None = None) -> None:
+            bar.update(
+                task, completed=done, info=info, total=total if total is not None else bar.tasks[0].total
+            )
+
+        return work(update)
+
+
+@app.command()
+def datasets() -> None:
+    """List the registered data sets."""
+    from ml.data import dataset_infos
+
+    rows = [
+        [i.name, "x".join(map(str, i.input_shape)), i.num_classes, i.description] for i in dataset_infos()
+    ]
+    print_table("data sets", ["name", "input", "classes", "description"], rows)
+
+
+@app.command()
+def models() -> None:
+    """List the model zoo."""
+    from ml.models import model_infos
+
+    print_table(
+        "models", ["name", "inputs", "description"], [[m.name, m.kind, m.description] for m in model_infos()]
+    )
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="folder for model.safetensors + model.json")] = Path("runs/model"),
+    dataset: str = "mnist1d",
+    dataset_param: ParamList = None,
+    arch: str = "cnn1d",
+    objective: str = "cmim",
+    param: ParamList = None,
+    epochs: int = 60,
+    batch_size: int = 128,
+    optimizer: str = "adamw",
+    lr: float = 1e-2,
+    weight_decay: float = 1e-2,
+    seed: int = 0,
+    device: str = "auto",
+    init: Annotated[Path | None, typer.Option(help="fine-tune from this .safetensors")] = None,
+) -> None:
+    """Train a teacher and write its checkpoint."""
+    from ml.checkpoint import save_checkpoint
+    from ml.train import EpochReport, TrainConfig, train_model
+
+    with one_line_errors():
+        cfg = TrainConfig(
+            dataset=dataset,
+            dataset_params=parse_params(dataset_param),
+            arch=arch,
+            objective=objective,
+            objective_params=parse_params(param),
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            device=device,
+        )
+        if init is not None and not init.is_file():
+            raise FileNotFoundError(f"--init: no file at {init}")
+
+        def work(update: Callable[..., None]) -> Any:
+            def on_epoch(r: EpochReport) -> None:
+                info = (
+                    f"loss {sum(r.losses.values()):.3f}  test {r.test_acc:.2f}%  I_1 {r.cmi.get('1', 0):.4f}"
+                )
+                update(r.epoch, info)
+
+            return train_model(cfg, on_epoch=on_epoch, init_weights=init)
+
+        result = run_with_progress(f"train {arch}/{objective}", epochs, work)
+        weights, config = save_checkpoint(result.model, result.meta, out)
+    m = result.meta.metrics
+    rows = [
+        ["best test acc %", result.best_acc],
+        ["last test acc %", result.last_acc],
+        ["parameters", m["parameters"]],
+    ]
+    rows += [
+        [f"I_{t} test / train", f"{m['cmi_test'][t]:.4f} / {m['cmi_train'][t]:.4f}"] for t in m["cmi_test"]
+    ]
+    print_table(f"{arch} trained with {objective} on {dataset}", ["metric", "value"], rows)
+    console.print(f"checkpoint: {weights} + {config.name}")
+
+
+@app.command()
+def cmi(
+    checkpoint: Annotated[Path, typer.Argument(help="model.safetensors (model.json beside it)")],
+    split: str = "test",
+    temperature: Annotated[list[float] | None, typer.Option("--temperature", "-t")] = None,
+    dataset_param: ParamList = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """I_T per temperature of a checkpoint on its data set's train or test split."""
+    from ml.checkpoint import load_checkpoint
+    from ml.cmi import split_cmi
+    from ml.data import load_dataset
+
+    with one_line_errors():
+        if split not in ("train", "test"):
+            raise ValueError(f"--split must be train or test, not {split!r}")
+        model, meta = load_checkpoint(checkpoint)
+        params = meta.train_config.get("dataset_params", {}) | parse_params(dataset_param)
+        data = load_dataset(meta.dataset, **params)
+        temps = temperature or [0.5, 1, 2, 4, 8, 16, 32]
+        x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
+        values = split_cmi(model, x, y, temps)
+    if as_json:
+        console.print_json(json.dumps({"split": split, "cmi": values}))
+    else:
+        print_table(f"I_T on the {split} split", ["T", "I_T"], [[t, f"{v:.5f}"] for t, v in values.items()])
+
+
+@bench_app.command("speed")
+def bench_speed(
+    steps: int = 60,
+    rounds: int = 5,
+    students: int = 8,
+) -> None:
+    """CMIM step time / CE step time, and lockstep audit time / sequential; last line is JSON."""
+    from ml.bench import speed
+
+    result = speed(steps=steps, rounds=rounds, students=students, log=console.print)
+    console.print(json.dumps(result), highlight=False, soft_wrap=True)

@@ -1,0 +1,100 @@
+"""The black-box teacher: what an attacker (or an honest user) gets back for a batch of inputs.
+
+The audit attacks the teacher exactly as it will be served, so the service's predict endpoint and
+the audit both go through `apply_output_mode`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+
+class OutputMode(BaseModel):
+    """How the served answer is derived from the teacher's probabilities."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["probs", "topk", "label", "rounded"] = Field(
+        "probs",
+        description="probs: full probabilities; topk: the k largest, renormalised; label: one-hot of "
+        "the argmax; rounded: probabilities rounded to `decimals` decimals, renormalised",
+    )
+    k: int = Field(5, ge=1, description="topk: how many classes keep their probability")
+    decimals: int = Field(
+        2, ge=0, le=6, description="rounded: decimals kept (float32 holds about 7 significant digits)"
+    )
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """A batch would take the oracle past its query budget; nothing of that batch was answered."""
+
+    def __init__(self, budget: int, used: int, requested: int) -> None:
+        self.budget, self.used, self.requested = budget, used, requested
+        super().__init__(
+            f"query budget of {budget} exceeded: {used} used, a batch of {requested} would make "
+            f"{used + requested}"
+        )
+
+
+def topk_renormalise(probs: Tensor, k: int) -> Tensor:
+    """Keep the k largest probabilities of each row, renormalised to sum 1; the others become 0."""
+    k = min(k, probs.shape[-1])
+    values, index = probs.topk(k, dim=-1)
+    kept = torch.zeros_like(probs).scatter(-1, index, values)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def one_hot_argmax(probs: Tensor) -> Tensor:
+    """One-hot rows of the argmax (the first one on ties), in the dtype of `probs`."""
+    return F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+
+
+def apply_output_mode(probs: Tensor, mode: OutputMode) -> Tensor:
+    """What is served for (B, C) probabilities under `mode`, as a (B, C) tensor (pure)."""
+    if mode.kind == "probs":
+        return probs
+    if mode.kind == "topk":
+        return topk_renormalise(probs, mode.k)
+    if mode.kind == "label":
+        return one_hot_argmax(probs)
+    rounded = torch.round(probs, decimals=mode.decimals)
+    total = rounded.sum(-1, keepdim=True)
+    # A row can round to all zeros (many classes, few decimals): serving its label is the nearest
+    # honest answer, and it keeps every served row a distribution.
+    return torch.where(total > 0, rounded / total.clamp_min(torch.finfo(probs.dtype).tiny), one_hot_argmax(probs))
+
+
+class Oracle:
+    """Answers queries with the teacher's served output, counting every image (row) it answers."""
+
+    def __init__(self, model: nn.Module, mode: OutputMode | None = None, budget: int | None = None) -> None:
+        if budget is not None and budget < 0:
+            raise ValueError(f"query budget must be >= 0, got {budget}")
+        self.model = model.eval()
+        self.mode = mode if mode is not None else OutputMode()
+        self.budget = budget
+        self.queries = 0
+
+    @property
+    def remaining(self) -> int | None:
+        """Queries left before the budget is reached; None when there is no budget."""
+        return None if self.budget is None else self.budget - self.queries
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(B, C) served answers for a batch of B inputs; raises QueryBudgetExceeded before answering."""
+        n = int(x.shape[0])
+        if self.budget is not None and self.queries + n > self.budget:
+            raise QueryBudgetExceeded(self.budget, self.queries, n)
+        # The model object may be shared with code that flips it to train mode; the black box always
+        # answers as deployed (no dropout, frozen batch-norm statistics).
+        if self.model.training:
+            self.model.eval()
+        with torch.no_grad():
+            probs = torch.softmax(self.model(x).float(), dim=-1)
+        self.queries += n
+        return apply_output_mode(probs, self.mode)

@@ -1,0 +1,298 @@
+"""One trainer for every teacher: seeded, resumable, with a per-epoch callback.
+
+The audit trains its students with its own lockstep loop but shares the optimiser, schedule,
+device and seeding helpers defined here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ml.checkpoint import ModelMeta
+from ml.cmi import DEFAULT_LOG_TEMPERATURES, cmi_by_temperature, model_logits, split_cmi
+from ml.data import DATASETS, Dataset, load_dataset
+from ml.models import MODELS, build_model
+from ml.objectives import OBJECTIVES, StepContext, make_objective
+
+
+class TrainingCancelled(Exception):
+    """Raised by a progress callback to stop training cooperatively."""
+
+
+class OptimConfig(BaseModel):
+    """Optimiser and schedule: AdamW + per-step cosine, or SGD + multistep."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(60, ge=1, le=100_000)
+    batch_size: int = Field(128, ge=2, le=65_536)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-2, gt=0, le=10)
+    weight_decay: float = Field(1e-2, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[int] = Field(default_factory=list, description="multistep: epochs where lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainConfig(OptimConfig):
+    """A teacher training run: data, architecture, objective, budget, seed."""
+
+    dataset: str = "mnist1d"
+    dataset_params: dict[str, Any] = Field(default_factory=dict)
+    arch: str = "cnn1d"
+    objective: str = "cmim"
+    objective_params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(0, ge=0)
+    augment: bool = True
+    device: str = "auto"
+    log_temperatures: list[float] = Field(list(DEFAULT_LOG_TEMPERATURES), min_length=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        DATASETS.get(v)
+        return v
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        MODELS.get(v)
+        return v
+
+    @model_validator(mode="after")
+    def _objective(self) -> TrainConfig:
+        OBJECTIVES.get(self.objective)
+        make_objective(self.objective, self.objective_params)
+        return self
+
+
+class EpochReport(BaseModel):
+    """One epoch's progress event: losses, accuracies (percent) and test I_T."""
+
+    stage: str = "teacher"
+    epoch: int
+    epochs: int
+    losses: dict[str, float]
+    train_acc: float
+    test_acc: float
+    cmi: dict[str, float] = Field(default_factory=dict)
+    lr: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    meta: ModelMeta
+    history: list[EpochReport] = field(default_factory=list)
+    best_acc: float = 0.0
+    last_acc: float = 0.0
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(params: Iterable[Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=False
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier: cosine to 0 over all steps, or gamma^(milestones passed), or 1."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+    if cfg.schedule == "multistep":
+        marks = sorted(m * steps_per_epoch for m in cfg.milestones)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.gamma ** sum(s >= m for m in marks))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """A shuffled epoch of index batches (the last may be smaller)."""
+    perm = torch.randperm(n, generator=generator)
+    return list(perm.split(batch_size))
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNGs and return a CPU generator for data order and augmentation."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def train_model(
+    cfg: TrainConfig,
+    dataset: Dataset | None = None,
+    *,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    state_path: str | Path | None = None,
+    init_weights: str | Path | None = None,
+    stage: str = "teacher",
+) -> TrainResult:
+    """Train a model as cfg says; resumes from state_path when it exists and rewrites it every epoch."""
+    data = dataset if dataset is not None else load_dataset(cfg.dataset, **cfg.dataset_params)
+    device = resolve_device(cfg.device)
+    gen = seed_everything(cfg.seed)
+    model = build_model(cfg.arch, data.input_shape, data.num_classes, mean=data.mean, std=data.std)
+    if init_weights is not None:  # fine-tuning an owner's existing model
+        model.load_state_dict(load_file(str(init_weights)), strict=True)
+    model.to(device)
+    if device.type == "cuda" and len(data.input_shape) == 3:
+        model.to(memory_format=torch.channels_last)
+
+    objective = make_objective(cfg.objective, cfg.objective_params)
+    reference = None
+    if objective.needs_reference:  # nasty: a frozen CE copy trained with the same recipe and seed
+        ref_state = Path(state_path).with_name("reference_state.pt") if state_path else None
+        ref_cfg = cfg.model_copy(update={"objective": "ce", "objective_params": {}})
+        reference = (
+            train_model(ref_cfg, data, state_path=ref_state, stage="reference").model.to(device).eval()
+        )
+        gen = seed_everything(cfg.seed)
+
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    steps = math.ceil(len(x_train) / cfg.batch_size)
+    opt = make_optimizer(model.parameters(), cfg)
+    sched = make_schedule(opt, cfg, steps)
+    history: list[EpochReport] = []
+    start = 0
+    state_path = Path(state_path) if state_path else None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        objective.load_state_dict(state["objective"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = [EpochReport.model_validate(h) for h in state["history"]]
+        start = int(state["epoch"])
+
+    use_amp = device.type == "cuda"
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        correct = 0
+        for i, idx in enumerate(batches(len(x_train), cfg.batch_size, gen)):
+            x, y = x_train[idx], y_train[idx]
+            if cfg.augment:
+                x = data.augment(x, gen)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+            logits = logits.float()
+            ref_logits = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logits = reference(x).float()
+            ctx = StepContext(epoch + i / steps, cfg.epochs, data.num_classes, gen, ref_logits)
+            terms = objective(logits, y, ctx)
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
+            correct += int((logits.argmax(-1) == y).sum())
+        test_logits = model_logits(model, data.x_test)
+        report = EpochReport(
+            stage=stage,
+            epoch=epoch + 1,
+            epochs=cfg.epochs,
+            losses={k: v / len(x_train) for k, v in sums.items()},
+            train_acc=100.0 * correct / len(x_train),
+            test_acc=accuracy(test_logits, data.y_test),
+            cmi=cmi_by_temperature(test_logits, data.y_test, cfg.log_temperatures),
+            lr=opt.param_groups[0]["lr"],
+            seconds=time.perf_counter() - t0,
+        )
+        history.append(report)
+        if on_epoch is not None:
+            on_epoch(report)
+        if state_path is not None:
+            _atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "objective": objective.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": [h.model_dump() for h in history],
+                    "epoch": epoch + 1,
+                },
+                state_path,
+            )
+
+    model.eval().cpu()
+    return _result(model, cfg, data, history)
+
+
+def _result(model: nn.Module, cfg: TrainConfig, data: Dataset, history: list[EpochReport]) -> TrainResult:
+    best = max((h.test_acc for h in history), default=0.0)
+    last = history[-1].test_acc if history else 0.0
+    temps = cfg.log_temperatures
+    metrics = {
+        "best_acc": best,
+        "last_acc": last,
+        "epochs": cfg.epochs,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "cmi_train": split_cmi(model, data.x_train, data.y_train, temps),
+        "cmi_test": split_cmi(model, data.x_test, data.y_test, temps),
+    }
+    meta = ModelMeta(
+        arch=cfg.arch,
+        input_shape=tuple(data.input_shape),
+        num_classes=data.num_classes,
+        class_names=list(data.class_names),
+        mean=list(data.mean) if data.mean is not None else None,
+        std=list(data.std) if data.std is not None else None,
+        objective=cfg.objective,
+        objective_params=make_objective(cfg.objective, cfg.objective_params).params.model_dump(),
+        dataset=data.name,
+        dataset_fingerprint=data.fingerprint,
+        train_config=cfg.model_dump(),
+        metrics=metrics,
+    )
+    return TrainResult(model=model, meta=meta, history=history, best_acc=best, last_acc=last)
