@@ -66,7 +66,8 @@ def apply_output_mode(probs: Tensor, mode: OutputMode) -> Tensor:
     total = rounded.sum(-1, keepdim=True)
     # A row can round to all zeros (many classes, few decimals): serving its label is the nearest
     # honest answer, and it keeps every served row a distribution.
-    return torch.where(total > 0, rounded / total.clamp_min(torch.finfo(probs.dtype).tiny), one_hot_argmax(probs))
+    renormalised = rounded / total.clamp_min(torch.finfo(probs.dtype).tiny)
+    return torch.where(total > 0, renormalised, one_hot_argmax(probs))
 
 
 class Oracle:

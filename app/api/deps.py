@@ -45,8 +45,12 @@ def current_key(
     """The live API key named by the Bearer token, holding every scope the route asks for."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
-        raise Problem(401, "missing API key: send `Authorization: Bearer <key>`", slug="unauthenticated",
-                      headers=challenge)
+        raise Problem(
+            401,
+            "missing API key: send `Authorization: Bearer <key>`",
+            slug="unauthenticated",
+            headers=challenge,
+        )
     key = find_api_key(session, credentials.credentials)
     if key is None:
         raise Problem(401, "unknown or revoked API key", slug="unauthenticated", headers=challenge)

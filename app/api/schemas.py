@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.config import Scope
 from ml.audit import AuditConfig
 from ml.data import DatasetInfo
 from ml.train import TrainConfig
@@ -139,8 +140,8 @@ class KeyCreate(BaseModel):
     )
 
     name: str = Field("key", min_length=1, max_length=200)
-    scopes: list[str] | None = Field(None, description="a subset of the caller's scopes; default: all of them")
-    query_budget: int | None = Field(None, ge=0, description="predict queries (rows) allowed; null: unlimited")
+    scopes: list[Scope] | None = Field(None, description="a subset of the caller's scopes; default: all")
+    query_budget: int | None = Field(None, ge=0, description="predict rows allowed; null: unlimited")
     rate_limit_per_minute: int | None = Field(None, ge=1, description="predict requests per minute")
 
 
@@ -200,7 +201,9 @@ class InferRequest(BaseModel):
             "examples": [
                 {
                     "id": "req-1",
-                    "inputs": [{"name": "input", "shape": [1, 1, 40], "datatype": "FP32", "data": [0.0] * 40}],
+                    "inputs": [
+                        {"name": "input", "shape": [1, 1, 40], "datatype": "FP32", "data": [0.0] * 40}
+                    ],
                 }
             ]
         }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ALL_SCOPES = ("jobs:read", "jobs:write", "datasets:read", "datasets:write", "models:predict", "keys:admin")
+Scope = Literal["jobs:read", "jobs:write", "datasets:read", "datasets:write", "models:predict", "keys:admin"]
+ALL_SCOPES: tuple[str, ...] = get_args(Scope)
 
 
 class Settings(BaseSettings):

@@ -65,6 +65,7 @@ class JobStatus(enum.StrEnum):
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 RUNNING = frozenset({JobStatus.training, JobStatus.auditing})
+REPORT_NAME = "report.json"  # the audit report artifact of a succeeded job
 
 
 class ApiKey(Base):

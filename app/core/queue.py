@@ -221,13 +221,17 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> JobStatus:
 
 
 def _finish_expired(session: Session, now: datetime, condition: Any, status: JobStatus, reason: str) -> None:
-    ids = session.execute(
-        update(Job)
-        .where(Job.status.in_(_RUNNING), Job.lease_expires_at < now, condition)
-        .values(status=status.value, finished_at=now, lease_expires_at=None, error=reason)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    ).scalars().all()
+    ids = (
+        session.execute(
+            update(Job)
+            .where(Job.status.in_(_RUNNING), Job.lease_expires_at < now, condition)
+            .values(status=status.value, finished_at=now, lease_expires_at=None, error=reason)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+        .scalars()
+        .all()
+    )
     for job_id in ids:
         status_event(session, job_id, status, error=reason)
 
@@ -245,13 +249,17 @@ def sweep(session: Session, *, broker: bool) -> list[uuid.UUID]:
     _finish_expired(session, now, Job.attempts >= Job.max_attempts, JobStatus.failed, lost)
     cancelled = "cancelled; the worker was lost before it stopped"
     _finish_expired(session, now, Job.cancel_requested_at.is_not(None), JobStatus.cancelled, cancelled)
-    requeued = session.execute(
-        update(Job)
-        .where(Job.status.in_(_RUNNING), Job.lease_expires_at < now)
-        .values(status=JobStatus.queued.value, lease_expires_at=None, worker_id=None, enqueued_at=None)
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    ).scalars().all()
+    requeued = (
+        session.execute(
+            update(Job)
+            .where(Job.status.in_(_RUNNING), Job.lease_expires_at < now)
+            .values(status=JobStatus.queued.value, lease_expires_at=None, worker_id=None, enqueued_at=None)
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+        .scalars()
+        .all()
+    )
     for job_id in requeued:
         status_event(session, job_id, JobStatus.queued, reason="the worker's lease expired; re-queued")
     if not broker:

@@ -89,6 +89,10 @@ class ArtifactStore:
     def open(self, key: str) -> IO[bytes]:
         return self.fs.open(self._path(key), "rb")
 
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        with self.open(key) as f:
+            yield from read_chunks(f)
+
     def read_bytes(self, key: str) -> bytes:
         with self.open(key) as f:
             return f.read()

@@ -37,7 +37,7 @@ class AttackParams(BaseModel):
 
 
 def temper(p: Tensor, T: float | Tensor) -> Tensor:
-    """p^(1/T) renormalised per row (= softmax(log p / T) where p > 0); zeros stay zero, one-hot stays one-hot."""
+    """p^(1/T) renormalised per row (= softmax(log p / T) for p > 0); zeros stay 0, one-hot stays one-hot."""
     log_p = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
     # Masking after the division (not log 0 = -inf before it) keeps the gradient in T finite when T
     # is learned (ctkd).
@@ -46,7 +46,10 @@ def temper(p: Tensor, T: float | Tensor) -> Tensor:
 
 def kl_rows(p_target: Tensor, log_q: Tensor) -> Tensor:
     """Per-sample KL(p || q) = sum_c [p_c log p_c - p_c log q_c], with 0 log 0 = 0; log_q must be finite."""
-    return (torch.xlogy(p_target, p_target) - p_target * log_q).sum(-1)
+    # xlogy gives 0 log 0 = 0; the clamp keeps its gradient finite (not 0 / 0) where a learned target
+    # (ctkd's tempered top-k answers, mkd's mapped ones) is exactly 0.
+    entropy_part = torch.xlogy(p_target, p_target.clamp_min(torch.finfo(p_target.dtype).tiny))
+    return (entropy_part - p_target * log_q).sum(-1)
 
 
 def kl_batchmean(p_target: Tensor, log_q: Tensor) -> Tensor:
@@ -105,9 +108,10 @@ class Attack(nn.Module):
     Params: ClassVar[type[AttackParams]]
     views: ClassVar[tuple[str, ...]] = ("plain",)
     # skeptical: the engine also passes student["features"], the input of the student's last layer on
-    # the plain view, and calls setup(feature_dim) once before it collects the parameters.
+    # the plain view, and calls setup(feature_dim) once before it collects the parameters and moves
+    # the attack to the training device.
     needs_features: ClassVar[bool] = False
-    # Default audit rows beyond the single default one: (row name, parameter overrides).
+    # Default audit rows, when not the single row named by the key: (row name, parameter overrides).
     sweep: ClassVar[tuple[tuple[str, dict[str, Any]], ...]] = ()
 
     def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
@@ -126,6 +130,7 @@ class Attack(nn.Module):
     def forward(
         self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
     ) -> dict[str, Tensor]:
+        """Named loss terms for one batch (0-d tensors); the engine sums them."""
         raise NotImplementedError
 
 
@@ -162,7 +167,7 @@ def make_attack(key: str, num_classes: int, **overrides: Any) -> Attack:
 
 
 def rows(key: str) -> list[tuple[str, AttackParams]]:
-    """Default audit rows of an attack: its sweep (kd: one row per temperature) or one row named by the key."""
+    """Default audit rows of an attack: its sweep (kd: one per temperature), else one row named by the key."""
     cls = ATTACKS.get(key)
     if cls.sweep:
         return [(name, build_params(key, **overrides)) for name, overrides in cls.sweep]

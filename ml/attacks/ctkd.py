@@ -85,5 +85,3 @@ class CTKD(Attack):
         p = self.params
         T = self.temperature(reverse_gradient(self.theta, self.reversal_strength(ctx)))
         return ctkd_loss(student["plain"], teacher["plain"], targets, T, p.ce_weight, p.kd_weight)
-
-

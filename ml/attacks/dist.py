@@ -25,7 +25,7 @@ def pearson_distance(a: Tensor, b: Tensor, dim: int) -> Tensor:
 def dist_loss(
     logits: Tensor, teacher: Tensor, targets: Tensor, tau: float, beta: float, gamma: float, ce_weight: float
 ) -> dict[str, Tensor]:
-    """ce_w CE + tau^2 [beta mean_i (1 - rho(p_s,i., p_t,i.)) + gamma mean_c (1 - rho(p_s,.c, p_t,.c))], p at tau."""
+    """ce_w CE + tau^2 [beta mean_i (1 - rho(p_s,i., p_t,i.)) + gamma mean_c (1 - rho(p_s,.c, p_t,.c))]."""
     p_s = torch.softmax(logits / tau, dim=-1)
     p_t = temper(teacher, tau)
     return {

@@ -22,7 +22,7 @@ from ml.attacks.base import (
 def dkd_loss(
     logits: Tensor, teacher: Tensor, targets: Tensor, alpha: float, beta: float, T: float, weight: float
 ) -> dict[str, Tensor]:
-    """CE + w T^2 [alpha KL(b_t || b_s) + beta KL(n_t || n_s)], b = (p_gt, 1 - p_gt), n = non-target renormalised, at T."""
+    """CE + w T^2 [alpha KL(b_t || b_s) + beta KL(n_t || n_s)], b = (p_gt, 1 - p_gt), n = non-target, at T."""
     p_t = temper(teacher, T)
     p_t_gt = p_t.gather(-1, targets[:, None])
     # The rest mass as a sum of the other entries, never 1 - p_gt, which rounding can make negative.

@@ -1,4 +1,4 @@
-"""Beyer et al., CVPR 2022, "Knowledge distillation: A good teacher is patient and consistent" (function matching).
+"""Beyer et al., CVPR 2022, "A good teacher is patient and consistent": function matching.
 
 The student and the black box see the same mixup of two augmented inputs, and the student matches
 the teacher's tempered answer there, with no label term: the queries leave the data manifold, which

@@ -14,7 +14,7 @@ def hard_label_loss(logits: Tensor, teacher: Tensor) -> dict[str, Tensor]:
 
 
 class HardLabelParams(AttackParams):
-    pass
+    """No hyper-parameters."""
 
 
 @register

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
@@ -26,7 +24,8 @@ class KD(Attack):
     key = "kd"
     paper = "Hinton, Vinyals & Dean 2015"
     Params = KDParams
-    sweep: ClassVar = tuple((f"kd_t{T}", {"T": float(T)}) for T in (1, 4, 10, 20))
+    # SPEC: T swept over {1, 4, 10, 20}, each a separate audit row.
+    sweep = tuple((f"kd_t{T}", {"T": float(T)}) for T in (1, 4, 10, 20))
     params: KDParams
 
     def forward(

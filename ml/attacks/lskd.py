@@ -16,7 +16,13 @@ def zscore(z: Tensor) -> Tensor:
 
 
 def lskd_loss(
-    logits: Tensor, teacher: Tensor, targets: Tensor, T: float, kd_weight: float, ce_weight: float, floor: float
+    logits: Tensor,
+    teacher: Tensor,
+    targets: Tensor,
+    T: float,
+    kd_weight: float,
+    ce_weight: float,
+    floor: float,
 ) -> dict[str, Tensor]:
     """ce_w CE + kd_w T^2 KL(softmax(zs(log max(p_t, floor)) / T) || softmax(zs(z_s) / T)), zs = z-score."""
     # The black box serves probabilities; their log is the teacher's logits up to a per-sample

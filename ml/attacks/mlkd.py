@@ -35,7 +35,7 @@ def mlkd_loss(
     ce_weight: float,
     kd_weight: float,
 ) -> dict[str, Tensor]:
-    """ce_w sum_v CE + kd_w sum_v sum_T [T^2 KL(p_t^T || p_s^T) + |G_t - G_s|^2 / B + |M_t - M_s|^2 / C], G = P P^T, M = P^T P."""
+    """ce_w sum_v CE + kd_w sum_v,T [T^2 KL(p_t^T||p_s^T) + |G_t-G_s|^2/B + |M_t-M_s|^2/C], G=PP', M=P'P."""
     ce = sum(F.cross_entropy(z, targets) for z in logits)
     instance, batch, cls = (torch.zeros((), dtype=logits[0].dtype, device=logits[0].device) for _ in range(3))
     for z, p in zip(logits, teacher, strict=True):

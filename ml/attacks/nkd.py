@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, drop_target, register, soft_ce, target_split, temper
+from ml.attacks.base import (
+    Attack,
+    AttackContext,
+    AttackParams,
+    drop_target,
+    register,
+    soft_ce,
+    target_split,
+    temper,
+)
 
 
 def nkd_loss(

@@ -22,7 +22,7 @@ from ml.attacks.base import Attack, AttackContext, AttackParams, distill_kl, reg
 def skeptical_loss(
     logits: Tensor, aux_logits: Tensor, teacher: Tensor, targets: Tensor, T: float, a: float
 ) -> dict[str, Tensor]:
-    """final: (1-a) CE(z) + a T^2 KL(sg softmax(h/T) || softmax(z/T)); aux: (1-a) CE(h) + a T^2 KL(p_t^T || softmax(h/T))."""
+    """(1-a) [CE(z) + CE(h)] + a T^2 [KL(sg softmax(h/T) || softmax(z/T)) + KL(p_t^T || softmax(h/T))]."""
     self_target = torch.softmax(aux_logits.detach() / T, dim=-1)
     return {
         "ce": (1 - a) * F.cross_entropy(logits, targets),
@@ -50,7 +50,7 @@ class Skeptical(Attack):
         self.aux: nn.Module | None = None
 
     def setup(self, feature_dim: int) -> None:
-        """Create the auxiliary head for D = feature_dim; call before collecting parameters / moving devices."""
+        """Create the auxiliary head for D = feature_dim (before collecting parameters or moving devices)."""
         self.aux = nn.Sequential(
             nn.Linear(feature_dim, feature_dim), nn.ReLU(), nn.Linear(feature_dim, self.num_classes)
         )

@@ -10,7 +10,9 @@ from ml.attacks.kd import kd_loss
 from ml.oracle import topk_renormalise
 
 
-def topk_loss(logits: Tensor, teacher: Tensor, targets: Tensor, k: int, T: float, a: float) -> dict[str, Tensor]:
+def topk_loss(
+    logits: Tensor, teacher: Tensor, targets: Tensor, k: int, T: float, a: float
+) -> dict[str, Tensor]:
     """(1-a) CE + a T^2 KL(temper(topk_k(p_t), T) || softmax(z_s / T)), topk_k = top k kept, renormalised."""
     return kd_loss(logits, topk_renormalise(teacher, k), targets, T, a)
 

@@ -32,23 +32,23 @@ def fingerprint_arrays(*arrays: np.ndarray | torch.Tensor, **meta: Any) -> str:
 
 
 def stratified_indices(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of round(fraction * n_c) (at least 1) random samples from every class c of y."""
+    """Indices of round(fraction * n_c) (at least 1) random samples of every class c of y, shuffled."""
     rng = np.random.default_rng(seed)
     picked = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
-        k = max(1, round(fraction * len(idx)))
-        picked.append(rng.permutation(idx)[:k])
-    return np.sort(np.concatenate(picked))
+        picked.append(rng.permutation(idx)[: max(1, round(fraction * len(idx)))])
+    # Shuffled, not sorted: sources stored by class (mnist5k) must not give class-ordered splits.
+    return rng.permutation(np.concatenate(picked))
 
 
 def stratified_split(
     x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, y_train, x_test, y_test) with test_fraction of every class in the test split."""
-    test = np.zeros(len(y), dtype=bool)
-    test[stratified_indices(y, test_fraction, seed)] = True
-    return x[~test], y[~test], x[test], y[test]
+    """(x_train, y_train, x_test, y_test), test_fraction of every class in test; both splits shuffled."""
+    test = stratified_indices(y, test_fraction, seed)
+    train = np.random.default_rng([seed, 1]).permutation(np.setdiff1d(np.arange(len(y)), test))
+    return x[train], y[train], x[test], y[test]
 
 
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -100,7 +100,8 @@ class Dataset:
         """A stratified `fraction` of the train split (same test split, same normalisation)."""
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        idx = torch.from_numpy(stratified_indices(self.y_train.numpy(), fraction, seed))
+        idx = torch.from_numpy(stratified_indices(self.y_train.cpu().numpy(), fraction, seed))
+        idx = idx.to(self.x_train.device)
         x, y = self.x_train[idx], self.y_train[idx]
         fp = fingerprint_arrays(
             x, y, self.x_test, self.y_test, name=self.name, parent=self.fingerprint,

@@ -42,7 +42,8 @@ def test_unknown_dataset_lists_choices() -> None:
 
 
 def test_unknown_param_names_valid_params() -> None:
-    with pytest.raises(ValueError, match=r"unknown parameter\(s\) n_train .*valid parameters: num_train, num_test, seed"):
+    match = r"unknown parameter\(s\) n_train .*valid parameters: num_train, num_test, seed"
+    with pytest.raises(ValueError, match=match):
         load_dataset("mnist1d", n_train=10)
 
 
@@ -113,6 +114,7 @@ def test_bundled_image_sets_are_stratified(name: str, shape: tuple, n: int, test
     test_counts = torch.bincount(d.y_test, minlength=10)
     expected = (train_counts + test_counts) * test_fraction
     assert torch.all((test_counts - expected).abs() <= 1)
+    assert len(torch.unique(d.y_test[:50])) > 5  # shuffled, not in the source's class order
     assert d.augmentation == "none" and len(d.mean) == 1 and len(d.std) == 1
     assert d.mean[0] == pytest.approx(d.x_train.mean().item(), abs=1e-5)
     other = load_dataset(name, seed=1)
@@ -173,6 +175,16 @@ def test_crop_flip_shape_determinism_and_flips() -> None:
     assert (a == 0).any()  # some crops reach into the zero padding
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["shift_noise", "crop_flip"])
+def test_augment_on_cuda_matches_cpu_with_a_cpu_generator(kind: str) -> None:
+    x = torch.randn(16, 3, 32, 32)
+    cpu = augment_batch(kind, x, torch.Generator().manual_seed(0))
+    cuda = augment_batch(kind, x.cuda(), torch.Generator().manual_seed(0))
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu)
+
+
 def test_none_and_unknown_augmentation() -> None:
     x = torch.randn(4, 1, 8)
     assert augment_batch("none", x) is x
@@ -218,7 +230,8 @@ def test_npz_valid_round_trip(tmp_path: Path) -> None:
     d = load_dataset("npz", path=str(path))
     assert torch.equal(d.x_train, torch.from_numpy(arrays["x_train"])[:, None])
     assert torch.equal(d.y_test, torch.from_numpy(arrays["y_test"]))
-    assert (d.input_shape, d.num_classes, d.augmentation, d.class_names) == ((1, 40), 3, "shift_noise", ["0", "1", "2"])
+    assert (d.input_shape, d.num_classes, d.augmentation) == ((1, 40), 3, "shift_noise")
+    assert d.class_names == ["0", "1", "2"]
     assert d.mean[0] == pytest.approx(float(arrays["x_train"].mean()), abs=1e-5)
     moved = tmp_path / "elsewhere.npz"
     moved.write_bytes(path.read_bytes())
@@ -233,7 +246,8 @@ def test_npz_images_get_crop_flip(tmp_path: Path) -> None:
 
 def test_npz_not_a_zip(tmp_path: Path) -> None:
     path = tmp_path / "data.npz"
-    np.save(path, np.zeros(3))  # a plain .npy is not an npz
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))  # a plain .npy is not an npz
     with pytest.raises(DataValidationError, match=r"not an \.npz file"):
         validate_npz(path)
 
@@ -244,6 +258,14 @@ def test_npz_missing_keys(tmp_path: Path) -> None:
 
 def test_npz_unexpected_keys(tmp_path: Path) -> None:
     _invalid(tmp_path, r"unexpected key\(s\): extra", extra=np.zeros(2))
+
+
+def test_npz_duplicate_keys(tmp_path: Path) -> None:
+    path = _npz(tmp_path, **_arrays())
+    with zipfile.ZipFile(path, "a") as zf, pytest.warns(UserWarning, match="Duplicate name"):
+        zf.writestr("y_test.npy", b"")
+    with pytest.raises(DataValidationError, match=r"duplicate key\(s\): y_test"):
+        validate_npz(path)
 
 
 def test_npz_pickled_object_array(tmp_path: Path) -> None:
@@ -261,7 +283,8 @@ def test_npz_y_dtype_not_integer(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("shape", [(30,), (30, 1, 2, 2, 2)])
 def test_npz_x_rank(tmp_path: Path, shape: tuple) -> None:
-    _invalid(tmp_path, r"x_train has shape .*; expected \(N, L\), \(N, C, L\) or \(N, C, H, W\)", x_train=np.zeros(shape))
+    match = r"x_train has shape .*; expected \(N, L\), \(N, C, L\) or \(N, C, H, W\)"
+    _invalid(tmp_path, match, x_train=np.zeros(shape))
 
 
 def test_npz_y_rank(tmp_path: Path) -> None:
@@ -269,7 +292,8 @@ def test_npz_y_rank(tmp_path: Path) -> None:
 
 
 def test_npz_sample_shapes_differ(tmp_path: Path) -> None:
-    _invalid(tmp_path, r"x_train samples have shape \(40,\) but x_test samples \(39,\)", x_test=np.zeros((10, 39)))
+    match = r"x_train samples have shape \(40,\) but x_test samples \(39,\)"
+    _invalid(tmp_path, match, x_test=np.zeros((10, 39)))
 
 
 def test_npz_length_mismatch(tmp_path: Path) -> None:
@@ -296,7 +320,8 @@ def test_npz_single_class(tmp_path: Path) -> None:
 
 def test_npz_too_many_classes(tmp_path: Path) -> None:
     path = _npz(tmp_path, **_arrays())
-    with pytest.raises(DataValidationError, match=r"labels imply 3 classes \(max label 2\), over the limit of 2"):
+    match = r"labels imply 3 classes \(max label 2\), over the limit of 2"
+    with pytest.raises(DataValidationError, match=match):
         validate_npz(path, max_classes=2)
 
 

@@ -1,0 +1,27 @@
+"""What a job may name: datasets, architectures, objectives, attacks, key scopes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter
+
+from app.api.schemas import Catalog
+from app.core.config import ALL_SCOPES
+from ml.attacks import attack_infos
+from ml.data import dataset_infos
+from ml.models import model_infos
+from ml.objectives import OBJECTIVES
+
+router = APIRouter(tags=["catalog"])
+
+
+@router.get("/catalog", response_model=Catalog, summary="Every name a job request may use")
+def catalog() -> Catalog:
+    return Catalog(
+        datasets=dataset_infos(),
+        architectures=[asdict(m) for m in model_infos()],
+        objectives=OBJECTIVES.names(),
+        attacks=[a._asdict() for a in attack_infos()],
+        scopes=list(ALL_SCOPES),
+    )

@@ -1,0 +1,158 @@
+"""Jobs: create, list, read, cancel, follow (SSE), report (JSON and HTML), artifacts."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import HTMLResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import JobsRead, JobsWrite, SessionDep, SettingsDep, StoreDep
+from app.api.job_service import (
+    artifact_out,
+    create_job,
+    event_out,
+    events_after,
+    job_artifact,
+    job_artifacts,
+    job_out,
+    list_jobs,
+    owned_job,
+    report_artifact,
+    sse_events,
+)
+from app.api.report_html import render_report
+from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut
+from app.core.models import JobStatus
+from app.core.queue import enqueue, request_cancel
+from app.problems import Problem
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+JobId = Annotated[uuid.UUID, "the job's id"]
+
+
+@router.post("", status_code=202, response_model=JobOut, summary="Submit a protection job")
+async def submit_job(
+    body: JobCreate,
+    response: Response,
+    key: JobsWrite,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=200, description="retries with the same key return the first job")
+    ] = None,
+) -> JobOut:
+    job, created = await run_in_threadpool(create_job, session, settings, key, body, idempotency_key)
+    if created:
+        await run_in_threadpool(enqueue, settings, job.id)
+    response.headers["Location"] = f"/api/v1/jobs/{job.id}"
+    return job_out(job)
+
+
+@router.get("", response_model=JobList, summary="Your jobs, newest first")
+def get_jobs(
+    key: JobsRead,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    status: JobStatus | None = None,
+) -> JobList:
+    return list_jobs(session, key, limit, cursor, status)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="One job")
+def get_job(job_id: JobId, key: JobsRead, session: SessionDep) -> JobOut:
+    return job_out(owned_job(session, job_id, key))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel a job")
+def cancel_job(job_id: JobId, key: JobsWrite, session: SessionDep) -> JobOut:
+    job = owned_job(session, job_id, key)
+    if JobStatus(job.status).terminal:
+        raise Problem(409, f"job {job_id} has already {job.status}", slug="job-finished")
+    request_cancel(session, job_id)
+    session.commit()
+    session.refresh(job)
+    return job_out(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Progress events: SSE (resumable with Last-Event-ID), or JSON with ?after=N",
+    responses={200: {"content": {"text/event-stream": {}, "application/json": {}}}},
+    response_model=list[EventOut],
+)
+def job_events(
+    request: Request,
+    job_id: JobId,
+    key: JobsRead,
+    session: SessionDep,
+    after: Annotated[int | None, Query(ge=0, description="return the events after this id as JSON")] = None,
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+) -> list[EventOut] | StreamingResponse:
+    owned_job(session, job_id, key)
+    if after is not None:
+        return [event_out(e) for e in events_after(session, job_id, after)]
+    stream = sse_events(request.app.state.sessions, job_id, last_event_id or 0, request.is_disconnected)
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/{job_id}/report", summary="The audit report (409 until the job has succeeded)")
+def job_report(job_id: JobId, key: JobsRead, session: SessionDep, store: StoreDep) -> Response:
+    artifact = report_artifact(session, owned_job(session, job_id, key))
+    return Response(
+        store.read_bytes(artifact.storage_key),
+        media_type="application/json",
+        headers={"ETag": f'"{artifact.sha256}"'},
+    )
+
+
+@router.get("/{job_id}/report.html", response_class=HTMLResponse, summary="The audit report as a page")
+def job_report_html(job_id: JobId, key: JobsRead, session: SessionDep, store: StoreDep) -> HTMLResponse:
+    job = owned_job(session, job_id, key)
+    report = json.loads(store.read_bytes(report_artifact(session, job).storage_key))
+    epochs = [e.data for e in events_after(session, job_id, 0, limit=100_000) if e.kind == "epoch"]
+    return HTMLResponse(render_report(job_out(job), report, epochs))
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], summary="The job's files")
+def list_artifacts(job_id: JobId, key: JobsRead, session: SessionDep) -> list[ArtifactOut]:
+    owned_job(session, job_id, key)
+    return [artifact_out(a) for a in job_artifacts(session, job_id)]
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    summary="Download one file (ETag = its sha256)",
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "not modified"}},
+)
+def download_artifact(
+    job_id: JobId,
+    name: str,
+    key: JobsRead,
+    session: SessionDep,
+    store: StoreDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    owned_job(session, job_id, key)
+    a = job_artifact(session, job_id, name)
+    etag = f'"{a.sha256}"'
+    headers = {
+        "ETag": etag,
+        "Content-Disposition": f'attachment; filename="{a.name}"',
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
+        return Response(status_code=304, headers=headers)
+    return StreamingResponse(
+        store.iter_chunks(a.storage_key),
+        media_type=a.media_type,
+        headers=headers | {"Content-Length": str(a.size_bytes)},
+    )

@@ -1,0 +1,155 @@
+"""Serving a job's teacher: KServe Open Inference Protocol v2, and a simple JSON predict route.
+
+The model id is the job id. Answers follow the output mode the job was audited with; every input
+row counts against the key's query budget; requests count against its rate limit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import Predict, SessionDep, SettingsDep, StoreDep
+from app.api.inference import ServedModel, as_batch, charge
+from app.api.job_service import owned_job
+from app.api.schemas import (
+    InferOutput,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    ModelReady,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    TensorMeta,
+)
+from app.core.models import ApiKey
+
+v2 = APIRouter(prefix="/v2/models", tags=["inference (KServe v2)"])
+simple = APIRouter(prefix="/models", tags=["inference"])
+ModelId = Annotated[uuid.UUID, "the job's id"]
+
+
+def _served(
+    request: Request, session: SessionDep, store: StoreDep, model_id: uuid.UUID, key: ApiKey
+) -> ServedModel:
+    job = owned_job(session, model_id, key)
+    return request.app.state.models.get(session, store, job)
+
+
+@v2.get("/{model_id}", response_model=ModelMetadata, summary="Model metadata")
+def metadata(
+    model_id: ModelId, request: Request, key: Predict, session: SessionDep, store: StoreDep
+) -> ModelMetadata:
+    served = _served(request, session, store, model_id, key)
+    meta = served.meta
+    return ModelMetadata(
+        name=str(model_id),
+        versions=["1"],
+        platform="pytorch_safetensors",
+        inputs=[TensorMeta(name="input", datatype="FP32", shape=[-1, *meta.input_shape])],
+        outputs=[
+            TensorMeta(name="probabilities", datatype="FP32", shape=[-1, meta.num_classes]),
+            TensorMeta(name="label", datatype="INT64", shape=[-1]),
+        ],
+        parameters={
+            "output_mode": served.mode.model_dump(),
+            "class_names": meta.class_names,
+            "arch": meta.arch,
+        },
+    )
+
+
+@v2.get("/{model_id}/ready", response_model=ModelReady, summary="200 when the model can answer")
+def ready(
+    model_id: ModelId, request: Request, key: Predict, session: SessionDep, store: StoreDep
+) -> ModelReady:
+    _served(request, session, store, model_id, key)
+    return ModelReady(name=str(model_id), ready=True)
+
+
+async def _answer(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    key: ApiKey,
+    model_id: uuid.UUID,
+    values: object,
+    shape: list[int] | None,
+    loc: list,
+) -> tuple[ServedModel, list[list[float]], list[int]]:
+    served = await run_in_threadpool(_served, request, session, store, model_id, key)
+    x = as_batch(values, shape, served.meta, settings.predict_max_batch, loc)
+    headers = await run_in_threadpool(
+        charge, session, request.app.state.rate_limiter, key, int(x.shape[0]), settings.rate_limit_per_minute
+    )
+    response.headers.update(headers)
+    scores = await run_in_threadpool(served.serve, x)
+    return served, scores.tolist(), scores.argmax(-1).tolist()
+
+
+@v2.post("/{model_id}/infer", response_model=InferResponse, summary="Inference (Open Inference Protocol v2)")
+async def infer(
+    model_id: ModelId,
+    body: InferRequest,
+    request: Request,
+    response: Response,
+    key: Predict,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+) -> InferResponse:
+    tensor = body.inputs[0]
+    _, scores, labels = await _answer(
+        request,
+        response,
+        session,
+        settings,
+        store,
+        key,
+        model_id,
+        tensor.data,
+        tensor.shape,
+        ["body", "inputs", 0, "data"],
+    )
+    n, c = len(scores), len(scores[0])
+    return InferResponse(
+        model_name=str(model_id),
+        model_version="1",
+        id=body.id,
+        outputs=[
+            InferOutput(
+                name="probabilities", shape=[n, c], datatype="FP32", data=[v for row in scores for v in row]
+            ),
+            InferOutput(name="label", shape=[n], datatype="INT64", data=labels),
+        ],
+    )
+
+
+@simple.post("/{model_id}/predict", response_model=PredictResponse, summary="Predict (simple JSON)")
+async def predict(
+    model_id: ModelId,
+    body: PredictRequest,
+    request: Request,
+    response: Response,
+    key: Predict,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+) -> PredictResponse:
+    served, scores, labels = await _answer(
+        request, response, session, settings, store, key, model_id, body.inputs, None, ["body", "inputs"]
+    )
+    names = served.meta.class_names
+    return PredictResponse(
+        model=model_id,
+        output_mode=served.mode.model_dump(),
+        predictions=[
+            Prediction(label=y, class_name=names[y], scores=s) for y, s in zip(labels, scores, strict=True)
+        ],
+    )

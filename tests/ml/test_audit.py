@@ -1,0 +1,139 @@
+"""The audit: a reduced run is complete and consistent; verdicts follow SPEC.md's rule; lockstep is honest."""
+
+import math
+
+import pytest
+
+from ml.attacks import ATTACKS
+from ml.audit import AuditConfig, Run, combine_verdicts, judge, run_audit, summarise, train_lockstep
+from ml.data import load_dataset
+from ml.oracle import Oracle, OutputMode
+from ml.train import TrainConfig, train_model
+
+SMALL = {"num_train": 300, "num_test": 200}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("mnist1d", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def teachers(data):
+    def teacher(seed: int):
+        cfg = TrainConfig(
+            dataset_params=SMALL, arch="cnn1d_small", objective="ce", epochs=3, seed=seed, device="cpu"
+        )
+        return train_model(cfg, data).model
+
+    return teacher(0), teacher(1)
+
+
+def test_reduced_audit_is_complete_and_consistent(data, teachers) -> None:
+    teacher, control = teachers
+    cfg = AuditConfig(
+        students=["mlp", "cnn1d_small"], seeds=2, epochs=2, ls_eps=[0.0, 0.1], batch_size=64, device="cpu"
+    )
+    seen = []
+    report = run_audit(cfg, teacher, data, control=control, on_progress=seen.append)
+    assert seen[-1].done == seen[-1].total == 4
+    expected_rows = {name for name, _, _ in cfg.attack_rows()}
+    assert {"kd_t1", "kd_t4", "kd_t10", "kd_t20", "fm", "skeptical", "mlkd"} <= expected_rows
+    assert set(ATTACKS.names()) <= {r.split("_t")[0] if r.startswith("kd_t") else r for r in expected_rows}
+    for section in (report, report["control"]):
+        assert set(section["students"]) == {"mlp", "cnn1d_small"}
+        for s in section["students"].values():
+            assert set(s["attacks"]) == expected_rows
+            assert set(s["ls"]) == {"ls_0", "ls_0.1", "ls_mixup_0", "ls_mixup_0.1"}
+            ls_means = {k: v["acc_best"]["mean"] for k, v in s["ls"].items()}
+            attack_means = {k: v["acc_best"]["mean"] for k, v in s["attacks"].items()}
+            assert s["best_ls"] == max(ls_means, key=ls_means.get)
+            assert s["margin"] == pytest.approx(max(attack_means.values()) - max(ls_means.values()))
+            assert s["verdict"] == judge(s["ls"], s["attacks"], cfg.alpha)["verdict"]
+            for row in s["attacks"].values():
+                assert len(row["acc_best"]["values"]) == 2
+                assert row["acc_best"]["mean"] >= row["acc_last"]["mean"]
+                assert 0 <= row["fidelity"]["mean"] <= 100
+                assert row["queries"] >= cfg.epochs * SMALL["num_train"]
+    mlkd = report["students"]["mlp"]["attacks"]["mlkd"]
+    assert mlkd["queries"] == 2 * cfg.epochs * SMALL["num_train"]  # weak and strong view
+    assert report["verdict"] in {"distillable", "undistillable", "inconclusive"}
+    assert report["teacher"]["accuracy"] > 10 and set(report["teacher"]["cmi_test"]) >= {"1", "4", "16"}
+
+
+def test_verdict_rule() -> None:
+    def rows(*accs: list[float]) -> dict:
+        return {f"r{i}": {"acc_best": summarise(a), "acc_last": summarise(a)} for i, a in enumerate(accs)}
+
+    ls = rows([80, 81, 80.5, 79.5, 80], [70, 71, 70, 70, 71])
+    assert judge(ls, rows([90, 91, 90.5, 89.5, 90]), 0.05)["verdict"] == "distillable"
+    assert judge(ls, rows([79, 80, 79.5, 78.5, 79]), 0.05)["verdict"] == "undistillable"
+    noisy = judge(ls, rows([70, 92, 75, 88, 80]), 0.05)
+    assert noisy["verdict"] == "inconclusive" and "not significant" in noisy["reason"]
+    assert judge(rows([80]), rows([90]), 0.05)["verdict"] == "inconclusive"
+    j = judge(ls, rows([85, 86, 85.5, 84.5, 85], [90, 91, 90.5, 89.5, 90]), 0.05)
+    assert j["best_attack"] == "r1" and j["best_ls"] == "r0"
+    assert j["margin"] == pytest.approx(10.0) and j["margin_se"] == pytest.approx(0.0, abs=1e-9)
+    assert combine_verdicts(["undistillable", "distillable"]) == "distillable"
+    assert combine_verdicts(["undistillable", "inconclusive"]) == "inconclusive"
+
+
+def test_undistillable_without_distillable_control_is_inconclusive(data, teachers) -> None:
+    teacher, control = teachers
+    # one epoch of hard-label copying cannot beat LS: both teacher and control come out undistillable
+    cfg = AuditConfig(seeds=2, epochs=1, attacks=["hard_label"], ls_eps=[0.1], ls_mixup=False, device="cpu")
+    report = run_audit(cfg, teacher, data, control=control)
+    if report["control"]["verdict"] != "distillable":
+        assert report["verdict"] != "undistillable"
+    with pytest.raises(ValueError, match="control"):
+        run_audit(cfg, teacher, data)
+
+
+def test_lockstep_student_equals_the_same_student_alone(data, teachers) -> None:
+    cfg = AuditConfig(seeds=1, epochs=2, batch_size=64, device="cpu", control=False)
+    oracle = {"teacher": Oracle(teachers[0])}
+
+    def kd() -> Run:
+        return Run("kd", "mlp", teacher="teacher", attack=ATTACKS.get("kd")(10, None))
+
+    alone = kd()
+    train_lockstep([alone], data, oracle, cfg, seed=5)
+    together = kd()
+    others = [
+        Run(k, "mlp", teacher="teacher", attack=ATTACKS.get(k)(10, None))
+        for k in ("fm", "hard_label", "mlkd")
+    ]
+    train_lockstep([together, *others, Run("ls", "mlp", eps=0.1)], data, oracle, cfg, seed=5)
+    assert together.acc == pytest.approx(alone.acc, abs=1.0)  # same batches, same init; vmap rounding only
+    assert oracle["teacher"].queries > 0
+
+
+def test_label_only_serving_reaches_the_attacks(data, teachers) -> None:
+    cfg = AuditConfig(
+        seeds=1,
+        epochs=1,
+        attacks=["kd"],
+        attack_params={"kd": {"T": 4}},
+        ls_eps=[0.1],
+        control=False,
+        output_mode=OutputMode(kind="label"),
+        compare_raw=True,
+        device="cpu",
+    )
+    report = run_audit(cfg, teachers[0], data)
+    assert report["threat_model"]["output_mode"]["kind"] == "label"
+    assert set(report["students"]["mlp"]["attacks"]) == {"kd"}
+    assert report["raw_probabilities"]["students"]["mlp"]["attacks"]["kd"]["acc_best"]["mean"] > 0
+    assert report["verdict"] == "inconclusive" and "1 seed" in report["verdict_reason"]
+    assert not math.isnan(report["students"]["mlp"]["attacks"]["kd"]["fidelity"]["mean"])
+
+
+def test_bad_audit_config_names_valid_choices() -> None:
+    with pytest.raises(ValueError, match="unknown attack 'stealing'"):
+        AuditConfig(attacks=["stealing"])
+    with pytest.raises(ValueError, match="unknown model"):
+        AuditConfig(students=["gpt"])
+    with pytest.raises(ValueError, match="T"):
+        AuditConfig(attacks=["kd"], attack_params={"kd": {"temperature": 4}}).attack_rows()
+    with pytest.raises(ValueError):
+        AuditConfig(ls_eps=[1.5])

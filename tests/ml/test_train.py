@@ -1,0 +1,145 @@
+"""The trainer, objectives, checkpoints and `cmim train`: determinism, resume, round trips."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ml.checkpoint import load_checkpoint, save_checkpoint
+from ml.cli import app
+from ml.data import load_dataset
+from ml.objectives import make_objective
+from ml.train import TrainConfig, TrainingCancelled, train_model
+
+SMALL = {"num_train": 300, "num_test": 200}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("mnist1d", **SMALL)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = {"dataset_params": SMALL, "arch": "mlp", "epochs": 2, "batch_size": 64, "device": "cpu"}
+    return TrainConfig(**(base | kw))
+
+
+def weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_same_seed_same_weights_different_seed_differs(data) -> None:
+    a = train_model(cfg(objective="cmim", seed=3), data)
+    b = train_model(cfg(objective="cmim", seed=3), data)
+    c = train_model(cfg(objective="cmim", seed=4), data)
+    assert torch.equal(weights(a.model), weights(b.model))
+    assert [h.losses for h in a.history] == [h.losses for h in b.history]
+    assert not torch.equal(weights(a.model), weights(c.model))
+
+
+def test_resume_after_cancel_equals_uninterrupted_run(data, tmp_path: Path) -> None:
+    run = cfg(objective="cmim", epochs=3, objective_params={"centroids": "ema"})
+    full = train_model(run, data)
+    state = tmp_path / "state.pt"
+
+    def cancel_at_epoch_2(report) -> None:
+        if report.epoch == 2:
+            raise TrainingCancelled
+
+    with pytest.raises(TrainingCancelled):
+        train_model(run, data, state_path=state, on_epoch=cancel_at_epoch_2)
+    seen: list[int] = []
+    resumed = train_model(run, data, state_path=state, on_epoch=lambda r: seen.append(r.epoch))
+    assert seen == [2, 3]  # epoch 1 came from the state file; the cancelled epoch 2 is redone
+    assert [h.epoch for h in resumed.history] == [1, 2, 3]
+    assert torch.equal(weights(resumed.model), weights(full.model))
+
+
+@pytest.mark.parametrize(
+    "objective,params",
+    [
+        ("ce", {}),
+        ("ls", {"eps": 0.2}),
+        ("cmim", {}),
+        ("cmim", {"sampled": 3, "weights": "uniform", "warmup_epochs": 1, "surrogate_weight": 0.5}),
+        ("cmim", {"centroids": "ema", "lam": 3}),
+        ("nasty", {}),
+    ],
+)
+def test_every_objective_trains_and_reports(data, objective: str, params: dict) -> None:
+    r = train_model(cfg(objective=objective, objective_params=params), data)
+    assert len(r.history) == 2 and all(
+        torch.isfinite(torch.tensor(list(h.losses.values()))).all() for h in r.history
+    )
+    assert set(r.history[-1].cmi) == {"1", "4", "16"}
+    assert r.meta.metrics["cmi_test"].keys() == {"1", "4", "16"}
+    assert r.best_acc >= r.last_acc > 10
+
+
+def test_cmim_lowers_high_temperature_cmi(data) -> None:
+    ce = train_model(cfg(objective="ce", epochs=30), data)
+    cmim = train_model(cfg(objective="cmim", epochs=30, objective_params={"lam": 10}), data)
+    assert cmim.meta.metrics["cmi_train"]["16"] < 0.75 * ce.meta.metrics["cmi_train"]["16"]
+
+
+def test_bad_objective_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="lam"):
+        make_objective("cmim", {"lam": -1})
+    with pytest.raises(ValueError, match="extra"):
+        make_objective("ls", {"epsilon": 0.1})
+    with pytest.raises(ValueError, match="sampled"):
+        make_objective("cmim", {"sampled": 2, "centroids": "ema"})
+    with pytest.raises(ValueError, match="valid choices: ce, ls, cmim, nasty"):
+        cfg(objective="focal")
+
+
+def test_checkpoint_round_trip_and_fine_tuning(data, tmp_path: Path) -> None:
+    r = train_model(cfg(objective="ce"), data)
+    w, c = save_checkpoint(r.model, r.meta, tmp_path / "ck")
+    model, meta = load_checkpoint(w)
+    assert meta == r.meta
+    x = data.x_test[:50]
+    assert torch.equal(model(x), r.model(x))
+    tuned = train_model(cfg(objective="cmim", epochs=1), data, init_weights=w)
+    assert tuned.best_acc > 0
+    assert set(load_file(str(w))) == set(r.model.state_dict())
+
+
+def test_cli_train_every_objective_leaves_loadable_checkpoint(data, tmp_path: Path) -> None:
+    runner = CliRunner()
+    for objective in ["ce", "ls", "cmim", "nasty"]:
+        out = tmp_path / objective
+        args = [
+            "train",
+            "--out",
+            str(out),
+            "--arch",
+            "mlp",
+            "--objective",
+            objective,
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+        ]
+        args += ["--dataset-param", "num_train=300", "--dataset-param", "num_test=200"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        model, meta = load_checkpoint(out / "model.safetensors")
+        assert meta.objective == objective
+        assert model(data.x_test[:8]).shape == (8, 10)
+    result = runner.invoke(
+        app, ["cmi", str(tmp_path / "cmim" / "model.safetensors"), "--json", "-t", "1", "-t", "4"]
+    )
+    assert result.exit_code == 0 and '"4"' in result.output
+
+
+def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--arch", "resnet9000", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "unknown model 'resnet9000'" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["cmi", str(tmp_path / "missing.safetensors")])
+    assert result.exit_code == 2 and "no weights file" in result.output

@@ -1,0 +1,83 @@
+"""Celery for long jobs: late acks, one job per worker process, redelivery on loss, JSON only.
+
+Start with `cmim worker` (one process per GPU: `-c 1`, pin it with CUDA_VISIBLE_DEVICES). The task
+body is `worker.pipeline.run_job`; a thread in the worker's main process sweeps for jobs whose
+lease expired and re-enqueues them (Redis only redelivers an unacked message after the
+visibility timeout, which is longer than any job).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery, signals
+
+from app.core.config import get_settings
+from app.core.db import dispose_engines, session_scope
+from app.core.queue import RUN_JOB_TASK, enqueue, sweep
+
+log = logging.getLogger(__name__)
+settings = get_settings()
+
+celery_app = Celery("cmim", broker=settings.broker_url or "redis://127.0.0.1:6379/0")
+celery_app.conf.update(
+    task_acks_late=True,  # a job's message is acked only when run_job returns
+    task_reject_on_worker_lost=True,  # ... and requeued if the process dies (the attempts cap stops loops)
+    worker_prefetch_multiplier=1,  # never hold a second long job behind the running one
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,  # the job row is the result
+    task_routes={RUN_JOB_TASK: {"queue": settings.queue_name}},
+    task_default_queue=settings.queue_name,
+    worker_hijack_root_logger=False,
+)
+
+
+@celery_app.task(name=RUN_JOB_TASK)
+def run_job_task(job_id: str) -> str:
+    from worker.pipeline import run_job  # imports torch in the worker process only (after any fork)
+
+    return run_job(job_id, settings)
+
+
+def sweep_once() -> int:
+    """Settle lost jobs and send a message for every queued job that has none; returns how many were sent."""
+    with session_scope(settings.database_url) as s:
+        ids = sweep(s, broker=True)
+    for job_id in ids:
+        enqueue(settings, job_id)
+    return len(ids)
+
+
+def _sweep_forever(stop: threading.Event) -> None:
+    while not stop.wait(settings.sweep_seconds):
+        try:
+            sent = sweep_once()
+            if sent:
+                log.info("sweep: re-enqueued %d job(s)", sent)
+        except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick
+            log.warning("sweep failed", exc_info=True)
+
+
+_stop_sweep = threading.Event()
+
+
+@signals.worker_ready.connect
+def _start_sweep(**_: object) -> None:
+    threading.Thread(target=_sweep_forever, args=(_stop_sweep,), name="cmim-sweep", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeping(**_: object) -> None:
+    _stop_sweep.set()
+
+
+@signals.worker_process_init.connect
+def _fresh_connections(**_: object) -> None:
+    # A forked child must not share the parent's pooled database connections.
+    dispose_engines()

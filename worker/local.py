@@ -1,0 +1,86 @@
+"""The embedded worker of `cmim serve`: the SQLite jobs table is the queue; same `run_job` as Celery."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import threading
+from multiprocessing.synchronize import Event
+
+from sqlalchemy import select, update
+
+from app.core.config import Settings, get_settings
+from app.core.db import session_scope
+from app.core.models import RUNNING, Job, utcnow
+from app.core.queue import next_claimable_job, sweep
+
+log = logging.getLogger(__name__)
+LOCAL_PREFIX = "local"
+
+
+def local_worker_id() -> str:
+    return f"{LOCAL_PREFIX}:{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_orphans(settings: Settings) -> int:
+    """Expire the leases of jobs held by dead local workers on this host, so they resume now, not later."""
+    prefix = f"{LOCAL_PREFIX}:{socket.gethostname()}:"
+    with session_scope(settings.database_url) as s:
+        held = s.execute(
+            select(Job.id, Job.worker_id).where(
+                Job.status.in_([r.value for r in RUNNING]), Job.worker_id.like(f"{prefix}%")
+            )
+        ).all()
+        dead = [job_id for job_id, wid in held if not _alive(int(wid.rsplit(":", 1)[1]))]
+        if dead:
+            s.execute(update(Job).where(Job.id.in_(dead)).values(lease_expires_at=utcnow()))
+    return len(dead)
+
+
+def run_local_worker(stop: Event | threading.Event | None = None, settings: Settings | None = None) -> None:
+    """Claim and run jobs until stop is set (or the parent process is gone)."""
+    from worker.pipeline import run_job  # torch is imported here, in the worker process
+
+    settings = settings or get_settings()
+    stop = stop or threading.Event()
+    if not logging.getLogger().handlers:  # a spawned process starts without the parent's logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parent = os.getppid()
+    worker_id = local_worker_id()
+    released = release_orphans(settings)
+    if released:
+        log.info("resuming %d job(s) left by a stopped local worker", released)
+    sweep_due = 0.0
+    while not stop.is_set() and os.getppid() == parent:
+        now = utcnow().timestamp()
+        if now >= sweep_due:
+            with session_scope(settings.database_url) as s:
+                sweep(s, broker=False)
+            sweep_due = now + settings.sweep_seconds
+        with session_scope(settings.database_url) as s:
+            job_id = next_claimable_job(s)
+        if job_id is not None:
+            log.info("job %s: %s", job_id, run_job(job_id, settings, worker_id))
+        else:
+            stop.wait(settings.poll_seconds)
+
+
+def start_local_worker() -> tuple[mp.process.BaseProcess, Event]:
+    """The embedded worker in a fresh (spawned) process, so training never blocks the API's event loop."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    proc = ctx.Process(target=run_local_worker, args=(stop,), name="cmim-local-worker", daemon=True)
+    proc.start()
+    return proc, stop

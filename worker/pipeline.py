@@ -1,0 +1,175 @@
+"""run_job(job_id): claim -> train the teacher (and the CE control) -> audit -> publish; events, cancel, resume.
+
+The same function runs under Celery and in the embedded local worker. Every write is fenced on the
+claim (worker id + attempt), so a worker that lost its lease can never publish over a newer attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings, get_settings
+from app.core.db import session_scope
+from app.core.models import REPORT_NAME, Artifact, Dataset, Job, JobStatus
+from app.core.queue import Claim, LeaseLost, append_event, claim_job, renew_lease, transition
+from app.core.storage import ArtifactStore, StoredObject
+from ml.audit import AuditConfig, AuditProgress, run_audit
+from ml.checkpoint import save_checkpoint
+from ml.data import Dataset as Data
+from ml.data import load_dataset
+from ml.train import EpochReport, TrainConfig, TrainingCancelled, train_model
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 2.0  # audit progress: at most one event (and lease renewal) per this many seconds
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobContext:
+    """What the running stages need: settings, the claim, and the fenced progress hooks."""
+
+    def __init__(self, settings: Settings, claim: Claim) -> None:
+        self.settings, self.claim = settings, claim
+        self.work = Path(settings.work_dir) / str(claim.job_id)
+        self._last_progress = 0.0
+
+    def session(self) -> Any:
+        return session_scope(self.settings.database_url)
+
+    def _heartbeat(self, s: Session, kind: str, data: dict[str, Any]) -> None:
+        append_event(s, self.claim.job_id, kind, data | {"attempt": self.claim.attempt})
+        if renew_lease(s, self.claim, self.settings.lease_seconds):
+            raise TrainingCancelled(f"job {self.claim.job_id}: cancellation requested")
+
+    def on_epoch(self, report: EpochReport) -> None:
+        """Per epoch: an event, a renewed lease, and the cancel check (TrainingCancelled stops training)."""
+        with self.session() as s:
+            self._heartbeat(s, "epoch", report.model_dump(mode="json"))
+
+    def on_progress(self, p: AuditProgress) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_EVERY_S and p.done < p.total:
+            return
+        self._last_progress = now
+        with self.session() as s:
+            self._heartbeat(s, "progress", p.model_dump(mode="json"))
+
+    def set_status(self, status: JobStatus, **extra: Any) -> None:
+        with self.session() as s:
+            transition(s, self.claim, status, **extra)
+
+
+def _load_data(settings: Settings, store: ArtifactStore, job: Job, teacher: TrainConfig) -> Data:
+    if job.dataset_id is None:
+        return load_dataset(teacher.dataset, **teacher.dataset_params)
+    with session_scope(settings.database_url) as s:
+        upload = s.get(Dataset, job.dataset_id)
+        assert upload is not None, "uploaded datasets are never deleted while a job uses them"
+        key = upload.storage_key
+    return load_dataset(teacher.dataset, path=str(store.local_path(key)))
+
+
+def _train(ctx: JobContext, cfg: TrainConfig, data: Data, stage: str) -> Any:
+    # The state file makes training resumable: a re-claimed job continues from its last finished epoch.
+    return train_model(
+        cfg, data, on_epoch=ctx.on_epoch, state_path=ctx.work / f"{stage}_state.pt", stage=stage
+    )
+
+
+def _publish(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -> None:
+    """Artifact rows and `succeeded` in one fenced transaction: exactly one report per job."""
+    with ctx.session() as s:
+        owner_id = s.get(Job, ctx.claim.job_id).owner_id
+        for name, kind, media_type, obj in files:
+            s.add(
+                Artifact(
+                    owner_id=owner_id,
+                    job_id=ctx.claim.job_id,
+                    name=name,
+                    kind=kind,
+                    media_type=media_type,
+                    sha256=obj.sha256,
+                    size_bytes=obj.size,
+                    storage_key=obj.key,
+                )
+            )
+        transition(s, ctx.claim, JobStatus.succeeded)
+
+
+def _execute(ctx: JobContext) -> None:
+    settings = ctx.settings
+    store = ArtifactStore(settings.artifact_url, settings.cache_dir)
+    with ctx.session() as s:
+        job = s.get(Job, ctx.claim.job_id)
+        s.expunge(job)
+    teacher_cfg = TrainConfig.model_validate(job.spec["teacher"] | {"device": settings.device})
+    audit_cfg = AuditConfig.model_validate(job.spec["audit"] | {"device": settings.device})
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    data = _load_data(settings, store, job, teacher_cfg)
+
+    teacher = _train(ctx, teacher_cfg, data, "teacher")
+    control = None
+    if audit_cfg.control:
+        control_cfg = teacher_cfg.model_copy(update={"objective": "ce", "objective_params": {}})
+        control = _train(ctx, control_cfg, data, "control").model
+
+    ctx.set_status(JobStatus.auditing)
+    # The audit keeps no resumable state: a job re-claimed in this stage re-runs the audit from
+    # scratch (its teacher and control come back at once from their finished state files).
+    report = run_audit(audit_cfg, teacher.model, data, control=control, on_progress=ctx.on_progress)
+    report["job_id"] = str(ctx.claim.job_id)
+    report["teacher"]["meta"] = teacher.meta.model_dump(mode="json")
+
+    weights, config = save_checkpoint(teacher.model, teacher.meta, ctx.work / "checkpoint")
+    files = [
+        (weights.name, "weights", "application/octet-stream", store.put_file(weights)),
+        (config.name, "config", "application/json", store.put_file(config)),
+        (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
+    ]
+    _publish(ctx, files)
+
+
+def run_job(job_id: str | uuid.UUID, settings: Settings | None = None, worker_id: str | None = None) -> str:
+    """Claim and run one job to a final status; returns what happened (for logs)."""
+    settings = settings or get_settings()
+    job_id = uuid.UUID(str(job_id))
+    with session_scope(settings.database_url) as s:
+        claim = claim_job(s, job_id, worker_id or default_worker_id(), settings.lease_seconds)
+    if claim is None:
+        return "not claimable (taken, finished, cancelled or out of attempts)"
+    ctx = JobContext(settings, claim)
+    log.info("job %s: attempt %d on %s", job_id, claim.attempt, claim.worker_id)
+    try:
+        _execute(ctx)
+        outcome = JobStatus.succeeded
+    except LeaseLost:
+        log.warning("job %s: lease lost; another attempt owns it now", job_id)
+        return "lease lost"
+    except TrainingCancelled:
+        outcome = _finish(ctx, JobStatus.cancelled)
+    except Exception as e:  # noqa: BLE001 - any failure of the job itself is recorded on the job
+        log.exception("job %s failed", job_id)
+        outcome = _finish(ctx, JobStatus.failed, error=f"{type(e).__name__}: {e}")
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    return outcome.value
+
+
+def _finish(ctx: JobContext, status: JobStatus, error: str | None = None) -> JobStatus:
+    try:
+        ctx.set_status(status, error=error)
+    except LeaseLost:
+        log.warning("job %s: lease lost before recording %s", ctx.claim.job_id, status.value)
+    return status
