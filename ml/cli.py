@@ -214,3 +214,153 @@ def bench_speed(
 
     result = speed(steps=steps, rounds=rounds, students=students, log=console.print)
     console.print(json.dumps(result), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def attacks() -> None:
+    """List the attack suite with each attack's defaults and paper."""
+    from ml.attacks import attack_infos
+
+    rows = [[a.key, a.paper, ",".join(a.views), json.dumps(a.defaults)] for a in attack_infos()]
+    print_table("attacks", ["key", "paper", "views", "defaults"], rows)
+
+
+def _train_stage(cfg: Any, label: str, data: Any) -> Any:
+    from ml.train import train_model
+
+    def work(update: Callable[..., None]) -> Any:
+        return train_model(
+            cfg, data, on_epoch=lambda r: update(r.epoch, f"test {r.test_acc:.2f}%"), stage=label
+        )
+
+    return run_with_progress(label, cfg.epochs, work).model
+
+
+@app.command()
+def audit(
+    teacher: Annotated[
+        Path | None, typer.Option(help="teacher checkpoint (.safetensors); else one is trained")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="where the JSON report is written")] = Path("runs/audit.json"),
+    dataset: Annotated[str | None, typer.Option(help="default: the teacher's data set, else mnist1d")] = None,
+    dataset_param: ParamList = None,
+    arch: Annotated[str, typer.Option(help="teacher architecture when training one")] = "cnn1d",
+    objective: Annotated[str, typer.Option(help="teacher objective when training one")] = "cmim",
+    param: ParamList = None,
+    teacher_epochs: int = 60,
+    student: Annotated[list[str] | None, typer.Option(help="student architecture, repeatable")] = None,
+    attack: Annotated[list[str] | None, typer.Option(help="attack key, repeatable (default: all)")] = None,
+    attack_param: Annotated[list[str] | None, typer.Option(help="key.name=value, repeatable")] = None,
+    seeds: int = 5,
+    epochs: int = 300,
+    batch_size: int = 128,
+    lr: float = 1e-2,
+    ls_eps: Annotated[list[float] | None, typer.Option(help="LS sweep, repeatable")] = None,
+    ls_mixup: bool = True,
+    control: bool = True,
+    output_mode: Annotated[str, typer.Option(help="probs | topk | label | rounded")] = "probs",
+    k: int = 5,
+    decimals: int = 2,
+    compare_raw: bool = False,
+    labelled_fraction: float = 1.0,
+    device: str = "auto",
+) -> None:
+    """Train (or load) a teacher and a CE control, attack both, and print the verdict."""
+    from ml.audit import AuditConfig, run_audit
+    from ml.checkpoint import load_checkpoint
+    from ml.data import load_dataset
+    from ml.oracle import OutputMode
+    from ml.train import TrainConfig
+
+    with one_line_errors():
+        per_attack: dict[str, dict[str, Any]] = {}
+        for key, value in parse_params(attack_param).items():
+            name, dot, field = key.partition(".")
+            if not dot:
+                raise ValueError(f"--attack-param takes attack.name=value, got {key!r}")
+            per_attack.setdefault(name, {})[field] = value
+        cfg = AuditConfig(
+            students=student or ["mlp"],
+            **({"attacks": attack} if attack else {}),
+            attack_params=per_attack,
+            seeds=seeds,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            **({"ls_eps": ls_eps} if ls_eps else {}),
+            ls_mixup=ls_mixup,
+            control=control,
+            output_mode=OutputMode(kind=output_mode, k=k, decimals=decimals),
+            compare_raw=compare_raw,
+            labelled_fraction=labelled_fraction,
+            device=device,
+        )
+        cfg.attack_rows()  # validates attack parameters before any training
+        if teacher is not None:
+            model, meta = load_checkpoint(teacher)
+            recipe = TrainConfig.model_validate(meta.train_config) if meta.train_config else TrainConfig()
+            ds = dataset or meta.dataset
+            ds_params = (
+                meta.train_config.get("dataset_params", {}) if ds == meta.dataset else {}
+            ) | parse_params(dataset_param)
+            recipe = recipe.model_copy(update={"dataset": ds, "dataset_params": ds_params, "device": device})
+        else:
+            recipe = TrainConfig(
+                dataset=dataset or "mnist1d",
+                dataset_params=parse_params(dataset_param),
+                arch=arch,
+                objective=objective,
+                objective_params=parse_params(param),
+                epochs=teacher_epochs,
+                device=device,
+            )
+        data = load_dataset(recipe.dataset, **recipe.dataset_params)
+        if teacher is None:
+            model = _train_stage(recipe, f"teacher {recipe.arch}/{recipe.objective}", data)
+        ce = None
+        if cfg.control:
+            ce_recipe = recipe.model_copy(update={"objective": "ce", "objective_params": {}})
+            ce = _train_stage(ce_recipe, f"CE control {recipe.arch}", data)
+        report = run_with_progress(
+            "audit",
+            cfg.seeds * cfg.epochs,
+            lambda update: run_audit(
+                cfg, model, data, control=ce, on_progress=lambda p: update(p.done, p.message)
+            ),
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    print_report(report)
+    console.print(f"report: {out}  ({report['wall_s']:.0f} s)")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The audit as readable tables: per student, LS and every attack with margins and verdicts."""
+
+    def pm(stats: dict[str, Any]) -> str:
+        se = stats["se"]
+        return f"{stats['mean']:.2f} ± {se:.2f}" if se == se else f"{stats['mean']:.2f}"
+
+    sections = [("teacher", report)] + ([("CE control", report["control"])] if report.get("control") else [])
+    for label, section in sections:
+        for arch, s in section["students"].items():
+            rows = [[f"LS {n}", pm(r["acc_best"]), pm(r["acc_last"]), "", "", ""] for n, r in s["ls"].items()]
+            for n, r in s["attacks"].items():
+                fid = pm(r["fidelity"]) if "fidelity" in r else ""
+                sig = "yes" if r["significant"] else "no"
+                rows.append(
+                    [
+                        n,
+                        pm(r["acc_best"]),
+                        pm(r["acc_last"]),
+                        fid,
+                        f"{r['margin']:+.2f} ± {r['margin_se']:.2f}",
+                        sig,
+                    ]
+                )
+            acc = section["teacher"]["accuracy"] if label == "teacher" else section["accuracy"]
+            title = f"{label} (acc {acc:.2f}%) -> {arch}: {s['verdict']}"
+            print_table(
+                title, ["row", "best acc", "last acc", "fidelity", "margin vs best LS", "significant"], rows
+            )
+    console.print(f"verdict: [bold]{report['verdict']}[/bold] — {report['verdict_reason']}")

@@ -1,4 +1,4 @@
-"""run_job(job_id): claim -> train the teacher (and the CE control) -> audit -> publish; events, cancel, resume.
+"""run_job(job_id): claim -> train teacher (and CE control) -> audit -> publish; events, cancel, resume.
 
 The same function runs under Celery and in the embedded local worker. Every write is fenced on the
 claim (worker id + attempt), so a worker that lost its lease can never publish over a newer attempt.

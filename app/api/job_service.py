@@ -104,7 +104,8 @@ def _dataset_spec(session: Session, key: ApiKey, body: JobCreate) -> dict[str, A
                 {
                     "loc": ["body", "teacher", "dataset"],
                     "type": "value_error",
-                    "msg": "to train on your own npz, upload it (POST /api/v1/datasets) and pass its id as dataset_id",
+                    "msg": "to train on your own npz, upload it (POST /api/v1/datasets) "
+                    "and pass its id as dataset_id",
                 }
             ]
         )
@@ -145,7 +146,7 @@ def _by_idempotency_key(session: Session, key: ApiKey, idempotency_key: str, dig
 def create_job(
     session: Session, settings: Settings, key: ApiKey, body: JobCreate, idempotency_key: str | None
 ) -> tuple[Job, bool]:
-    """Validate and insert a queued job; returns (job, created). A repeated Idempotency-Key returns the first."""
+    """Validate and insert a queued job; returns (job, created): a reused Idempotency-Key gets the first."""
     digest = request_hash(body)
     if idempotency_key and (job := _by_idempotency_key(session, key, idempotency_key, digest)):
         return job, False
@@ -191,7 +192,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     except (ValueError, TypeError) as e:
         raise validation_problem(
             [{"loc": ["query", "cursor"], "msg": f"invalid cursor: {e}", "type": "value_error"}]
-        )
+        ) from None
 
 
 def list_jobs(
@@ -226,7 +227,8 @@ def _poll(sessions: sessionmaker[Session], job_id: uuid.UUID, after: int) -> tup
 
 
 def sse_frame(event: EventOut) -> str:
-    return f"id: {event.id}\nevent: {event.kind}\ndata: {event.model_dump_json(include={'data', 'created_at'})}\n\n"
+    data = event.model_dump_json(include={"data", "created_at"})
+    return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
 
 
 async def sse_events(

@@ -35,7 +35,8 @@ def _frame(width: int, height: int, title: str, body: list[str]) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img">'
         f"<title>{escape(title)}</title>"
-        f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="13" font-weight="bold">{escape(title)}</text>'
+        f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="13" font-weight="bold">'
+        f"{escape(title)}</text>"
         + "".join(body)
         + "</svg>"
     )
