@@ -16,9 +16,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -73,6 +73,10 @@ class AuditConfig(OptimConfig):
     mixup_alpha: float = Field(1.0, gt=0)
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
     eval_every: int = Field(1, ge=1)
+    query_budgets: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="also attack with only this many cached queries each (a budget curve)",
+    )
     device: str = "auto"
 
     @field_validator("students")
@@ -274,6 +278,57 @@ class ModuleGroup:
 # ---------------------------------------------------------------- lockstep training of one seed
 
 
+class LiveSource:
+    """Fresh augmented batches every epoch; every teacher queried once per needed view per batch."""
+
+    def __init__(
+        self, runs: list[Run], data: Dataset, oracles: dict[str, Oracle], cfg: AuditConfig, seed: int
+    ) -> None:
+        self.data, self.oracles, self.cfg = data, oracles, cfg
+        self.device = resolve_device(cfg.device)
+        self.gens = {
+            v: torch.Generator().manual_seed(seed * 3 + i) for i, v in enumerate(("plain", "mixup", "strong"))
+        }
+        self.x, self.y = data.x_train.to(self.device), data.y_train.to(self.device)
+        self.needed = {v for r in runs for v in r.views}
+        self.queried = {t: {v for r in runs if r.teacher == t for v in r.views} for t in oracles}
+        self.steps_per_epoch = math.ceil(len(self.x) / cfg.batch_size)
+
+    def epoch(self) -> Iterator[tuple[Batch, dict[str, dict[str, Tensor]]]]:
+        for idx in batches(len(self.x), self.cfg.batch_size, self.gens["plain"]):
+            idx = idx.to(self.device)
+            batch = _make_batch(self.data, self.x[idx], self.y[idx], self.needed, self.cfg, self.gens)
+            served = {t: {v: self.oracles[t](batch.views[v]) for v in vs} for t, vs in self.queried.items()}
+            yield batch, served
+
+
+class CachedSource:
+    """An attacker with a query budget: n samples' answers bought once, then replayed as long as it likes."""
+
+    def __init__(self, live: LiveSource, n: int, seed: int) -> None:
+        parts: list[tuple[Batch, dict[str, dict[str, Tensor]]]] = []
+        got = 0
+        while got < n:
+            for batch, served in live.epoch():
+                parts.append((batch, served))
+                got += len(batch.y)
+                if got >= n:
+                    break
+        keep = lambda ts: torch.cat(ts)[:n]  # noqa: E731
+        self.y = keep([b.y for b, _ in parts])
+        self.views = {v: keep([b.views[v] for b, _ in parts]) for v in parts[0][0].views}
+        self.served = {t: {v: keep([s[t][v] for _, s in parts]) for v in vs} for t, vs in parts[0][1].items()}
+        self.n, self.batch_size = len(self.y), live.cfg.batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.steps_per_epoch = math.ceil(self.n / self.batch_size)
+
+    def epoch(self) -> Iterator[tuple[Batch, dict[str, dict[str, Tensor]]]]:
+        for idx in batches(self.n, self.batch_size, self.gen):
+            idx = idx.to(self.y.device)
+            batch = Batch(y=self.y[idx], views={v: x[idx] for v, x in self.views.items()})
+            yield batch, {t: {v: a[idx] for v, a in vs.items()} for t, vs in self.served.items()}
+
+
 def train_lockstep(
     runs: list[Run],
     data: Dataset,
@@ -281,14 +336,22 @@ def train_lockstep(
     cfg: AuditConfig,
     seed: int,
     *,
-    on_epoch: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
+    budget: int | None = None,
 ) -> None:
-    """Train every run of one seed on shared batches; fills each run's per-epoch accuracies."""
+    """Train every run of one seed on shared batches; fills each run's per-epoch accuracies.
+
+    With a budget, the runs train on `budget // views` cached samples for as many optimiser steps as
+    the unlimited schedule takes (cfg.epochs passes over the labelled data).
+    """
     device = resolve_device(cfg.device)
-    gens = {
-        v: torch.Generator().manual_seed(seed * 3 + i) for i, v in enumerate(("plain", "mixup", "strong"))
-    }
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    source: LiveSource | CachedSource = LiveSource(runs, data, oracles, cfg, seed)
+    if budget is not None:
+        views = max(len(r.views) for r in runs)
+        total_steps = cfg.epochs * source.steps_per_epoch
+        source = CachedSource(source, max(budget // views, 1), seed)
+        epochs = max(1, round(total_steps / source.steps_per_epoch))
+        cfg = cfg.model_copy(update={"epochs": epochs, "eval_every": max(1, epochs // cfg.epochs)})
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     groups: list[StackedGroup | ModuleGroup] = []
     for arch in dict.fromkeys(r.arch for r in runs):
@@ -302,16 +365,10 @@ def train_lockstep(
     params = [p for g in groups for p in g.parameters()]
     params += [p for r in runs if r.attack is not None for p in r.attack.parameters()]
     opt = make_optimizer(params, cfg)
-    steps = math.ceil(len(x_train) / cfg.batch_size)
-    sched = make_schedule(opt, cfg, steps)
-    needed = {v for r in runs for v in r.views}
-    queried = {t: {v for r in runs if r.teacher == t for v in r.views} for t in oracles}
+    sched = make_schedule(opt, cfg, source.steps_per_epoch)
     for epoch in range(cfg.epochs):
         ctx = AttackContext(epoch=epoch, epochs=cfg.epochs, num_classes=data.num_classes)
-        for idx in batches(len(x_train), cfg.batch_size, gens["plain"]):
-            idx = idx.to(device)
-            batch = _make_batch(data, x_train[idx], y_train[idx], needed, cfg, gens)
-            served = {t: {v: oracles[t](batch.views[v]) for v in views} for t, views in queried.items()}
+        for batch, served in source.epoch():
             loss = torch.zeros((), device=device)
             for g in groups:
                 for run, out in zip(g.runs, g.forward(batch), strict=True):
@@ -322,11 +379,10 @@ def train_lockstep(
             sched.step()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             for g in groups:
-                preds = g.predict(x_test)
-                for run, p in zip(g.runs, preds, strict=True):
+                for run, p in zip(g.runs, g.predict(x_test), strict=True):
                     run.acc.append(100.0 * (p == y_test).float().mean().item())
         if on_epoch is not None:
-            on_epoch(epoch + 1)
+            on_epoch(epoch + 1, cfg.epochs)
     # fidelity: top-1 agreement with the teacher it attacked, on the test split
     teacher_pred = {t: model_logits(o.model, x_test).argmax(-1).to(device) for t, o in oracles.items()}
     for g in groups:
@@ -435,6 +491,26 @@ def teacher_summary(model: nn.Module, data: Dataset) -> dict[str, Any]:
     }
 
 
+def _ls_rows(cfg: AuditConfig) -> list[tuple[str, float, bool]]:
+    return [
+        (f"ls{'_mixup' if m else ''}_{e:g}", e, m)
+        for m in ([False, True] if cfg.ls_mixup else [False])
+        for e in cfg.ls_eps
+    ]
+
+
+def _serve_as(
+    cfg: AuditConfig, teacher: nn.Module, control: nn.Module | None
+) -> dict[str, tuple[nn.Module, OutputMode]]:
+    """The black boxes attacked: the teacher as served, optionally its raw probabilities, the CE control."""
+    teachers = {"teacher": (teacher, cfg.output_mode)}
+    if cfg.compare_raw and cfg.output_mode.kind != "probs":
+        teachers["teacher_raw"] = (teacher, OutputMode())
+    if cfg.control:
+        teachers["control"] = (control, cfg.output_mode)
+    return teachers
+
+
 def run_audit(
     cfg: AuditConfig,
     teacher: nn.Module,
@@ -448,76 +524,100 @@ def run_audit(
     device = resolve_device(cfg.device)
     if cfg.control and control is None:
         raise ValueError("the audit asks for a CE control (control=true) but no control teacher was given")
-    attacker_data = (
+    data = (
         dataset.subset_train(cfg.labelled_fraction, cfg.base_seed) if cfg.labelled_fraction < 1 else dataset
     )
-    teachers = {"teacher": (teacher, cfg.output_mode)}
-    if cfg.compare_raw and cfg.output_mode.kind != "probs":
-        teachers["teacher_raw"] = (teacher, OutputMode())
-    if cfg.control:
-        teachers["control"] = (control, cfg.output_mode)
-    attack_rows = cfg.attack_rows()
-    ls_rows = [
-        (f"ls{'_mixup' if m else ''}_{e:g}", e, m)
-        for m in ([False, True] if cfg.ls_mixup else [False])
-        for e in cfg.ls_eps
-    ]
-    results: dict[tuple[str | None, str, str], dict[str, list[float]]] = {}
-    queries: dict[tuple[str | None, str, str], int] = {}
-    total = cfg.seeds * cfg.epochs
-    for s in range(cfg.seeds):
-        seed = cfg.base_seed + s
-        oracles = {t: Oracle(m.to(device).eval(), mode) for t, (m, mode) in teachers.items()}
-        runs: list[Run] = []
-        for arch in cfg.students:
-            runs += [Run(name, arch, eps=e, mixup=m) for name, e, m in ls_rows]
-            for t in teachers:
-                for name, key, params in attack_rows:
-                    runs.append(
-                        Run(name, arch, teacher=t, attack=ATTACKS.get(key)(dataset.num_classes, params))
-                    )
+    teachers = _serve_as(cfg, teacher, control)
+    attack_rows, ls_rows = cfg.attack_rows(), _ls_rows(cfg)
+    # phase None: unlimited queries (and the LS students); phase B: attackers holding B cached answers
+    budget_teachers = [t for t in teachers if t != "teacher_raw"]
+    jobs_per_seed = 1 + len(cfg.query_budgets) * len({ATTACKS.get(k).views for _, k, _ in attack_rows})
+    total = cfg.seeds * cfg.epochs * jobs_per_seed
+    results: dict[tuple[int | None, str | None, str, str], dict[str, list[float]]] = {}
+    queries: dict[tuple[int | None, str | None, str, str], int] = {}
+    done = 0
 
-        def tick(epoch: int, s: int = s) -> None:
+    def progress(message: str) -> Callable[[int, int], None]:
+        def tick(epoch: int, epochs: int) -> None:
             if on_progress is not None:
+                step = done + round(epoch * cfg.epochs / epochs)
                 on_progress(
                     AuditProgress(
-                        stage="audit",
-                        done=s * cfg.epochs + epoch,
-                        total=total,
-                        message=f"seed {s + 1}/{cfg.seeds}, epoch {epoch}/{cfg.epochs}",
+                        stage="audit", done=step, total=total, message=f"{message}, epoch {epoch}/{epochs}"
                     )
                 )
 
-        train_lockstep(runs, attacker_data, oracles, cfg, seed, on_epoch=tick)
-        n_train = len(attacker_data.x_train)
+        return tick
+
+    def record(phase: int | None, runs: list[Run], n_queries: Callable[[Run], int]) -> None:
         for r in runs:
-            key = (r.teacher, r.arch, r.name)
+            key = (phase, r.teacher, r.arch, r.name)
             rec = results.setdefault(key, {"best": [], "last": [], "fidelity": []})
             rec["best"].append(max(r.acc))
             rec["last"].append(r.acc[-1])
             rec["fidelity"].append(r.fidelity)
-            queries[key] = cfg.epochs * n_train * len(r.views) if r.teacher else 0
+            queries[key] = n_queries(r)
 
-    def rows_for(teacher_key: str | None, arch: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    def attack_runs(teacher_keys: list[str]) -> list[Run]:
+        return [
+            Run(name, arch, teacher=t, attack=ATTACKS.get(key)(dataset.num_classes, params))
+            for arch in cfg.students
+            for t in teacher_keys
+            for name, key, params in attack_rows
+        ]
+
+    for s in range(cfg.seeds):
+        seed = cfg.base_seed + s
+        oracles = {t: Oracle(m.to(device).eval(), mode) for t, (m, mode) in teachers.items()}
+        runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in ls_rows]
+        runs += attack_runs(list(teachers))
+        tick = progress(f"seed {s + 1}/{cfg.seeds}")
+        train_lockstep(runs, data, oracles, cfg, seed, on_epoch=tick)
+        record(None, runs, lambda r: cfg.epochs * len(data.x_train) * len(r.views) if r.teacher else 0)
+        done += cfg.epochs
+        for budget in cfg.query_budgets:
+            pending = attack_runs(budget_teachers)
+            for views in dict.fromkeys(r.views for r in pending):  # each attack spends exactly B queries
+                group = [r for r in pending if r.views == views]
+                tick = progress(f"seed {s + 1}/{cfg.seeds}, budget {budget}, views {'+'.join(views)}")
+                train_lockstep(group, data, oracles, cfg, seed, on_epoch=tick, budget=budget)
+                record(budget, group, lambda r, b=budget: b // len(r.views) * len(r.views))
+                done += cfg.epochs
+
+    def rows_for(phase: int | None, teacher_key: str | None, arch: str, names: list[str]) -> dict[str, Any]:
+        stats = ("best", "last", "fidelity")
         return {
             n: _row_stats(
-                *(results[(teacher_key, arch, n)][k] for k in ("best", "last", "fidelity")),
-                queries[(teacher_key, arch, n)],
+                *(results[(phase, teacher_key, arch, n)][k] for k in stats),
+                queries[(phase, teacher_key, arch, n)],
             )
             for n in names
         }
 
     ls_names, attack_names = [r[0] for r in ls_rows], [r[0] for r in attack_rows]
+
+    def section(phase: int | None, t: str) -> dict[str, Any]:
+        per_student = {}
+        for arch in cfg.students:
+            ls = rows_for(None, None, arch, ls_names)
+            attacks = rows_for(phase, t, arch, attack_names)
+            per_student[arch] = {"ls": ls, "attacks": attacks, **judge(ls, attacks, cfg.alpha)}
+        return {
+            "students": per_student,
+            "verdict": combine_verdicts([v["verdict"] for v in per_student.values()]),
+        }
+
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
         "config": cfg.model_dump(mode="json"),
         "threat_model": {
             "output_mode": cfg.output_mode.model_dump(),
             "labelled_fraction": cfg.labelled_fraction,
-            "labelled_samples": len(attacker_data.x_train),
+            "labelled_samples": len(data.x_train),
             "query_augmentation": "the student's own view; mixup for fm; a second strong view for mlkd",
             "epochs": cfg.epochs,
-            "queries_per_view_per_epoch": len(attacker_data.x_train),
+            "queries_per_view_per_epoch": len(data.x_train),
+            "query_budgets": cfg.query_budgets,
         },
         "dataset": {
             "name": dataset.name,
@@ -526,26 +626,15 @@ def run_audit(
             "n_test": len(dataset.x_test),
         },
         "teacher": teacher_summary(teacher, dataset),
-        "students": {},
+        **section(None, "teacher"),
     }
-    for t in teachers:
-        per_student = {}
-        for arch in cfg.students:
-            ls = rows_for(None, arch, ls_names)
-            attacks = rows_for(t, arch, attack_names)
-            per_student[arch] = {"ls": ls, "attacks": attacks, **judge(ls, attacks, cfg.alpha)}
-        verdict = combine_verdicts([v["verdict"] for v in per_student.values()])
-        if t == "teacher":
-            report["students"] = per_student
-            report["verdict"] = verdict
-        elif t == "teacher_raw":
-            report["raw_probabilities"] = {"students": per_student, "verdict": verdict}
-        else:
-            report["control"] = {
-                **teacher_summary(control, dataset),
-                "students": per_student,
-                "verdict": verdict,
-            }
+    if "teacher_raw" in teachers:
+        report["raw_probabilities"] = section(None, "teacher_raw")
+    if cfg.control:
+        report["control"] = {**teacher_summary(control, dataset), **section(None, "control")}
+    if cfg.query_budgets:
+        report["budgets"] = {t: {str(b): section(b, t) for b in cfg.query_budgets} for t in budget_teachers}
+        report["safe_budget"] = {t: safe_budget(report["budgets"][t], cfg.students) for t in budget_teachers}
     report["verdict_reason"] = "; ".join(f"{a}: {v['reason']}" for a, v in report["students"].items())
     if cfg.control and report["verdict"] == "undistillable" and report["control"]["verdict"] != "distillable":
         report["verdict"] = "inconclusive"
@@ -558,6 +647,19 @@ def run_audit(
         )
     report["wall_s"] = time.perf_counter() - t0
     return report
+
+
+def safe_budget(by_budget: dict[str, dict[str, Any]], students: list[str]) -> dict[str, int]:
+    """Per student: the largest tested budget at or below which no knockoff's mean beats the best LS mean."""
+    out = {}
+    for arch in students:
+        safe = 0
+        for b in sorted(by_budget, key=int):
+            if by_budget[b]["students"][arch]["margin"] > 0:
+                break
+            safe = int(b)
+        out[arch] = safe
+    return out
 
 
 # ---------------------------------------------------------------- benchmark

@@ -263,6 +263,9 @@ def audit(
     decimals: int = 2,
     compare_raw: bool = False,
     labelled_fraction: float = 1.0,
+    budget: Annotated[
+        list[int] | None, typer.Option(help="query budget for the budget curve, repeatable")
+    ] = None,
     device: str = "auto",
 ) -> None:
     """Train (or load) a teacher and a CE control, attack both, and print the verdict."""
@@ -293,6 +296,7 @@ def audit(
             output_mode=OutputMode(kind=output_mode, k=k, decimals=decimals),
             compare_raw=compare_raw,
             labelled_fraction=labelled_fraction,
+            query_budgets=budget or [],
             device=device,
         )
         cfg.attack_rows()  # validates attack parameters before any training
@@ -363,4 +367,6 @@ def print_report(report: dict[str, Any]) -> None:
             print_table(
                 title, ["row", "best acc", "last acc", "fidelity", "margin vs best LS", "significant"], rows
             )
+    for t, per_student in report.get("safe_budget", {}).items():
+        console.print(f"safe query budget ({t}): " + ", ".join(f"{a} {b}" for a, b in per_student.items()))
     console.print(f"verdict: [bold]{report['verdict']}[/bold] — {report['verdict_reason']}")

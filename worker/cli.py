@@ -125,3 +125,7 @@ def worker_cmd(
     celery_app.worker_main(
         ["worker", "-Q", settings.queue_name, "-c", str(concurrency), "--pool", pool, "--loglevel", "INFO"]
     )
+
+
+if __name__ == "__main__":
+    cli()

@@ -137,3 +137,27 @@ def test_bad_audit_config_names_valid_choices() -> None:
         AuditConfig(attacks=["kd"], attack_params={"kd": {"temperature": 4}}).attack_rows()
     with pytest.raises(ValueError):
         AuditConfig(ls_eps=[1.5])
+
+
+def test_budget_curve_spends_exactly_the_budget(data, teachers) -> None:
+    cfg = AuditConfig(
+        seeds=2,
+        epochs=2,
+        attacks=["fm", "mlkd", "hard_label"],
+        ls_eps=[0.1],
+        ls_mixup=False,
+        query_budgets=[100, 400],
+        device="cpu",
+        control=True,
+    )
+    seen = []
+    report = run_audit(cfg, teachers[0], data, control=teachers[1], on_progress=seen.append)
+    assert seen[-1].done == seen[-1].total
+    for t in ("teacher", "control"):
+        for b in (100, 400):
+            rows = report["budgets"][t][str(b)]["students"]["mlp"]["attacks"]
+            assert {n: r["queries"] for n, r in rows.items()} == {"fm": b, "mlkd": b, "hard_label": b}
+        safe = report["safe_budget"][t]["mlp"]
+        margins = [report["budgets"][t][str(b)]["students"]["mlp"]["margin"] for b in (100, 400)]
+        expected = 0 if margins[0] > 0 else (100 if margins[1] > 0 else 400)
+        assert safe == expected

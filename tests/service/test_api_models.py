@@ -1,0 +1,196 @@
+"""A really trained tiny job per back end, then its artifacts, report and inference endpoints."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from helpers import assert_problem, job_body
+
+from app.api.schemas import JobCreate
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.keys import create_api_key
+from app.main import create_app
+from ml.checkpoint import load_checkpoint
+from ml.oracle import OutputMode, apply_output_mode
+from worker.pipeline import run_job
+
+
+class Trained:
+    """A succeeded job and the means to call the API about it."""
+
+    def __init__(self, settings: Settings, tmp: Path) -> None:
+        self.settings, self.tmp = settings, tmp
+        with session_scope(settings.database_url) as s:
+            key, self.secret = create_api_key(s)
+            self.owner_id = key.owner_id
+        self.client = TestClient(create_app(settings))
+        self.headers = {"Authorization": f"Bearer {self.secret}"}
+        self.job_id = self.submit(job_body())
+
+    def submit(self, body: dict[str, Any]) -> str:
+        from app.api.job_service import create_job
+
+        with session_scope(self.settings.database_url) as s:
+            from app.core.keys import find_api_key
+
+            job, _ = create_job(
+                s, self.settings, find_api_key(s, self.secret), JobCreate.model_validate(body), None
+            )
+        assert run_job(job.id, self.settings) == "succeeded"
+        return str(job.id)
+
+    def key(self, **kwargs: Any) -> dict[str, str]:
+        with session_scope(self.settings.database_url) as s:
+            _, secret = create_api_key(s, owner_id=self.owner_id, **kwargs)
+        return {"Authorization": f"Bearer {secret}"}
+
+    def local_model(self, job_id: str) -> torch.nn.Module:
+        paths = []
+        for name in ("model.safetensors", "model.json"):
+            r = self.client.get(f"/api/v1/jobs/{job_id}/artifacts/{name}", headers=self.headers)
+            assert r.status_code == 200
+            assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+            assert r.headers["content-disposition"] == f'attachment; filename="{name}"'
+            (self.tmp / job_id).mkdir(exist_ok=True)
+            paths.append(self.tmp / job_id / name)
+            paths[-1].write_bytes(r.content)
+        return load_checkpoint(*paths)[0]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    tmp = tmp_path_factory.mktemp("trained")
+    settings = Settings(
+        environment="test",
+        database_url=request.getfixturevalue(f"{request.param}_url"),
+        broker_url=None,
+        artifact_url=f"file://{tmp / 'artifacts'}",
+        work_dir=str(tmp / "work"),
+        cache_dir=str(tmp / "cache"),
+        predict_max_batch=8,
+        rate_limit_per_minute=1000,
+        default_query_budget=None,
+    )
+    return Trained(settings, tmp)
+
+
+X = torch.randn(3, 1, 40, generator=torch.Generator().manual_seed(1))
+
+
+def test_report_and_artifacts(trained: Trained) -> None:
+    c, h, job = trained.client, trained.headers, trained.job_id
+    assert c.get(f"/api/v1/jobs/{job}", headers=h).json()["status"] == "succeeded"
+    report = c.get(f"/api/v1/jobs/{job}/report", headers=h).json()
+    assert report["verdict"] in {"undistillable", "distillable", "inconclusive"}
+    rows = set(report["students"]["mlp"]["attacks"])
+    assert "hard_label" in rows and any(r.startswith("kd") for r in rows)
+    assert "control" in report
+    names = {a["name"]: a for a in c.get(f"/api/v1/jobs/{job}/artifacts", headers=h).json()}
+    assert set(names) == {"model.safetensors", "model.json", "report.json"}
+    etag = f'"{names["model.json"]["sha256"]}"'
+    r = c.get(f"/api/v1/jobs/{job}/artifacts/model.json", headers=h | {"If-None-Match": etag})
+    assert r.status_code == 304
+    html = c.get(f"/api/v1/jobs/{job}/report.html", headers=h)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert html.text.count("<svg") >= 4 and report["verdict"] in html.text
+    assert "<script" not in html.text and "src=" not in html.text
+
+
+def test_v2_metadata_ready_and_infer_match_the_local_model(trained: Trained) -> None:
+    c, h, job = trained.client, trained.headers, trained.job_id
+    meta = c.get(f"/v2/models/{job}", headers=h).json()
+    assert meta["inputs"][0]["shape"] == [-1, 1, 40] and meta["outputs"][0]["shape"] == [-1, 10]
+    assert c.get(f"/v2/models/{job}/ready", headers=h).json() == {"name": job, "ready": True}
+    body = {
+        "id": "q1",
+        "inputs": [{"name": "input", "shape": [3, 1, 40], "datatype": "FP32", "data": X.flatten().tolist()}],
+    }
+    r = c.post(f"/v2/models/{job}/infer", json=body, headers=h)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    served = torch.tensor(out["probabilities"]["data"]).reshape(out["probabilities"]["shape"])
+    with torch.no_grad():
+        expected = apply_output_mode(torch.softmax(trained.local_model(job)(X), -1), OutputMode())
+    torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-6)
+    assert out["label"]["data"] == expected.argmax(-1).tolist()
+    simple = c.post(f"/api/v1/models/{job}/predict", json={"inputs": X.tolist()}, headers=h).json()
+    assert [p["label"] for p in simple["predictions"]] == out["label"]["data"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": [{"name": "input", "shape": [1, 40], "datatype": "FP32", "data": [0.0] * 40}]},
+        {"inputs": [{"name": "input", "shape": [2, 1, 40], "datatype": "FP32", "data": [0.0] * 40}]},
+        {"inputs": [{"name": "input", "shape": [9, 1, 40], "datatype": "FP32", "data": [0.0] * 360}]},
+        {"inputs": [{"name": "input", "shape": [1, 1, 40], "datatype": "FP32", "data": ["a"] * 40}]},
+        {"inputs": []},
+    ],
+    ids=["wrong-shape", "wrong-count", "over-batch-cap", "not-numbers", "no-input"],
+)
+def test_bad_inference_input_is_422(trained: Trained, body: dict[str, Any]) -> None:
+    assert_problem(
+        trained.client.post(f"/v2/models/{trained.job_id}/infer", json=body, headers=trained.headers), 422
+    )
+
+
+def test_predict_wrong_shape_or_nan_is_422(trained: Trained) -> None:
+    url = f"/api/v1/models/{trained.job_id}/predict"
+    assert_problem(trained.client.post(url, json={"inputs": [[0.0] * 40]}, headers=trained.headers), 422)
+    nan = {"inputs": [[[float("nan")] * 40]]}
+    r = trained.client.post(
+        url,
+        content=str(nan).replace("nan", "NaN").replace("'", '"'),
+        headers=trained.headers | {"Content-Type": "application/json"},
+    )
+    assert_problem(r, 422)
+
+
+def test_query_budget_is_enforced_and_reported(trained: Trained) -> None:
+    h = trained.key(query_budget=5)
+    url = f"/api/v1/models/{trained.job_id}/predict"
+    ok = trained.client.post(url, json={"inputs": X.tolist()}, headers=h)
+    assert ok.status_code == 200
+    assert ok.headers["x-query-budget-limit"] == "5" and ok.headers["x-query-budget-remaining"] == "2"
+    over = assert_problem(trained.client.post(url, json={"inputs": X.tolist()}, headers=h), 429)
+    assert "budget" in over["detail"]
+    # The refused rows were not charged.
+    still = trained.client.post(url, json={"inputs": X[:2].tolist()}, headers=h)
+    assert still.status_code == 200 and still.headers["x-query-budget-remaining"] == "0"
+
+
+def test_rate_limit_is_enforced_and_reported(trained: Trained) -> None:
+    h = trained.key(rate_limit_per_minute=2)
+    url = f"/api/v1/models/{trained.job_id}/predict"
+    first = trained.client.post(url, json={"inputs": X[:1].tolist()}, headers=h)
+    assert first.headers["x-ratelimit-limit"] == "2" and first.headers["x-ratelimit-remaining"] == "1"
+    assert trained.client.post(url, json={"inputs": X[:1].tolist()}, headers=h).status_code == 200
+    r = trained.client.post(url, json={"inputs": X[:1].tolist()}, headers=h)
+    assert_problem(r, 429)
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_predict_needs_its_scope_and_a_finished_job(trained: Trained) -> None:
+    assert_problem(
+        trained.client.get(f"/v2/models/{trained.job_id}", headers=trained.key(scopes=["jobs:read"])), 403
+    )
+    queued = trained.client.post("/api/v1/jobs", json=job_body(), headers=trained.headers).json()["id"]
+    assert_problem(trained.client.get(f"/v2/models/{queued}/ready", headers=trained.headers), 409)
+    assert_problem(trained.client.get(f"/api/v1/jobs/{queued}/report", headers=trained.headers), 409)
+
+
+def test_label_only_serving_answers_one_hot(trained: Trained) -> None:
+    job = trained.submit(job_body(**{"audit.output_mode": {"kind": "label"}}))
+    r = trained.client.post(
+        f"/api/v1/models/{job}/predict", json={"inputs": X.tolist()}, headers=trained.headers
+    )
+    body = r.json()
+    assert body["output_mode"]["kind"] == "label"
+    for p in body["predictions"]:
+        assert sorted(p["scores"]) == [0.0] * 9 + [1.0] and p["scores"][p["label"]] == 1.0

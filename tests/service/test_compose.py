@@ -1,0 +1,35 @@
+"""The deployment files: docker-compose.yml must be valid Compose (checked by the real docker-compose)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is not installed (.ci/run installs Debian's docker-compose)")
+    return subprocess.run(
+        [binary, "-f", "docker-compose.yml", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_compose_file_is_valid() -> None:
+    r = compose("config", "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_compose_runs_the_deployed_split() -> None:
+    r = compose("config", "--services")
+    assert r.returncode == 0, r.stderr
+    assert set(r.stdout.split()) == {"api", "migrate", "worker", "redis", "postgres"}
+    full = compose("config").stdout
+    assert "driver: nvidia" in full and "capabilities:" in full  # the worker reserves a GPU
+    assert "CMIM_BROKER_URL: redis://redis:6379/0" in full
+    assert "service_completed_successfully" in full  # api and worker wait for the migrations

@@ -1,0 +1,139 @@
+"""The jobs table as a queue, on SQLite and PostgreSQL: atomic claim, fenced lease, cancel, sweep."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from app.core.db import session_scope
+from app.core.models import Job, JobEvent, JobStatus, utcnow
+from app.core.queue import (
+    LeaseLost,
+    claim_job,
+    next_claimable_job,
+    renew_lease,
+    request_cancel,
+    status_event,
+    sweep,
+    transition,
+)
+
+
+@pytest.fixture
+def job_id(settings) -> uuid.UUID:
+    with session_scope(settings.database_url) as s:
+        job = Job(
+            owner_id=uuid.uuid4(), spec={}, request_hash="x", max_attempts=2, last_event_seq=0, attempts=0
+        )
+        s.add(job)
+        s.flush()
+        status_event(s, job.id, JobStatus.queued)
+        return job.id
+
+
+def job(settings, job_id: uuid.UUID) -> Job:
+    with session_scope(settings.database_url) as s:
+        return s.get(Job, job_id)
+
+
+def expire_lease(settings, job_id: uuid.UUID) -> None:
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def test_only_one_of_many_concurrent_claims_wins(settings, job_id) -> None:
+    results: list[object] = []
+
+    def claim(i: int) -> None:
+        with session_scope(settings.database_url) as s:
+            results.append(claim_job(s, job_id, f"w{i}", 60))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wins = [r for r in results if r is not None]
+    assert len(wins) == 1 and wins[0].attempt == 1
+    j = job(settings, job_id)
+    assert j.status == "training" and j.attempts == 1 and j.worker_id == wins[0].worker_id
+    assert j.lease_expires_at > utcnow() and j.started_at.tzinfo is not None
+
+
+def test_lease_renewal_is_fenced_and_an_expired_job_is_reclaimed(settings, job_id) -> None:
+    with session_scope(settings.database_url) as s:
+        first = claim_job(s, job_id, "a", 60)
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, "b", 60) is None  # lease still held
+        assert renew_lease(s, first, 60) is False
+    expire_lease(settings, job_id)
+    with session_scope(settings.database_url) as s:
+        second = claim_job(s, job_id, "b", 60)
+    assert second is not None and second.attempt == 2
+    with session_scope(settings.database_url) as s, pytest.raises(LeaseLost):
+        renew_lease(s, first, 60)
+    with session_scope(settings.database_url) as s, pytest.raises(LeaseLost):
+        transition(s, first, JobStatus.succeeded)
+    with session_scope(settings.database_url) as s:
+        transition(s, second, JobStatus.succeeded)
+    assert job(settings, job_id).status == "succeeded"
+
+
+def test_cancel_queued_at_once_running_by_flag(settings, job_id) -> None:
+    with session_scope(settings.database_url) as s:
+        claim = claim_job(s, job_id, "a", 60)
+        assert request_cancel(s, job_id) == JobStatus.training
+    with session_scope(settings.database_url) as s:
+        assert renew_lease(s, claim, 60) is True  # the worker learns about it at its next epoch
+        transition(s, claim, JobStatus.cancelled)
+    with session_scope(settings.database_url) as s:
+        other = Job(
+            owner_id=uuid.uuid4(), spec={}, request_hash="x", max_attempts=2, last_event_seq=0, attempts=0
+        )
+        s.add(other)
+        s.flush()
+        assert request_cancel(s, other.id) == JobStatus.cancelled
+        assert claim_job(s, other.id, "a", 60) is None
+
+
+def test_sweep_requeues_then_fails_after_max_attempts(settings, job_id) -> None:
+    for attempt in (1, 2):
+        with session_scope(settings.database_url) as s:
+            assert claim_job(s, job_id, f"w{attempt}", 60).attempt == attempt
+        expire_lease(settings, job_id)
+        with session_scope(settings.database_url) as s:
+            sent = sweep(s, broker=True)
+        if attempt == 1:
+            assert sent == [job_id]
+            assert job(settings, job_id).status == "queued" and job(settings, job_id).enqueued_at is not None
+            with session_scope(settings.database_url) as s:
+                assert sweep(s, broker=True) == []  # a message is in flight already
+    j = job(settings, job_id)
+    assert j.status == "failed" and "max_attempts" in j.error and j.finished_at is not None
+    with session_scope(settings.database_url) as s:
+        kinds = [e.data.get("status") for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id))]
+        assert kinds == ["queued", "training", "queued", "training", "failed"]
+        assert [e.seq for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id))] == [
+            1,
+            2,
+            3,
+            4,
+            5,
+        ]
+
+
+def test_sweep_finishes_a_lost_job_whose_cancel_was_requested(settings, job_id) -> None:
+    with session_scope(settings.database_url) as s:
+        claim_job(s, job_id, "a", 60)
+        request_cancel(s, job_id)
+    expire_lease(settings, job_id)
+    with session_scope(settings.database_url) as s:
+        sweep(s, broker=False)
+        assert next_claimable_job(s) != job_id
+    assert job(settings, job_id).status == "cancelled"
