@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -480,15 +480,51 @@ def combine_verdicts(verdicts: list[str]) -> str:
 # ---------------------------------------------------------------- the audit
 
 
-def teacher_summary(model: nn.Module, data: Dataset) -> dict[str, Any]:
-    logits = model_logits(model, data.x_test)
-    return {
-        "accuracy": accuracy(logits, data.y_test),
-        "cmi_test": cmi_by_temperature(logits, data.y_test, CMI_CURVE_TEMPERATURES),
-        "cmi_train": cmi_by_temperature(
-            model_logits(model, data.x_train), data.y_train, CMI_CURVE_TEMPERATURES
-        ),
+@dataclass
+class BlackBox:
+    """What an attacker queries: a teacher (one per seed, or one for all) served through an output mode
+    and, optionally, a fitted serving policy (one per seed, or one for all)."""
+
+    models: list[nn.Module]
+    mode: OutputMode = field(default_factory=OutputMode)
+    policies: list[Any] | None = None
+
+    def oracle(self, seed_index: int, device: torch.device) -> Oracle:
+        model = self.models[seed_index % len(self.models)].to(device).eval()
+        if self.policies is None:
+            return Oracle(model, self.mode)
+        return Oracle(
+            model, self.mode, policy=self.policies[seed_index % len(self.policies)], seed=seed_index
+        )
+
+
+def _models(m: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    return [m] if isinstance(m, nn.Module) else list(m)
+
+
+def teacher_summary(models: nn.Module | Sequence[nn.Module], data: Dataset) -> dict[str, Any]:
+    """Accuracy and I_T curves of a teacher (means over the per-seed teachers when several)."""
+    ms = _models(models)
+    per = []
+    for m in ms:
+        logits = model_logits(m, data.x_test)
+        per.append(
+            {
+                "accuracy": accuracy(logits, data.y_test),
+                "cmi_test": cmi_by_temperature(logits, data.y_test, CMI_CURVE_TEMPERATURES),
+                "cmi_train": cmi_by_temperature(
+                    model_logits(m, data.x_train), data.y_train, CMI_CURVE_TEMPERATURES
+                ),
+            }
+        )
+    out: dict[str, Any] = {
+        "accuracy": float(np.mean([p["accuracy"] for p in per])),
+        "cmi_test": {t: float(np.mean([p["cmi_test"][t] for p in per])) for t in per[0]["cmi_test"]},
+        "cmi_train": {t: float(np.mean([p["cmi_train"][t] for p in per])) for t in per[0]["cmi_train"]},
     }
+    if len(per) > 1:
+        out["accuracy_stats"] = summarise([p["accuracy"] for p in per])
+    return out
 
 
 def _ls_rows(cfg: AuditConfig) -> list[tuple[str, float, bool]]:
@@ -499,27 +535,21 @@ def _ls_rows(cfg: AuditConfig) -> list[tuple[str, float, bool]]:
     ]
 
 
-def _serve_as(
-    cfg: AuditConfig, teacher: nn.Module, control: nn.Module | None
-) -> dict[str, tuple[nn.Module, OutputMode]]:
-    """The black boxes attacked: the teacher as served, optionally its raw probabilities, the CE control."""
-    teachers = {"teacher": (teacher, cfg.output_mode)}
-    if cfg.compare_raw and cfg.output_mode.kind != "probs":
-        teachers["teacher_raw"] = (teacher, OutputMode())
-    if cfg.control:
-        teachers["control"] = (control, cfg.output_mode)
-    return teachers
-
-
 def run_audit(
     cfg: AuditConfig,
-    teacher: nn.Module,
+    teacher: nn.Module | Sequence[nn.Module],
     dataset: Dataset,
     *,
-    control: nn.Module | None = None,
+    control: nn.Module | Sequence[nn.Module] | None = None,
+    protections: dict[str, BlackBox] | None = None,
     on_progress: Callable[[AuditProgress], None] | None = None,
 ) -> dict[str, Any]:
-    """Audit a teacher as it will be served; returns the versioned JSON report."""
+    """Audit a teacher as it will be served; returns the versioned JSON report.
+
+    `teacher` and `control` may be one model or one per seed (seed i attacks model i); `protections`
+    adds further black boxes (a teacher plus its serving policy) attacked in the same lockstep, against
+    the same LS students; each gets its own section and verdict under report["protections"].
+    """
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     if cfg.control and control is None:
@@ -527,7 +557,15 @@ def run_audit(
     data = (
         dataset.subset_train(cfg.labelled_fraction, cfg.base_seed) if cfg.labelled_fraction < 1 else dataset
     )
-    teachers = _serve_as(cfg, teacher, control)
+    teachers = {"teacher": BlackBox(_models(teacher), cfg.output_mode)}
+    if cfg.compare_raw and cfg.output_mode.kind != "probs":
+        teachers["teacher_raw"] = BlackBox(_models(teacher))
+    if cfg.control:
+        teachers["control"] = BlackBox(_models(control), cfg.output_mode)
+    for name, box in (protections or {}).items():
+        if name in teachers:
+            raise ValueError(f"protection name {name!r} is reserved")
+        teachers[name] = box
     attack_rows, ls_rows = cfg.attack_rows(), _ls_rows(cfg)
     # phase None: unlimited queries (and the LS students); phase B: attackers holding B cached answers
     budget_teachers = [t for t in teachers if t != "teacher_raw"]
@@ -568,7 +606,7 @@ def run_audit(
 
     for s in range(cfg.seeds):
         seed = cfg.base_seed + s
-        oracles = {t: Oracle(m.to(device).eval(), mode) for t, (m, mode) in teachers.items()}
+        oracles = {t: box.oracle(s, device) for t, box in teachers.items()}
         runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in ls_rows]
         runs += attack_runs(list(teachers))
         tick = progress(f"seed {s + 1}/{cfg.seeds}")
@@ -632,6 +670,16 @@ def run_audit(
         report["raw_probabilities"] = section(None, "teacher_raw")
     if cfg.control:
         report["control"] = {**teacher_summary(control, dataset), **section(None, "control")}
+    if protections:
+        report["protections"] = {
+            name: {
+                **teacher_summary(box.models, dataset),
+                "output_mode": box.mode.model_dump(),
+                "policy": box.policies[0].config.model_dump() if box.policies else None,
+                **section(None, name),
+            }
+            for name, box in protections.items()
+        }
     if cfg.query_budgets:
         report["budgets"] = {t: {str(b): section(b, t) for b in cfg.query_budgets} for t in budget_teachers}
         report["safe_budget"] = {t: safe_budget(report["budgets"][t], cfg.students) for t in budget_teachers}

@@ -79,16 +79,21 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def run_with_progress(description: str, total: int, work: Callable[[Callable[..., None]], R]) -> R:
-    """Run work(update) under a progress bar; update(advance_to, info) moves it."""
+    """Run work(update) under a progress bar; update(done, info) moves it. Without a terminal (logs,
+    CI) it prints a plain line at every 5 % instead, so long runs show where they are."""
+    if not err.is_terminal:
+        marks = {"next": 0}
+
+        def log_update(done: int, info: str = "") -> None:
+            pct = 100 * done // max(total, 1)
+            if pct >= marks["next"] or done == total:
+                err.print(f"{description}: {done}/{total} {info}", highlight=False)
+                marks["next"] = pct - pct % 5 + 5
+
+        return work(log_update)
     with progress() as bar:
         task = bar.add_task(description, total=total, info="")
-
-        def update(done: int, info: str = "", total: int | None = None) -> None:
-            bar.update(
-                task, completed=done, info=info, total=total if total is not None else bar.tasks[0].total
-            )
-
-        return work(update)
+        return work(lambda done, info="": bar.update(task, completed=done, info=info))
 
 
 @app.command()

@@ -1,17 +1,22 @@
 """The black-box teacher: what an attacker (or an honest user) gets back for a batch of inputs.
 
 The audit attacks the teacher exactly as it will be served, so the service's predict endpoint and
-the audit both go through `apply_output_mode`.
+the audit both go through `apply_output_mode`, and, when a serving policy protects the teacher,
+through `ml.policy.serve` (which builds on the output modes here).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ml.policy import FittedPolicy, QueryHistory, Served
 
 
 class OutputMode(BaseModel):
@@ -71,15 +76,35 @@ def apply_output_mode(probs: Tensor, mode: OutputMode) -> Tensor:
 
 
 class Oracle:
-    """Answers queries with the teacher's served output, counting every image (row) it answers."""
+    """Answers queries with the teacher's served output, counting every image (row) it answers.
 
-    def __init__(self, model: nn.Module, mode: OutputMode | None = None, budget: int | None = None) -> None:
+    With a serving policy, one Oracle is one API key: it keeps the key's PRADA history, draws the
+    perturbation noise from its own seeded generator, and counts refused and altered answers.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: OutputMode | None = None,
+        budget: int | None = None,
+        policy: FittedPolicy | None = None,
+        seed: int = 0,
+    ) -> None:
         if budget is not None and budget < 0:
             raise ValueError(f"query budget must be >= 0, got {budget}")
         self.model = model.eval()
         self.mode = mode if mode is not None else OutputMode()
         self.budget = budget
         self.queries = 0
+        if policy is not None:  # centroids on the model's device once, not per batch
+            device = next(model.parameters()).device
+            policy = dataclasses.replace(policy, centroids=policy.centroids.to(device))
+        self.policy = policy
+        self.history: QueryHistory | None = policy.new_history() if policy is not None else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.last: Served | None = None
+        self.refused_total = 0
+        self.altered_total = 0
 
     @property
     def remaining(self) -> int | None:
@@ -88,6 +113,8 @@ class Oracle:
 
     def __call__(self, x: Tensor) -> Tensor:
         """(B, C) served answers for a batch of B inputs; raises QueryBudgetExceeded before answering."""
+        from ml.policy import serve  # ml.policy imports this module
+
         n = int(x.shape[0])
         if self.budget is not None and self.queries + n > self.budget:
             raise QueryBudgetExceeded(self.budget, self.queries, n)
@@ -96,6 +123,12 @@ class Oracle:
         if self.model.training:
             self.model.eval()
         with torch.no_grad():
-            probs = torch.softmax(self.model(x).float(), dim=-1)
+            logits = self.model(x).float()
+            probs = torch.softmax(logits, dim=-1)
+            served = serve(probs, logits, self.mode, self.policy, self.history, x, self.generator)
         self.queries += n
-        return apply_output_mode(probs, self.mode)
+        self.last = served
+        if self.policy is not None:  # without a policy nothing is refused or altered (and no device sync)
+            self.refused_total += int(served.refused.sum())
+            self.altered_total += int(served.altered.sum())
+        return served.answer

@@ -13,6 +13,7 @@ import shutil
 import socket
 import time
 import uuid
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ class JobContext:
         self.work = Path(settings.work_dir) / str(claim.job_id)
         self._last_progress = 0.0
 
-    def session(self) -> Any:
+    def session(self) -> AbstractContextManager[Session]:
         return session_scope(self.settings.database_url)
 
     def _heartbeat(self, s: Session, kind: str, data: dict[str, Any]) -> None:

@@ -36,9 +36,7 @@ def _frame(width: int, height: int, title: str, body: list[str]) -> str:
         f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img">'
         f"<title>{escape(title)}</title>"
         f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="13" font-weight="bold">'
-        f"{escape(title)}</text>"
-        + "".join(body)
-        + "</svg>"
+        f"{escape(title)}</text>" + "".join(body) + "</svg>"
     )
 
 
@@ -79,6 +77,8 @@ def line_chart(
             f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{_fmt(t)}</text>'
         )
     xticks = sorted({x for x, _ in pts}) if log_x else _ticks(x_lo, x_hi)
+    if all(float(x).is_integer() for x, _ in pts):  # epochs: no tick between two of them
+        xticks = [t for t in xticks if float(t).is_integer()]
     for t in xticks[:: max(1, len(xticks) // 10)]:
         body.append(f'<text x="{sx(t):.1f}" y="{top + ph + 14}" text-anchor="middle">{_fmt(t)}</text>')
     body.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">{escape(xlabel)}</text>')

@@ -51,7 +51,12 @@ def broker_client(broker_url: str) -> Celery:
     with _clients_lock:
         if broker_url not in _clients:
             client = Celery("cmim-client", broker=broker_url, set_as_current=False)
-            client.conf.update(broker_connection_timeout=3, broker_connection_retry_on_startup=False)
+            # Fail fast when the broker is down: the job stays queued and the worker's sweep sends it later.
+            client.conf.update(
+                broker_connection_timeout=3,
+                broker_connection_retry_on_startup=False,
+                broker_transport_options={"max_retries": 0},
+            )
             _clients[broker_url] = client
         return _clients[broker_url]
 
@@ -87,7 +92,7 @@ def broker_reachable(settings: Settings) -> bool:
         return True
     try:
         with broker_client(settings.broker_url).connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=2)
         return True
     except Exception:  # noqa: BLE001 - readiness reports any failure as "not ready"
         return False

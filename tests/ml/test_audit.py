@@ -161,3 +161,18 @@ def test_budget_curve_spends_exactly_the_budget(data, teachers) -> None:
         margins = [report["budgets"][t][str(b)]["students"]["mlp"]["margin"] for b in (100, 400)]
         expected = 0 if margins[0] > 0 else (100 if margins[1] > 0 else 400)
         assert safe == expected
+
+
+def test_per_seed_teachers_and_extra_protections_share_the_ls_students(data, teachers) -> None:
+    from ml.audit import BlackBox
+
+    cfg = AuditConfig(
+        seeds=2, epochs=1, attacks=["fm"], ls_eps=[0.1], ls_mixup=False, control=False, device="cpu"
+    )
+    boxes = {"label_only": BlackBox(list(teachers), OutputMode(kind="label"))}
+    report = run_audit(cfg, list(teachers), data, protections=boxes)
+    prot = report["protections"]["label_only"]
+    assert prot["output_mode"]["kind"] == "label"
+    assert prot["students"]["mlp"]["ls"] == report["students"]["mlp"]["ls"]
+    assert set(prot["students"]["mlp"]["attacks"]) == {"fm"}
+    assert len(report["teacher"]["accuracy_stats"]["values"]) == 2

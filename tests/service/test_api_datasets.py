@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_problem, job_body
+from service_helpers import assert_problem, job_body
 from sqlalchemy import func, select
 
 from app.core.db import session_scope

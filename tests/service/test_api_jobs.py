@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from helpers import assert_problem, job_body
+from service_helpers import assert_problem, job_body
 from sqlalchemy import func, select
 
 from app.api.schemas import DEMO_JOB, JobCreate
@@ -176,3 +176,19 @@ def test_catalog_lists_every_registry(client, caller) -> None:
     assert "cnn1d" in [a["name"] for a in cat["architectures"]]
     assert {"ce", "cmim"} <= set(cat["objectives"])
     assert "fm" in [a["key"] for a in cat["attacks"]]
+
+
+def test_broker_down_means_not_ready_but_jobs_are_kept_for_the_sweep(settings, caller) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})  # nothing listens on port 1
+    with TestClient(create_app(down)) as c:
+        body = assert_problem(c.get("/readyz"), 503)
+        assert body["checks"] == {"database": "ok", "broker": "unreachable"}
+        r = c.post("/api/v1/jobs", json=job_body(), headers=caller.headers)
+        assert r.status_code == 202
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, uuid.UUID(r.json()["id"]))
+        assert job.status == "queued" and job.enqueued_at is None  # the worker's sweep will send it

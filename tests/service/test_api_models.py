@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import assert_problem, job_body
+from service_helpers import assert_problem, job_body
 
 from app.api.schemas import JobCreate
 from app.core.config import Settings

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from helpers import assert_problem, job_body
 from safetensors.torch import load_file
+from service_helpers import assert_problem, job_body
 
 from app.core.migrate import upgrade
 from ml.checkpoint import load_checkpoint

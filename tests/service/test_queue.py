@@ -110,10 +110,10 @@ def test_sweep_requeues_then_fails_after_max_attempts(settings, job_id) -> None:
         with session_scope(settings.database_url) as s:
             sent = sweep(s, broker=True)
         if attempt == 1:
-            assert sent == [job_id]
+            assert job_id in sent  # (the database is shared: other tests' queued jobs may be sent too)
             assert job(settings, job_id).status == "queued" and job(settings, job_id).enqueued_at is not None
             with session_scope(settings.database_url) as s:
-                assert sweep(s, broker=True) == []  # a message is in flight already
+                assert job_id not in sweep(s, broker=True)  # a message is in flight already
     j = job(settings, job_id)
     assert j.status == "failed" and "max_attempts" in j.error and j.finished_at is not None
     with session_scope(settings.database_url) as s:

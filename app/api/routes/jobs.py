@@ -6,7 +6,7 @@ import json
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -31,7 +31,7 @@ from app.core.queue import enqueue, request_cancel
 from app.problems import Problem
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-JobId = Annotated[uuid.UUID, "the job's id"]
+JobId = Annotated[uuid.UUID, Path(description="the job's id")]
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a protection job")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import Predict, SessionDep, SettingsDep, StoreDep
@@ -27,14 +28,15 @@ from app.api.schemas import (
     TensorMeta,
 )
 from app.core.models import ApiKey
+from app.core.storage import ArtifactStore
 
 v2 = APIRouter(prefix="/v2/models", tags=["inference (KServe v2)"])
 simple = APIRouter(prefix="/models", tags=["inference"])
-ModelId = Annotated[uuid.UUID, "the job's id"]
+ModelId = Annotated[uuid.UUID, Path(description="the model's id: the id of the job that trained it")]
 
 
 def _served(
-    request: Request, session: SessionDep, store: StoreDep, model_id: uuid.UUID, key: ApiKey
+    request: Request, session: Session, store: ArtifactStore, model_id: uuid.UUID, key: ApiKey
 ) -> ServedModel:
     job = owned_job(session, model_id, key)
     return request.app.state.models.get(session, store, job)

@@ -1,6 +1,0 @@
-"""Make tests/service/helpers.py importable as `helpers`."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
