@@ -217,8 +217,10 @@ class StackedGroup:
         return functional_call(self.base, (params, buffers), (x,))
 
     def forward(self, batch: Batch) -> list[dict[str, Tensor]]:
-        p = {k: v[self.slot_index] for k, v in self.params.items()}
-        b = {k: v[self.slot_index] for k, v in self.buffers.items()}
+        p, b = self.params, self.buffers
+        if len(self.slots) > len(self.runs):  # some run needs several views: repeat its weights per slot
+            p = {k: v[self.slot_index] for k, v in p.items()}
+            b = {k: v[self.slot_index] for k, v in b.items()}
         x = torch.stack([batch.views[v] for _, v in self.slots])
         logits = vmap(self._fwd)(p, b, x)
         outs: list[dict[str, Tensor]] = [{} for _ in self.runs]

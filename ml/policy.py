@@ -76,21 +76,24 @@ class PolicyConfig(BaseModel):
         return self
 
 
-def l2_distances(a: Tensor, b: Tensor) -> Tensor:
+def l2_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(n, m) Euclidean distances ||a_i - b_j||, via |a|^2 + |b|^2 - 2 a.b in float64."""
-    # torch.cdist takes a slow direct path for few rows; float64 keeps near-duplicates near 0.
-    a, b = a.double(), b.double()
-    sq = a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2 * a @ b.T
-    return sq.clamp_min(0).sqrt()
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0))
 
 
 @dataclass
 class QueryHistory:
-    """One key's PRADA state: per-class growing sets and thresholds, and the min distances D it tests."""
+    """One key's PRADA state: per-class growing sets and thresholds, and the min distances D it tests.
+
+    Kept in NumPy on the CPU whatever the model's device: the work per batch is small and sequential
+    (a few thousand distances), where a stream of tiny torch kernels costs more than the arithmetic.
+    """
 
     memory: int = 5000  # distances tested, newest first
     set_cap: int = 500  # growing-set members kept per class, newest first
-    sets: dict[int, Tensor] = field(default_factory=dict)  # class -> (n, D) flattened inputs
+    sets: dict[int, np.ndarray] = field(default_factory=dict)  # class -> (n, D) float32 flattened inputs
     set_dists: dict[int, list[float]] = field(default_factory=dict)  # min distance of each when it joined
     thresholds: dict[int, float] = field(default_factory=dict)
     dists: list[float] = field(default_factory=list)  # D: min distance of every non-first query
@@ -104,15 +107,16 @@ class QueryHistory:
         self.queries += len(x)
         if self.flagged:  # nothing left to decide for this key
             return
-        flat = x.detach().reshape(len(x), -1).float()
-        for c in pred.unique().tolist():
-            self._add_class(c, flat[pred == c])
+        flat = x.detach().reshape(len(x), -1).float().cpu().numpy()
+        pred_np = pred.cpu().numpy()
+        for c in np.unique(pred_np).tolist():
+            self._add_class(c, flat[pred_np == c])
         self._test(min_history, delta)
 
-    def _add_class(self, c: int, xc: Tensor) -> None:
+    def _add_class(self, c: int, xc: np.ndarray) -> None:
         """Juuti et al. Alg. 1 for one class's queries of a batch, sequentially, in batch order."""
         old = self.sets.get(c)
-        to_set = l2_distances(xc, old).amin(1).tolist() if old is not None else [math.inf] * len(xc)
+        to_set = l2_distances(xc, old).min(1).tolist() if old is not None else [math.inf] * len(xc)
         within = l2_distances(xc, xc).tolist()  # distances to this batch's earlier queries
         gdists, thr = self.set_dists.setdefault(c, []), self.thresholds.get(c, 0.0)
         added: list[int] = []
@@ -129,8 +133,7 @@ class QueryHistory:
                 gdists.append(d)
                 thr = max(thr, float(np.mean(gdists) - np.std(gdists)))
         self.thresholds[c] = thr
-        new = xc[added]
-        kept = new if old is None else torch.cat([old, new])
+        kept = xc[added] if old is None else np.concatenate([old, xc[added]])
         self.sets[c] = kept[-self.set_cap :]
         del gdists[: -self.set_cap]
         del self.dists[: -self.memory], self.dist_classes[: -self.memory]

@@ -117,15 +117,10 @@ def test_sweep_requeues_then_fails_after_max_attempts(settings, job_id) -> None:
     j = job(settings, job_id)
     assert j.status == "failed" and "max_attempts" in j.error and j.finished_at is not None
     with session_scope(settings.database_url) as s:
-        kinds = [e.data.get("status") for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id))]
+        events = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
+        kinds = [e.data.get("status") for e in events]
         assert kinds == ["queued", "training", "queued", "training", "failed"]
-        assert [e.seq for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id))] == [
-            1,
-            2,
-            3,
-            4,
-            5,
-        ]
+        assert [e.seq for e in events] == [1, 2, 3, 4, 5]
 
 
 def test_sweep_finishes_a_lost_job_whose_cancel_was_requested(settings, job_id) -> None:
