@@ -32,6 +32,7 @@ from ml.cmi import cmi_by_temperature, model_logits
 from ml.data import Dataset
 from ml.models import MODELS, build_model
 from ml.oracle import Oracle, OutputMode
+from ml.policy import FittedPolicy, PolicyConfig, fit_policy, honest_cost
 from ml.train import (
     OptimConfig,
     TrainingCancelled,
@@ -65,6 +66,9 @@ class AuditConfig(OptimConfig):
     ls_mixup: bool = Field(True, description="also sweep LS students trained on mixup")
     control: bool = Field(True, description="audit a CE teacher of the same architecture the same way")
     output_mode: OutputMode = Field(default_factory=OutputMode)
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig, description="serving policy (snapping, off-manifold detector, action)"
+    )
     compare_raw: bool = Field(False, description="also attack the raw probabilities (when served otherwise)")
     labelled_fraction: float = Field(
         1.0, gt=0, le=1, description="share of the train split the attacker holds"
@@ -300,8 +304,21 @@ class LiveSource:
         for idx in batches(len(self.x), self.cfg.batch_size, self.gens["plain"]):
             idx = idx.to(self.device)
             batch = _make_batch(self.data, self.x[idx], self.y[idx], self.needed, self.cfg, self.gens)
-            served = {t: {v: self.oracles[t](batch.views[v]) for v in vs} for t, vs in self.queried.items()}
+            served = {t: {v: self._ask(t, v, batch) for v in vs} for t, vs in self.queried.items()}
             yield batch, served
+
+    def _ask(self, teacher: str, view: str, batch: Batch) -> Tensor:
+        """The served answers; a refused query falls back to what the attacker knows itself: its own
+        label (the mixed label on a mixup view), the same target the LS students train on."""
+        oracle = self.oracles[teacher]
+        answer = oracle(batch.views[view])
+        if oracle.last is None or not bool(oracle.last.refused.any()):
+            return answer
+        own = F.one_hot(batch.y, answer.shape[-1]).to(answer.dtype)
+        if view == "mixup":
+            lam = batch.lam[:, None].to(answer.dtype)
+            own = lam * own + (1 - lam) * own[batch.perm]
+        return torch.where(oracle.last.refused[:, None], own, answer)
 
 
 class CachedSource:
@@ -500,6 +517,32 @@ class BlackBox:
         )
 
 
+def serve_box(models: list[nn.Module], mode: OutputMode, policy: PolicyConfig, data: Dataset) -> BlackBox:
+    """A black box serving `models` through `mode` and `policy`, the policy fitted to each model.
+
+    Centroids come from the training split; per-query detector thresholds are calibrated on the first
+    half of the test split (held-out clean inputs: on the training inputs a teacher is over-confident
+    and the flag rate would be under-estimated); the honest-user cost is measured on the second half.
+    """
+    if policy == PolicyConfig():
+        return BlackBox(models, mode)
+    calib = data.x_test[: len(data.x_test) // 2]
+    return BlackBox(models, mode, [fit_policy(policy, m, data.x_train, data.y_train, calib) for m in models])
+
+
+def serving_summary(box: BlackBox, data: Dataset) -> dict[str, Any]:
+    """The served output mode and policy, and what they cost honest users (means over per-seed teachers)."""
+    half = len(data.x_test) // 2
+    x, y = data.x_test[half:], data.y_test[half:]
+    policies: list[FittedPolicy | None] = box.policies or [None] * len(box.models)
+    costs = [honest_cost(m, box.mode, p, x, y) for m, p in zip(box.models, policies, strict=False)]
+    return {
+        "output_mode": box.mode.model_dump(),
+        "policy": box.policies[0].config.model_dump() if box.policies else PolicyConfig().model_dump(),
+        "honest_cost": {k: float(np.mean([c[k] for c in costs])) for k in costs[0]},
+    }
+
+
 def _models(m: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
     return [m] if isinstance(m, nn.Module) else list(m)
 
@@ -559,11 +602,11 @@ def run_audit(
     data = (
         dataset.subset_train(cfg.labelled_fraction, cfg.base_seed) if cfg.labelled_fraction < 1 else dataset
     )
-    teachers = {"teacher": BlackBox(_models(teacher), cfg.output_mode)}
-    if cfg.compare_raw and cfg.output_mode.kind != "probs":
+    teachers = {"teacher": serve_box(_models(teacher), cfg.output_mode, cfg.policy, dataset)}
+    if cfg.compare_raw and (cfg.output_mode.kind != "probs" or cfg.policy != PolicyConfig()):
         teachers["teacher_raw"] = BlackBox(_models(teacher))
     if cfg.control:
-        teachers["control"] = BlackBox(_models(control), cfg.output_mode)
+        teachers["control"] = serve_box(_models(control), cfg.output_mode, cfg.policy, dataset)
     for name, box in (protections or {}).items():
         if name in teachers:
             raise ValueError(f"protection name {name!r} is reserved")
@@ -665,7 +708,10 @@ def run_audit(
             "n_train": len(dataset.x_train),
             "n_test": len(dataset.x_test),
         },
-        "teacher": teacher_summary(teacher, dataset),
+        "teacher": {
+            **teacher_summary(teacher, dataset),
+            "serving": serving_summary(teachers["teacher"], dataset),
+        },
         **section(None, "teacher"),
     }
     if "teacher_raw" in teachers:
@@ -676,8 +722,7 @@ def run_audit(
         report["protections"] = {
             name: {
                 **teacher_summary(box.models, dataset),
-                "output_mode": box.mode.model_dump(),
-                "policy": box.policies[0].config.model_dump() if box.policies else None,
+                "serving": serving_summary(box, dataset),
                 **section(None, name),
             }
             for name, box in protections.items()

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from ml.attacks import ATTACKS
 from ml.audit import AuditConfig, Run, combine_verdicts, judge, run_audit, summarise, train_lockstep
@@ -172,7 +173,51 @@ def test_per_seed_teachers_and_extra_protections_share_the_ls_students(data, tea
     boxes = {"label_only": BlackBox(list(teachers), OutputMode(kind="label"))}
     report = run_audit(cfg, list(teachers), data, protections=boxes)
     prot = report["protections"]["label_only"]
-    assert prot["output_mode"]["kind"] == "label"
+    assert prot["serving"]["output_mode"]["kind"] == "label"
     assert prot["students"]["mlp"]["ls"] == report["students"]["mlp"]["ls"]
     assert set(prot["students"]["mlp"]["attacks"]) == {"fm"}
     assert len(report["teacher"]["accuracy_stats"]["values"]) == 2
+
+
+def test_policy_is_audited_and_refused_queries_fall_back_to_own_labels(data, teachers) -> None:
+    from ml.policy import PolicyConfig
+
+    policy = PolicyConfig(detector="confidence", fpr=0.2, action="refuse")
+    cfg = AuditConfig(
+        seeds=1,
+        epochs=1,
+        attacks=["fm", "kd"],
+        attack_params={"kd": {"T": 4}},
+        ls_eps=[0.1],
+        control=False,
+        policy=policy,
+        compare_raw=True,
+        device="cpu",
+    )
+    report = run_audit(cfg, teachers[0], data)
+    cost = report["teacher"]["serving"]["honest_cost"]
+    assert report["teacher"]["serving"]["policy"]["detector"] == "confidence"
+    assert 5 < cost["refused"] < 50  # calibrated at 20 % on the other half of the test split
+    for row in report["students"]["mlp"]["attacks"].values():
+        assert math.isfinite(row["acc_best"]["mean"])  # refused rows became the attacker's own labels
+    assert "raw_probabilities" in report
+
+
+def test_refused_answers_become_the_attackers_own_targets(data, teachers) -> None:
+    from ml.audit import LiveSource
+    from ml.policy import PolicyConfig, fit_policy
+
+    fitted = fit_policy(
+        PolicyConfig(detector="energy", fpr=0.5), teachers[0], data.x_train, data.y_train, data.x_test
+    )
+    cfg = AuditConfig(seeds=1, epochs=1, device="cpu", control=False)
+    run = Run("fm", "mlp", teacher="teacher", attack=ATTACKS.get("fm")(10, None))
+    source = LiveSource([run], data, {"teacher": Oracle(teachers[0], policy=fitted)}, cfg, seed=0)
+    batch, served = next(source.epoch())
+    answer, refused = served["teacher"]["mixup"], source.oracles["teacher"].last.refused
+    assert 0 < int(refused.sum()) < len(refused)
+    own = batch.lam[:, None] * torch.nn.functional.one_hot(batch.y, 10) + (1 - batch.lam[:, None]) * (
+        torch.nn.functional.one_hot(batch.y[batch.perm], 10)
+    )
+    assert torch.allclose(answer[refused], own[refused].float())
+    assert torch.allclose(answer.sum(-1), torch.ones(len(answer)))
