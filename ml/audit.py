@@ -717,7 +717,11 @@ def run_audit(
     if "teacher_raw" in teachers:
         report["raw_probabilities"] = section(None, "teacher_raw")
     if cfg.control:
-        report["control"] = {**teacher_summary(control, dataset), **section(None, "control")}
+        report["control"] = {
+            **teacher_summary(control, dataset),
+            "serving": serving_summary(teachers["control"], dataset),
+            **section(None, "control"),
+        }
     if protections:
         report["protections"] = {
             name: {

@@ -79,21 +79,26 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def run_with_progress(description: str, total: int, work: Callable[[Callable[..., None]], R]) -> R:
-    """Run work(update) under a progress bar; update(done, info) moves it. Without a terminal (logs,
-    CI) it prints a plain line at every 5 % instead, so long runs show where they are."""
+    """Run work(update) under a progress bar; update(done, info, total=None) moves it (and may reset
+    the total). Without a terminal (logs, CI) it prints a plain line at every 5 % instead."""
+    state = {"total": total, "next": 0}
     if not err.is_terminal:
-        marks = {"next": 0}
 
-        def log_update(done: int, info: str = "") -> None:
-            pct = 100 * done // max(total, 1)
-            if pct >= marks["next"] or done == total:
-                err.print(f"{description}: {done}/{total} {info}", highlight=False)
-                marks["next"] = pct - pct % 5 + 5
+        def log_update(done: int, info: str = "", total: int | None = None) -> None:
+            state["total"] = total or state["total"]
+            pct = 100 * done // max(state["total"], 1)
+            if pct >= state["next"] or done == state["total"]:
+                err.print(f"{description}: {done}/{state['total']} {info}", highlight=False)
+                state["next"] = pct - pct % 5 + 5
 
         return work(log_update)
     with progress() as bar:
         task = bar.add_task(description, total=total, info="")
-        return work(lambda done, info="": bar.update(task, completed=done, info=info))
+
+        def bar_update(done: int, info: str = "", total: int | None = None) -> None:
+            bar.update(task, completed=done, info=info, total=total or bar.tasks[0].total)
+
+        return work(bar_update)
 
 
 @app.command()
@@ -375,3 +380,50 @@ def print_report(report: dict[str, Any]) -> None:
     for t, per_student in report.get("safe_budget", {}).items():
         console.print(f"safe query budget ({t}): " + ", ".join(f"{a} {b}" for a, b in per_student.items()))
     console.print(f"verdict: [bold]{report['verdict']}[/bold] — {report['verdict_reason']}")
+
+
+@bench_app.command("paper")
+def bench_paper(
+    benchmark: Annotated[str, typer.Option(help="a registered benchmark")] = "mnist1d",
+    seeds: Annotated[int | None, typer.Option(help="default: the benchmark's (5)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="student epochs; default: the benchmark's")] = None,
+    quick: Annotated[bool, typer.Option(help="the small, fast variant of the benchmark")] = False,
+    out: Annotated[Path, typer.Option(help="folder for paper.json and paper.png")] = Path("runs/paper"),
+    device: str = "auto",
+) -> None:
+    """Every protection against every attack on the discriminating benchmark; last line is JSON."""
+    from ml.paper import BENCHMARKS, paper_rows, plot_paper, run_paper
+
+    with one_line_errors():
+        bench = BENCHMARKS.get(f"{benchmark}-quick" if quick else benchmark)
+        bench = bench.model_copy(update={k: v for k, v in {"seeds": seeds, "epochs": epochs}.items() if v})
+        report = run_with_progress(
+            f"paper {benchmark}",
+            1,
+            lambda update: run_paper(
+                bench,
+                device=device,
+                log=lambda m: err.print(m, highlight=False),
+                on_progress=lambda p: update(p.done, p.message, p.total),
+            ),
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "paper.json").write_text(json.dumps(report, indent=2))
+    plot_paper(report, bench.student, str(out / "paper.png"))
+    columns = [
+        "protection",
+        "teacher acc",
+        "honest altered %",
+        "I_1/I_4/I_16",
+        "attack",
+        "knockoff acc",
+        "margin",
+        "sig.",
+    ]
+    print_table(
+        f"{benchmark}: {bench.student} students, {bench.seeds} seeds",
+        columns,
+        paper_rows(report, bench.student),
+    )
+    console.print(f"report: {out / 'paper.json'}, plot: {out / 'paper.png'}")
+    console.print(json.dumps(report["summary"]), highlight=False, soft_wrap=True)

@@ -1,0 +1,224 @@
+"""`cmim bench paper`: the benchmark that can tell, every protection against every attack.
+
+The discriminating setting of SPEC.md (mnist1d 4k/10k, the 1D CNN teacher, the MLP student, long
+schedules, paired seeds: teacher i is attacked by the students of seed i) is a named configuration;
+it runs through the same audit code as every job. A protection is a teacher plus the policy that
+serves it; all protections are attacked in one lockstep per seed, against the same LS students.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ml.audit import AuditConfig, AuditProgress, BlackBox, run_audit, serve_box
+from ml.data import load_dataset
+from ml.oracle import OutputMode
+from ml.policy import PolicyConfig
+from ml.registry import Registry
+from ml.train import TrainConfig, train_model
+
+
+class Protection(BaseModel):
+    """A teacher objective plus the output mode and policy it is served with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objective: str = "cmim"
+    output_mode: OutputMode = Field(default_factory=OutputMode)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+
+class Benchmark(BaseModel):
+    """A named, reproducible benchmark configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "mnist1d"
+    dataset_params: dict[str, Any] = Field(default_factory=lambda: {"num_train": 4000, "num_test": 10000})
+    teacher: str = "cnn1d"
+    teacher_epochs: int = 60
+    cmim_params: dict[str, Any] = Field(default_factory=lambda: {"lam": 3.0})
+    student: str = "mlp"
+    epochs: int = 300
+    seeds: int = 5
+    attacks: list[str] = Field(default_factory=lambda: ["kd", "hard_label", "dkd", "fm"])
+    attack_params: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"kd": {"T": 4}})
+    ls_eps: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3])
+    query_budgets: list[int] = Field(default_factory=lambda: [4000, 20000, 100000])
+    # "ce" (the control, full probabilities) and "cmim" (full probabilities) are always audited;
+    # "protected" is the product's default protection.
+    protections: dict[str, Protection] = Field(
+        default_factory=lambda: {
+            "cmim_label": Protection(output_mode=OutputMode(kind="label")),
+            "cmim_snap": Protection(policy=PolicyConfig(snap=True)),
+            "protected": Protection(
+                output_mode=OutputMode(kind="label"),
+                policy=PolicyConfig(detector="energy", fpr=0.01, action="refuse"),
+            ),
+        }
+    )
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+BENCHMARKS.register("mnist1d")(Benchmark())
+BENCHMARKS.register("mnist1d-quick")(
+    Benchmark(
+        dataset_params={"num_train": 1000, "num_test": 2000},
+        teacher_epochs=15,
+        epochs=30,
+        seeds=2,
+        ls_eps=[0.0, 0.1],
+        query_budgets=[1000, 4000],
+    )
+)
+
+
+def run_paper(
+    bench: Benchmark,
+    *,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+    on_progress: Callable[[AuditProgress], None] | None = None,
+) -> dict[str, Any]:
+    """Train the per-seed teachers, audit every protection in one lockstep, and summarise."""
+    t0 = time.perf_counter()
+    data = load_dataset(bench.dataset, **bench.dataset_params)
+    objectives = {"ce": {}, "cmim": bench.cmim_params} | {
+        p.objective: bench.cmim_params if p.objective == "cmim" else {} for p in bench.protections.values()
+    }
+    teachers: dict[str, list[Any]] = {}
+    for objective, params in objectives.items():
+        teachers[objective] = []
+        for seed in range(bench.seeds):
+            cfg = TrainConfig(
+                dataset=bench.dataset,
+                dataset_params=bench.dataset_params,
+                arch=bench.teacher,
+                objective=objective,
+                objective_params=params,
+                epochs=bench.teacher_epochs,
+                seed=seed,
+                device=device,
+            )
+            result = train_model(cfg, data)
+            log(f"teacher {objective} seed {seed}: {result.last_acc:.2f}%")
+            teachers[objective].append(result.model)
+    cfg = AuditConfig(
+        students=[bench.student],
+        attacks=bench.attacks,
+        attack_params=bench.attack_params,
+        seeds=bench.seeds,
+        epochs=bench.epochs,
+        ls_eps=bench.ls_eps,
+        control=True,
+        query_budgets=bench.query_budgets,
+        device=device,
+    )
+    boxes: dict[str, BlackBox] = {
+        name: serve_box(teachers[p.objective], p.output_mode, p.policy, data)
+        for name, p in bench.protections.items()
+    }
+    report = run_audit(
+        cfg, teachers["cmim"], data, control=teachers["ce"], protections=boxes, on_progress=on_progress
+    )
+    report["benchmark"] = bench.model_dump(mode="json")
+    report["summary"] = summarise_paper(report, bench, time.perf_counter() - t0)
+    return report
+
+
+def _margin(section: dict[str, Any], student: str) -> tuple[float, float]:
+    s = section["students"][student]
+    return s["margin"], s["margin_se"]
+
+
+def summarise_paper(report: dict[str, Any], bench: Benchmark, wall_s: float) -> dict[str, Any]:
+    """The one-line JSON summary of the issue, in percent."""
+    st = bench.student
+    protected = report["protections"]["protected"]
+    ce_margin, ce_se = _margin(report["control"], st)
+    cmim_margin, cmim_se = _margin(report, st)
+    p_margin, p_se = _margin(protected, st)
+    safe = report.get("safe_budget", {})
+    return {
+        "dataset": bench.dataset,
+        "student": st,
+        "seeds": bench.seeds,
+        "ce_acc": report["control"]["accuracy"],
+        "ls_acc": report["control"]["students"][st]["ls_acc"],
+        "ce_margin": ce_margin,
+        "ce_margin_se": ce_se,
+        "cmim_margin": cmim_margin,
+        "cmim_margin_se": cmim_se,
+        "protected_acc": protected["serving"]["honest_cost"]["accuracy"],
+        "protected_margin": p_margin,
+        "protected_margin_se": p_se,
+        "honest_refused": protected["serving"]["honest_cost"]["altered"],
+        "safe_budget": safe.get("protected", {}).get(st),
+        "ce_safe_budget": safe.get("control", {}).get(st),
+        "wall_s": wall_s,
+    }
+
+
+def paper_rows(report: dict[str, Any], student: str) -> list[list[Any]]:
+    """One row per protection x attack: teacher acc, honest cost, I_T, attack acc, margin, verdict."""
+    sections = {"ce": report["control"], "cmim": report, **report["protections"]}
+    rows = []
+    for name, sec in sections.items():
+        summary = sec if "accuracy" in sec else sec["teacher"]
+        cost = sec.get("serving", summary.get("serving", {})).get("honest_cost", {})
+        s = sec["students"][student]
+        cmi = summary["cmi_test"]
+        head = [
+            name,
+            f"{summary['accuracy']:.2f}",
+            f"{cost.get('altered', 0):.1f}",
+            f"{cmi['1']:.3f}/{cmi['4']:.3f}/{cmi['16']:.4f}",
+        ]
+        for attack, row in s["attacks"].items():
+            rows.append(
+                head
+                + [
+                    attack,
+                    f"{row['acc_best']['mean']:.2f} ± {row['acc_best']['se']:.2f}",
+                    f"{row['margin']:+.2f} ± {row['margin_se']:.2f}",
+                    "yes" if row["significant"] else "no",
+                ]
+            )
+        rows.append(head + ["= verdict", f"LS {s['ls_acc']:.2f}", f"{s['margin']:+.2f}", s["verdict"]])
+    return rows
+
+
+def plot_paper(report: dict[str, Any], student: str, path: str) -> None:
+    """Margins (best attack per protection and each attack) with standard-error bars, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = {"ce": report["control"], "cmim": report, **report["protections"]}
+    attacks = list(report["students"][student]["attacks"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(sections) + 2, 4))
+    width = 0.8 / len(attacks)
+    for j, attack in enumerate(attacks):
+        xs = [i + j * width for i in range(len(sections))]
+        rows = [sec["students"][student]["attacks"][attack] for sec in sections.values()]
+        ax.bar(
+            xs,
+            [r["margin"] for r in rows],
+            width,
+            yerr=[r["margin_se"] for r in rows],
+            label=attack,
+            capsize=2,
+        )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sections))], list(sections))
+    ax.set_ylabel("knockoff acc - best LS acc (points)")
+    ax.set_title(f"{report['dataset']['name']}, {student} student, {report['config']['seeds']} seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
