@@ -8,13 +8,16 @@ $(BIN)/cmim: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install run test lint bench
+.PHONY: install services run test lint bench
 install: $(BIN)/cmim
 
 run: install
 	$(BIN)/cmim serve
 
-test: install
+services:
+	bash scripts/services
+
+test: install services
 	$(BIN)/ruff check ml app worker migrations tests bench
 	$(BIN)/pytest -q
 
