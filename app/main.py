@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from app.api.inference import ModelCache, RateLimiter
+from app.api.inference import HistoryCache, ModelCache, RateLimiter
 from app.api.routes import catalog, datasets, health, jobs, keys, models
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = ArtifactStore(settings.artifact_url, settings.cache_dir)
     app.state.models = ModelCache(settings.model_cache_size)
     app.state.rate_limiter = RateLimiter()
+    app.state.histories = HistoryCache(settings.policy_history_cache_size)
     install_problem_handlers(app)
 
     api = APIRouter(prefix="/api/v1")

@@ -29,7 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from ml.attacks import ATTACKS, Attack, AttackContext, build_params, rows
 from ml.cmi import cmi_by_temperature, model_logits
-from ml.data import Dataset
+from ml.data import DATASETS, Dataset, load_dataset
 from ml.models import MODELS, build_model
 from ml.oracle import Oracle, OutputMode
 from ml.policy import FittedPolicy, PolicyConfig, fit_policy, honest_cost
@@ -73,6 +73,13 @@ class AuditConfig(OptimConfig):
     labelled_fraction: float = Field(
         1.0, gt=0, le=1, description="share of the train split the attacker holds"
     )
+    transfer: str | None = Field(
+        None,
+        description="a registered data set of the same input shape whose train inputs the attacker "
+        "also queries, unlabelled (e.g. more mnist1d samples from another generator seed)",
+    )
+    transfer_params: dict[str, Any] = Field(default_factory=dict)
+    transfer_size: int | None = Field(None, ge=1, description="use at most this many transfer inputs")
     augment: bool = True
     mixup_alpha: float = Field(1.0, gt=0)
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
@@ -97,6 +104,13 @@ class AuditConfig(OptimConfig):
             ATTACKS.get(key)
         return v
 
+    @field_validator("transfer")
+    @classmethod
+    def _transfer(cls, v: str | None) -> str | None:
+        if v is not None:
+            DATASETS.get(v)
+        return v
+
     @field_validator("ls_eps")
     @classmethod
     def _eps(cls, v: list[float]) -> list[float]:
@@ -112,6 +126,8 @@ class AuditConfig(OptimConfig):
                 out.append((key, key, build_params(key, **self.attack_params[key])))
             else:
                 out.extend((name, key, params) for name, params in rows(key))
+        if self.transfer and "hard_label" not in self.attacks:  # part of the baseline with a transfer set
+            out.extend(("hard_label", "hard_label", params) for _, params in rows("hard_label"))
         return out
 
 
@@ -148,23 +164,33 @@ class Run:
 def _loss(
     run: Run, out: dict[str, Tensor], served: dict[str, dict[str, Tensor]], batch: Batch, ctx: AttackContext
 ) -> Tensor:
-    if run.attack is None:
+    if run.attack is None:  # LS students learn from the labelled rows only (they come first)
+        n, y = batch.labelled, batch.y[: batch.labelled]
         if run.mixup:  # mixup CE: lam CE(y) + (1 - lam) CE(y[perm]), per-sample lam
-            ce_a = F.cross_entropy(out["mixup"], batch.y, label_smoothing=run.eps, reduction="none")
-            ce_b = F.cross_entropy(
-                out["mixup"], batch.y[batch.perm], label_smoothing=run.eps, reduction="none"
-            )
-            return (batch.lam * ce_a + (1 - batch.lam) * ce_b).mean()
-        return F.cross_entropy(out["plain"], batch.y, label_smoothing=run.eps)
-    return sum(run.attack(out, served[run.teacher], batch.y, ctx).values())
+            z, perm, lam = out["mixup"][:n], batch.perm[:n], batch.lam[:n]
+            ce_a = F.cross_entropy(z, y, label_smoothing=run.eps, reduction="none")
+            ce_b = F.cross_entropy(z, y[perm], label_smoothing=run.eps, reduction="none")
+            return (lam * ce_a + (1 - lam) * ce_b).mean()
+        return F.cross_entropy(out["plain"][:n], y, label_smoothing=run.eps)
+    answers = served[run.teacher]
+    targets = batch.y
+    if batch.labelled < len(targets):  # unlabelled transfer rows: the attacker's best label is the answer's
+        guess = answers.get("plain", next(iter(answers.values()))).argmax(-1)
+        targets = torch.where(targets >= 0, targets, guess)
+    return sum(run.attack(out, answers, targets, ctx).values())
 
 
 @dataclass
 class Batch:
-    y: Tensor
+    y: Tensor  # -1 on unlabelled transfer rows, which come after the `labelled` labelled ones
     views: dict[str, Tensor]
     perm: Tensor | None = None
     lam: Tensor | None = None
+    labelled: int = -1
+
+    def __post_init__(self) -> None:
+        if self.labelled < 0:
+            self.labelled = len(self.y)
 
 
 def _make_batch(
@@ -173,10 +199,12 @@ def _make_batch(
     """The batch's views; each extra view draws from its own generator, so the plain batches of a
     seed do not depend on which other views the students need."""
     plain = data.augment(x, gens["plain"]) if cfg.augment else x
-    batch = Batch(y=y, views={"plain": plain})
+    batch = Batch(y=y, views={"plain": plain}, labelled=int((y >= 0).sum()))
     if "mixup" in needed:  # mixup of two augmented inputs, per-sample ratio ~ Beta(alpha, alpha)
-        n, g = len(x), gens["mixup"]
-        batch.perm = torch.randperm(n, generator=g).to(x.device)
+        n, g, nl = len(x), gens["mixup"], batch.labelled
+        # labelled rows mix with labelled rows (LS-mixup needs both labels), transfer rows with transfer rows
+        perm = torch.cat([torch.randperm(nl, generator=g), nl + torch.randperm(n - nl, generator=g)])
+        batch.perm = perm.to(x.device)
         if cfg.mixup_alpha == 1:
             lam = torch.rand(n, generator=g)
         else:  # the Beta sampler takes no generator: it draws from the global RNG, seeded per seed
@@ -288,9 +316,18 @@ class LiveSource:
     """Fresh augmented batches every epoch; every teacher queried once per needed view per batch."""
 
     def __init__(
-        self, runs: list[Run], data: Dataset, oracles: dict[str, Oracle], cfg: AuditConfig, seed: int
+        self,
+        runs: list[Run],
+        data: Dataset,
+        oracles: dict[str, Oracle],
+        cfg: AuditConfig,
+        seed: int,
+        transfer: Tensor | None = None,
     ) -> None:
         self.data, self.oracles, self.cfg = data, oracles, cfg
+        self.transfer = transfer.to(resolve_device(cfg.device)) if transfer is not None else None
+        self.transfer_gen = torch.Generator().manual_seed(seed * 3 + 2**20)
+        self.transfer_order: list[Tensor] = []
         self.device = resolve_device(cfg.device)
         self.gens = {
             v: torch.Generator().manual_seed(seed * 3 + i) for i, v in enumerate(("plain", "mixup", "strong"))
@@ -303,9 +340,23 @@ class LiveSource:
     def epoch(self) -> Iterator[tuple[Batch, dict[str, dict[str, Tensor]]]]:
         for idx in batches(len(self.x), self.cfg.batch_size, self.gens["plain"]):
             idx = idx.to(self.device)
-            batch = _make_batch(self.data, self.x[idx], self.y[idx], self.needed, self.cfg, self.gens)
+            x, y = self.x[idx], self.y[idx]
+            if self.transfer is not None:  # as many unlabelled transfer inputs as labelled ones
+                t = self._transfer_batch(len(idx))
+                x, y = torch.cat([x, t]), torch.cat([y, torch.full((len(t),), -1, device=y.device)])
+            batch = _make_batch(self.data, x, y, self.needed, self.cfg, self.gens)
             served = {t: {v: self._ask(t, v, batch) for v in vs} for t, vs in self.queried.items()}
             yield batch, served
+
+    def _transfer_batch(self, n: int) -> Tensor:
+        """The next n transfer inputs, cycling through the pool in a fresh order each pass."""
+        taken: list[Tensor] = []
+        while sum(len(t) for t in taken) < n:
+            if not self.transfer_order:
+                order = torch.randperm(len(self.transfer), generator=self.transfer_gen)
+                self.transfer_order = list(order.split(n))
+            taken.append(self.transfer_order.pop(0))
+        return self.transfer[torch.cat(taken)[:n].to(self.transfer.device)]
 
     def _ask(self, teacher: str, view: str, batch: Batch) -> Tensor:
         """The served answers; a refused query falls back to what the attacker knows itself: its own
@@ -314,7 +365,9 @@ class LiveSource:
         answer = oracle(batch.views[view])
         if oracle.last is None or not bool(oracle.last.refused.any()):
             return answer
-        own = F.one_hot(batch.y, answer.shape[-1]).to(answer.dtype)
+        # a refused unlabelled transfer row leaves the attacker nothing: a uniform target
+        own = F.one_hot(batch.y.clamp_min(0), answer.shape[-1]).to(answer.dtype)
+        own = torch.where(batch.y[:, None] >= 0, own, torch.full_like(own, 1 / answer.shape[-1]))
         if view == "mixup":
             lam = batch.lam[:, None].to(answer.dtype)
             own = lam * own + (1 - lam) * own[batch.perm]
@@ -344,7 +397,8 @@ class CachedSource:
     def epoch(self) -> Iterator[tuple[Batch, dict[str, dict[str, Tensor]]]]:
         for idx in batches(self.n, self.batch_size, self.gen):
             idx = idx.to(self.y.device)
-            batch = Batch(y=self.y[idx], views={v: x[idx] for v, x in self.views.items()})
+            y = self.y[idx]
+            batch = Batch(y=y, views={v: x[idx] for v, x in self.views.items()}, labelled=int((y >= 0).sum()))
             yield batch, {t: {v: a[idx] for v, a in vs.items()} for t, vs in self.served.items()}
 
 
@@ -357,6 +411,7 @@ def train_lockstep(
     *,
     on_epoch: Callable[[int, int], None] | None = None,
     budget: int | None = None,
+    transfer: Tensor | None = None,
 ) -> None:
     """Train every run of one seed on shared batches; fills each run's per-epoch accuracies.
 
@@ -364,7 +419,7 @@ def train_lockstep(
     the unlimited schedule takes (cfg.epochs passes over the labelled data).
     """
     device = resolve_device(cfg.device)
-    source: LiveSource | CachedSource = LiveSource(runs, data, oracles, cfg, seed)
+    source: LiveSource | CachedSource = LiveSource(runs, data, oracles, cfg, seed, transfer)
     if budget is not None:
         views = max(len(r.views) for r in runs)
         total_steps = cfg.epochs * source.steps_per_epoch
@@ -602,6 +657,15 @@ def run_audit(
     data = (
         dataset.subset_train(cfg.labelled_fraction, cfg.base_seed) if cfg.labelled_fraction < 1 else dataset
     )
+    transfer = None
+    if cfg.transfer is not None:
+        pool = load_dataset(cfg.transfer, **cfg.transfer_params)
+        if tuple(pool.input_shape) != tuple(dataset.input_shape):
+            raise ValueError(
+                f"transfer set {cfg.transfer!r} has inputs {pool.input_shape}; "
+                f"the audit's data has {dataset.input_shape}"
+            )
+        transfer = pool.x_train[: cfg.transfer_size]
     teachers = {"teacher": serve_box(_models(teacher), cfg.output_mode, cfg.policy, dataset)}
     if cfg.compare_raw and (cfg.output_mode.kind != "probs" or cfg.policy != PolicyConfig()):
         teachers["teacher_raw"] = BlackBox(_models(teacher))
@@ -655,7 +719,7 @@ def run_audit(
         runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in ls_rows]
         runs += attack_runs(list(teachers))
         tick = progress(f"seed {s + 1}/{cfg.seeds}")
-        train_lockstep(runs, data, oracles, cfg, seed, on_epoch=tick)
+        train_lockstep(runs, data, oracles, cfg, seed, on_epoch=tick, transfer=transfer)
         record(None, runs, lambda r: cfg.epochs * len(data.x_train) * len(r.views) if r.teacher else 0)
         done += cfg.epochs
         for budget in cfg.query_budgets:
@@ -663,7 +727,9 @@ def run_audit(
             for views in dict.fromkeys(r.views for r in pending):  # each attack spends exactly B queries
                 group = [r for r in pending if r.views == views]
                 tick = progress(f"seed {s + 1}/{cfg.seeds}, budget {budget}, views {'+'.join(views)}")
-                train_lockstep(group, data, oracles, cfg, seed, on_epoch=tick, budget=budget)
+                train_lockstep(
+                    group, data, oracles, cfg, seed, on_epoch=tick, budget=budget, transfer=transfer
+                )
                 record(budget, group, lambda r, b=budget: b // len(r.views) * len(r.views))
                 done += cfg.epochs
 
@@ -684,6 +750,8 @@ def run_audit(
         for arch in cfg.students:
             ls = rows_for(None, None, arch, ls_names)
             attacks = rows_for(phase, t, arch, attack_names)
+            if cfg.transfer:  # the baseline: the better of LS and hard-label copying on the same queries
+                ls = ls | {"hard_label_transfer": attacks.pop("hard_label")}
             per_student[arch] = {"ls": ls, "attacks": attacks, **judge(ls, attacks, cfg.alpha)}
         return {
             "students": per_student,
@@ -701,6 +769,9 @@ def run_audit(
             "epochs": cfg.epochs,
             "queries_per_view_per_epoch": len(data.x_train),
             "query_budgets": cfg.query_budgets,
+            "transfer": None
+            if transfer is None
+            else {"dataset": cfg.transfer, "params": cfg.transfer_params, "samples": len(transfer)},
         },
         "dataset": {
             "name": dataset.name,
@@ -766,7 +837,6 @@ def safe_budget(by_budget: dict[str, dict[str, Any]], students: list[str]) -> di
 
 def lockstep_ratio(students: int = 8, epochs: int = 3, log: Callable[..., Any] = print) -> dict[str, float]:
     """Wall time of `students` MLP knockoffs trained in lockstep / the same trained one after another."""
-    from ml.data import load_dataset
 
     data = load_dataset("mnist1d", num_train=2000, num_test=1000)
     torch.manual_seed(0)

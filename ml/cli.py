@@ -276,6 +276,8 @@ def audit(
     budget: Annotated[
         list[int] | None, typer.Option(help="query budget for the budget curve, repeatable")
     ] = None,
+    transfer: Annotated[str | None, typer.Option(help="unlabelled transfer set (a data set name)")] = None,
+    transfer_param: ParamList = None,
     device: str = "auto",
 ) -> None:
     """Train (or load) a teacher and a CE control, attack both, and print the verdict."""
@@ -307,6 +309,8 @@ def audit(
             compare_raw=compare_raw,
             labelled_fraction=labelled_fraction,
             query_budgets=budget or [],
+            transfer=transfer,
+            transfer_params=parse_params(transfer_param),
             device=device,
         )
         cfg.attack_rows()  # validates attack parameters before any training

@@ -1,5 +1,8 @@
 """run_job(job_id): claim -> train teacher (and CE control) -> audit -> publish; events, cancel, resume.
 
+Published: the teacher's checkpoint, the report and, when the job's audit has a serving policy, that
+policy fitted to the teacher (the predict endpoints serve the model through it, as it was audited).
+
 The same function runs under Celery and in the embedded local worker. Every write is fenced on the
 claim (worker id + attempt), so a worker that lost its lease can never publish over a newer attempt.
 """
@@ -17,17 +20,19 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
-from app.core.models import REPORT_NAME, Artifact, Dataset, Job, JobStatus
+from app.core.models import POLICY_CONFIG_NAME, POLICY_NAME, REPORT_NAME, Artifact, Dataset, Job, JobStatus
 from app.core.queue import Claim, LeaseLost, append_event, claim_job, renew_lease, transition
 from app.core.storage import ArtifactStore, StoredObject
-from ml.audit import AuditConfig, AuditProgress, run_audit
+from ml.audit import AuditConfig, AuditProgress, run_audit, serve_box
 from ml.checkpoint import save_checkpoint
 from ml.data import Dataset as Data
 from ml.data import load_dataset
+from ml.policy import PolicyConfig
 from ml.train import EpochReport, TrainConfig, TrainingCancelled, train_model
 
 log = logging.getLogger(__name__)
@@ -110,6 +115,31 @@ def _publish(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -
         transition(s, ctx.claim, JobStatus.succeeded)
 
 
+def _policy_files(
+    store: ArtifactStore, audit_cfg: AuditConfig, model: Any, data: Data, directory: Path
+) -> list[tuple[str, str, str, StoredObject]]:
+    """The serving policy fitted to the published teacher exactly as the audit fitted it (none: no files).
+
+    Centroids on the train split, a per-query detector's threshold on the first half of the test
+    split (`ml.audit.serve_box`); stored as safetensors (`FittedPolicy.to_tensors`) plus its config.
+    """
+    if audit_cfg.policy == PolicyConfig():
+        return []
+    box = serve_box([model], audit_cfg.output_mode, audit_cfg.policy, data)
+    assert box.policies is not None and len(box.policies) == 1
+    fitted = box.policies[0]
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, config = directory / POLICY_NAME, directory / POLICY_CONFIG_NAME
+    save_file(
+        fitted.to_tensors(), str(tensors), metadata={"format": "pt", "detector": fitted.config.detector}
+    )
+    config.write_text(fitted.config.model_dump_json(indent=2))
+    return [
+        (POLICY_NAME, "policy", "application/octet-stream", store.put_file(tensors)),
+        (POLICY_CONFIG_NAME, "policy_config", "application/json", store.put_file(config)),
+    ]
+
+
 def _execute(ctx: JobContext) -> None:
     settings = ctx.settings
     store = ArtifactStore(settings.artifact_url, settings.cache_dir)
@@ -139,6 +169,7 @@ def _execute(ctx: JobContext) -> None:
         (weights.name, "weights", "application/octet-stream", store.put_file(weights)),
         (config.name, "config", "application/json", store.put_file(config)),
         (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
+        *_policy_files(store, audit_cfg, teacher.model, data, ctx.work / "policy"),
     ]
     _publish(ctx, files)
 

@@ -51,8 +51,11 @@ class JobCreate(BaseModel):
     )
     audit: AuditConfig = Field(
         default_factory=AuditConfig,
-        description="the audit: students, attacks, seeds, schedule, control. `output_mode` is also how the "
-        "model is served by the predict endpoints (it is attacked exactly as deployed)",
+        description="the audit: students, attacks, seeds, schedule, control. `output_mode` and `policy` are "
+        "also how the model is served by the predict endpoints (it is attacked exactly as deployed: the "
+        "policy is fitted to the teacher as the audit fits it and published as policy.safetensors + "
+        "policy.json). With `query_budgets`, the smallest safe budget over the students becomes the "
+        "model's default per-key query budget",
     )
 
 
@@ -180,8 +183,17 @@ class ModelMetadata(BaseModel):
     versions: list[str]
     platform: str
     inputs: list[TensorMeta]
-    outputs: list[TensorMeta]
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[TensorMeta] = Field(
+        description="probabilities and label; a model served with a policy also has the BOOL output `refused`"
+    )
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="output_mode; policy (the serving policy's config, null when served without one); "
+        "query_budget: the budget that applies to the calling key on this model (`limit`, `applies`: "
+        "key, model or none, `reason`, `used`, `remaining`, `key_budget`, `model_budget` and "
+        "`model_budget_reason`: the operator's CMIM_MODEL_QUERY_BUDGET, else the audit's safe budget); "
+        "class_names; arch",
+    )
 
 
 class ModelReady(BaseModel):
@@ -226,7 +238,12 @@ class InferResponse(BaseModel):
     model_name: str
     model_version: str | None = None
     id: str | None = None
-    outputs: list[InferOutput]
+    outputs: list[InferOutput] = Field(
+        description="`probabilities` (FP32, [B, C]: the served scores, as the output mode and policy "
+        "allow; all zero for a refused row), `label` (INT64, [B]: the served argmax; -1 for a refused "
+        "row) and, for a model served with a policy, `refused` (BOOL, [B]: true where the policy refused "
+        "the query)"
+    )
 
 
 class PredictRequest(BaseModel):
@@ -236,12 +253,20 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: int
-    class_name: str
-    scores: list[float] = Field(description="the served scores (as the job's output mode allows)")
+    label: int | None = Field(description="the served argmax; null when the query was refused")
+    class_name: str | None = Field(description="the label's class name; null when refused")
+    scores: list[float] | None = Field(
+        description="the served scores (as the job's output mode and serving policy allow); null when refused"
+    )
+    refused: bool = Field(
+        False, description="true when the serving policy refused this query (its detector flagged it)"
+    )
 
 
 class PredictResponse(BaseModel):
     model: uuid.UUID
     output_mode: dict[str, Any]
+    policy: dict[str, Any] | None = Field(
+        None, description="the serving policy's config (as audited); null when served without one"
+    )
     predictions: list[Prediction]

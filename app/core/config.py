@@ -38,6 +38,19 @@ class Settings(BaseSettings):
     predict_max_batch: int = Field(1024, ge=1)
     model_cache_size: int = Field(8, ge=1)
     default_query_budget: int | None = Field(100_000, ge=0, description="queries per key; None = unlimited")
+    model_query_budget: int | None = Field(
+        None,
+        ge=0,
+        description="per-key query budget on every model; None = each model's audited safe budget "
+        "(the smallest over its audited students of report.safe_budget.teacher) where its audit ran "
+        "query budgets, else none (the key's own budget still applies)",
+    )
+    policy_history_cache_size: int = Field(
+        1024,
+        ge=1,
+        description="per (key, model) query histories kept for models served with the prada detector, "
+        "least recently used evicted (each holds up to prada_memory inputs)",
+    )
     rate_limit_per_minute: int = Field(600, ge=1, description="predict requests per key and minute")
 
     @model_validator(mode="after")

@@ -66,6 +66,8 @@ class JobStatus(enum.StrEnum):
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 RUNNING = frozenset({JobStatus.training, JobStatus.auditing})
 REPORT_NAME = "report.json"  # the audit report artifact of a succeeded job
+# A job audited with a serving policy also publishes it, fitted to its teacher: tensors + config.
+POLICY_NAME, POLICY_CONFIG_NAME = "policy.safetensors", "policy.json"
 
 
 class ApiKey(Base):
@@ -150,7 +152,7 @@ class Artifact(Base):
     owner_id: Mapped[uuid.UUID] = mapped_column(index=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))  # file name offered on download
-    kind: Mapped[str] = mapped_column(String(32))  # report | weights | config
+    kind: Mapped[str] = mapped_column(String(32))  # report | weights | config | policy | policy_config
     media_type: Mapped[str] = mapped_column(String(100))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int]

@@ -221,3 +221,40 @@ def test_refused_answers_become_the_attackers_own_targets(data, teachers) -> Non
     )
     assert torch.allclose(answer[refused], own[refused].float())
     assert torch.allclose(answer.sum(-1), torch.ones(len(answer)))
+
+
+def test_unlabelled_transfer_set_is_queried_and_hard_label_joins_the_baseline(data, teachers) -> None:
+    cfg = AuditConfig(
+        seeds=2,
+        epochs=1,
+        attacks=["fm", "kd"],
+        attack_params={"kd": {"T": 4}},
+        ls_eps=[0.1],
+        control=False,
+        transfer="mnist1d",
+        transfer_params={"num_train": 200, "num_test": 100, "seed": 7},
+        device="cpu",
+    )
+    report = run_audit(cfg, teachers[0], data)
+    s = report["students"]["mlp"]
+    assert report["threat_model"]["transfer"]["samples"] == 200
+    assert "hard_label_transfer" in s["ls"] and set(s["attacks"]) == {"fm", "kd"}
+    assert s["best_ls"] == max(s["ls"], key=lambda k: s["ls"][k]["acc_best"]["mean"])
+    with pytest.raises(ValueError, match="inputs"):
+        run_audit(cfg.model_copy(update={"transfer": "digits", "transfer_params": {}}), teachers[0], data)
+
+
+def test_transfer_batches_carry_unlabelled_rows_after_the_labelled_ones(data, teachers) -> None:
+    from ml.audit import LiveSource
+
+    cfg = AuditConfig(seeds=1, epochs=1, batch_size=32, device="cpu", control=False)
+    runs = [
+        Run("fm", "mlp", teacher="teacher", attack=ATTACKS.get("fm")(10, None)),
+        Run("ls", "mlp", mixup=True),
+    ]
+    pool = load_dataset("mnist1d", num_train=100, num_test=100, seed=9).x_train
+    source = LiveSource(runs, data, {"teacher": Oracle(teachers[0])}, cfg, seed=0, transfer=pool)
+    batch, served = next(source.epoch())
+    assert batch.labelled == 32 and len(batch.y) == 64 and (batch.y[32:] == -1).all()
+    assert (batch.perm[:32] < 32).all() and (batch.perm[32:] >= 32).all()
+    assert served["teacher"]["mixup"].shape == (64, 10)

@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+from pathlib import Path
 from typing import Any
+
+import torch
+from fastapi.testclient import TestClient
+
+from app.api.job_service import create_job
+from app.api.schemas import JobCreate
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.keys import create_api_key, find_api_key
+from app.main import create_app
+from ml.checkpoint import load_checkpoint
+from worker.pipeline import run_job
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -48,3 +62,62 @@ def assert_problem(response: Any, status: int) -> dict[str, Any]:
     assert body["status"] == status
     assert {"type", "title", "detail"} <= body.keys()
     return body
+
+
+def service_settings(database_url: str, tmp: Path, **changes: Any) -> Settings:
+    """Settings for an in-process app over database_url, its files under tmp."""
+    values: dict[str, Any] = {
+        "environment": "test",
+        "database_url": database_url,
+        "broker_url": None,
+        "artifact_url": f"file://{tmp / 'artifacts'}",
+        "work_dir": str(tmp / "work"),
+        "cache_dir": str(tmp / "cache"),
+        "predict_max_batch": 64,
+        "rate_limit_per_minute": 1000,
+        "default_query_budget": None,
+    }
+    return Settings(**(values | changes))
+
+
+class Trained:
+    """An owner with succeeded jobs (run in-process by `submit`) and the means to call the API about them."""
+
+    job_id: str  # the first job, when a fixture submits one
+
+    def __init__(self, settings: Settings, tmp: Path) -> None:
+        self.settings, self.tmp = settings, tmp
+        with session_scope(settings.database_url) as s:
+            key, self.secret = create_api_key(s)
+            self.owner_id = key.owner_id
+        self.client = TestClient(create_app(settings))
+        self.headers = {"Authorization": f"Bearer {self.secret}"}
+
+    def submit(self, body: dict[str, Any]) -> str:
+        with session_scope(self.settings.database_url) as s:
+            job, _ = create_job(
+                s, self.settings, find_api_key(s, self.secret), JobCreate.model_validate(body), None
+            )
+        assert run_job(job.id, self.settings) == "succeeded"
+        return str(job.id)
+
+    def key(self, **kwargs: Any) -> dict[str, str]:
+        with session_scope(self.settings.database_url) as s:
+            _, secret = create_api_key(s, owner_id=self.owner_id, **kwargs)
+        return {"Authorization": f"Bearer {secret}"}
+
+    def download(self, job_id: str, name: str) -> Path:
+        """An artifact of the job, fetched through the API (its ETag and file name checked) into tmp."""
+        r = self.client.get(f"/api/v1/jobs/{job_id}/artifacts/{name}", headers=self.headers)
+        assert r.status_code == 200, r.text
+        assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+        assert r.headers["content-disposition"] == f'attachment; filename="{name}"'
+        (self.tmp / job_id).mkdir(exist_ok=True)
+        path = self.tmp / job_id / name
+        path.write_bytes(r.content)
+        return path
+
+    def local_model(self, job_id: str) -> torch.nn.Module:
+        return load_checkpoint(
+            self.download(job_id, "model.safetensors"), self.download(job_id, "model.json")
+        )[0]

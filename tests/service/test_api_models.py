@@ -2,82 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
-from service_helpers import assert_problem, job_body
+from service_helpers import Trained, assert_problem, job_body, service_settings
 
-from app.api.schemas import JobCreate
-from app.core.config import Settings
-from app.core.db import session_scope
-from app.core.keys import create_api_key
-from app.main import create_app
-from ml.checkpoint import load_checkpoint
 from ml.oracle import OutputMode, apply_output_mode
-from worker.pipeline import run_job
-
-
-class Trained:
-    """A succeeded job and the means to call the API about it."""
-
-    def __init__(self, settings: Settings, tmp: Path) -> None:
-        self.settings, self.tmp = settings, tmp
-        with session_scope(settings.database_url) as s:
-            key, self.secret = create_api_key(s)
-            self.owner_id = key.owner_id
-        self.client = TestClient(create_app(settings))
-        self.headers = {"Authorization": f"Bearer {self.secret}"}
-        self.job_id = self.submit(job_body())
-
-    def submit(self, body: dict[str, Any]) -> str:
-        from app.api.job_service import create_job
-
-        with session_scope(self.settings.database_url) as s:
-            from app.core.keys import find_api_key
-
-            job, _ = create_job(
-                s, self.settings, find_api_key(s, self.secret), JobCreate.model_validate(body), None
-            )
-        assert run_job(job.id, self.settings) == "succeeded"
-        return str(job.id)
-
-    def key(self, **kwargs: Any) -> dict[str, str]:
-        with session_scope(self.settings.database_url) as s:
-            _, secret = create_api_key(s, owner_id=self.owner_id, **kwargs)
-        return {"Authorization": f"Bearer {secret}"}
-
-    def local_model(self, job_id: str) -> torch.nn.Module:
-        paths = []
-        for name in ("model.safetensors", "model.json"):
-            r = self.client.get(f"/api/v1/jobs/{job_id}/artifacts/{name}", headers=self.headers)
-            assert r.status_code == 200
-            assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
-            assert r.headers["content-disposition"] == f'attachment; filename="{name}"'
-            (self.tmp / job_id).mkdir(exist_ok=True)
-            paths.append(self.tmp / job_id / name)
-            paths[-1].write_bytes(r.content)
-        return load_checkpoint(*paths)[0]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Trained:
     tmp = tmp_path_factory.mktemp("trained")
-    settings = Settings(
-        environment="test",
-        database_url=request.getfixturevalue(f"{request.param}_url"),
-        broker_url=None,
-        artifact_url=f"file://{tmp / 'artifacts'}",
-        work_dir=str(tmp / "work"),
-        cache_dir=str(tmp / "cache"),
-        predict_max_batch=8,
-        rate_limit_per_minute=1000,
-        default_query_budget=None,
-    )
-    return Trained(settings, tmp)
+    settings = service_settings(request.getfixturevalue(f"{request.param}_url"), tmp, predict_max_batch=8)
+    trained = Trained(settings, tmp)
+    trained.job_id = trained.submit(job_body())
+    return trained
 
 
 X = torch.randn(3, 1, 40, generator=torch.Generator().manual_seed(1))
@@ -121,6 +61,10 @@ def test_v2_metadata_ready_and_infer_match_the_local_model(trained: Trained) -> 
     assert out["label"]["data"] == expected.argmax(-1).tolist()
     simple = c.post(f"/api/v1/models/{job}/predict", json={"inputs": X.tolist()}, headers=h).json()
     assert [p["label"] for p in simple["predictions"]] == out["label"]["data"]
+    # Served without a policy: no refused output, nothing refused, no policy reported.
+    assert list(out) == ["probabilities", "label"] and [o["name"] for o in meta["outputs"]] == list(out)
+    assert meta["parameters"]["policy"] is None and simple["policy"] is None
+    assert not any(p["refused"] for p in simple["predictions"])
 
 
 @pytest.mark.parametrize(
