@@ -19,7 +19,7 @@ services:
 
 test: install services
 	$(BIN)/ruff check ml app worker migrations tests bench
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q
 
 bench: install
 	$(BIN)/cmim bench speed
