@@ -835,35 +835,50 @@ def safe_budget(by_budget: dict[str, dict[str, Any]], students: list[str]) -> di
 # ---------------------------------------------------------------- benchmark
 
 
+# Two student mixes: attacks that all query the student's own view (one shared teacher query per
+# batch), and a mix with fm and mlkd, whose extra views (mixup, strong) cost extra teacher queries.
+LOCKSTEP_MIXES = {
+    "plain_view": ["kd", "hard_label", "topk", "dkd", "nkd", "dist", "avg", "wttm"],
+    "mixed_views": ["kd", "hard_label", "topk", "nkd", "dist", "avg", "fm", "mlkd"],
+}
+
+
 def lockstep_ratio(students: int = 8, epochs: int = 3, log: Callable[..., Any] = print) -> dict[str, float]:
     """Wall time of `students` MLP knockoffs trained in lockstep / the same trained one after another."""
-
     data = load_dataset("mnist1d", num_train=2000, num_test=1000)
     torch.manual_seed(0)
     teacher = build_model("cnn1d", data.input_shape, data.num_classes).eval()
     cfg = AuditConfig(epochs=epochs, seeds=1, control=False, attacks=["kd"], device="cpu")
-    keys = ["kd", "hard_label", "topk", "nkd", "dist", "avg", "fm", "wttm"]
-    keys = (keys * (students // len(keys) + 1))[:students]
+    oracle = {"teacher": Oracle(teacher)}
+    warm = cfg.model_copy(update={"epochs": 1})  # first calls pay one-off costs (vmap set-up, allocator)
 
-    def make_runs() -> list[Run]:
-        return [
-            Run(f"{k}{i}", "mlp", teacher="teacher", attack=ATTACKS.get(k)(10, None))
-            for i, k in enumerate(keys)
-        ]
-
-    def timed(fn: Callable[[], None]) -> float:
+    def timed(fn: Callable[[], Any]) -> float:
         t = time.perf_counter()
         fn()
         return time.perf_counter() - t
 
-    oracle = {"teacher": Oracle(teacher)}
-    warm = cfg.model_copy(update={"epochs": 1})  # first calls pay one-off costs (vmap set-up, allocator)
-    train_lockstep(make_runs(), data, oracle, warm, 0)
-    train_lockstep(make_runs()[:1], data, oracle, warm, 0)
-    lock = timed(lambda: train_lockstep(make_runs(), data, oracle, cfg, 0))
-    seq = timed(lambda: [train_lockstep([r], data, oracle, cfg, 0) for r in make_runs()])
-    log(
-        f"{students} MLP students x {epochs} epochs: lockstep {lock:.2f} s, "
-        f"sequential {seq:.2f} s, ratio {lock / seq:.3f}"
-    )
-    return {"lockstep_s": lock, "sequential_s": seq, "lockstep_ratio": lock / seq}
+    out: dict[str, float] = {}
+    for mix, keys in LOCKSTEP_MIXES.items():
+        keys = (keys * (students // len(keys) + 1))[:students]
+
+        def make_runs(keys: list[str] = keys) -> list[Run]:
+            return [
+                Run(f"{k}{i}", "mlp", teacher="teacher", attack=ATTACKS.get(k)(10, None))
+                for i, k in enumerate(keys)
+            ]
+
+        train_lockstep(make_runs(), data, oracle, warm, 0)
+        train_lockstep(make_runs()[:1], data, oracle, warm, 0)
+        lock = timed(lambda mk=make_runs: train_lockstep(mk(), data, oracle, cfg, 0))
+        seq = timed(lambda mk=make_runs: [train_lockstep([r], data, oracle, cfg, 0) for r in mk()])
+        log(
+            f"{students} MLP students ({mix}: {', '.join(keys)}) x {epochs} epochs: "
+            f"lockstep {lock:.2f} s, sequential {seq:.2f} s, ratio {lock / seq:.3f}"
+        )
+        suffix = "" if mix == "plain_view" else f"_{mix}"
+        out |= {
+            f"lockstep_s{suffix}": lock,
+            f"sequential_s{suffix}": seq,
+            f"lockstep_ratio{suffix}": lock / seq,
+        }
+    return out
