@@ -377,8 +377,9 @@ def test_rows() -> None:
     assert [name for name, _ in kd_rows] == ["kd_t1", "kd_t4", "kd_t10", "kd_t20"]
     assert [params.T for _, params in kd_rows] == [1.0, 4.0, 10.0, 20.0]
     assert all(params.a == 0.9 for _, params in kd_rows)
+    assert [(name, params.T) for name, params in rows("fm")] == [("fm", 4.0), ("fm_t1", 1.0)]
     for key in ATTACKS.names():
-        if key != "kd":
+        if key not in ("kd", "fm"):
             ((name, params),) = rows(key)
             assert name == key and params == ATTACKS.get(key).Params()
 

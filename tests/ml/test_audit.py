@@ -157,7 +157,12 @@ def test_budget_curve_spends_exactly_the_budget(data, teachers) -> None:
     for t in ("teacher", "control"):
         for b in (100, 400):
             rows = report["budgets"][t][str(b)]["students"]["mlp"]["attacks"]
-            assert {n: r["queries"] for n, r in rows.items()} == {"fm": b, "mlkd": b, "hard_label": b}
+            assert {n: r["queries"] for n, r in rows.items()} == {
+                "fm": b,
+                "fm_t1": b,
+                "mlkd": b,
+                "hard_label": b,
+            }
         safe = report["safe_budget"][t]["mlp"]
         margins = [report["budgets"][t][str(b)]["students"]["mlp"]["margin"] for b in (100, 400)]
         expected = 0 if margins[0] > 0 else (100 if margins[1] > 0 else 400)
@@ -175,7 +180,7 @@ def test_per_seed_teachers_and_extra_protections_share_the_ls_students(data, tea
     prot = report["protections"]["label_only"]
     assert prot["serving"]["output_mode"]["kind"] == "label"
     assert prot["students"]["mlp"]["ls"] == report["students"]["mlp"]["ls"]
-    assert set(prot["students"]["mlp"]["attacks"]) == {"fm"}
+    assert set(prot["students"]["mlp"]["attacks"]) == {"fm", "fm_t1"}
     assert len(report["teacher"]["accuracy_stats"]["values"]) == 2
 
 
@@ -238,7 +243,7 @@ def test_unlabelled_transfer_set_is_queried_and_hard_label_joins_the_baseline(da
     report = run_audit(cfg, teachers[0], data)
     s = report["students"]["mlp"]
     assert report["threat_model"]["transfer"]["samples"] == 200
-    assert "hard_label_transfer" in s["ls"] and set(s["attacks"]) == {"fm", "kd"}
+    assert "hard_label_transfer" in s["ls"] and set(s["attacks"]) == {"fm", "fm_t1", "kd"}
     assert s["best_ls"] == max(s["ls"], key=lambda k: s["ls"][k]["acc_best"]["mean"])
     with pytest.raises(ValueError, match="inputs"):
         run_audit(cfg.model_copy(update={"transfer": "digits", "transfer_params": {}}), teachers[0], data)
