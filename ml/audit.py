@@ -253,8 +253,11 @@ class StackedGroup:
         if len(self.slots) > len(self.runs):  # some run needs several views: repeat its weights per slot
             p = {k: v[self.slot_index] for k, v in p.items()}
             b = {k: v[self.slot_index] for k, v in b.items()}
-        x = torch.stack([batch.views[v] for _, v in self.slots])
-        logits = vmap(self._fwd)(p, b, x)
+        views = {v for _, v in self.slots}
+        if len(views) == 1:  # every slot sees the same input: broadcast it rather than copy it per student
+            logits = vmap(self._fwd, in_dims=(0, 0, None))(p, b, batch.views[views.pop()])
+        else:
+            logits = vmap(self._fwd)(p, b, torch.stack([batch.views[v] for _, v in self.slots]))
         outs: list[dict[str, Tensor]] = [{} for _ in self.runs]
         for s, (i, v) in enumerate(self.slots):
             outs[i][v] = logits[s]
