@@ -268,7 +268,7 @@ def audit(
     ls_eps: Annotated[list[float] | None, typer.Option(help="LS sweep, repeatable")] = None,
     ls_mixup: bool = True,
     control: bool = True,
-    output_mode: Annotated[str, typer.Option(help="probs | topk | label | rounded")] = "probs",
+    output_mode: Annotated[str, typer.Option(help="probs | topk | label | rounded")] = "label",
     k: int = 5,
     decimals: int = 2,
     compare_raw: bool = False,

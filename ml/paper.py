@@ -53,12 +53,15 @@ class Benchmark(BaseModel):
     # "protected" is the product's default protection.
     protections: dict[str, Protection] = Field(
         default_factory=lambda: {
-            "cmim_label": Protection(output_mode=OutputMode(kind="label")),
             "cmim_snap": Protection(policy=PolicyConfig(snap=True)),
-            "protected": Protection(
+            # refusing suspicious queries backfired: the attacker's own mixed labels on refused mixes
+            # taught its student more than the teacher's one-hot answers (docs/calibration.md)
+            "cmim_label_refuse": Protection(
                 output_mode=OutputMode(kind="label"),
                 policy=PolicyConfig(detector="energy", fpr=0.01, action="refuse"),
             ),
+            # the product's default: the best trade-off found, CMIM served label-only
+            "protected": Protection(output_mode=OutputMode(kind="label")),
         }
     )
 

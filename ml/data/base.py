@@ -104,7 +104,12 @@ class Dataset:
         idx = idx.to(self.x_train.device)
         x, y = self.x_train[idx], self.y_train[idx]
         fp = fingerprint_arrays(
-            x, y, self.x_test, self.y_test, name=self.name, parent=self.fingerprint,
+            x,
+            y,
+            self.x_test,
+            self.y_test,
+            name=self.name,
+            parent=self.fingerprint,
             subset={"fraction": fraction, "seed": seed},
         )
         return replace(self, x_train=x, y_train=y, fingerprint=fp)

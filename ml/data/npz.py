@@ -245,7 +245,10 @@ def load_npz(p: NpzParams) -> Splits:
     else:
         augmentation = "none"
     return Splits(
-        x_train, a["y_train"], x_test, a["y_test"],
+        x_train,
+        a["y_train"],
+        x_test,
+        a["y_test"],
         class_names=[str(i) for i in range(summary.num_classes)],
         augmentation=augmentation,
     )

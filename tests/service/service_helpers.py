@@ -38,6 +38,7 @@ TINY_JOB: dict[str, Any] = {
         "ls_eps": [0.0],
         "ls_mixup": False,
         "control": True,
+        "output_mode": {"kind": "probs"},  # served with full probabilities, comparable to the local model
     },
 }
 
