@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
@@ -95,25 +95,13 @@ class AuditConfig(OptimConfig):
     )
     device: str = "auto"
 
-    @field_validator("students")
+    @field_validator("students", "attacks", "transfer")
     @classmethod
-    def _students(cls, v: list[str]) -> list[str]:
-        for name in v:
-            MODELS.get(name)
-        return v
-
-    @field_validator("attacks")
-    @classmethod
-    def _attacks(cls, v: list[str]) -> list[str]:
-        for key in v:
-            ATTACKS.get(key)
-        return v
-
-    @field_validator("transfer")
-    @classmethod
-    def _transfer(cls, v: str | None) -> str | None:
-        if v is not None:
-            DATASETS.get(v)
+    def _registered(cls, v: list[str] | str | None, info: ValidationInfo) -> list[str] | str | None:
+        """Every name must be registered; an unknown one raises with the valid choices."""
+        registry = {"students": MODELS, "attacks": ATTACKS, "transfer": DATASETS}[info.field_name]
+        for name in [v] if isinstance(v, str) else v or []:
+            registry.get(name)
         return v
 
     @field_validator("ls_eps")
