@@ -60,6 +60,8 @@ class Benchmark(BaseModel):
                 output_mode=OutputMode(kind="label"),
                 policy=PolicyConfig(detector="energy", fpr=0.01, action="refuse"),
             ),
+            # is it the teacher or the serving? the CE teacher served label-only
+            "ce_label": Protection(objective="ce", output_mode=OutputMode(kind="label")),
             # the product's default: the best trade-off found, CMIM served label-only
             "protected": Protection(output_mode=OutputMode(kind="label")),
         }
@@ -119,6 +121,7 @@ def run_paper(
         ls_eps=bench.ls_eps,
         control=True,
         query_budgets=bench.query_budgets,
+        output_mode=OutputMode(),  # the "ce" and "cmim" rows serve full probabilities; protections differ
         device=device,
     )
     boxes: dict[str, BlackBox] = {

@@ -1,0 +1,53 @@
+"""`cmim bench paper` on a tiny benchmark: every protection is present and the summary is consistent."""
+
+from ml.oracle import OutputMode
+from ml.paper import BENCHMARKS, Benchmark, Protection, paper_rows, run_paper
+
+SUMMARY_KEYS = {
+    "dataset",
+    "student",
+    "seeds",
+    "ce_acc",
+    "ls_acc",
+    "ce_margin",
+    "ce_margin_se",
+    "cmim_margin",
+    "cmim_margin_se",
+    "protected_acc",
+    "protected_margin",
+    "protected_margin_se",
+    "honest_refused",
+    "safe_budget",
+    "ce_safe_budget",
+    "wall_s",
+}
+
+
+def test_tiny_paper_benchmark() -> None:
+    bench = Benchmark(
+        dataset_params={"num_train": 200, "num_test": 200},
+        teacher_epochs=1,
+        epochs=1,
+        seeds=2,
+        attacks=["hard_label"],
+        attack_params={},
+        ls_eps=[0.1],
+        query_budgets=[100],
+        protections={
+            "protected": Protection(output_mode=OutputMode(kind="label")),
+            "ce_label": Protection(objective="ce", output_mode=OutputMode(kind="label")),
+        },
+    )
+    report = run_paper(bench, device="cpu", log=lambda m: None)
+    # the ce and cmim rows are the teachers served with full probabilities, whatever the audit default is
+    assert report["threat_model"]["output_mode"]["kind"] == "probs"
+    assert report["protections"]["protected"]["serving"]["output_mode"]["kind"] == "label"
+    summary = report["summary"]
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["cmim_margin"] == report["students"]["mlp"]["margin"]
+    assert summary["ce_margin"] == report["control"]["students"]["mlp"]["margin"]
+    assert summary["protected_margin"] == report["protections"]["protected"]["students"]["mlp"]["margin"]
+    assert summary["safe_budget"] in (0, 100)
+    names = {row[0] for row in paper_rows(report, "mlp")}
+    assert names == {"ce", "cmim", "protected", "ce_label"}
+    assert "protected" in BENCHMARKS.get("mnist1d").protections
