@@ -87,6 +87,12 @@ class AuditConfig(OptimConfig):
     transfer_size: int | None = Field(None, ge=1, description="use at most this many transfer inputs")
     augment: bool = True
     mixup_alpha: float = Field(1.0, gt=0)
+    edge_range: tuple[float, float] = Field(
+        (0.7, 1.0), description="the mixup_edge view (fm_edge): mixing ratios drawn uniformly from this range"
+    )
+    noise_scale: float = Field(
+        0.5, gt=0, description="the noise view (fm_noise): Gaussian noise std, in units of the data's std"
+    )
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
     eval_every: int = Field(1, ge=1)
     query_budgets: list[Annotated[int, Field(ge=1)]] = Field(
@@ -102,6 +108,13 @@ class AuditConfig(OptimConfig):
         registry = {"students": MODELS, "attacks": ATTACKS, "transfer": DATASETS}[info.field_name]
         for name in [v] if isinstance(v, str) else v or []:
             registry.get(name)
+        return v
+
+    @field_validator("edge_range")
+    @classmethod
+    def _edge(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("edge_range must be (low, high) with 0 <= low <= high <= 1")
         return v
 
     @field_validator("ls_eps")
@@ -160,7 +173,7 @@ def _loss(
     if run.attack is None:  # LS students learn from the labelled rows only (they come first)
         n, y = batch.labelled, batch.y[: batch.labelled]
         if run.mixup:  # mixup CE: lam CE(y) + (1 - lam) CE(y[perm]), per-sample lam
-            z, perm, lam = out["mixup"][:n], batch.perm[:n], batch.lam[:n]
+            z, (perm, lam) = out["mixup"][:n], (t[:n] for t in batch.mix["mixup"])
             ce_a = F.cross_entropy(z, y, label_smoothing=run.eps, reduction="none")
             ce_b = F.cross_entropy(z, y[perm], label_smoothing=run.eps, reduction="none")
             return (lam * ce_a + (1 - lam) * ce_b).mean()
@@ -177,13 +190,30 @@ def _loss(
 class Batch:
     y: Tensor  # -1 on unlabelled transfer rows, which come after the `labelled` labelled ones
     views: dict[str, Tensor]
-    perm: Tensor | None = None
-    lam: Tensor | None = None
+    mix: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # mixed view -> (partner, ratio)
     labelled: int = -1
 
     def __post_init__(self) -> None:
         if self.labelled < 0:
             self.labelled = len(self.y)
+
+    @property
+    def perm(self) -> Tensor:
+        return self.mix["mixup"][0]
+
+    @property
+    def lam(self) -> Tensor:
+        return self.mix["mixup"][1]
+
+
+# Every input view a student or attack can ask for, each drawn from its own generator (seeded per seed).
+VIEWS = ("plain", "mixup", "strong", "mixup_edge", "noise")
+
+
+def _view_generators(seed: int) -> dict[str, torch.Generator]:
+    # the first three keep their seeds of earlier revisions, so their numbers reproduce
+    seeds = [seed * 3 + i if i < 3 else 2**21 * i + seed for i in range(len(VIEWS))]
+    return {v: torch.Generator().manual_seed(n) for v, n in zip(VIEWS, seeds, strict=True)}
 
 
 def _make_batch(
@@ -193,18 +223,27 @@ def _make_batch(
     seed do not depend on which other views the students need."""
     plain = data.augment(x, gens["plain"]) if cfg.augment else x
     batch = Batch(y=y, views={"plain": plain}, labelled=int((y >= 0).sum()))
-    if "mixup" in needed:  # mixup of two augmented inputs, per-sample ratio ~ Beta(alpha, alpha)
-        n, g, nl = len(x), gens["mixup"], batch.labelled
+    n, nl, shape = len(x), batch.labelled, (len(x),) + (1,) * (x.dim() - 1)
+    for view in ("mixup", "mixup_edge"):  # a mix of two augmented inputs, a ratio per sample
+        if view not in needed:
+            continue
+        g = gens[view]
         # labelled rows mix with labelled rows (LS-mixup needs both labels), transfer rows with transfer rows
         perm = torch.cat([torch.randperm(nl, generator=g), nl + torch.randperm(n - nl, generator=g)])
-        batch.perm = perm.to(x.device)
-        if cfg.mixup_alpha == 1:
+        if view == "mixup_edge":  # close to one real input: ratio ~ U(edge_range)
+            low, high = cfg.edge_range
+            lam = low + (high - low) * torch.rand(n, generator=g)
+        elif cfg.mixup_alpha == 1:  # ratio ~ Beta(alpha, alpha)
             lam = torch.rand(n, generator=g)
         else:  # the Beta sampler takes no generator: it draws from the global RNG, seeded per seed
             lam = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample((n,))
-        batch.lam = lam.to(x.device)
-        shape = (n,) + (1,) * (x.dim() - 1)
-        batch.views["mixup"] = batch.lam.view(shape) * plain + (1 - batch.lam.view(shape)) * plain[batch.perm]
+        perm, lam = perm.to(x.device), lam.to(x.device)
+        batch.mix[view] = (perm, lam)
+        batch.views[view] = lam.view(shape) * plain + (1 - lam.view(shape)) * plain[perm]
+    if "noise" in needed:  # a real input plus Gaussian noise of noise_scale data stds
+        std = torch.tensor(data.std, dtype=x.dtype).view((1, -1) + (1,) * (x.dim() - 2)).to(x.device)
+        noise = torch.randn(plain.shape, generator=gens["noise"]).to(x.device)
+        batch.views["noise"] = plain + cfg.noise_scale * std * noise
     if "strong" in needed:  # a second, stronger view: augmentation twice plus extra noise
         g = gens["strong"]
         strong = data.augment(data.augment(x, g), g) if cfg.augment else x
@@ -325,9 +364,7 @@ class LiveSource:
         self.transfer_gen = torch.Generator().manual_seed(seed * 3 + 2**20)
         self.transfer_order: list[Tensor] = []
         self.device = resolve_device(cfg.device)
-        self.gens = {
-            v: torch.Generator().manual_seed(seed * 3 + i) for i, v in enumerate(("plain", "mixup", "strong"))
-        }
+        self.gens = _view_generators(seed)
         self.x, self.y = data.x_train.to(self.device), data.y_train.to(self.device)
         self.needed = {v for r in runs for v in r.views}
         self.queried = {t: {v for r in runs if r.teacher == t for v in r.views} for t in oracles}
@@ -341,7 +378,9 @@ class LiveSource:
                 t = self._transfer_batch(len(idx))
                 x, y = torch.cat([x, t]), torch.cat([y, torch.full((len(t),), -1, device=y.device)])
             batch = _make_batch(self.data, x, y, self.needed, self.cfg, self.gens)
-            served = {t: {v: self._ask(t, v, batch) for v in vs} for t, vs in self.queried.items()}
+            # one forward per model and view, however many black boxes serve that model
+            logits: dict[tuple[int, str], Tensor] = {}
+            served = {t: {v: self._ask(t, v, batch, logits) for v in vs} for t, vs in self.queried.items()}
             yield batch, served
 
     def _transfer_batch(self, n: int) -> Tensor:
@@ -354,19 +393,24 @@ class LiveSource:
             taken.append(self.transfer_order.pop(0))
         return self.transfer[torch.cat(taken)[:n].to(self.transfer.device)]
 
-    def _ask(self, teacher: str, view: str, batch: Batch) -> Tensor:
+    def _ask(self, teacher: str, view: str, batch: Batch, logits: dict[tuple[int, str], Tensor]) -> Tensor:
         """The served answers; a refused query falls back to what the attacker knows itself: its own
         label (the mixed label on a mixup view), the same target the LS students train on."""
         oracle = self.oracles[teacher]
-        answer = oracle(batch.views[view])
+        key = (id(oracle.model), view)
+        if key not in logits:
+            with torch.no_grad():
+                logits[key] = oracle.model.eval()(batch.views[view])
+        answer = oracle(batch.views[view], logits[key])
         if oracle.last is None or not bool(oracle.last.refused.any()):
             return answer
         # a refused unlabelled transfer row leaves the attacker nothing: a uniform target
         own = F.one_hot(batch.y.clamp_min(0), answer.shape[-1]).to(answer.dtype)
         own = torch.where(batch.y[:, None] >= 0, own, torch.full_like(own, 1 / answer.shape[-1]))
-        if view == "mixup":
-            lam = batch.lam[:, None].to(answer.dtype)
-            own = lam * own + (1 - lam) * own[batch.perm]
+        if view in batch.mix:
+            perm, lam = batch.mix[view]
+            lam = lam[:, None].to(answer.dtype)
+            own = lam * own + (1 - lam) * own[perm]
         return torch.where(oracle.last.refused[:, None], own, answer)
 
 
@@ -491,6 +535,16 @@ def welch_one_sided(a: list[float], b: list[float]) -> float:
     return float(stats.t.sf(t, df))
 
 
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1); nan stays nan."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    out, running = [float("nan")] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        out[i] = running
+    return out
+
+
 def _row_stats(
     acc_best: list[float], acc_last: list[float], fidelity: list[float], queries: int
 ) -> dict[str, Any]:
@@ -510,6 +564,10 @@ def judge(ls: dict[str, dict[str, Any]], attacks: dict[str, dict[str, Any]], alp
         row["margin_se"] = summarise([a - b for a, b in zip(vals, ls_vals, strict=True)])["se"]
         row["p_value"] = welch_one_sided(vals, ls_vals)
         row["significant"] = bool(row["p_value"] < alpha)
+    # the verdict tests the best of many attacks: Holm's adjustment says what survives the multiplicity
+    for row, p in zip(attacks.values(), holm([r["p_value"] for r in attacks.values()]), strict=True):
+        row["p_holm"] = p
+        row["significant_holm"] = bool(p < alpha)
     best_attack = max(attacks, key=lambda k: attacks[k]["acc_best"]["mean"])
     b = attacks[best_attack]
     n = len(ls_vals)
@@ -518,7 +576,8 @@ def judge(ls: dict[str, dict[str, Any]], attacks: dict[str, dict[str, Any]], alp
     elif b["margin"] > 0 and b["significant"]:
         verdict, reason = (
             "distillable",
-            f"{best_attack} beats the best LS student by {b['margin']:.2f} (p={b['p_value']:.3g})",
+            f"{best_attack} beats the best LS student by {b['margin']:.2f} (p={b['p_value']:.3g}; "
+            f"Holm-adjusted over {len(attacks)} attacks p={b['p_holm']:.3g})",
         )
     elif b["margin"] > 0:
         verdict, reason = (
@@ -535,6 +594,7 @@ def judge(ls: dict[str, dict[str, Any]], attacks: dict[str, dict[str, Any]], alp
         "margin": b["margin"],
         "margin_se": b["margin_se"],
         "p_value": b["p_value"],
+        "p_holm": b["p_holm"],
         "margin_last": max(a["acc_last"]["mean"] for a in attacks.values()) - last_ls,
         "verdict": verdict,
         "reason": reason,
@@ -631,6 +691,132 @@ def _ls_rows(cfg: AuditConfig) -> list[tuple[str, float, bool]]:
     ]
 
 
+@dataclass
+class SeedJob:
+    """Everything one seed of an audit needs; picklable, so a spawned worker can run it."""
+
+    cfg: AuditConfig
+    teachers: dict[str, BlackBox]
+    data: Dataset
+    num_classes: int
+    attack_rows: list[tuple[str, str, BaseModel]]
+    ls_rows: list[tuple[str, float, bool]]
+    budget_teachers: list[str]
+    transfer: Tensor | None
+
+    def attack_runs(self, teacher_keys: list[str]) -> list[Run]:
+        return [
+            Run(name, arch, teacher=t, attack=ATTACKS.get(key)(self.num_classes, params))
+            for arch in self.cfg.students
+            for t in teacher_keys
+            for name, key, params in self.attack_rows
+        ]
+
+    def tasks(self) -> list[tuple[int, int | None]]:
+        """(seed index, phase) pairs: phase None trains the LS students and the unlimited attackers,
+        phase B the attackers holding B cached answers; the phases of a seed are independent."""
+        budgets = self.cfg.query_budgets if self.budget_teachers else []
+        return [(s, phase) for s in range(self.cfg.seeds) for phase in [None, *budgets]]
+
+    def __call__(
+        self, s: int, phase: int | None, report: Callable[[int, str], None]
+    ) -> list[tuple[Any, ...]]:
+        """Train one phase of seed index s (with a budget: one cached lockstep per view count).
+
+        Returns ((phase, teacher, arch, row), best acc, last acc, fidelity, queries) per student;
+        `report(done, message)` gets the task's progress in epochs of the unlimited schedule.
+        """
+        cfg, data, done = self.cfg, self.data, 0
+        seed, device = cfg.base_seed + s, resolve_device(cfg.device)
+        # one attacker = one API key: a fresh oracle (query history) per phase
+        oracles = {t: box.oracle(s, device) for t, box in self.teachers.items()}
+        out: list[tuple[Any, ...]] = []
+
+        def record(runs: list[Run], n_queries: Callable[[Run], int]) -> None:
+            out.extend(
+                ((phase, r.teacher, r.arch, r.name), max(r.acc), r.acc[-1], r.fidelity, n_queries(r))
+                for r in runs
+            )
+
+        def ticker(message: str) -> Callable[[int, int], None]:
+            def tick(epoch: int, epochs: int) -> None:
+                report(done + round(epoch * cfg.epochs / epochs), f"{message}, epoch {epoch}/{epochs}")
+
+            return tick
+
+        if phase is None:
+            runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in self.ls_rows]
+            runs += self.attack_runs(list(self.teachers))
+            tick = ticker(f"seed {s + 1}/{cfg.seeds}")
+            train_lockstep(runs, data, oracles, cfg, seed, on_epoch=tick, transfer=self.transfer)
+            record(runs, lambda r: cfg.epochs * len(data.x_train) * len(r.views) if r.teacher else 0)
+            return out
+        pending = self.attack_runs(self.budget_teachers)
+        # every attack spends exactly B queries: attacks with as many views share one cached set
+        for n_views in dict.fromkeys(len(r.views) for r in pending):
+            group = [r for r in pending if len(r.views) == n_views]
+            tick = ticker(f"seed {s + 1}/{cfg.seeds}, budget {phase}, {n_views}-view attacks")
+            train_lockstep(
+                group, data, oracles, cfg, seed, on_epoch=tick, budget=phase, transfer=self.transfer
+            )
+            record(group, lambda r: phase // len(r.views) * len(r.views))
+            done += cfg.epochs
+        return out
+
+
+_WORKER_QUEUE: Any = None
+Task = tuple[int, int | None]
+
+
+def _worker_init(queue: Any, threads: int) -> None:
+    global _WORKER_QUEUE
+    _WORKER_QUEUE = queue
+    torch.set_num_threads(threads)
+
+
+def _worker_task(job: SeedJob, task: Task) -> list[tuple[Any, ...]]:
+    return job(*task, lambda done, message: _WORKER_QUEUE.put((task, done, message)))
+
+
+def _run_tasks(
+    job: SeedJob, workers: int, tick: Callable[[Task, int, str], None]
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Each task's records, in task order: in this process, or in `workers` spawned processes."""
+    tasks = job.tasks()
+    workers = min(workers, len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            yield job(*task, lambda done, message, task=task: tick(task, done, message))
+        return
+    import queue as queue_lib
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    messages = ctx.Queue()
+    threads = max(1, torch.get_num_threads() // workers)
+    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(messages, threads))
+    try:
+        # the longest tasks (the unlimited phases, which also train the LS students) go first
+        order = sorted(range(len(tasks)), key=lambda i: tasks[i][1] is not None)
+        pending = {i: pool.apply_async(_worker_task, (job, tasks[i])) for i in order}
+        while not all(p.ready() for p in pending.values()):
+            try:
+                tick(*messages.get(timeout=0.5))  # a cancel raised here terminates the workers below
+            except queue_lib.Empty:
+                pass
+        results = [pending[i].get() for i in range(len(tasks))]  # re-raises a worker's exception here
+    finally:
+        pool.terminate()
+        pool.join()
+    while True:  # progress sent just before a worker finished
+        try:
+            tick(*messages.get_nowait())
+        except queue_lib.Empty:
+            break
+    yield from results
+
+
 def run_audit(
     cfg: AuditConfig,
     teacher: nn.Module | Sequence[nn.Module],
@@ -638,16 +824,21 @@ def run_audit(
     *,
     control: nn.Module | Sequence[nn.Module] | None = None,
     protections: dict[str, BlackBox] | None = None,
+    budget_for: Sequence[str] | None = None,
+    workers: int = 1,
     on_progress: Callable[[AuditProgress], None] | None = None,
 ) -> dict[str, Any]:
     """Audit a teacher as it will be served; returns the versioned JSON report.
+
+    `budget_for` names the black boxes ("teacher", "control", protection names) attacked under the
+    query budgets (default: all). `workers` > 1 trains that many seeds (and budget phases) at once in
+    spawned processes, each with its share of the CPU threads; the report is the same as with one.
 
     `teacher` and `control` may be one model or one per seed (seed i attacks model i); `protections`
     adds further black boxes (a teacher plus its serving policy) attacked in the same lockstep, against
     the same LS students; each gets its own section and verdict under report["protections"].
     """
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
     if cfg.control and control is None:
         raise ValueError("the audit asks for a CE control (control=true) but no control teacher was given")
     data = (
@@ -673,61 +864,31 @@ def run_audit(
         teachers[name] = box
     attack_rows, ls_rows = cfg.attack_rows(), _ls_rows(cfg)
     # phase None: unlimited queries (and the LS students); phase B: attackers holding B cached answers
-    budget_teachers = [t for t in teachers if t != "teacher_raw"]
-    jobs_per_seed = 1 + len(cfg.query_budgets) * len({ATTACKS.get(k).views for _, k, _ in attack_rows})
+    budget_teachers = [t for t in (teachers if budget_for is None else budget_for) if t != "teacher_raw"]
+    unknown = sorted(set(budget_teachers) - set(teachers))
+    if unknown:
+        raise ValueError(f"budget_for names no audited black box: {', '.join(unknown)}")
+    if not cfg.query_budgets:
+        budget_teachers = []
+    jobs_per_seed = 1 + len(cfg.query_budgets) * len({len(ATTACKS.get(k).views) for _, k, _ in attack_rows})
     total = cfg.seeds * cfg.epochs * jobs_per_seed
+    done: dict[Task, int] = {}
+
+    def tick(task: Task, task_done: int, message: str) -> None:
+        done[task] = task_done
+        if on_progress is not None:
+            on_progress(AuditProgress(stage="audit", done=sum(done.values()), total=total, message=message))
+
+    job = SeedJob(cfg, teachers, data, dataset.num_classes, attack_rows, ls_rows, budget_teachers, transfer)
     results: dict[tuple[int | None, str | None, str, str], dict[str, list[float]]] = {}
     queries: dict[tuple[int | None, str | None, str, str], int] = {}
-    done = 0
-
-    def progress(message: str) -> Callable[[int, int], None]:
-        def tick(epoch: int, epochs: int) -> None:
-            if on_progress is not None:
-                step = done + round(epoch * cfg.epochs / epochs)
-                on_progress(
-                    AuditProgress(
-                        stage="audit", done=step, total=total, message=f"{message}, epoch {epoch}/{epochs}"
-                    )
-                )
-
-        return tick
-
-    def record(phase: int | None, runs: list[Run], n_queries: Callable[[Run], int]) -> None:
-        for r in runs:
-            key = (phase, r.teacher, r.arch, r.name)
+    for records in _run_tasks(job, workers, tick):  # in seed order, whatever the number of workers
+        for key, best, last, fidelity, n_queries in records:
             rec = results.setdefault(key, {"best": [], "last": [], "fidelity": []})
-            rec["best"].append(max(r.acc))
-            rec["last"].append(r.acc[-1])
-            rec["fidelity"].append(r.fidelity)
-            queries[key] = n_queries(r)
-
-    def attack_runs(teacher_keys: list[str]) -> list[Run]:
-        return [
-            Run(name, arch, teacher=t, attack=ATTACKS.get(key)(dataset.num_classes, params))
-            for arch in cfg.students
-            for t in teacher_keys
-            for name, key, params in attack_rows
-        ]
-
-    for s in range(cfg.seeds):
-        seed = cfg.base_seed + s
-        oracles = {t: box.oracle(s, device) for t, box in teachers.items()}
-        runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in ls_rows]
-        runs += attack_runs(list(teachers))
-        tick = progress(f"seed {s + 1}/{cfg.seeds}")
-        train_lockstep(runs, data, oracles, cfg, seed, on_epoch=tick, transfer=transfer)
-        record(None, runs, lambda r: cfg.epochs * len(data.x_train) * len(r.views) if r.teacher else 0)
-        done += cfg.epochs
-        for budget in cfg.query_budgets:
-            pending = attack_runs(budget_teachers)
-            for views in dict.fromkeys(r.views for r in pending):  # each attack spends exactly B queries
-                group = [r for r in pending if r.views == views]
-                tick = progress(f"seed {s + 1}/{cfg.seeds}, budget {budget}, views {'+'.join(views)}")
-                train_lockstep(
-                    group, data, oracles, cfg, seed, on_epoch=tick, budget=budget, transfer=transfer
-                )
-                record(budget, group, lambda r, b=budget: b // len(r.views) * len(r.views))
-                done += cfg.epochs
+            rec["best"].append(best)
+            rec["last"].append(last)
+            rec["fidelity"].append(fidelity)
+            queries[key] = n_queries
 
     def rows_for(phase: int | None, teacher_key: str | None, arch: str, names: list[str]) -> dict[str, Any]:
         stats = ("best", "last", "fidelity")
@@ -761,7 +922,8 @@ def run_audit(
             "output_mode": cfg.output_mode.model_dump(),
             "labelled_fraction": cfg.labelled_fraction,
             "labelled_samples": len(data.x_train),
-            "query_augmentation": "the student's own view; mixup for fm; a second strong view for mlkd",
+            "query_augmentation": "the student's own view; mixup for fm; mixing ratios in edge_range for "
+            "fm_edge; Gaussian noise of noise_scale stds for fm_noise; a second strong view for mlkd",
             "epochs": cfg.epochs,
             "queries_per_view_per_epoch": len(data.x_train),
             "query_budgets": cfg.query_budgets,

@@ -279,6 +279,7 @@ def audit(
     transfer: Annotated[str | None, typer.Option(help="unlabelled transfer set (a data set name)")] = None,
     transfer_param: ParamList = None,
     device: str = "auto",
+    workers: Annotated[int, typer.Option(min=1, help="seeds trained at once, in separate processes")] = 1,
 ) -> None:
     """Train (or load) a teacher and a CE control, attack both, and print the verdict."""
     from ml.audit import AuditConfig, run_audit
@@ -343,7 +344,12 @@ def audit(
             "audit",
             cfg.seeds * cfg.epochs,
             lambda update: run_audit(
-                cfg, model, data, control=ce, on_progress=lambda p: update(p.done, p.message)
+                cfg,
+                model,
+                data,
+                control=ce,
+                workers=workers,
+                on_progress=lambda p: update(p.done, p.message, p.total),
             ),
         )
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -394,9 +400,10 @@ def bench_paper(
     quick: Annotated[bool, typer.Option(help="the small, fast variant of the benchmark")] = False,
     out: Annotated[Path, typer.Option(help="folder for paper.json and paper.png")] = Path("runs/paper"),
     device: str = "auto",
+    workers: Annotated[int, typer.Option(min=1, help="seeds trained at once, in separate processes")] = 1,
 ) -> None:
     """Every protection against every attack on the discriminating benchmark; last line is JSON."""
-    from ml.paper import BENCHMARKS, paper_rows, plot_paper, run_paper
+    from ml.paper import BENCHMARKS, budget_rows, paper_rows, plot_paper, run_paper
 
     with one_line_errors():
         bench = BENCHMARKS.get(f"{benchmark}-quick" if quick else benchmark)
@@ -407,6 +414,7 @@ def bench_paper(
             lambda update: run_paper(
                 bench,
                 device=device,
+                workers=workers,
                 log=lambda m: err.print(m, highlight=False),
                 on_progress=lambda p: update(p.done, p.message, p.total),
             ),
@@ -429,5 +437,11 @@ def bench_paper(
         columns,
         paper_rows(report, bench.student),
     )
+    if report.get("budgets"):
+        print_table(
+            "budget curves: attackers holding B cached answers",
+            ["black box", "budget B", "best knockoff", "acc", "margin vs best LS", "verdict"],
+            budget_rows(report, bench.student),
+        )
     console.print(f"report: {out / 'paper.json'}, plot: {out / 'paper.png'}")
     console.print(json.dumps(report["summary"]), highlight=False, soft_wrap=True)

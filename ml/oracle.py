@@ -111,8 +111,12 @@ class Oracle:
         """Queries left before the budget is reached; None when there is no budget."""
         return None if self.budget is None else self.budget - self.queries
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """(B, C) served answers for a batch of B inputs; raises QueryBudgetExceeded before answering."""
+    def __call__(self, x: Tensor, logits: Tensor | None = None) -> Tensor:
+        """(B, C) served answers for a batch of B inputs; raises QueryBudgetExceeded before answering.
+
+        `logits`, when given, are this model's logits on `x` computed by the caller (the audit shares
+        one forward pass among the black boxes that serve the same model differently).
+        """
         from ml.policy import serve  # ml.policy imports this module
 
         n = int(x.shape[0])
@@ -123,7 +127,7 @@ class Oracle:
         if self.model.training:
             self.model.eval()
         with torch.no_grad():
-            logits = self.model(x).float()
+            logits = (self.model(x) if logits is None else logits).float()
             probs = torch.softmax(logits, dim=-1)
             served = serve(probs, logits, self.mode, self.policy, self.history, x, self.generator)
         self.queries += n

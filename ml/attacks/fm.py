@@ -4,6 +4,12 @@ The student and the black box see the same mixup of two augmented inputs, and th
 the teacher's tempered answer there, with no label term: the queries leave the data manifold, which
 is where a protection trained on clean data is least constrained. Under label-only serving the
 tempered one-hot answer stays one-hot, so this copies the teacher's labels on mixed inputs.
+
+Two adaptive variants (issue 6) query where an off-manifold detector looks least: `fm_edge` mixes
+with ratios near 1 (each query stays close to one real input; the audit's `edge_range`), `fm_noise`
+adds Gaussian noise to a real input instead of mixing (the audit's `noise_scale`). Their default
+temperature is 1: they are aimed at protected (label-only, snapped, refusing) teachers, where T 1
+copies labels best.
 """
 
 from __future__ import annotations
@@ -38,4 +44,29 @@ class FM(Attack):
     def forward(
         self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
     ) -> dict[str, Tensor]:
-        return fm_loss(student["mixup"], teacher["mixup"], self.params.T)
+        view = self.views[0]
+        return fm_loss(student[view], teacher[view], self.params.T)
+
+
+class FMAdaptiveParams(AttackParams):
+    T: float = Field(1.0, gt=0, description="temperature (T 1 copies one-hot answers best)")
+
+
+@register
+class FMEdge(FM):
+    key = "fm_edge"
+    paper = "adaptive fm (issue 6): mixing ratios near 1, built to pass off-manifold detectors"
+    Params = FMAdaptiveParams
+    views = ("mixup_edge",)
+    sweep = ()
+    params: FMAdaptiveParams
+
+
+@register
+class FMNoise(FM):
+    key = "fm_noise"
+    paper = "adaptive fm (issue 6): Gaussian-noise queries around real inputs instead of mixup"
+    Params = FMAdaptiveParams
+    views = ("noise",)
+    sweep = ()
+    params: FMAdaptiveParams

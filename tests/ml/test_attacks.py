@@ -28,6 +28,10 @@ TOL = {"rel": 1e-5, "abs": 1e-5}
 _rng = np.random.default_rng(1234)
 Z = {v: _rng.normal(size=(B, C)) * 2.0 for v in ("plain", "strong", "mixup")}
 _TEACHER_LOGITS = {v: _rng.normal(size=(B, C)) * 3.0 for v in ("plain", "strong", "mixup")}
+# views added later draw after the others, so the fixed inputs above stay what they were
+for _v in ("mixup_edge", "noise"):
+    Z[_v] = _rng.normal(size=(B, C)) * 2.0
+    _TEACHER_LOGITS[_v] = _rng.normal(size=(B, C)) * 3.0
 FEATURES = _rng.normal(size=(B, D))
 # Classes 1 and 3 are absent and class 2 appears twice (matters for avg).
 Y = np.array([0, 2, 2, 4])
@@ -178,6 +182,9 @@ def reference(key: str, p: dict[str, np.ndarray], attack: torch.nn.Module) -> fl
         return final + aux
     if key == "fm":
         return ref_kd(p["mixup"], Z["mixup"], 4.0)
+    if key in ("fm_edge", "fm_noise"):  # fm at T 1 on its own view, nothing else
+        view = ATTACKS.get(key).views[0]
+        return ref_kd(p[view], Z[view], 1.0)
     raise AssertionError(f"no reference for {key}")
 
 
@@ -379,7 +386,7 @@ def test_rows() -> None:
     assert all(params.a == 0.9 for _, params in kd_rows)
     assert [(name, params.T) for name, params in rows("fm")] == [("fm", 4.0), ("fm_t1", 1.0)]
     for key in ATTACKS.names():
-        if key not in ("kd", "fm"):
+        if key not in ("kd", "fm"):  # fm_edge and fm_noise: one row each, named by the key
             ((name, params),) = rows(key)
             assert name == key and params == ATTACKS.get(key).Params()
 
@@ -406,5 +413,6 @@ def test_attack_infos_cover_the_registry() -> None:
     assert list(infos) == ATTACKS.names()
     assert infos["kd"].defaults == {"T": 4.0, "a": 0.9}
     assert infos["fm"].views == ("mixup",)
+    assert infos["fm_edge"].views == ("mixup_edge",) and infos["fm_noise"].views == ("noise",)
     assert infos["mlkd"].views == ("plain", "strong")
     assert all(info.paper for info in infos.values())

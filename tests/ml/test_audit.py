@@ -265,3 +265,100 @@ def test_transfer_batches_carry_unlabelled_rows_after_the_labelled_ones(data, te
     assert batch.labelled == 32 and len(batch.y) == 64 and (batch.y[32:] == -1).all()
     assert (batch.perm[:32] < 32).all() and (batch.perm[32:] >= 32).all()
     assert served["teacher"]["mixup"].shape == (64, 10)
+
+
+def test_parallel_seeds_give_the_same_report_and_budgets_only_where_asked(data, teachers) -> None:
+    from ml.audit import BlackBox
+
+    cfg = AuditConfig(
+        seeds=2,
+        epochs=2,
+        attacks=["fm_edge", "hard_label"],
+        ls_eps=[0.1],
+        query_budgets=[150],
+        output_mode=OutputMode(),
+        device="cpu",
+    )
+    boxes = {"label_only": BlackBox(list(teachers), OutputMode(kind="label"))}
+    kwargs = {"control": teachers[1], "protections": boxes, "budget_for": ["label_only"]}
+    seen: list = []
+    one = run_audit(cfg, teachers[0], data, workers=1, **kwargs)
+    two = run_audit(cfg, teachers[0], data, workers=2, on_progress=seen.append, **kwargs)
+    assert seen[-1].done == seen[-1].total == 2 * 2 * 2  # seeds x epochs x (unlimited + one budget)
+    for r in (one, two):
+        r.pop("wall_s")
+    assert one == two
+    assert list(one["budgets"]) == ["label_only"] and list(one["safe_budget"]) == ["label_only"]
+    rows = one["budgets"]["label_only"]["150"]["students"]["mlp"]["attacks"]
+    assert {n: r["queries"] for n, r in rows.items()} == {"fm_edge": 150, "hard_label": 150}
+    with pytest.raises(ValueError, match="budget_for names no audited black box: nope"):
+        run_audit(cfg, teachers[0], data, control=teachers[1], budget_for=["nope"])
+
+
+def test_adaptive_views_stay_near_real_inputs(data, teachers) -> None:
+    from ml.audit import LiveSource
+    from ml.policy import PolicyConfig, fit_policy
+
+    cfg = AuditConfig(seeds=1, epochs=1, batch_size=64, augment=False, device="cpu", edge_range=(0.8, 0.9))
+    runs = [
+        Run(k, "mlp", teacher="teacher", attack=ATTACKS.get(k)(10, None)) for k in ("fm_edge", "fm_noise")
+    ]
+    fitted = fit_policy(
+        PolicyConfig(detector="energy", fpr=0.5), teachers[0], data.x_train, data.y_train, data.x_test
+    )
+    source = LiveSource(runs, data, {"teacher": Oracle(teachers[0], policy=fitted)}, cfg, seed=0)
+    batch, served = next(source.epoch())
+    assert set(batch.views) == {"plain", "mixup_edge", "noise"}  # no uniform mixup was built
+    perm, lam = batch.mix["mixup_edge"]
+    assert ((lam >= 0.8) & (lam <= 0.9)).all()
+    x = batch.views["plain"]
+    mixed = lam[:, None, None] * x + (1 - lam[:, None, None]) * x[perm]
+    assert torch.allclose(batch.views["mixup_edge"], mixed)
+    noise_std = float((batch.views["noise"] - x).std() / torch.tensor(data.std).mean())
+    assert noise_std == pytest.approx(cfg.noise_scale, rel=0.1)
+    # a refused mix near one input falls back to the attacker's own mixed label at the edge ratio
+    replay = Oracle(teachers[0], policy=fitted)  # the energy detector is stateless: same decisions
+    replay(batch.views["mixup_edge"])
+    refused = replay.last.refused
+    y1 = torch.nn.functional.one_hot(batch.y, 10).float()
+    own = lam[:, None] * y1 + (1 - lam[:, None]) * y1[perm]
+    answer = served["teacher"]["mixup_edge"]
+    assert 0 < int(refused.sum()) < len(refused)
+    assert torch.allclose(answer[refused], own[refused])
+
+
+def test_black_boxes_serving_one_model_share_its_forward_pass(data, teachers) -> None:
+    from ml.audit import LiveSource
+
+    calls = []
+    handle = teachers[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        cfg = AuditConfig(seeds=1, epochs=1, batch_size=64, device="cpu", control=False)
+        oracles = {"probs": Oracle(teachers[0]), "label": Oracle(teachers[0], OutputMode(kind="label"))}
+        runs = [Run("fm", "mlp", teacher=t, attack=ATTACKS.get("fm")(10, None)) for t in oracles]
+        batch, served = next(LiveSource(runs, data, oracles, cfg, seed=0).epoch())
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one forward for the mixup view, served two ways
+    alone = Oracle(teachers[0])(batch.views["mixup"])
+    assert torch.equal(served["probs"]["mixup"], alone)
+    assert torch.equal(served["label"]["mixup"].argmax(-1), alone.argmax(-1))
+    assert torch.equal(served["label"]["mixup"].sum(-1), torch.ones(64))
+
+
+def test_holm_adjustment_and_verdict_reason() -> None:
+    from ml.audit import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert math.isnan(holm([float("nan"), 0.01])[0]) and holm([float("nan"), 0.01])[1] == pytest.approx(0.01)
+
+    def row(values: list[float]) -> dict:
+        return {"acc_best": summarise(values), "acc_last": summarise(values)}
+
+    ls = {"ls": row([80.0, 81.0, 80.5])}
+    attacks = {"a": row([85.0, 86.0, 85.5]), "b": row([70.0, 71.0, 70.5])}
+    out = judge(ls, attacks, 0.05)
+    assert out["verdict"] == "distillable" and "Holm-adjusted over 2 attacks" in out["reason"]
+    assert attacks["a"]["p_holm"] == pytest.approx(min(1.0, 2 * attacks["a"]["p_value"]))
+    assert attacks["a"]["significant_holm"] and not attacks["b"]["significant_holm"]

@@ -1,7 +1,7 @@
 """`cmim bench paper` on a tiny benchmark: every protection is present and the summary is consistent."""
 
 from ml.oracle import OutputMode
-from ml.paper import BENCHMARKS, Benchmark, Protection, paper_rows, run_paper
+from ml.paper import BENCHMARKS, Benchmark, Protection, budget_rows, paper_rows, run_paper
 
 SUMMARY_KEYS = {
     "dataset",
@@ -50,4 +50,14 @@ def test_tiny_paper_benchmark() -> None:
     assert summary["safe_budget"] in (0, 100)
     names = {row[0] for row in paper_rows(report, "mlp")}
     assert names == {"ce", "cmim", "protected", "ce_label"}
-    assert "protected" in BENCHMARKS.get("mnist1d").protections
+    # budget curves only for the boxes the benchmark names: the control and the default protection
+    assert set(report["budgets"]) == set(report["safe_budget"]) == {"control", "protected"}
+    assert [row[:2] for row in budget_rows(report, "mlp")] == [
+        ["control", "100"],
+        ["control", "safe"],
+        ["protected", "100"],
+        ["protected", "safe"],
+    ]
+    assert summary["ce_safe_budget"] == report["safe_budget"]["control"]["mlp"]
+    full = BENCHMARKS.get("mnist1d")
+    assert "protected" in full.protections and {"fm", "fm_edge", "fm_noise"} <= set(full.attacks)
