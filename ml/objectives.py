@@ -35,6 +35,7 @@ class StepContext:
     num_classes: int
     generator: torch.Generator | None = None
     reference_logits: Tensor | None = None  # nasty: the frozen CE copy's logits on the same batch
+    mixed_logits: Tensor | None = None  # cmim with mixed > 0: the model's logits on a mixup of the batch
 
 
 # ---------------------------------------------------------------- pure loss functions
@@ -114,6 +115,11 @@ class Objective:
     def __init__(self, params: _Params) -> None:
         self.params = params
 
+    @property
+    def needs_mixed(self) -> bool:
+        """Whether the trainer must also pass the model's logits on a mixup of each batch."""
+        return False
+
     def __call__(self, logits: Tensor, labels: Tensor, ctx: StepContext) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -162,6 +168,12 @@ class CMIMParams(_Params):
     ema_momentum: float = Field(0.9, ge=0, lt=1)
     warmup_epochs: float = Field(0.0, ge=0, description="lambda ramps linearly from 0 over these epochs")
     surrogate_weight: float = Field(0.0, ge=0, description="weight of the T -> infinity term")
+    mixed: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the same CMI terms on mixup inputs (uniform ratios), clustered by the "
+        "model's own predicted label: shapes the outputs off the data manifold too (0: off)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CMIMParams:
@@ -191,6 +203,10 @@ class CMIM(Objective):
         u = torch.rand(self.params.sampled, generator=ctx.generator)  # the trainer's CPU generator
         return (lo + (hi - lo) * u).exp().to(device)
 
+    @property
+    def needs_mixed(self) -> bool:
+        return self.params.mixed > 0
+
     def lam(self, ctx: StepContext) -> float:
         w = self.params.warmup_epochs
         return self.params.lam * (min(ctx.epoch / w, 1.0) if w > 0 else 1.0)
@@ -204,6 +220,11 @@ class CMIM(Objective):
             log_q = self._update_ema(logits, labels, temps, ctx.num_classes)
         lam = self.lam(ctx)
         terms = {"ce": ce_loss(logits, labels), "cmi": lam * cmi_loss(logits, labels, temps, weights, log_q)}
+        if self.params.mixed:
+            if ctx.mixed_logits is None:
+                raise ValueError("cmim with mixed > 0 needs the model's logits on mixed inputs")
+            pred = ctx.mixed_logits.detach().argmax(-1)  # a mix has no label: cluster by the prediction
+            terms["cmi_mixed"] = lam * self.params.mixed * cmi_loss(ctx.mixed_logits, pred, temps, weights)
         if self.params.surrogate_weight:
             terms["cmi_inf"] = lam * self.params.surrogate_weight * within_class_variance(logits, labels)
         return terms

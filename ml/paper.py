@@ -9,13 +9,15 @@ serves it; all protections are attacked in one lockstep per seed, against the sa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from ml.audit import AuditConfig, AuditProgress, BlackBox, run_audit, serve_box
-from ml.data import load_dataset
+from ml.data import Dataset, load_dataset
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.registry import Registry
@@ -28,8 +30,21 @@ class Protection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objective: str = "cmim"
+    objective_params: dict[str, Any] | None = Field(
+        None, description="None: the benchmark's cmim_params for cmim, the defaults otherwise"
+    )
+    finetune: bool = Field(
+        False, description="start from the CE teacher of the same seed and train finetune_epochs"
+    )
     output_mode: OutputMode = Field(default_factory=OutputMode)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    def recipe(self, bench: Benchmark) -> tuple[str, dict[str, Any], bool]:
+        """(objective, parameters, fine-tuned): protections with the same recipe share their teachers."""
+        params = self.objective_params
+        if params is None:
+            params = bench.cmim_params if self.objective == "cmim" else {}
+        return self.objective, params, self.finetune
 
 
 class Benchmark(BaseModel):
@@ -41,6 +56,7 @@ class Benchmark(BaseModel):
     dataset_params: dict[str, Any] = Field(default_factory=lambda: {"num_train": 4000, "num_test": 10000})
     teacher: str = "cnn1d"
     teacher_epochs: int = 60
+    finetune_epochs: int = 30
     cmim_params: dict[str, Any] = Field(default_factory=lambda: {"lam": 3.0})
     student: str = "mlp"
     epochs: int = 300
@@ -87,6 +103,28 @@ BENCHMARKS.register("mnist1d-quick")(
     )
 )
 
+# Other teachers (issue 6): does any teacher, served with full probabilities, stop function matching?
+BENCHMARKS.register("mnist1d-teachers")(
+    Benchmark(
+        seeds=3,
+        attacks=["fm"],
+        attack_params={},
+        query_budgets=[],
+        budget_for=[],
+        protections={
+            "nasty": Protection(objective="nasty"),
+            # the owner's CE teacher fine-tuned with CMIM (lambda 3) for 30 epochs
+            "cmim_ft": Protection(finetune=True),
+            # CMIM also on uniform mixup inputs, clustered by predicted label
+            "cmim_mixed": Protection(objective_params={"lam": 3.0, "mixed": 3.0}),
+            "cmim_mixed_label": Protection(
+                objective_params={"lam": 3.0, "mixed": 3.0}, output_mode=OutputMode(kind="label")
+            ),
+            "protected": Protection(output_mode=OutputMode(kind="label")),
+        },
+    )
+)
+
 
 def run_paper(
     bench: Benchmark,
@@ -99,26 +137,7 @@ def run_paper(
     """Train the per-seed teachers, audit every protection in one lockstep, and summarise."""
     t0 = time.perf_counter()
     data = load_dataset(bench.dataset, **bench.dataset_params)
-    objectives = {"ce": {}, "cmim": bench.cmim_params} | {
-        p.objective: bench.cmim_params if p.objective == "cmim" else {} for p in bench.protections.values()
-    }
-    teachers: dict[str, list[Any]] = {}
-    for objective, params in objectives.items():
-        teachers[objective] = []
-        for seed in range(bench.seeds):
-            cfg = TrainConfig(
-                dataset=bench.dataset,
-                dataset_params=bench.dataset_params,
-                arch=bench.teacher,
-                objective=objective,
-                objective_params=params,
-                epochs=bench.teacher_epochs,
-                seed=seed,
-                device=device,
-            )
-            result = train_model(cfg, data)
-            log(f"teacher {objective} seed {seed}: {result.last_acc:.2f}%")
-            teachers[objective].append(result.model)
+    teachers = _train_teachers(bench, data, device, workers, log)
     cfg = AuditConfig(
         students=[bench.student],
         attacks=bench.attacks,
@@ -132,14 +151,14 @@ def run_paper(
         device=device,
     )
     boxes: dict[str, BlackBox] = {
-        name: serve_box(teachers[p.objective], p.output_mode, p.policy, data)
+        name: serve_box(teachers[_recipe_key(bench, *p.recipe(bench))], p.output_mode, p.policy, data)
         for name, p in bench.protections.items()
     }
     report = run_audit(
         cfg,
-        teachers["cmim"],
+        teachers[_recipe_key(bench, "cmim", bench.cmim_params, False)],
         data,
-        control=teachers["ce"],
+        control=teachers[_recipe_key(bench, "ce", {}, False)],
         protections=boxes,
         budget_for=bench.budget_for,
         workers=workers,
@@ -148,6 +167,70 @@ def run_paper(
     report["benchmark"] = bench.model_dump(mode="json")
     report["summary"] = summarise_paper(report, bench, time.perf_counter() - t0)
     return report
+
+
+def _train_one(cfg: TrainConfig, data: Dataset, init: dict[str, Any] | None) -> tuple[nn.Module, float]:
+    result = train_model(cfg, data, init_weights=init)
+    return result.model, result.last_acc
+
+
+def _train_teachers(
+    bench: Benchmark, data: Dataset, device: str, workers: int, log: Callable[[str], None]
+) -> dict[str, list[nn.Module]]:
+    """Every recipe's per-seed teachers (CE and the benchmark's CMIM first; fine-tuned ones after the CE
+    teachers they start from), `workers` at a time in spawned processes."""
+    recipes = [("ce", {}, False), ("cmim", bench.cmim_params, False)]
+    recipes += [p.recipe(bench) for p in bench.protections.values()]
+    keys = {_recipe_key(bench, *r): r for r in recipes}  # one entry per distinct recipe, in order
+    teachers: dict[str, list[nn.Module]] = {}
+    for wave in (False, True):  # fine-tuning needs the CE teachers of the first wave
+        jobs = []
+        for key, (objective, params, finetune) in keys.items():
+            if finetune != wave:
+                continue
+            for seed in range(bench.seeds):
+                cfg = TrainConfig(
+                    dataset=bench.dataset,
+                    dataset_params=bench.dataset_params,
+                    arch=bench.teacher,
+                    objective=objective,
+                    objective_params=params,
+                    epochs=bench.finetune_epochs if finetune else bench.teacher_epochs,
+                    seed=seed,
+                    device=device,
+                )
+                init = teachers[_recipe_key(bench, "ce", {}, False)][seed].state_dict() if finetune else None
+                jobs.append((key, seed, (cfg, data, init)))
+        for (key, seed, _), (model, acc) in zip(
+            jobs, _map(_train_one, [j[2] for j in jobs], workers), strict=True
+        ):
+            log(f"teacher {key} seed {seed}: {acc:.2f}%")
+            teachers.setdefault(key, []).append(model)
+    return teachers
+
+
+def _map(fn: Callable[..., Any], args: list[tuple[Any, ...]], workers: int) -> Iterator[Any]:
+    """fn(*a) for each a, in order: here, or in `workers` spawned processes sharing the CPU threads."""
+    if workers <= 1 or len(args) <= 1:
+        yield from (fn(*a) for a in args)
+        return
+    import torch.multiprocessing as mp
+
+    threads = max(1, torch.get_num_threads() // workers)
+    with mp.get_context("spawn").Pool(min(workers, len(args)), torch.set_num_threads, (threads,)) as pool:
+        yield from pool.imap(_star, [(fn, a) for a in args])  # in order, each as soon as it is done
+
+
+def _star(fn_args: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
+    fn, args = fn_args
+    return fn(*args)
+
+
+def _recipe_key(bench: Benchmark, objective: str, params: dict[str, Any], finetune: bool) -> str:
+    """A readable name for a teacher recipe: "ce", "cmim" (the benchmark's), "cmim(lam=3.0,mixed=1.0)+ft"."""
+    default = bench.cmim_params if objective == "cmim" else {}
+    args = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return objective + ("" if params == default else f"({args})") + ("+ft" if finetune else "")
 
 
 def _margin(section: dict[str, Any], student: str) -> tuple[float, float]:

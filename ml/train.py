@@ -166,7 +166,7 @@ def train_model(
     *,
     on_epoch: Callable[[EpochReport], None] | None = None,
     state_path: str | Path | None = None,
-    init_weights: str | Path | None = None,
+    init_weights: str | Path | dict[str, torch.Tensor] | None = None,
     stage: str = "teacher",
 ) -> TrainResult:
     """Train a model as cfg says; resumes from state_path when it exists and rewrites it every epoch."""
@@ -175,7 +175,8 @@ def train_model(
     gen = seed_everything(cfg.seed)
     model = build_model(cfg.arch, data.input_shape, data.num_classes, mean=data.mean, std=data.std)
     if init_weights is not None:  # fine-tuning an owner's existing model
-        model.load_state_dict(load_file(str(init_weights)), strict=True)
+        state = init_weights if isinstance(init_weights, dict) else load_file(str(init_weights))
+        model.load_state_dict(state, strict=True)
     model.to(device)
     if device.type == "cuda" and len(data.input_shape) == 3:
         model.to(memory_format=torch.channels_last)
@@ -225,7 +226,13 @@ def train_model(
             if reference is not None:
                 with torch.no_grad():
                     ref_logits = reference(x).float()
-            ctx = StepContext(epoch + i / steps, cfg.epochs, data.num_classes, gen, ref_logits)
+            mixed_logits = None
+            if objective.needs_mixed:  # a uniform-ratio mixup of the batch, drawn from the run's generator
+                perm, lam = torch.randperm(len(x), generator=gen), torch.rand(len(x), generator=gen)
+                perm, lam = perm.to(device), lam.to(device).view((-1,) + (1,) * (x.dim() - 1))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    mixed_logits = model(lam * x + (1 - lam) * x[perm]).float()
+            ctx = StepContext(epoch + i / steps, cfg.epochs, data.num_classes, gen, ref_logits, mixed_logits)
             terms = objective(logits, y, ctx)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)

@@ -61,3 +61,37 @@ def test_tiny_paper_benchmark() -> None:
     assert summary["ce_safe_budget"] == report["safe_budget"]["control"]["mlp"]
     full = BENCHMARKS.get("mnist1d")
     assert "protected" in full.protections and {"fm", "fm_edge", "fm_noise"} <= set(full.attacks)
+
+
+def test_protections_name_their_teacher_recipe_and_share_teachers() -> None:
+    bench = Benchmark(
+        dataset_params={"num_train": 200, "num_test": 200},
+        teacher_epochs=1,
+        finetune_epochs=1,
+        epochs=1,
+        seeds=2,
+        attacks=["fm"],
+        attack_params={},
+        ls_eps=[0.1],
+        query_budgets=[],
+        budget_for=[],
+        protections={
+            "protected": Protection(output_mode=OutputMode(kind="label")),
+            "ft": Protection(finetune=True),
+            "mix": Protection(objective_params={"lam": 3.0, "mixed": 1.0}),
+        },
+    )
+    logs: list[str] = []
+    report = run_paper(bench, device="cpu", log=logs.append)
+    # teachers and seeds trained in two spawned workers give the same report
+    parallel = run_paper(bench, device="cpu", workers=2, log=lambda m: None)
+    for r in (report, parallel):
+        r.pop("wall_s"), r["summary"].pop("wall_s")
+    assert parallel == report
+    trained = sorted({m.split(" seed ")[0] for m in logs})
+    # "protected" serves the benchmark's cmim teachers: no third cmim recipe was trained for it
+    assert trained == ["teacher ce", "teacher cmim", "teacher cmim(lam=3.0,mixed=1.0)", "teacher cmim+ft"]
+    assert len(logs) == 4 * bench.seeds
+    assert report["protections"]["protected"]["accuracy"] == report["teacher"]["accuracy"]
+    assert report["protections"]["ft"]["accuracy"] != report["teacher"]["accuracy"]
+    assert "budgets" not in report

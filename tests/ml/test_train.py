@@ -65,6 +65,7 @@ def test_resume_after_cancel_equals_uninterrupted_run(data, tmp_path: Path) -> N
         ("cmim", {}),
         ("cmim", {"sampled": 3, "weights": "uniform", "warmup_epochs": 1, "surrogate_weight": 0.5}),
         ("cmim", {"centroids": "ema", "lam": 3}),
+        ("cmim", {"mixed": 1.0}),
         ("nasty", {}),
     ],
 )
@@ -82,6 +83,39 @@ def test_cmim_lowers_high_temperature_cmi(data) -> None:
     ce = train_model(cfg(objective="ce", epochs=30), data)
     cmim = train_model(cfg(objective="cmim", epochs=30, objective_params={"lam": 10}), data)
     assert cmim.meta.metrics["cmi_train"]["16"] < 0.75 * ce.meta.metrics["cmi_train"]["16"]
+
+
+def test_cmim_on_mixed_inputs_lowers_their_cmi(data) -> None:
+    from ml.cmi import cmi_by_temperature, model_logits
+
+    g = torch.Generator().manual_seed(0)
+    x = data.x_test
+    perm, lam = torch.randperm(len(x), generator=g), torch.rand(len(x), 1, 1, generator=g)
+    mixes = lam * x + (1 - lam) * x[perm]
+
+    def cmi_on_mixes(mixed: float) -> float:
+        r = train_model(cfg(objective="cmim", epochs=30, objective_params={"lam": 10, "mixed": mixed}), data)
+        assert ("cmi_mixed" in r.history[-1].losses) == (mixed > 0)
+        z = model_logits(r.model, mixes)
+        return cmi_by_temperature(z, z.argmax(-1), (16.0,))["16"]  # a mix is clustered by its prediction
+
+    assert cmi_on_mixes(10.0) < 0.6 * cmi_on_mixes(0.0)
+
+
+def test_cmim_mixed_term_is_the_cmi_of_the_mixed_logits_by_prediction() -> None:
+    from ml.objectives import DEFAULT_GRID, StepContext, cmi_loss
+
+    torch.manual_seed(0)
+    z, zm, y = torch.randn(16, 5), torch.randn(16, 5), torch.randint(0, 5, (16,))
+    objective = make_objective("cmim", {"lam": 2.0, "mixed": 3.0})
+    assert objective.needs_mixed and not make_objective("cmim").needs_mixed
+    terms = objective(z, y, StepContext(1.0, 2, 5, mixed_logits=zm))
+    temps = torch.tensor(DEFAULT_GRID)
+    weights = temps**2 / (temps**2).sum()
+    expected = 2.0 * 3.0 * cmi_loss(zm, zm.argmax(-1), temps, weights)
+    assert float(terms["cmi_mixed"]) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="mixed inputs"):
+        objective(z, y, StepContext(1.0, 2, 5))
 
 
 def test_bad_objective_parameters_are_refused() -> None:
