@@ -398,12 +398,14 @@ def bench_paper(
     seeds: Annotated[int | None, typer.Option(help="default: the benchmark's (5)")] = None,
     epochs: Annotated[int | None, typer.Option(help="student epochs; default: the benchmark's")] = None,
     quick: Annotated[bool, typer.Option(help="the small, fast variant of the benchmark")] = False,
-    out: Annotated[Path, typer.Option(help="folder for paper.json and paper.png")] = Path("runs/paper"),
+    out: Annotated[Path, typer.Option(help="folder for paper.json, paper.md and paper.png")] = Path(
+        "runs/paper"
+    ),
     device: str = "auto",
     workers: Annotated[int, typer.Option(min=1, help="seeds trained at once, in separate processes")] = 1,
 ) -> None:
     """Every protection against every attack on the discriminating benchmark; last line is JSON."""
-    from ml.paper import BENCHMARKS, budget_rows, paper_rows, plot_paper, run_paper
+    from ml.paper import BENCHMARKS, budget_rows, paper_markdown, paper_rows, plot_paper, run_paper
 
     with one_line_errors():
         bench = BENCHMARKS.get(f"{benchmark}-quick" if quick else benchmark)
@@ -421,6 +423,7 @@ def bench_paper(
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "paper.json").write_text(json.dumps(report, indent=2))
+    (out / "paper.md").write_text(paper_markdown(report, bench.student))
     plot_paper(report, bench.student, str(out / "paper.png"))
     columns = [
         "protection",
@@ -443,5 +446,5 @@ def bench_paper(
             ["black box", "budget B", "best knockoff", "acc", "margin vs best LS", "verdict"],
             budget_rows(report, bench.student),
         )
-    console.print(f"report: {out / 'paper.json'}, plot: {out / 'paper.png'}")
+    console.print(f"report: {out / 'paper.json'}, table: {out / 'paper.md'}, plot: {out / 'paper.png'}")
     console.print(json.dumps(report["summary"]), highlight=False, soft_wrap=True)

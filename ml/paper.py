@@ -295,6 +295,53 @@ def paper_rows(report: dict[str, Any], student: str) -> list[list[Any]]:
     return rows
 
 
+def paper_markdown(report: dict[str, Any], student: str) -> str:
+    """The paper table as Markdown: one row per protection, one column per attack (margin ± se over the
+    best LS student; * = significant, one-sided Welch at the audit's alpha; ** = also after Holm)."""
+    sections = {"ce": report["control"], "cmim": report, **report["protections"]}
+    attacks = list(report["students"][student]["attacks"])
+    head = ["protection", "serving", "teacher acc", "honest acc / ECE / altered %", "I_1 / I_4 / I_16"]
+    lines = [
+        "| " + " | ".join(head + attacks + ["verdict"]) + " |",
+        "|" + "---|" * (len(head) + len(attacks) + 1),
+    ]
+    for name, sec in sections.items():
+        summary = sec if "accuracy" in sec else sec["teacher"]
+        serving = sec.get("serving", summary.get("serving", {}))
+        cost, policy = serving.get("honest_cost", {}), serving.get("policy", {})
+        how = serving.get("output_mode", {}).get("kind", "probs")
+        if policy.get("snap"):
+            how += " + snap"
+        if policy.get("detector", "none") != "none":
+            how += f" + {policy['detector']} ({100 * policy['fpr']:g} % FPR) -> {policy['action']}"
+        cmi, st = summary["cmi_test"], sec["students"][student]
+        cells = [
+            name,
+            how,
+            f"{summary['accuracy']:.2f}",
+            f"{cost.get('accuracy', float('nan')):.2f} / {cost.get('ece', float('nan')):.2f} / "
+            f"{cost.get('altered', 0):.1f}",
+            f"{cmi['1']:.3f} / {cmi['4']:.3f} / {cmi['16']:.4f}",
+        ]
+        for a in attacks:
+            row = st["attacks"][a]
+            mark = "**" if row.get("significant_holm") else "*" if row["significant"] else ""
+            cells.append(f"{row['margin']:+.2f} ± {row['margin_se']:.2f}{mark}")
+        cells.append(st["verdict"])
+        lines.append("| " + " | ".join(cells) + " |")
+    st = report["control"]["students"][student]
+    ls = ", ".join(f"{k} {v['acc_best']['mean']:.2f}" for k, v in st["ls"].items())
+    lines += ["", f"Best LS student: {st['best_ls']}, {st['ls_acc']:.2f} (all LS rows: {ls})."]
+    if report.get("budgets"):
+        lines += [
+            "",
+            "| black box | budget B | best knockoff | acc | margin vs best LS | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += ["| " + " | ".join(map(str, r)) + " |" for r in budget_rows(report, student)]
+    return "\n".join(lines) + "\n"
+
+
 def budget_rows(report: dict[str, Any], student: str) -> list[list[Any]]:
     """The budget curves: per black box and budget, the best knockoff, its margin and the verdict."""
     out = []

@@ -1,7 +1,7 @@
 """`cmim bench paper` on a tiny benchmark: every protection is present and the summary is consistent."""
 
 from ml.oracle import OutputMode
-from ml.paper import BENCHMARKS, Benchmark, Protection, budget_rows, paper_rows, run_paper
+from ml.paper import BENCHMARKS, Benchmark, Protection, budget_rows, paper_markdown, paper_rows, run_paper
 
 SUMMARY_KEYS = {
     "dataset",
@@ -44,6 +44,10 @@ def test_tiny_paper_benchmark() -> None:
     assert report["protections"]["protected"]["serving"]["output_mode"]["kind"] == "label"
     summary = report["summary"]
     assert set(summary) == SUMMARY_KEYS
+    table = paper_markdown(report, "mlp").splitlines()
+    assert table[0].startswith("| protection | serving |") and "hard_label" in table[0]
+    assert [line.split(" | ")[0] for line in table[2:6]] == ["| ce", "| cmim", "| protected", "| ce_label"]
+    assert table[4].split(" | ")[1] == "label" and "| control | 100 |" in "\n".join(table)
     assert summary["cmim_margin"] == report["students"]["mlp"]["margin"]
     assert summary["ce_margin"] == report["control"]["students"]["mlp"]["margin"]
     assert summary["protected_margin"] == report["protections"]["protected"]["students"]["mlp"]["margin"]
