@@ -44,6 +44,9 @@ from ml.train import (
 )
 
 REPORT_VERSION = 1
+# Label-only answers plus a per-key budget is the best protection our benchmark found: at 25 passes
+# (100k queries) no knockoff of it beat the LS student (docs/calibration.md).
+DEFAULT_BUDGET_PASSES = (1, 5, 25)
 CMI_CURVE_TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 __all__ = ["AuditConfig", "AuditProgress", "run_audit", "TrainingCancelled", "lockstep_ratio"]
@@ -95,9 +98,11 @@ class AuditConfig(OptimConfig):
     )
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
     eval_every: int = Field(1, ge=1)
-    query_budgets: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=list,
-        description="also attack with only this many cached queries each (a budget curve)",
+    query_budgets: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description="also attack with only this many cached queries each: a budget curve, whose safe "
+        "budget becomes the served model's per-key query budget. None (the default): 1, 5 and 25 passes "
+        "over the attacker's labelled set (4k, 20k and 100k on the benchmark); [] for none",
     )
     device: str = "auto"
 
@@ -123,6 +128,12 @@ class AuditConfig(OptimConfig):
         if any(not 0 <= e < 1 for e in v):
             raise ValueError("label smoothing eps must lie in [0, 1)")
         return v
+
+    def budgets(self, labelled: int) -> list[int]:
+        """The query budgets for an attacker holding `labelled` labelled samples."""
+        if self.query_budgets is None:
+            return [labelled * passes for passes in DEFAULT_BUDGET_PASSES]
+        return self.query_budgets
 
     def attack_rows(self) -> list[tuple[str, str, BaseModel]]:
         """(row name, attack key, params) for every requested attack, its default sweep unless overridden."""
@@ -715,7 +726,7 @@ class SeedJob:
     def tasks(self) -> list[tuple[int, int | None]]:
         """(seed index, phase) pairs: phase None trains the LS students and the unlimited attackers,
         phase B the attackers holding B cached answers; the phases of a seed are independent."""
-        budgets = self.cfg.query_budgets if self.budget_teachers else []
+        budgets = (self.cfg.query_budgets or []) if self.budget_teachers else []
         return [(s, phase) for s in range(self.cfg.seeds) for phase in [None, *budgets]]
 
     def __call__(
@@ -844,6 +855,7 @@ def run_audit(
     data = (
         dataset.subset_train(cfg.labelled_fraction, cfg.base_seed) if cfg.labelled_fraction < 1 else dataset
     )
+    cfg = cfg.model_copy(update={"query_budgets": cfg.budgets(len(data.x_train))})  # the report states them
     transfer = None
     if cfg.transfer is not None:
         pool = load_dataset(cfg.transfer, **cfg.transfer_params)

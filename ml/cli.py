@@ -274,8 +274,10 @@ def audit(
     compare_raw: bool = False,
     labelled_fraction: float = 1.0,
     budget: Annotated[
-        list[int] | None, typer.Option(help="query budget for the budget curve, repeatable")
+        list[int] | None,
+        typer.Option(help="query budget for the budget curve, repeatable (default: 1, 5, 25 passes)"),
     ] = None,
+    budgets: Annotated[bool, typer.Option(help="run the budget curve at all")] = True,
     transfer: Annotated[str | None, typer.Option(help="unlabelled transfer set (a data set name)")] = None,
     transfer_param: ParamList = None,
     device: str = "auto",
@@ -309,7 +311,7 @@ def audit(
             output_mode=OutputMode(kind=output_mode, k=k, decimals=decimals),
             compare_raw=compare_raw,
             labelled_fraction=labelled_fraction,
-            query_budgets=budget or [],
+            query_budgets=budget if budgets else [],
             transfer=transfer,
             transfer_params=parse_params(transfer_param),
             device=device,

@@ -33,6 +33,7 @@ DEMO_JOB: dict[str, Any] = {
         "ls_eps": [0.0, 0.1],
         "control": True,
         "output_mode": {"kind": "probs"},
+        "query_budgets": [2000, 10000],
     },
 }
 
@@ -54,8 +55,8 @@ class JobCreate(BaseModel):
         description="the audit: students, attacks, seeds, schedule, control. `output_mode` and `policy` are "
         "also how the model is served by the predict endpoints (it is attacked exactly as deployed: the "
         "policy is fitted to the teacher as the audit fits it and published as policy.safetensors + "
-        "policy.json). With `query_budgets`, the smallest safe budget over the students becomes the "
-        "model's default per-key query budget",
+        "policy.json). The smallest safe budget over the students (`query_budgets`, by default 1, 5 and "
+        "25 passes over the labelled set) becomes the model's default per-key query budget",
     )
 
 

@@ -33,7 +33,13 @@ def teachers(data):
 def test_reduced_audit_is_complete_and_consistent(data, teachers) -> None:
     teacher, control = teachers
     cfg = AuditConfig(
-        students=["mlp", "cnn1d_small"], seeds=2, epochs=2, ls_eps=[0.0, 0.1], batch_size=64, device="cpu"
+        students=["mlp", "cnn1d_small"],
+        seeds=2,
+        epochs=2,
+        ls_eps=[0.0, 0.1],
+        batch_size=64,
+        query_budgets=[],
+        device="cpu",
     )
     seen = []
     report = run_audit(cfg, teacher, data, control=control, on_progress=seen.append)
@@ -362,3 +368,20 @@ def test_holm_adjustment_and_verdict_reason() -> None:
     assert out["verdict"] == "distillable" and "Holm-adjusted over 2 attacks" in out["reason"]
     assert attacks["a"]["p_holm"] == pytest.approx(min(1.0, 2 * attacks["a"]["p_value"]))
     assert attacks["a"]["significant_holm"] and not attacks["b"]["significant_holm"]
+
+
+def test_default_budget_curve_is_1_5_and_25_passes_over_the_labelled_set(data, teachers) -> None:
+    cfg = AuditConfig(seeds=2, epochs=1, attacks=["hard_label"], ls_eps=[0.1], ls_mixup=False, device="cpu")
+    assert cfg.query_budgets is None and cfg.budgets(300) == [300, 1500, 7500]
+    report = run_audit(
+        cfg.model_copy(update={"labelled_fraction": 0.5}), teachers[0], data, control=teachers[1]
+    )
+    half = report["threat_model"]["labelled_samples"]
+    assert (
+        report["config"]["query_budgets"]
+        == report["threat_model"]["query_budgets"]
+        == [half, 5 * half, 25 * half]
+    )
+    assert set(report["safe_budget"]) == {"teacher", "control"}
+    assert report["safe_budget"]["teacher"]["mlp"] in (0, half, 5 * half, 25 * half)
+    assert AuditConfig(query_budgets=[]).budgets(300) == []

@@ -39,6 +39,7 @@ TINY_JOB: dict[str, Any] = {
         "ls_mixup": False,
         "control": True,
         "output_mode": {"kind": "probs"},  # served with full probabilities, comparable to the local model
+        "query_budgets": [],  # no budget curve: the tests' keys are not capped by a safe budget
     },
 }
 
