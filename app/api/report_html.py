@@ -170,6 +170,8 @@ def render_report(job: JobOut, report: dict[str, Any], epochs: list[dict[str, An
 <style>{CSS}</style></head><body>
 <h1>Audit report {_verdict(report.get("verdict"))}</h1>
 <p>{escape(str(report.get("verdict_reason", "")))}</p>
+<p><strong>What this protection stops and what it does not:</strong>
+{escape(str(report.get("statement", {}).get("text", "not stated (an older report)")))}</p>
 {_table(["", ""], facts)}
 <h2>Knockoff students against the teacher as served</h2>
 {"".join(sections)}

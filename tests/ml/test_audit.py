@@ -385,3 +385,10 @@ def test_default_budget_curve_is_1_5_and_25_passes_over_the_labelled_set(data, t
     assert set(report["safe_budget"]) == {"teacher", "control"}
     assert report["safe_budget"]["teacher"]["mlp"] in (0, half, 5 * half, 25 * half)
     assert AuditConfig(query_budgets=[]).budgets(300) == []
+    statement = report["statement"]
+    assert statement["served_as"] == "labels only" and statement["text"].startswith("Served as labels only.")
+    rows = report["students"]["mlp"]["attacks"]
+    assert len(statement["stops"]) + len(statement["does_not_stop"]) == len(rows)
+    assert len(statement["stops"]) == sum(r["margin"] <= 0 for r in rows.values())
+    safe = report["safe_budget"]["teacher"]["mlp"]
+    assert (f"at most {safe:,} queries per key" in statement["text"]) == (safe > 0)

@@ -39,6 +39,8 @@ def test_report_and_artifacts(trained: Trained) -> None:
     html = c.get(f"/api/v1/jobs/{job}/report.html", headers=h)
     assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
     assert html.text.count("<svg") >= 4 and report["verdict"] in html.text
+    assert "What this protection stops and what it does not" in html.text
+    assert report["statement"]["text"].split(".")[0] in html.text  # "Served as full probabilities"
     assert "<script" not in html.text and "src=" not in html.text
 
 
