@@ -177,3 +177,22 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     assert "unknown model 'resnet9000'" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["cmi", str(tmp_path / "missing.safetensors")])
     assert result.exit_code == 2 and "no weights file" in result.output
+
+
+def test_cli_audit_writes_the_report_with_the_default_budget_curve(tmp_path: Path) -> None:
+    import json
+
+    runner = CliRunner()
+    small = ["--dataset-param", "num_train=300", "--dataset-param", "num_test=200"]
+    train = ["train", "--out", str(tmp_path / "t"), "--arch", "mlp", "--epochs", "2", "--device", "cpu"]
+    assert runner.invoke(app, train + small).exit_code == 0
+    audit = ["audit", "--teacher", str(tmp_path / "t" / "model.safetensors"), "--attack", "hard_label"]
+    audit += ["--seeds", "2", "--epochs", "1", "--ls-eps", "0.1", "--no-ls-mixup", "--device", "cpu"]
+    for extra, budgets in ((["--workers", "2"], [300, 1500, 7500]), (["--no-budgets"], [])):
+        out = tmp_path / f"report{len(budgets)}.json"
+        result = runner.invoke(app, audit + extra + ["--out", str(out)])
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.read_text())
+        assert report["config"]["query_budgets"] == budgets
+        assert ("safe query budget (teacher)" in result.output) == bool(budgets)
+        assert report["statement"]["served_as"] == "labels only"
