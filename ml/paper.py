@@ -125,6 +125,25 @@ BENCHMARKS.register("mnist1d-teachers")(
     )
 )
 
+# CMIM's own knobs (issue 6): does any setting, served with full probabilities, stop function matching?
+BENCHMARKS.register("mnist1d-cmim")(
+    Benchmark(
+        seeds=3,
+        attacks=["fm"],
+        attack_params={},
+        query_budgets=[],
+        budget_for=[],
+        protections={
+            "cmim_lam10": Protection(objective_params={"lam": 10.0}),
+            "cmim_uniform": Protection(objective_params={"lam": 3.0, "weights": "uniform"}),
+            "cmim_ema_warmup": Protection(
+                objective_params={"lam": 3.0, "centroids": "ema", "warmup_epochs": 10}
+            ),
+            "protected": Protection(output_mode=OutputMode(kind="label")),
+        },
+    )
+)
+
 
 def run_paper(
     bench: Benchmark,
