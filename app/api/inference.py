@@ -78,6 +78,12 @@ class ServedModel:
                 f"the audit's safe budget: the smallest over the audited students of the largest tested "
                 f"query budget at which no knockoff beat label smoothing ({', '.join(at)}: {low}; "
                 f"all: {json.dumps(self.safe_budget, sort_keys=True)})"
+                + (
+                    "; 0 means a knockoff beat label smoothing even at the smallest tested budget, so "
+                    "the model answers no queries until the operator sets CMIM_MODEL_QUERY_BUDGET"
+                    if low == 0
+                    else ""
+                )
             )
         return None, "none: the audit ran no query budgets and the operator configured none"
 

@@ -246,3 +246,24 @@ def test_a_model_audited_with_a_policy_is_never_served_without_it(pg: Trained, b
     for url in (f"/v2/models/{copy_id}", f"/v2/models/{copy_id}/ready"):
         body = assert_problem(pg.client.get(url, headers=pg.headers), 409)
         assert "policy" in body["detail"]
+
+
+def test_a_zero_safe_budget_says_why_the_model_answers_nothing() -> None:
+    from app.api.inference import ServedModel
+    from ml.models import build_model
+    from ml.oracle import OutputMode
+
+    def served(safe: dict[str, int] | None) -> ServedModel:
+        return ServedModel(
+            uuid.uuid4(), build_model("mlp", (1, 40), 10), None, OutputMode(), safe_budget=safe
+        )
+
+    limit, why = served({"mlp": 0, "cnn1d_small": 4000}).model_budget(None)
+    assert limit == 0 and "mlp: 0" in why and "CMIM_MODEL_QUERY_BUDGET" in why
+    limit, why = served({"mlp": 20000}).model_budget(None)
+    assert limit == 20000 and "answers no queries" not in why
+    assert served({"mlp": 0}).model_budget(500) == (
+        500,
+        "configured by the operator (CMIM_MODEL_QUERY_BUDGET)",
+    )
+    assert served(None).model_budget(None)[0] is None
