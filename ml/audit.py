@@ -208,14 +208,6 @@ class Batch:
         if self.labelled < 0:
             self.labelled = len(self.y)
 
-    @property
-    def perm(self) -> Tensor:
-        return self.mix["mixup"][0]
-
-    @property
-    def lam(self) -> Tensor:
-        return self.mix["mixup"][1]
-
 
 # Every input view a student or attack can ask for, each drawn from its own generator (seeded per seed).
 VIEWS = ("plain", "mixup", "strong", "mixup_edge", "noise")
@@ -726,8 +718,9 @@ class SeedJob:
     def tasks(self) -> list[tuple[int, int | None]]:
         """(seed index, phase) pairs: phase None trains the LS students and the unlimited attackers,
         phase B the attackers holding B cached answers; the phases of a seed are independent."""
-        budgets = (self.cfg.query_budgets or []) if self.budget_teachers else []
-        return [(s, phase) for s in range(self.cfg.seeds) for phase in [None, *budgets]]
+        return [
+            (s, phase) for s in range(self.cfg.seeds) for phase in [None, *(self.cfg.query_budgets or [])]
+        ]
 
     def __call__(
         self, s: int, phase: int | None, report: Callable[[int, str], None]
@@ -880,8 +873,8 @@ def run_audit(
     unknown = sorted(set(budget_teachers) - set(teachers))
     if unknown:
         raise ValueError(f"budget_for names no audited black box: {', '.join(unknown)}")
-    if not cfg.query_budgets:
-        budget_teachers = []
+    if not budget_teachers:  # the report states the budgets that were run
+        cfg = cfg.model_copy(update={"query_budgets": []})
     jobs_per_seed = 1 + len(cfg.query_budgets) * len({len(ATTACKS.get(k).views) for _, k, _ in attack_rows})
     total = cfg.seeds * cfg.epochs * jobs_per_seed
     done: dict[Task, int] = {}

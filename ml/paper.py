@@ -103,15 +103,24 @@ BENCHMARKS.register("mnist1d-quick")(
     )
 )
 
-# Other teachers (issue 6): does any teacher, served with full probabilities, stop function matching?
-BENCHMARKS.register("mnist1d-teachers")(
-    Benchmark(
+
+def _fm_comparison(protections: dict[str, Protection]) -> Benchmark:
+    """3 seeds, function matching only, no budget curves: teachers compared against fm and the default."""
+    default = {"protected": Protection(output_mode=OutputMode(kind="label"))}
+    return Benchmark(
         seeds=3,
         attacks=["fm"],
         attack_params={},
         query_budgets=[],
         budget_for=[],
-        protections={
+        protections=protections | default,
+    )
+
+
+# Other teachers (issue 6): does any teacher, served with full probabilities, stop function matching?
+BENCHMARKS.register("mnist1d-teachers")(
+    _fm_comparison(
+        {
             "nasty": Protection(objective="nasty"),
             # the owner's CE teacher fine-tuned with CMIM (lambda 3) for 30 epochs
             "cmim_ft": Protection(finetune=True),
@@ -120,27 +129,19 @@ BENCHMARKS.register("mnist1d-teachers")(
             "cmim_mixed_label": Protection(
                 objective_params={"lam": 3.0, "mixed": 3.0}, output_mode=OutputMode(kind="label")
             ),
-            "protected": Protection(output_mode=OutputMode(kind="label")),
-        },
+        }
     )
 )
-
 # CMIM's own knobs (issue 6): does any setting, served with full probabilities, stop function matching?
 BENCHMARKS.register("mnist1d-cmim")(
-    Benchmark(
-        seeds=3,
-        attacks=["fm"],
-        attack_params={},
-        query_budgets=[],
-        budget_for=[],
-        protections={
+    _fm_comparison(
+        {
             "cmim_lam10": Protection(objective_params={"lam": 10.0}),
             "cmim_uniform": Protection(objective_params={"lam": 3.0, "weights": "uniform"}),
             "cmim_ema_warmup": Protection(
                 objective_params={"lam": 3.0, "centroids": "ema", "warmup_epochs": 10}
             ),
-            "protected": Protection(output_mode=OutputMode(kind="label")),
-        },
+        }
     )
 )
 

@@ -229,8 +229,9 @@ def test_refused_answers_become_the_attackers_own_targets(data, teachers) -> Non
     batch, served = next(source.epoch())
     answer, refused = served["teacher"]["mixup"], source.oracles["teacher"].last.refused
     assert 0 < int(refused.sum()) < len(refused)
-    own = batch.lam[:, None] * torch.nn.functional.one_hot(batch.y, 10) + (1 - batch.lam[:, None]) * (
-        torch.nn.functional.one_hot(batch.y[batch.perm], 10)
+    perm, lam = batch.mix["mixup"]
+    own = lam[:, None] * torch.nn.functional.one_hot(batch.y, 10) + (1 - lam[:, None]) * (
+        torch.nn.functional.one_hot(batch.y[perm], 10)
     )
     assert torch.allclose(answer[refused], own[refused].float())
     assert torch.allclose(answer.sum(-1), torch.ones(len(answer)))
@@ -269,7 +270,8 @@ def test_transfer_batches_carry_unlabelled_rows_after_the_labelled_ones(data, te
     source = LiveSource(runs, data, {"teacher": Oracle(teachers[0])}, cfg, seed=0, transfer=pool)
     batch, served = next(source.epoch())
     assert batch.labelled == 32 and len(batch.y) == 64 and (batch.y[32:] == -1).all()
-    assert (batch.perm[:32] < 32).all() and (batch.perm[32:] >= 32).all()
+    perm = batch.mix["mixup"][0]
+    assert (perm[:32] < 32).all() and (perm[32:] >= 32).all()
     assert served["teacher"]["mixup"].shape == (64, 10)
 
 
@@ -297,6 +299,10 @@ def test_parallel_seeds_give_the_same_report_and_budgets_only_where_asked(data, 
     assert list(one["budgets"]) == ["label_only"] and list(one["safe_budget"]) == ["label_only"]
     rows = one["budgets"]["label_only"]["150"]["students"]["mlp"]["attacks"]
     assert {n: r["queries"] for n, r in rows.items()} == {"fm_edge": 150, "hard_label": 150}
+    seen.clear()  # no box under budgets: no budget phases, and the report and progress say so
+    none = run_audit(cfg, teachers[0], data, control=teachers[1], budget_for=[], on_progress=seen.append)
+    assert "budgets" not in none and none["config"]["query_budgets"] == []
+    assert seen[-1].done == seen[-1].total == 2 * 2
     with pytest.raises(ValueError, match="budget_for names no audited black box: nope"):
         run_audit(cfg, teachers[0], data, control=teachers[1], budget_for=["nope"])
 
