@@ -1006,7 +1006,8 @@ def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
         (r["queries"] for s in report["students"].values() for r in s["attacks"].values()), default=0
     )
     lines = [
-        f"Served as {served}. Against attackers with unlimited queries (up to {queries:,} each here), "
+        f"Served as {served}. Against attackers querying throughout their training ({queries:,} queries "
+        "each at most), "
         + (
             "no knockoff beat the best label-smoothing student."
             if not leaks
