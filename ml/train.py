@@ -90,6 +90,7 @@ class EpochReport(BaseModel):
     cmi: dict[str, float] = Field(default_factory=dict)
     lr: float = 0.0
     seconds: float = 0.0
+    device: str = Field("", description="where this epoch ran: 'cpu' or 'cuda (NVIDIA ...)'")
 
 
 @dataclass
@@ -109,6 +110,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """'cpu', or 'cuda (NVIDIA H200)': what a progress event says about where a stage runs."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def make_optimizer(params: Iterable[Tensor], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -210,11 +216,13 @@ def train_model(
         start = int(state["epoch"])
 
     use_amp = device.type == "cuda"
+    where = describe_device(device)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        sums: dict[str, float] = {}
-        correct = 0
+        # Running sums stay on the device: a host sync per step would stall a GPU on small batches.
+        sums: dict[str, Tensor] = {}
+        correct = torch.zeros((), dtype=torch.long, device=device)
         for i, idx in enumerate(batches(len(x_train), cfg.batch_size, gen)):
             x, y = x_train[idx], y_train[idx]
             if cfg.augment:
@@ -240,19 +248,21 @@ def train_model(
             opt.step()
             sched.step()
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(idx)
-            correct += int((logits.argmax(-1) == y).sum())
+                term = v.detach().double() * len(idx)
+                sums[k] = sums[k] + term if k in sums else term
+            correct += (logits.argmax(-1) == y).sum()
         test_logits = model_logits(model, data.x_test)
         report = EpochReport(
             stage=stage,
             epoch=epoch + 1,
             epochs=cfg.epochs,
-            losses={k: v / len(x_train) for k, v in sums.items()},
-            train_acc=100.0 * correct / len(x_train),
+            losses={k: float(v) / len(x_train) for k, v in sums.items()},
+            train_acc=100.0 * int(correct) / len(x_train),
             test_acc=accuracy(test_logits, data.y_test),
             cmi=cmi_by_temperature(test_logits, data.y_test, cfg.log_temperatures),
             lr=opt.param_groups[0]["lr"],
             seconds=time.perf_counter() - t0,
+            device=where,
         )
         history.append(report)
         if on_epoch is not None:
