@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.api.inference import HistoryCache, ModelCache, RateLimiter
 from app.api.routes import catalog, datasets, health, jobs, keys, models
@@ -28,7 +29,9 @@ Errors are RFC 9457 `application/problem+json`.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for settings (default: from `CMIM_*` environment variables)."""
     settings = settings or get_settings()
-    app = FastAPI(title="cmim", version="0.1.0", description=DESCRIPTION)
+    # /docs and /redoc from assets packaged with fastapi-offline: a deployment without internet access
+    # still shows its API documentation.
+    app = FastAPIOffline(title="cmim", version="0.1.0", description=DESCRIPTION, static_url="/static/docs")
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database_url)
     app.state.store = ArtifactStore(settings.artifact_url, settings.cache_dir)
