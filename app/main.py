@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="cmim", version="0.1.0", description=DESCRIPTION, static_url="/static/docs")
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database_url)
-    app.state.store = ArtifactStore(settings.artifact_url, settings.cache_dir)
+    app.state.store = ArtifactStore.from_settings(settings)
     app.state.models = ModelCache(settings.model_cache_size)
     app.state.rate_limiter = RateLimiter()
     app.state.histories = HistoryCache(settings.policy_history_cache_size)

@@ -142,7 +142,7 @@ def _policy_files(
 
 def _execute(ctx: JobContext) -> None:
     settings = ctx.settings
-    store = ArtifactStore(settings.artifact_url, settings.cache_dir)
+    store = ArtifactStore.from_settings(settings)
     with ctx.session() as s:
         job = s.get(Job, ctx.claim.job_id)
         s.expunge(job)

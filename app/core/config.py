@@ -20,7 +20,14 @@ class Settings(BaseSettings):
     environment: Literal["development", "test", "production"] = "development"
     database_url: str = "sqlite:///var/cmim.db"
     broker_url: str | None = Field(None, description="Redis URL; unset = embedded mode (the DB is the queue)")
-    artifact_url: str = Field("file://var/artifacts", description="fsspec URL of the artifact store")
+    artifact_url: str = Field(
+        "file://var/artifacts",
+        description="fsspec URL of the artifact store: file://DIR, or s3://BUCKET/PREFIX when workers run "
+        "on several machines (credentials from the standard AWS_* variables)",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="an S3-compatible server for s3:// artifact URLs (MinIO, Ceph, ...); None = AWS"
+    )
     work_dir: str = Field("var/work", description="per-job scratch space (resumable training state)")
     cache_dir: str = Field("var/cache", description="local copies of remote artifacts for serving")
 
@@ -58,6 +65,13 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("CMIM_DATABASE_URL must name a server database (PostgreSQL) in production")
         return self
+
+    @property
+    def artifact_options(self) -> dict[str, object]:
+        """fsspec options for artifact_url: the S3 endpoint when one is set."""
+        if self.artifact_url.startswith("s3://") and self.s3_endpoint_url:
+            return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
+        return {}
 
     @property
     def embedded(self) -> bool:

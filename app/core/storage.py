@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from app.core.config import Settings
 
 CHUNK = 1024 * 1024
 
@@ -47,10 +49,17 @@ def sha256_file(path: str | Path) -> str:
 class ArtifactStore:
     """Immutable objects addressed by their sha256 under an fsspec URL."""
 
-    def __init__(self, url: str, cache_dir: str | Path = "var/cache") -> None:
+    def __init__(
+        self, url: str, cache_dir: str | Path = "var/cache", options: Mapping[str, Any] | None = None
+    ) -> None:
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.fs, self.root = fsspec.core.url_to_fs(url, **(options or {}))
         self.cache_dir = Path(cache_dir)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ArtifactStore:
+        """The store the settings name (file:// or s3:// with its endpoint)."""
+        return cls(settings.artifact_url, settings.cache_dir, settings.artifact_options)
 
     def _path(self, key: str) -> str:
         return f"{self.root.rstrip('/')}/{key}"

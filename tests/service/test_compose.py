@@ -28,8 +28,10 @@ def test_compose_file_is_valid() -> None:
 def test_compose_runs_the_deployed_split() -> None:
     r = compose("config", "--services")
     assert r.returncode == 0, r.stderr
-    assert set(r.stdout.split()) == {"api", "migrate", "worker", "redis", "postgres"}
+    assert set(r.stdout.split()) == {"api", "migrate", "worker", "redis", "postgres", "s3", "s3-bucket"}
     full = compose("config").stdout
     assert "driver: nvidia" in full and "capabilities:" in full  # the worker reserves a GPU
     assert "CMIM_BROKER_URL: redis://redis:6379/0" in full
     assert "service_completed_successfully" in full  # api and worker wait for the migrations
+    # Artifacts on the S3-compatible store that every worker machine reaches.
+    assert "CMIM_ARTIFACT_URL: s3://cmim/artifacts" in full and "CMIM_S3_ENDPOINT_URL: http://s3:9000" in full
