@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, DB session, artifact store, the calling API key and its scopes."""
+"""FastAPI dependencies: settings, DB session, artifact store, the calling API key (cached) and its scopes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
-from app.core.keys import find_api_key
-from app.core.models import ApiKey
+from app.core.keys import KeyCache, KeyInfo, hash_secret
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found
 
@@ -37,12 +37,14 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
-def current_key(
+async def current_key(
     scopes: SecurityScopes,
-    session: SessionDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiKey:
-    """The live API key named by the Bearer token, holding every scope the route asks for."""
+) -> KeyInfo:
+    """The live API key named by the Bearer token, holding every scope the route asks for.
+
+    Served from the process's key cache (`KeyCache`): the database is read only on a miss."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if credentials is None:
         raise Problem(
@@ -51,9 +53,18 @@ def current_key(
             slug="unauthenticated",
             headers=challenge,
         )
-    key = find_api_key(session, credentials.credentials)
-    if key is None:
+    cache: KeyCache = request.app.state.keys
+    digest = hash_secret(credentials.credentials)
+    key = cache.cached(digest) or await run_in_threadpool(cache.load, digest)
+    if key is None or key.revoked_at is not None:
         raise Problem(401, "unknown or revoked API key", slug="unauthenticated", headers=challenge)
+    if not key.live():
+        raise Problem(
+            401,
+            f"API key expired at {key.expires_at:%Y-%m-%dT%H:%M:%SZ}",
+            slug="unauthenticated",
+            headers=challenge,
+        )
     missing = [s for s in scopes.scopes if s not in key.scopes]
     if missing:
         raise Problem(403, f"this API key lacks the scope(s) {', '.join(missing)}", slug="forbidden")
@@ -64,18 +75,18 @@ def _caller(*scopes: str) -> object:
     return Security(current_key, scopes=list(scopes))
 
 
-JobsRead = Annotated[ApiKey, _caller("jobs:read")]
-JobsWrite = Annotated[ApiKey, _caller("jobs:write")]
-DatasetsRead = Annotated[ApiKey, _caller("datasets:read")]
-DatasetsWrite = Annotated[ApiKey, _caller("datasets:write")]
-Predict = Annotated[ApiKey, _caller("models:predict")]
-AnyKey = Annotated[ApiKey, _caller()]
-KeysAdmin = Annotated[ApiKey, _caller("keys:admin")]
+JobsRead = Annotated[KeyInfo, _caller("jobs:read")]
+JobsWrite = Annotated[KeyInfo, _caller("jobs:write")]
+DatasetsRead = Annotated[KeyInfo, _caller("datasets:read")]
+DatasetsWrite = Annotated[KeyInfo, _caller("datasets:write")]
+Predict = Annotated[KeyInfo, _caller("models:predict")]
+AnyKey = Annotated[KeyInfo, _caller()]
+KeysAdmin = Annotated[KeyInfo, _caller("keys:admin")]
 
 M = TypeVar("M")
 
 
-def get_owned(session: Session, model: type[M], ident: uuid.UUID, key: ApiKey, kind: str) -> M:
+def get_owned(session: Session, model: type[M], ident: uuid.UUID, key: KeyInfo, kind: str) -> M:
     """The object with this id if the caller's owner owns it; otherwise the same 404 as for a missing id."""
     obj = session.get(model, ident)
     if obj is None or obj.owner_id != key.owner_id:  # type: ignore[attr-defined]
