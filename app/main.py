@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
@@ -48,7 +49,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             background.stop()
-            limits.flush()
 
     app = FastAPI(title="cmim", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -68,4 +68,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.v2)
     app.include_router(health.router)
     app.include_router(health.v2)
+    openapi = app.openapi
+
+    def documented() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            models.document_bodies(openapi())
+        return openapi()
+
+    app.openapi = documented  # type: ignore[method-assign]
     return app

@@ -11,6 +11,7 @@ restart, or after Redis lost it): at most the last write-back interval of counts
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.models import QueryUsage, utcnow
 
+log = logging.getLogger(__name__)
 Scope = Literal["key", "owner", "global"]
 SCOPES: tuple[Scope, ...] = ("key", "owner", "global")
 WINDOW_SECONDS = 60
@@ -323,9 +325,6 @@ class Background:
         self._thread.start()
 
     def _run(self) -> None:
-        import logging
-
-        log = logging.getLogger(__name__)
         due = [0.0] * len(self.tasks)
         tick = min(interval for interval, _ in self.tasks)
         while not self._stop.wait(tick):
@@ -333,11 +332,18 @@ class Background:
             for i, (interval, fn) in enumerate(self.tasks):
                 if now >= due[i]:
                     due[i] = now + interval
-                    try:
-                        fn()
-                    except Exception:  # noqa: BLE001 - a database or broker outage must not end the thread
-                        log.exception("background task %s failed", getattr(fn, "__qualname__", fn))
+                    _logged(fn)
 
     def stop(self) -> None:
+        """Stop the thread, then run every task once more (the last counts reach the database)."""
         self._stop.set()
         self._thread.join(timeout=10)
+        for _, fn in self.tasks:
+            _logged(fn)
+
+
+def _logged(fn: Any) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - a database or broker outage must not end the thread or the app
+        log.exception("background task %s failed", getattr(fn, "__qualname__", fn))

@@ -255,7 +255,7 @@ def test_a_zero_safe_budget_says_why_the_model_answers_nothing() -> None:
 
     def served(safe: dict[str, int] | None) -> ServedModel:
         return ServedModel(
-            uuid.uuid4(), build_model("mlp", (1, 40), 10), None, OutputMode(), safe_budget=safe
+            uuid.uuid4(), uuid.uuid4(), build_model("mlp", (1, 40), 10), None, OutputMode(), safe_budget=safe
         )
 
     limit, why = served({"mlp": 0, "cnn1d_small": 4000}).model_budget(None)
