@@ -60,12 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
     install_problem_handlers(app)
 
+    app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
+    api.include_router(models.simple)
     for module in (jobs, datasets, keys, catalog):
         api.include_router(module.router)
-    api.include_router(models.simple)
     app.include_router(api)
-    app.include_router(models.v2)
     app.include_router(health.router)
     app.include_router(health.v2)
     openapi = app.openapi

@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -116,12 +117,10 @@ async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reque
     return status
 
 
-async def load(port: int, request: bytes, requests: int, clients: int, max_seconds: float) -> dict:
+async def load(port: int, request: bytes, requests: int, clients: int, deadline: float) -> Run:
     """`clients` connections send `request` back to back until `requests` were sent; latency of each."""
-    latencies: list[float] = []
-    statuses: Counter[int] = Counter()
+    run = Run()
     sent = 0
-    deadline = time.monotonic() + max_seconds
 
     async def client() -> None:
         nonlocal sent
@@ -130,25 +129,42 @@ async def load(port: int, request: bytes, requests: int, clients: int, max_secon
             sent += 1
             t = time.perf_counter()
             status = await _one(reader, writer, request)
-            statuses[status] += 1
+            run.statuses[status] += 1
             if status == 200:
-                latencies.append(time.perf_counter() - t)
+                run.latencies.append(time.perf_counter() - t)
         writer.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
-    return {
-        "sent": sent,
-        "ok": len(latencies),
-        "statuses": dict(statuses),
-        "wall_s": round(wall, 3),
-        "throughput_rps": round(len(latencies) / wall, 1),
-        "p50_ms": ms(percentile(latencies, 50)),
-        "p99_ms": ms(percentile(latencies, 99)),
-    }
+    run.wall += time.perf_counter() - t0
+    return run
+
+
+@dataclass
+class Run:
+    """Latencies of the answered requests, statuses, and the wall time, summed over rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    wall: float = 0.0
+
+    def add(self, other: Run) -> None:
+        self.latencies += other.latencies
+        self.statuses += other.statuses
+        self.wall += other.wall
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies)
+        ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+        return {
+            "sent": sum(self.statuses.values()),
+            "ok": len(lat),
+            "statuses": dict(self.statuses),
+            "wall_s": round(self.wall, 3),
+            "throughput_rps": round(len(lat) / self.wall, 1) if self.wall else 0.0,
+            "p50_ms": ms(percentile(lat, 50)),
+            "p99_ms": ms(percentile(lat, 99)),
+        }
 
 
 def http_request(path: str, body: bytes, key: str | None) -> bytes:
@@ -235,11 +251,18 @@ async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_por
         }
         for clients in args.clients:
             cell: dict = {"batch": batch, "clients": clients}
-            for name, (p, request) in targets.items():
-                await load(p, request, args.warmup, clients, args.max_seconds)
-                before = os.getloadavg()[0]
-                cell[name] = await load(p, request, args.requests, clients, args.max_seconds)
-                cell[name]["loadavg_before"] = round(before, 2)
+            runs = {name: Run() for name in targets}
+            deadline = time.monotonic() + args.max_seconds
+            before = os.getloadavg()[0]
+            for p, request in targets.values():
+                await load(p, request, args.warmup, clients, deadline)
+            # Rounds alternate between the two servers, so that a change in the machine's load (other
+            # processes) weighs on both alike and the ratio stays fair.
+            for _ in range(args.rounds):
+                for name, (p, request) in targets.items():
+                    runs[name].add(await load(p, request, args.requests // args.rounds, clients, deadline))
+            for name in targets:
+                cell[name] = runs[name].summary() | {"loadavg_before": round(before, 2)}
             for name in targets:
                 if not cell[name]["ok"]:
                     sys.exit(f"{name} answered no request: {cell[name]['statuses']}")
@@ -319,6 +342,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=2000, help="timed requests per route and cell")
     p.add_argument("--warmup", type=int, default=200, help="untimed requests per route and cell first")
+    p.add_argument("--rounds", type=int, default=5, help="alternations between the two servers per cell")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="rows per request")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="connections in flight")
     p.add_argument(
@@ -327,8 +351,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both servers")
     p.add_argument("--max-seconds", type=float, default=120.0, help="stop a cell's sending after this long")
     args = p.parse_args(argv)
-    if min(args.requests, args.warmup, *args.batches, *args.clients) < 1:
-        p.error("--requests, --warmup, --batches and --clients must be at least 1")
+    if min(args.warmup, args.rounds, *args.batches, *args.clients) < 1 or args.requests < args.rounds:
+        p.error(
+            "--warmup, --rounds, --batches and --clients must be at least 1, --requests at least --rounds"
+        )
     return args
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import Predict
+from app.api.deps import BEARER_DOC, PREDICT_SCOPES, Predict, authenticate, bearer_token
 from app.api.inference import (
     ServedModel,
     as_batch,
@@ -62,7 +62,7 @@ def _body_doc(model: type[BaseModel], binary: bool) -> dict[str, Any]:
             "schema": {"type": "string", "format": "binary"},
             "description": f"binary tensor extension: JSON header of `{BINARY_HEADER}` bytes, then the data",
         }
-    return {"requestBody": {"required": True, "content": content}}
+    return {"requestBody": {"required": True, "content": content}} | BEARER_DOC
 
 
 def document_bodies(spec: dict[str, Any]) -> None:
@@ -188,7 +188,8 @@ def _split_binary(request: Request, raw: bytes) -> tuple[bytes, bytes]:
     summary="Inference (Open Inference Protocol v2, JSON or binary tensors)",
     openapi_extra=_body_doc(InferRequest, binary=True),
 )
-async def infer(model_id: ModelId, request: Request, key: Predict) -> Response:
+async def infer(model_id: ModelId, request: Request) -> Response:
+    key = await authenticate(request, bearer_token(request), PREDICT_SCOPES)
     header, tail = _split_binary(request, await _read(request))
     body = _parse(InferRequest, header)
     served = await _served(request, model_id, key)
@@ -260,7 +261,8 @@ async def infer(model_id: ModelId, request: Request, key: Predict) -> Response:
     summary="Predict (simple JSON)",
     openapi_extra=_body_doc(PredictRequest, binary=False),
 )
-async def predict(model_id: ModelId, request: Request, key: Predict) -> Response:
+async def predict(model_id: ModelId, request: Request) -> Response:
+    key = await authenticate(request, bearer_token(request), PREDICT_SCOPES)
     body = _parse(PredictRequest, await _read(request))
     served = await _served(request, model_id, key)
     settings = request.app.state.settings
