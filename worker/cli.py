@@ -156,9 +156,10 @@ def serve(
     else:
         # A key for a new owner would see none of the jobs: name the first key's owner.
         console.print(
-            f"API keys exist already; `cmim keys create --owner {oldest}` makes another for the first "
-            "key's owner (who sees its jobs); `cmim keys list` lists them",
+            "API keys exist already; `cmim keys list` lists them. Another key for the first key's owner "
+            f"(who sees its jobs): `cmim keys create --owner {oldest}`",
             highlight=False,
+            soft_wrap=True,
         )
     console.print(
         "mode: "
