@@ -167,10 +167,25 @@ class Run:
         }
 
 
-def http_request(path: str, body: bytes, key: str | None) -> bytes:
+def http_request(path: str, body: bytes, key: str | None, binary_header: int | None = None) -> bytes:
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\n"
+    kind = "application/json" if binary_header is None else "application/octet-stream"
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: {kind}\r\n"
+    if binary_header is not None:
+        head += f"Inference-Header-Content-Length: {binary_header}\r\n"
     return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def binary_body(x: np.ndarray) -> tuple[bytes, int]:
+    """A v2 request with x as binary tensor data, all outputs asked in binary; (body, JSON header size)."""
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    head = json.dumps(
+        {
+            "inputs": [tensor | {"parameters": {"binary_data_size": x.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return head + x.tobytes(), len(head)
 
 
 def train(tmp: Path, database_url: str) -> tuple[str, str, Path, Path]:
@@ -249,6 +264,9 @@ async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_por
             "ours": (port, http_request(f"/v2/models/{model}/infer", body, key)),
             "plain": (plain_port, http_request("/infer", body, None)),
         }
+        if args.binary:  # the binary tensor extension, as tritonclient sends it by default
+            raw, header = binary_body(x)
+            targets["ours_binary"] = (port, http_request(f"/v2/models/{model}/infer", raw, key, header))
         for clients in args.clients:
             cell: dict = {"batch": batch, "clients": clients}
             runs = {name: Run() for name in targets}
@@ -267,6 +285,15 @@ async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_por
                 if not cell[name]["ok"]:
                     sys.exit(f"{name} answered no request: {cell[name]['statuses']}")
             cell["ratio"] = round(cell["ours"]["throughput_rps"] / cell["plain"]["throughput_rps"], 3)
+            if args.binary:
+                binary = cell["ours_binary"]
+                cell["binary_ratio"] = round(binary["throughput_rps"] / cell["plain"]["throughput_rps"], 3)
+                print(
+                    f"batch {batch:3d} clients {clients}: ours, binary tensors: p50 {binary['p50_ms']} ms "
+                    f"p99 {binary['p99_ms']} ms {binary['throughput_rps']} req/s | ours binary/plain "
+                    f"{cell['binary_ratio']}",
+                    flush=True,
+                )
             rows.append(cell)
             o, q = cell["ours"], cell["plain"]
             print(
@@ -348,6 +375,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--redis", default=None, help="Redis URL: our limits in Redis (deployed) instead of in process"
     )
+    p.add_argument("--binary", action="store_true", help="also measure ours with binary tensor data")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both servers")
     p.add_argument("--max-seconds", type=float, default=120.0, help="stop a cell's sending after this long")
     args = p.parse_args(argv)

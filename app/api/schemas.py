@@ -209,10 +209,11 @@ class ModelMetadata(BaseModel):
     parameters: dict[str, Any] = Field(
         default_factory=dict,
         description="output_mode; policy (the serving policy's config, null when served without one); "
-        "query_budget: the budget that applies to the calling key on this model (`limit`, `applies`: "
-        "key, model or none, `reason`, `used`, `remaining`, `key_budget`, `model_budget` and "
-        "`model_budget_reason`: the operator's CMIM_MODEL_QUERY_BUDGET, else the audit's safe budget); "
-        "class_names; arch",
+        "query_budget: the budgets that apply to the calling key on this model: the key's (`limit`, "
+        "`used`, `remaining`, `reason`; `applies`: key, model or none, whose number it is; `key_budget`, "
+        "`model_budget` and `model_budget_reason`: the operator's CMIM_MODEL_QUERY_BUDGET, else the "
+        "audit's safe budget), the owner's over all its keys (`owner`) and the model's over every key "
+        "(`global`); class_names; arch",
     )
 
 

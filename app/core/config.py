@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     predict_max_batch: int = Field(1024, ge=1)
     predict_max_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest predict request body")
     model_cache_size: int = Field(8, ge=1)
-    default_query_budget: int | None = Field(100_000, ge=0, description="queries per key; None = unlimited")
+    default_query_budget: int | None = Field(
+        100_000, ge=0, description="rows per key and model for new keys; None = unlimited"
+    )
     model_query_budget: int | None = Field(
         None,
         ge=0,

@@ -45,8 +45,9 @@ from ml.policy import Served
 v2 = APIRouter(prefix="/v2/models", tags=["inference (KServe v2)"])
 simple = APIRouter(prefix="/models", tags=["inference"])
 ModelId = Annotated[uuid.UUID, Path(description="the model's id: the id of the job that trained it")]
-# Up to this many rows a forward pass runs on the event loop: a thread hop would cost more than it.
-INLINE_ROWS = 16
+# Requests of up to this many rows are answered on the event loop, their forward passes micro-batched
+# (`MicroBatcher`); larger ones in a thread, alone (a thread hop costs less than their forward pass).
+INLINE_ROWS = 256
 BINARY_HEADER = "inference-header-content-length"
 WIRE = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 M = TypeVar("M", bound=BaseModel)
@@ -123,7 +124,7 @@ async def _answer(request: Request, key: KeyInfo, served: ServedModel, x: Any) -
     headers = await charge(state.limits, key, caps, int(x.shape[0]), settings.rate_limit_per_minute, budget)
     history = state.histories.get(key.id, served)
     if x.shape[0] <= INLINE_ROWS:
-        return served.serve(x, history), headers
+        return served.answer(x, await served.batcher.logits(x), history), headers
     return await run_in_threadpool(served.serve, x, history), headers
 
 
