@@ -285,15 +285,6 @@ async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_por
                 if not cell[name]["ok"]:
                     sys.exit(f"{name} answered no request: {cell[name]['statuses']}")
             cell["ratio"] = round(cell["ours"]["throughput_rps"] / cell["plain"]["throughput_rps"], 3)
-            if args.binary:
-                binary = cell["ours_binary"]
-                cell["binary_ratio"] = round(binary["throughput_rps"] / cell["plain"]["throughput_rps"], 3)
-                print(
-                    f"batch {batch:3d} clients {clients}: ours, binary tensors: p50 {binary['p50_ms']} ms "
-                    f"p99 {binary['p99_ms']} ms {binary['throughput_rps']} req/s | ours binary/plain "
-                    f"{cell['binary_ratio']}",
-                    flush=True,
-                )
             rows.append(cell)
             o, q = cell["ours"], cell["plain"]
             print(
@@ -303,6 +294,15 @@ async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_por
                 + ("" if o["ok"] == o["sent"] else f"  errors {o['statuses']}"),
                 flush=True,
             )
+            if args.binary:
+                binary = cell["ours_binary"]
+                cell["binary_ratio"] = round(binary["throughput_rps"] / cell["plain"]["throughput_rps"], 3)
+                print(
+                    f"batch {batch:3d} clients {clients}: ours, binary tensors: p50 {binary['p50_ms']} ms "
+                    f"p99 {binary['p99_ms']} ms {binary['throughput_rps']} req/s | ours binary/plain "
+                    f"{cell['binary_ratio']}",
+                    flush=True,
+                )
     return rows
 
 
