@@ -345,6 +345,12 @@ def main(args: argparse.Namespace) -> dict:
             for p in procs:
                 p.terminate()
                 p.wait(timeout=15)
+            if args.redis:  # this run's counters only: the Redis may be shared
+                import redis
+
+                client = redis.Redis.from_url(args.redis)
+                for name in client.scan_iter(f"{env['CMIM_REDIS_PREFIX']}:*"):
+                    client.delete(name)
     cell = {(r["batch"], r["clients"]): r for r in rows}
     summary = {}
     if (1, 8) in cell:

@@ -4,7 +4,6 @@ owner; the rate limit and revocations hold across replicas; a standard v2 client
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,10 +14,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis
 import torch
-from service_helpers import assert_problem, job_body, service_settings
+from service_helpers import assert_problem, copy_job, job_body, service_settings
 from sqlalchemy import select
-from test_e2e import Proc, base_env, free_port
+from test_e2e import Stack, base_env
 
 from app.api.job_service import create_job
 from app.api.schemas import JobCreate
@@ -26,7 +26,7 @@ from app.core.db import session_scope
 from app.core.keys import create_api_key, find_api_key
 from app.core.limits import counters_for, read_usage
 from app.core.migrate import upgrade
-from app.core.models import Artifact, Job
+from app.core.models import Artifact
 from ml.checkpoint import load_checkpoint
 from ml.oracle import OutputMode, apply_output_mode
 from worker.pipeline import run_job
@@ -50,8 +50,9 @@ class Replicas:
             )
         assert run_job(job.id, settings) == "succeeded"
         self.job_id = job.id
-        self.ports = [free_port() for _ in range(count)]
-        self.procs = [self.start(i) for i in range(count)]
+        self.stacks = [Stack(env, tmp) for _ in range(count)]
+        for i in range(count):
+            self.start(i)
         with session_scope(url) as s:
             weights, config = (
                 s.scalar(select(Artifact.storage_key).where(Artifact.job_id == job.id, Artifact.name == n))
@@ -60,27 +61,22 @@ class Replicas:
         root = Path(settings.artifact_url.removeprefix("file://"))
         self.local = load_checkpoint(root / weights, root / config)[0]
 
-    def start(self, i: int) -> Proc:
-        proc = Proc(
-            f"api-{i}-{time.monotonic_ns()}",
-            [sys.executable, *UVICORN, "--port", str(self.ports[i])],
-            self.env,
-            self.tmp,
-        )
-        _wait_ready(self.ports[i], proc)
-        return proc
+    def start(self, i: int) -> None:
+        stack = self.stacks[i]
+        proc = stack.start(f"api-{i}-{time.monotonic_ns()}", *UVICORN, "--port", str(stack.port))
+        stack.wait_healthy(proc)
 
     def base(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.ports[i % len(self.ports)]}"
+        return self.stacks[i % len(self.stacks)].base
 
     def tenant(self) -> Tenant:
         """A new owner with two models of its own (each test its own owner: owner budgets stay apart)."""
         owner = uuid.uuid4()
-        return Tenant(self, owner, *(str(_copy_job(self.url, self.job_id, owner)) for _ in range(2)))
+        return Tenant(self, owner, *(str(copy_job(self.url, self.job_id, owner)) for _ in range(2)))
 
     def close(self) -> None:
-        for p in self.procs:
-            p.stop()
+        for stack in self.stacks:
+            stack.close()
 
 
 class Tenant:
@@ -98,38 +94,6 @@ class Tenant:
 UVICORN = ["-m", "uvicorn", "app.main:create_app", "--factory", "--no-access-log"]
 
 
-def _copy_job(url: str, job_id: uuid.UUID, owner_id: uuid.UUID) -> uuid.UUID:
-    """Another model id serving the same checkpoint for owner_id: a succeeded job with the same artifacts."""
-    with session_scope(url) as s:
-        job = s.get(Job, job_id)
-        copy = Job(
-            owner_id=owner_id,
-            status=job.status,
-            spec=job.spec,
-            request_hash=job.request_hash,
-            max_attempts=job.max_attempts,
-        )
-        s.add(copy)
-        s.flush()
-        for a in s.scalars(select(Artifact).where(Artifact.job_id == job.id)):
-            fields = ("owner_id", "name", "kind", "media_type", "sha256", "size_bytes", "storage_key")
-            s.add(Artifact(job_id=copy.id, **{f: getattr(a, f) for f in fields} | {"owner_id": owner_id}))
-        return copy.id
-
-
-def _wait_ready(port: int, proc: Proc, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.popen.poll() is None, f"{proc.name} exited:\n{proc.output()}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{proc.name} never became ready:\n{proc.output()}")
-
-
 def _patch_env(env: dict[str, str], **values: str) -> dict[str, str]:
     return env | {f"CMIM_{k.upper()}": v for k, v in values.items()}
 
@@ -139,11 +103,12 @@ def deployed(pg_databases, redis_url, tmp_path_factory) -> Iterator[Replicas]:
     tmp = tmp_path_factory.mktemp("replicas")
     url = pg_databases.create()
     upgrade(url)
+    prefix = f"cmim-test-{uuid.uuid4().hex[:8]}"  # the shared Redis: our counters only
     env = _patch_env(
         base_env(tmp),
         database_url=url,
         broker_url=redis_url,
-        redis_prefix=f"cmim-test-{uuid.uuid4().hex[:8]}",  # the shared Redis: our counters only
+        redis_prefix=prefix,
         owner_query_budget=str(OWNER_BUDGET),
         rate_limit_per_minute="100000",
         predict_max_batch="64",
@@ -153,6 +118,9 @@ def deployed(pg_databases, redis_url, tmp_path_factory) -> Iterator[Replicas]:
         yield replicas
     finally:
         replicas.close()
+        client = redis.Redis.from_url(redis_url)
+        for name in client.scan_iter(f"{prefix}:*"):  # ours only; the shared Redis is never flushed
+            client.delete(name)
 
 
 X = torch.randn(64, 1, 40, generator=torch.Generator().manual_seed(3))
@@ -390,7 +358,7 @@ def test_embedded_budget_is_exact_under_16_clients_and_survives_a_restart(embedd
     counters = list(counters_for(key.id, key.owner_id, uuid.UUID(t.model_a)))[:1]
     stored(embedded.url, counters, [answered])  # batched write-back
     # A restarted process seeds its counters from the database: the budget is not reset.
-    embedded.procs[0].stop()
-    embedded.procs[0] = embedded.start(0)
+    embedded.stacks[0].close()
+    embedded.start(0)
     r = httpx.post(f"{embedded.base(0)}/v2/models/{t.model_a}/infer", json=v2_body(X[:ROWS]), headers=headers)
     assert assert_problem(r, 429)["budget"]["used"] == answered
