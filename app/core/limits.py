@@ -11,6 +11,7 @@ restart, or after Redis lost it): at most the last write-back interval of counts
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -26,6 +27,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core.coalesce import Coalescer
 from app.core.models import QueryUsage, utcnow
 
 log = logging.getLogger(__name__)
@@ -237,9 +239,11 @@ class RedisLimits:
         self.url, self.prefix, self.sessions = url, prefix, sessions
         self._sync = redis.Redis.from_url(url)
         self._clients: dict[int, Any] = {}  # one asyncio client per event loop (TestClient runs several)
+        self._sha = hashlib.sha1(_ADMIT.encode()).hexdigest()  # how Redis names a script it has loaded
         self._dirty = f"{prefix}:usage:dirty"
 
-    def _client(self) -> Any:
+    def _client(self) -> tuple[Any, Coalescer[tuple[list, list], list]]:
+        """This event loop's client, and its coalescer of script calls (one pipeline per batch)."""
         import asyncio
 
         import redis.asyncio
@@ -247,7 +251,20 @@ class RedisLimits:
         loop = id(asyncio.get_running_loop())
         if loop not in self._clients:
             client = redis.asyncio.Redis.from_url(self.url)
-            self._clients[loop] = (client, client.register_script(_ADMIT))
+
+            async def run(calls: list[tuple[list, list]]) -> list[list | BaseException]:
+                # One round trip for the requests that arrived together, instead of one each.
+                for attempt in range(2):
+                    pipe = client.pipeline(transaction=False)
+                    for keys, args in calls:
+                        pipe.evalsha(self._sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                    if attempt or not any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                        return results
+                    await client.script_load(_ADMIT)  # Redis restarted and forgot the script
+                return results
+
+            self._clients[loop] = (client, Coalescer(run))
         return self._clients[loop]
 
     def _name(self, c: Counter) -> str:
@@ -266,7 +283,7 @@ class RedisLimits:
         pipe.execute()
 
     async def admit(self, key_id: uuid.UUID, rate: int, caps: list[Cap], rows: int) -> Admission:
-        _, script = self._client()
+        _, call = self._client()
         keys = [f"{self.prefix}:rate:{key_id}", self._dirty, *(self._name(c.counter) for c in caps)]
         args = [
             rate,
@@ -276,7 +293,7 @@ class RedisLimits:
             *(-1 if c.limit is None else c.limit for c in caps),
         ]
         while True:
-            status, remaining, reset, index, *used = await script(keys=keys, args=args)
+            status, remaining, reset, index, *used = await call((keys, args))
             if status != -1:
                 break
             await anyio.to_thread.run_sync(self._seed, [c.counter for c in caps])
