@@ -160,3 +160,18 @@ def test_a_global_budget_caps_the_model_over_every_key(trained: Trained) -> None
         assert (
             meta["global"] | {"used": 4, "remaining": 0, "limit": 4} == meta["global"] and meta["used"] == 1
         )
+
+
+def test_a_request_refused_before_answering_charges_nothing(trained: Trained) -> None:
+    h = trained.key(query_budget=3)
+    url = f"/v2/models/{trained.job_id}/infer"
+    body = {
+        "inputs": [{"name": "input", "shape": [3, 1, 40], "datatype": "FP32", "data": X.flatten().tolist()}]
+    }
+    bad = assert_problem(
+        trained.client.post(url, json=body | {"outputs": [{"name": "logits"}]}, headers=h), 422
+    )
+    assert "unknown output" in bad["detail"] and bad["error"] == bad["detail"]
+    ok = trained.client.post(url, json=body | {"outputs": [{"name": "label"}]}, headers=h)
+    assert ok.status_code == 200 and [o["name"] for o in ok.json()["outputs"]] == ["label"]
+    assert ok.headers["x-query-budget-remaining"] == "0"

@@ -30,6 +30,7 @@ from app.api.inference import (
     describe_budget,
 )
 from app.api.schemas import (
+    InferInput,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -183,6 +184,47 @@ def _split_binary(request: Request, raw: bytes) -> tuple[bytes, bytes]:
     return raw[: int(size)], raw[int(size) :]
 
 
+def _input_values(tensor: InferInput, tail: bytes, loc: list) -> Any:
+    """The input's values: its JSON `data`, or the binary tail its `binary_data_size` announces."""
+    size = tensor.parameters.get("binary_data_size")
+    if size is None:
+        if tensor.data is None:
+            raise validation_problem(
+                [{"loc": loc, "msg": "give data, or binary_data_size", "type": "missing"}]
+            )
+        return tensor.data
+    if not isinstance(size, int) or isinstance(size, bool) or size != len(tail):
+        msg = f"binary_data_size {size!r} but {len(tail)} bytes follow"
+        raise validation_problem([{"loc": loc, "msg": msg, "type": "value_error"}])
+    return tail
+
+
+def _outputs(
+    out: Served, served: ServedModel, wanted: dict[str, bool], all_binary: bool
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The v2 outputs asked for (all when none is named), each as JSON data or as binary data."""
+    n, c = out.answer.shape
+    tensors = {
+        "probabilities": ("FP32", [n, c], out.answer.numpy()),
+        "label": ("INT64", [n], out.answer.argmax(-1).masked_fill(out.refused, -1).numpy()),
+    }
+    if served.policy is not None:
+        tensors["refused"] = ("BOOL", [n], out.refused.numpy())
+    outputs, blobs = [], []
+    for name, (datatype, shape, arr) in tensors.items():
+        if wanted and name not in wanted:
+            continue
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        if wanted.get(name) or all_binary:
+            blob = np.ascontiguousarray(arr, dtype=WIRE[datatype]).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        outputs.append(entry)
+    return outputs, blobs
+
+
 @v2.post(
     "/{model_id}/infer",
     response_model=InferResponse,
@@ -196,58 +238,17 @@ async def infer(model_id: ModelId, request: Request) -> Response:
     served = await _served(request, model_id, key)
     tensor, loc = body.inputs[0], ["body", "inputs", 0, "data"]
     dtype = check_datatype(tensor.datatype, ["body", "inputs", 0, "datatype"])
-    size = tensor.parameters.get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size != len(tail):
-            raise validation_problem(
-                [
-                    {
-                        "loc": loc,
-                        "msg": f"binary_data_size {size!r} but {len(tail)} bytes follow",
-                        "type": "value_error",
-                    }
-                ]
-            )
-        values: Any = tail
-    elif tensor.data is None:
-        raise validation_problem([{"loc": loc, "msg": "give data, or binary_data_size", "type": "missing"}])
-    else:
-        values = tensor.data
+    values = _input_values(tensor, tail, loc)
     x = as_batch(values, tensor.shape, served.meta, request.app.state.settings.predict_max_batch, loc, dtype)
-    out, headers = await _answer(request, key, served, x)
-
-    n, c = out.answer.shape
-    tensors = {
-        "probabilities": ("FP32", [n, c], out.answer.numpy()),
-        "label": ("INT64", [n], out.answer.argmax(-1).masked_fill(out.refused, -1).numpy()),
-    }
-    if served.policy is not None:
-        tensors["refused"] = ("BOOL", [n], out.refused.numpy())
-    wanted = {o.name: o.parameters.get("binary_data", False) for o in body.outputs or []}
-    unknown = sorted(set(wanted) - set(tensors))
+    # Checked before the rows are charged: a request refused for a bad output name costs nothing.
+    names = ["probabilities", "label"] + (["refused"] if served.policy is not None else [])
+    wanted = {o.name: o.parameters.get("binary_data", False) is True for o in body.outputs or []}
+    unknown = sorted(set(wanted) - set(names))
     if unknown:
-        raise validation_problem(
-            [
-                {
-                    "loc": ["body", "outputs"],
-                    "msg": f"unknown output(s) {unknown}; this model has {list(tensors)}",
-                    "type": "value_error",
-                }
-            ]
-        )
-    all_binary = body.parameters.get("binary_data_output", False) is True
-    outputs, blobs = [], []
-    for name, (datatype, shape, arr) in tensors.items():
-        if wanted and name not in wanted:
-            continue
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
-        if wanted.get(name) is True or all_binary:
-            blob = np.ascontiguousarray(arr, dtype=WIRE[datatype]).tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = arr.ravel().tolist()
-        outputs.append(entry)
+        msg = f"unknown output(s) {unknown}; this model has {names}"
+        raise validation_problem([{"loc": ["body", "outputs"], "msg": msg, "type": "value_error"}])
+    out, headers = await _answer(request, key, served, x)
+    outputs, blobs = _outputs(out, served, wanted, body.parameters.get("binary_data_output", False) is True)
     answer = {"model_name": str(model_id), "model_version": "1", "id": body.id, "outputs": outputs}
     if not blobs:
         return _json(answer, headers)
