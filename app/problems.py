@@ -82,6 +82,7 @@ def _error_entry(err: dict[str, Any]) -> dict[str, Any]:
 
 def problem_response(problem: Problem) -> JSONResponse:
     body = {"type": problem.type, "title": problem.title, "status": problem.status, "detail": problem.detail}
+    body["error"] = problem.detail  # the Open Inference Protocol's error member, which v2 clients read
     body.update(_json_safe(problem.extra))
     return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import timedelta
 from typing import Annotated
 
 import typer
@@ -12,9 +13,9 @@ from sqlalchemy import func, select
 
 from app.core.config import ALL_SCOPES, get_settings
 from app.core.db import session_scope
-from app.core.keys import create_api_key
+from app.core.keys import create_api_key, list_api_keys, revoke_api_key
 from app.core.migrate import upgrade
-from app.core.models import ApiKey
+from app.core.models import ApiKey, utcnow
 from ml.cli import app as ml_app
 
 cli = typer.Typer(
@@ -38,28 +39,92 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] 
     console.print(f"database at revision {revision}")
 
 
+def _uuid(value: str | None, what: str) -> uuid.UUID | None:
+    """The UUID given on the command line; a one-line error otherwise."""
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be a UUID, got {value!r}") from None
+
+
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="a label for the key")] = "cli",
     scope: Annotated[
         list[str] | None, typer.Option(help=f"repeatable; default all: {', '.join(ALL_SCOPES)}")
     ] = None,
-    owner: Annotated[str | None, typer.Option(help="an existing owner id; default: a new owner")] = None,
-    budget: Annotated[int | None, typer.Option(help="predict queries allowed; default: the server's")] = None,
+    owner: Annotated[
+        str | None,
+        typer.Option(help="the owner id of an existing key (`cmim keys list`); default: a new owner"),
+    ] = None,
+    budget: Annotated[
+        int | None, typer.Option(min=0, help="predict rows allowed per model; default: the server's")
+    ] = None,
+    expires_in_days: Annotated[
+        float | None, typer.Option(min=0, help="the key stops working after this many days; default: never")
+    ] = None,
 ) -> None:
-    """Create an API key and print its secret (shown once)."""
+    """Create an API key and print its secret (shown once). Keys of one owner see the same jobs."""
     settings = get_settings()
+    owner_id = _uuid(owner, "--owner")
     with session_scope(settings.database_url) as s:
-        key, secret = create_api_key(
-            s,
-            owner_id=uuid.UUID(owner) if owner else None,
-            name=name,
-            scopes=scope or ALL_SCOPES,
-            query_budget=budget if budget is not None else settings.default_query_budget,
-        )
+        if owner_id is not None and not s.scalar(select(func.count()).where(ApiKey.owner_id == owner_id)):
+            raise typer.BadParameter(f"no key has owner {owner_id}; `cmim keys list` shows the owners")
+        try:
+            key, secret = create_api_key(
+                s,
+                owner_id=owner_id,
+                name=name,
+                scopes=scope or ALL_SCOPES,
+                query_budget=budget if budget is not None else settings.default_query_budget,
+                expires_at=None if expires_in_days is None else utcnow() + timedelta(days=expires_in_days),
+            )
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
         owner_id = key.owner_id
     console.print(f"owner {owner_id}")
     typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(owner: Annotated[str | None, typer.Option(help="only this owner's keys")] = None) -> None:
+    """List the keys (never their secrets): id, owner, name, prefix, scopes, budget, expiry, revocation."""
+    settings = get_settings()
+    with session_scope(settings.database_url) as s:
+        rows = list_api_keys(s, _uuid(owner, "--owner"))
+        lines = [
+            "\t".join(
+                [
+                    str(k.id),
+                    str(k.owner_id),
+                    k.name,
+                    k.prefix + "...",
+                    ",".join(k.scopes),
+                    f"budget={k.query_budget}",
+                    f"expires={k.expires_at:%Y-%m-%dT%H:%MZ}" if k.expires_at else "expires=never",
+                    f"revoked={k.revoked_at:%Y-%m-%dT%H:%MZ}" if k.revoked_at else "live",
+                ]
+            )
+            for k in rows
+        ]
+    typer.echo("\t".join(["id", "owner", "name", "prefix", "scopes", "budget", "expires", "state"]))
+    for line in lines:
+        typer.echo(line)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (`cmim keys list`)")]) -> None:
+    """Revoke a key: every API process refuses it within a second."""
+    settings = get_settings()
+    ident = _uuid(key_id, "KEY_ID")
+    assert ident is not None
+    with session_scope(settings.database_url) as s:
+        if revoke_api_key(s, ident) is None:
+            console.print(f"error: no key with id {ident}", style="red", highlight=False)
+            raise typer.Exit(1)
+    console.print(f"revoked {ident}", highlight=False)
 
 
 @cli.command()
@@ -80,6 +145,7 @@ def serve(
         first = None
         if not s.scalar(select(func.count()).select_from(ApiKey)):
             first = create_api_key(s, name="first key", query_budget=settings.default_query_budget)[1]
+        oldest = s.scalar(select(ApiKey.owner_id).order_by(ApiKey.created_at).limit(1))
     proc = stop = None
     if settings.embedded and worker:
         proc, stop = start_local_worker()
@@ -88,7 +154,13 @@ def serve(
     if first:
         console.print(f"API key (shown once): {first}", highlight=False)
     else:
-        console.print("API keys exist already; `cmim keys create` makes another", highlight=False)
+        # A key for a new owner would see none of the jobs: name the first key's owner.
+        console.print(
+            "API keys exist already; `cmim keys list` lists them. Another key for the first key's owner "
+            f"(who sees its jobs): `cmim keys create --owner {oldest}`",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         "mode: "
         + ("embedded (SQLite queue, local worker)" if settings.embedded else "broker: run `cmim worker`"),

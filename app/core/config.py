@@ -43,8 +43,11 @@ class Settings(BaseSettings):
     # Uploads and serving.
     upload_max_bytes: int = Field(200 * 1024 * 1024, ge=1)
     predict_max_batch: int = Field(1024, ge=1)
+    predict_max_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest predict request body")
     model_cache_size: int = Field(8, ge=1)
-    default_query_budget: int | None = Field(100_000, ge=0, description="queries per key; None = unlimited")
+    default_query_budget: int | None = Field(
+        100_000, ge=0, description="rows per key and model for new keys; None = unlimited"
+    )
     model_query_budget: int | None = Field(
         None,
         ge=0,
@@ -58,7 +61,26 @@ class Settings(BaseSettings):
         description="per (key, model) query histories kept for models served with the prada detector, "
         "least recently used evicted (each holds up to prada_memory inputs)",
     )
+    owner_query_budget: int | None = Field(
+        None,
+        ge=0,
+        description="rows per owner and model across all the owner's keys; None = the model's per-key "
+        "budget, so that minting more keys under one owner cannot multiply it",
+    )
+    global_query_budget: int | None = Field(
+        None, ge=0, description="rows per model across every key and owner; None = no global cap"
+    )
     rate_limit_per_minute: int = Field(600, ge=1, description="predict requests per key and minute")
+    usage_flush_seconds: float = Field(
+        0.5, gt=0, description="how often query counters are written back to the database"
+    )
+    key_poll_seconds: float = Field(
+        0.25, gt=0, description="how often each API process looks for revoked keys to drop from its cache"
+    )
+    key_cache_seconds: float = Field(
+        60.0, gt=0, description="the longest a key lookup is cached (revocations are pushed sooner)"
+    )
+    redis_prefix: str = Field("cmim", description="prefix of the Redis keys holding rate limits and budgets")
 
     @model_validator(mode="after")
     def _deployed_needs_real_parts(self) -> Settings:
