@@ -12,10 +12,12 @@ import logging
 import threading
 
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 from app.core.config import get_settings
 from app.core.db import dispose_engines, session_scope
-from app.core.queue import RUN_JOB_TASK, enqueue, sweep
+from app.core.outage import is_outage
+from app.core.queue import RUN_JOB_TASK, broker_pending_jobs, enqueue, sweep
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -26,7 +28,9 @@ celery_app.conf.update(
     task_reject_on_worker_lost=True,  # ... and requeued if the process dies (the attempts cap stops loops)
     worker_prefetch_multiplier=1,  # never hold a second long job behind the running one
     broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # A broker blip must not kill a running job: its lease and fenced writes already make a duplicate
+    # delivery harmless, and cancelling would spend one of the job's attempts on someone else's outage.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     broker_connection_retry_on_startup=True,
     task_serializer="json",
     result_serializer="json",
@@ -42,16 +46,26 @@ celery_app.conf.update(
 def run_job_task(job_id: str) -> str:
     from worker.pipeline import run_job  # imports torch in the worker process only (after any fork)
 
-    return run_job(job_id, settings)
+    try:
+        return run_job(job_id, settings)
+    except Exception as e:
+        if is_outage(e):
+            # The database did not answer for a whole retry window: never ack a message whose job was
+            # not recorded; the broker delivers it again (and the sweep re-sends it if it is lost).
+            log.warning("job %s: %s; message rejected for redelivery", job_id, e)
+            raise Reject(str(e), requeue=True) from e
+        raise
 
 
 def sweep_once() -> int:
-    """Settle lost jobs and send a message for every queued job that has none; returns how many were sent."""
+    """Settle lost jobs and re-send every queued job whose message may be gone; returns how many were sent."""
     with session_scope(settings.database_url) as s:
-        ids = sweep(s, broker=True)
-    for job_id in ids:
+        ids = sweep(s, broker=True, resend_seconds=settings.resend_seconds)
+    pending = broker_pending_jobs(settings) or set()
+    lost = [job_id for job_id in ids if job_id not in pending]
+    for job_id in lost:
         enqueue(settings, job_id)
-    return len(ids)
+    return len(lost)
 
 
 def _sweep_forever(stop: threading.Event) -> None:
