@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 from fastapi import APIRouter, FastAPI
 
 from app.api.inference import HistoryCache, ModelCache, RateLimiter
+from app.api.job_service import EventWatch
 from app.api.routes import catalog, datasets, health, jobs, keys, models
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
@@ -31,6 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="cmim", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database_url)
+    app.state.events = EventWatch(
+        app.state.sessions, settings.stream_poll_seconds, settings.max_streams_per_key
+    )
+    app.state.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
     app.state.store = ArtifactStore(settings.artifact_url, settings.cache_dir)
     app.state.models = ModelCache(settings.model_cache_size)
     app.state.rate_limiter = RateLimiter()

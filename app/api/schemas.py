@@ -69,7 +69,9 @@ class Links(BaseModel):
     model: str
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job as listed: everything but its spec (GET /api/v1/jobs/{id} has that)."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
@@ -78,7 +80,6 @@ class JobOut(BaseModel):
     max_attempts: int
     error: str | None
     cancel_requested: bool
-    spec: dict[str, Any]
     dataset_id: uuid.UUID | None
     created_at: datetime
     updated_at: datetime
@@ -87,8 +88,12 @@ class JobOut(BaseModel):
     links: Links
 
 
+class JobOut(JobSummary):
+    spec: dict[str, Any]
+
+
 class JobList(BaseModel):
-    items: list[JobOut]
+    items: list[JobSummary]
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
 
 

@@ -117,6 +117,7 @@ def base_env(tmp: Path, **extra: str) -> dict[str, str]:
             "CMIM_WORK_DIR": str(tmp / "work"),
             "CMIM_CACHE_DIR": str(tmp / "cache"),
             "CMIM_LEASE_SECONDS": "5",
+            "CMIM_HEARTBEAT_SECONDS": "1",
             "CMIM_SWEEP_SECONDS": "1",
             "CMIM_POLL_SECONDS": "0.2",
             "CMIM_MAX_ATTEMPTS": "3",

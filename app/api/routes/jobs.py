@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, SessionDep, SettingsDep, StoreDep
 from app.api.job_service import (
+    MAX_EVENT_ID,
     artifact_out,
     create_job,
     event_out,
@@ -42,7 +43,8 @@ async def submit_job(
     session: SessionDep,
     settings: SettingsDep,
     idempotency_key: Annotated[
-        str | None, Header(max_length=200, description="retries with the same key return the first job")
+        str | None,
+        Header(min_length=1, max_length=200, description="retries with the same key return the first job"),
     ] = None,
 ) -> JobOut:
     job, created = await run_in_threadpool(create_job, session, settings, key, body, idempotency_key)
@@ -90,13 +92,21 @@ def job_events(
     job_id: JobId,
     key: JobsRead,
     session: SessionDep,
-    after: Annotated[int | None, Query(ge=0, description="return the events after this id as JSON")] = None,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="return the events after this id as JSON")
+    ] = None,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=MAX_EVENT_ID, description="resume the stream after this event id")
+    ] = None,
 ) -> list[EventOut] | StreamingResponse:
     owned_job(session, job_id, key)
     if after is not None:
         return [event_out(e) for e in events_after(session, job_id, after)]
-    stream = sse_events(request.app.state.sessions, job_id, last_event_id or 0, request.is_disconnected)
+    # The stream holds no connection while it waits: give this request's back to the pool now.
+    session.close()
+    watch = request.app.state.events
+    watch.open(key.id)
+    stream = sse_events(watch, key.id, job_id, last_event_id or 0, request.is_disconnected)
     return StreamingResponse(
         stream,
         media_type="text/event-stream",
