@@ -12,7 +12,7 @@ from app.api.routes import catalog, datasets, health, jobs, keys, models
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.storage import ArtifactStore
-from app.problems import BodyLimit, install_problem_handlers
+from app.problems import BodyLimit, document_problems, install_problem_handlers
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter()
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
     install_problem_handlers(app)
+    document_problems(app)
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_json_body_bytes, max_upload_bytes=settings.upload_max_bytes
     )
