@@ -275,7 +275,10 @@ def _give_back(ctx: JobContext, error: Exception) -> str:
         with ctx.session() as s:
             return release_claim(s, ctx.claim, reason)
 
-    ctx.retrying(release, "give the job back")
+    # Retried past the lease: the database is down for the sweep too, so once it answers again this
+    # release (fenced on the claim) normally lands before any sweep could re-queue the job as lost.
+    window = ctx.settings.infra_retry_seconds + ctx.settings.lease_seconds
+    retry_outage(release, window, f"job {ctx.claim.job_id}: give the job back")
     return "re-queued after an outage"
 
 
