@@ -162,17 +162,34 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > limit:
             await problem_response(_too_large(limit))(scope, receive, send)
             return
-        seen = 0
+        seen, cut, answered = 0, False, False
 
         async def capped() -> Message:
-            nonlocal seen
+            # Past the cap the app is told the client went away; the 413 is sent here instead.
+            nonlocal seen, cut
+            if cut:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _too_large(limit)
+                cut = True
+                return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, capped, send)
+        async def guarded(message: Message) -> None:
+            nonlocal answered
+            if cut and not answered:
+                return  # the app's answer to a body it never got whole
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, capped, guarded)
+        except Exception:
+            if not cut or answered:
+                raise
+        if cut and not answered:
+            await problem_response(_too_large(limit))(scope, receive, send)
 
 
 PROBLEM_SCHEMA: dict[str, Any] = {

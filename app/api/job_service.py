@@ -27,7 +27,7 @@ from ml.data import DATASETS
 
 API = "/api/v1"
 UPLOADED_DATASET = "npz"  # the ML library's loader for a user's npz file
-MAX_EVENT_ID = 2**63 - 1  # event ids are 64-bit integers in the database
+MAX_EVENT_ID = 2**31 - 1  # event ids are 32-bit integers in the database
 # Training-set size assumed for a built-in dataset whose parameters do not say (the largest, CIFAR).
 DEFAULT_TRAIN_SIZE = 50_000
 

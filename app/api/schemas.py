@@ -13,6 +13,8 @@ from ml.audit import AuditConfig
 from ml.data import DatasetInfo
 from ml.train import TrainConfig
 
+MAX_INT32 = 2**31 - 1  # the database stores counts and limits as 32-bit integers
+
 # A demo that finishes in a few minutes on a 2-core CPU: small MNIST-1D, short teacher and audit.
 DEMO_JOB: dict[str, Any] = {
     "teacher": {
@@ -151,8 +153,12 @@ class KeyCreate(BaseModel):
 
     name: str = Field("key", min_length=1, max_length=200)
     scopes: list[Scope] | None = Field(None, description="a subset of the caller's scopes; default: all")
-    query_budget: int | None = Field(None, ge=0, description="predict rows allowed; null: unlimited")
-    rate_limit_per_minute: int | None = Field(None, ge=1, description="predict requests per minute")
+    query_budget: int | None = Field(
+        None, ge=0, le=MAX_INT32, description="predict rows allowed; null: unlimited"
+    )
+    rate_limit_per_minute: int | None = Field(
+        None, ge=1, le=MAX_INT32, description="predict requests per minute"
+    )
 
 
 class KeyOut(BaseModel):
