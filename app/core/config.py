@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # Request bounds.
     max_json_body_bytes: int = Field(1024 * 1024, ge=1, description="JSON request bodies larger are refused")
     max_job_cost: float = Field(
-        2e10,
+        1e11,
         gt=0,
         description="ceiling on a job's estimated cost in sample-passes (training samples x epochs, "
         "summed over the teacher, the control and every audit student)",

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from test_e2e import Stack, base_env, submit
 
 from app.core.db import session_scope
-from app.core.keys import create_api_key
+from app.core.keys import create_api_key, find_api_key
 from app.core.migrate import upgrade
 
 STREAMS, PER_KEY = 200, 20
@@ -38,9 +38,11 @@ def api(pg_databases, tmp_path_factory) -> Iterator[Stack]:
         stack.close()
 
 
-def new_key(url: str) -> str:
+def new_key(url: str, same_owner_as: str | None = None) -> str:
+    """A new key: of a new owner, or of the owner of the key same_owner_as."""
     with session_scope(url) as s:
-        return create_api_key(s)[1]
+        owner = find_api_key(s, same_owner_as).owner_id if same_owner_as else None
+        return create_api_key(s, owner_id=owner)[1]
 
 
 def connections(url: str) -> int:
@@ -77,7 +79,7 @@ async def timed(client: httpx.AsyncClient, path: str, headers: dict[str, str], n
 def test_200_open_streams_hold_no_connection_and_the_api_answers(api: Stack) -> None:
     url = api.env["CMIM_DATABASE_URL"]
     job_id = submit(api, job_body())
-    keys = [new_key(url) for _ in range(STREAMS // PER_KEY)]
+    keys = [new_key(url, api.key) for _ in range(STREAMS // PER_KEY)]
     path = f"/api/v1/jobs/{job_id}/events"
 
     async def scenario() -> dict[str, Any]:
@@ -114,7 +116,7 @@ def test_200_open_streams_hold_no_connection_and_the_api_answers(api: Stack) -> 
 
 def test_a_closed_stream_frees_its_slot(api: Stack) -> None:
     job_id = submit(api, job_body())
-    key = new_key(api.env["CMIM_DATABASE_URL"])
+    key = new_key(api.env["CMIM_DATABASE_URL"], api.key)
     path = f"/api/v1/jobs/{job_id}/events"
 
     async def scenario() -> tuple[int, int]:
