@@ -31,7 +31,7 @@ from app.api.job_service import create_job
 from app.api.schemas import JobCreate
 from app.core.config import Settings
 from app.core.db import dispose_engines, session_scope
-from app.core.keys import create_api_key
+from app.core.keys import create_api_key, find_api_key
 from app.core.migrate import upgrade
 from worker.pipeline import run_job
 
@@ -153,7 +153,6 @@ def main() -> None:
             "CMIM_WORK_DIR": str(tmp / "work"),
             "CMIM_CACHE_DIR": str(tmp / "cache"),
             "CMIM_RATE_LIMIT_PER_MINUTE": "1000000",
-            "CMIM_DEFAULT_QUERY_BUDGET": "",
         }
         settings = Settings(
             database_url=url,
@@ -166,22 +165,29 @@ def main() -> None:
             rows = [create_api_key(s) for _ in range(1 + -(-args.streams // per_key))]
             owner = rows[0][0].owner_id
             keys = [rows[0][1]] + [create_api_key(s, owner_id=owner)[1] for _ in rows[1:]]
-            model, _ = create_job(s, settings, rows[0][0], JobCreate.model_validate(TINY), None)
-            waiting, _ = create_job(s, settings, rows[0][0], JobCreate.model_validate(TINY), None)
+        jobs = []
+        for _ in range(2):  # one to train and serve, one left queued for the streams to wait on
+            with session_scope(url) as s:
+                owner_key = find_api_key(s, keys[0])
+                jobs.append(create_job(s, settings, owner_key, JobCreate.model_validate(TINY), None)[0])
+        model, waiting = jobs
         assert run_job(model.id, settings) == "succeeded"
         dispose_engines()
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(port)]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         for _ in range(300):
             try:
                 if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            if proc.poll() is not None:
+                sys.exit(f"uvicorn exited with {proc.returncode}")
+            time.sleep(0.2)
         load = os.getloadavg()
         result = asyncio.run(run(args, url, base, keys, str(model.id), str(waiting.id)))
     finally:
