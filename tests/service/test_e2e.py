@@ -107,6 +107,19 @@ class Stack:
             p.stop()
 
 
+def make_key(env: dict[str, str], name: str = "e2e") -> str:
+    """A new API key, made by the `cmim keys create` command against env's database."""
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "keys", "create", "--name", name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
 def base_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CMIM_")}
     return (
@@ -224,15 +237,7 @@ def deployed(pg_databases, redis_url, tmp_path_factory) -> Iterator[Stack]:
         CMIM_QUEUE_NAME=f"gpu-test-{uuid.uuid4().hex[:8]}",
     )
     stack = Stack(env, tmp)
-    keys = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "keys", "create", "--name", "e2e"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert keys.returncode == 0, keys.stderr
-    stack.key = keys.stdout.strip().splitlines()[-1]
+    stack.key = make_key(env)
     api = stack.start("api", "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(stack.port))
     stack.start("worker-1", "-m", "worker.cli", "worker", "--pool", "solo")
     try:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +20,7 @@ import pytest
 from private_services import PrivatePostgres, PrivateRedis
 from service_helpers import assert_problem, job_body
 from sqlalchemy import select
-from test_e2e import Proc, Stack, base_env, follow, statuses, submit
+from test_e2e import Proc, Stack, base_env, follow, make_key, statuses, submit
 
 from app.core.config import Settings
 from app.core.db import session_scope
@@ -38,22 +36,10 @@ FAST_RECOVERY = {"CMIM_RESEND_SECONDS": "2", "CMIM_INFRA_RETRY_SECONDS": "2"}
 LEASE_SETTINGS = ("CMIM_LEASE_SECONDS", "CMIM_HEARTBEAT_SECONDS", "CMIM_SWEEP_SECONDS", "CMIM_RESEND_SECONDS")
 
 
-def make_key(env: dict[str, str]) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "keys", "create", "--name", "faults"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1]
-
-
 def start_stack(env: dict[str, str], tmp: Path, workers: int = 1) -> Stack:
     """The API and `workers` Celery workers on the deployed pool (prefork, one job at a time)."""
     stack = Stack(env, tmp)
-    stack.key = make_key(env)
+    stack.key = make_key(env, "faults")
     api = stack.start("api", "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(stack.port))
     for i in range(workers):
         stack.start(f"worker-{i + 1}", "-m", "worker.cli", "worker")

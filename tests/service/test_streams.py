@@ -13,6 +13,7 @@ import pytest
 from service_helpers import assert_problem, job_body
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 from test_e2e import Stack, base_env, submit
 
 from app.core.db import session_scope
@@ -46,13 +47,11 @@ def new_key(url: str, same_owner_as: str | None = None) -> str:
 
 
 def connections(url: str) -> int:
-    """Server connections to this test's database (the API's pool, and nothing else uses it)."""
-    name = make_url(url).database
-    engine = create_engine(make_url(url).set(database="postgres"))
+    """Server connections to this test's database (only the API's pool uses it)."""
+    engine = create_engine(make_url(url).set(database="postgres"), poolclass=NullPool)
     with engine.connect() as conn:
-        n = conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d"), {"d": name})
-    engine.dispose()
-    return int(n)
+        q = text("SELECT numbackends FROM pg_stat_database WHERE datname = :d")
+        return int(conn.scalar(q, {"d": make_url(url).database}))
 
 
 async def open_stream(client: httpx.AsyncClient, path: str, key: str, opened: asyncio.Event) -> int:
