@@ -2,8 +2,9 @@
 
 Start with `cmim worker` (one process per GPU: `-c 1`, pin it with CUDA_VISIBLE_DEVICES). The task
 body is `worker.pipeline.run_job`; a thread in the worker's main process sweeps for jobs whose
-lease expired and re-enqueues them (Redis only redelivers an unacked message after the
-visibility timeout, which is longer than any job).
+lease expired (Redis only redelivers an unacked message after the visibility timeout, which is
+longer than any job) and for queued jobs whose message may be lost (a broker restarted without
+persistence), and sends them again: the database row, not the message, is the truth.
 """
 
 from __future__ import annotations

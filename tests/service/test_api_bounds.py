@@ -54,7 +54,7 @@ def test_the_bounds_are_stated_in_the_openapi(client) -> None:
 
 
 def test_a_job_over_the_cost_ceiling_is_refused_with_its_estimate(client, caller, settings) -> None:
-    big = job_body(**{"audit.epochs": 100_000, "audit.seeds": 100})
+    big = job_body(**{"audit.epochs": 100_000, "audit.seeds": 100, "audit.students": ["mlp"] * 8})
     body = assert_problem(submit(client, caller, big), 422)
     err = body["errors"][0]
     assert err["type"] == "too_costly" and err["ctx"]["estimated_cost"] > settings.max_job_cost

@@ -279,27 +279,6 @@ def test_deployed_cancel_stops_within_one_epoch(deployed: Stack) -> None:
     assert deployed.get(f"/api/v1/jobs/{job_id}/artifacts").json() == []
 
 
-def test_deployed_worker_killed_mid_training_resumes_on_another(deployed: Stack) -> None:
-    job_id = submit(deployed, job_body(**LONG_TEACHER))
-    follow(deployed, job_id, until=lambda e: e["kind"] == "epoch" and e["data"]["epoch"] >= 5)
-    first = next(p for p in deployed.procs if p.name == "worker-1")
-    first.kill(signal.SIGKILL)
-    deployed.start("worker-2", "-m", "worker.cli", "worker", "--pool", "solo")
-    events = follow(deployed, job_id, timeout=240)
-    job = deployed.get(f"/api/v1/jobs/{job_id}").json()
-    assert job["status"] == "succeeded" and job["attempts"] == 2, deployed.logs()
-    assert "queued" in statuses(events)[1:]  # re-queued by the sweep after the lease ran out
-    resumed = [
-        e["data"]["epoch"]
-        for e in events
-        if e["kind"] == "epoch" and e["data"].get("attempt") == 2 and e["data"]["stage"] == "teacher"
-    ]
-    assert resumed and resumed[0] > 1  # attempt 2 continued from the checkpoint, not from epoch 1
-    reports = [a for a in deployed.get(f"/api/v1/jobs/{job_id}/artifacts").json() if a["kind"] == "report"]
-    assert len(reports) == 1
-    check_succeeded_job(deployed, job_id)
-
-
 # ---------------------------------------------------------------- embedded: `cmim serve` on SQLite
 
 

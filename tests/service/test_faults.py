@@ -29,7 +29,7 @@ from app.core.models import Job
 from app.core.queue import broker_pending_jobs
 
 # Long enough to be running while a fault is injected; a few seconds of CPU.
-SLOW = {"teacher.dataset_params": {"num_train": 2000, "num_test": 500}, "teacher.epochs": 30}
+SLOW = {"teacher.dataset_params": {"num_train": 1000, "num_test": 500}, "teacher.epochs": 20}
 # Short settings where a test is not about the defaults: a lost message is re-sent within seconds.
 FAST_RECOVERY = {"CMIM_RESEND_SECONDS": "2", "CMIM_INFRA_RETRY_SECONDS": "2"}
 # The deployed defaults govern the crash test: none of the short lease settings of base_env.
@@ -139,6 +139,20 @@ def test_three_broker_blips_cost_the_job_no_attempt(broker_stack) -> None:
     assert_succeeded_once(stack, job_id, attempts=1)
 
 
+def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(broker_stack) -> None:
+    stack, broker = broker_stack
+    broker.stop()
+    try:
+        r = stack.post("/api/v1/jobs", json=job_body())  # the row is written: the job is accepted
+        assert r.status_code == 202, r.text
+        ready = stack.get("/readyz")
+        assert assert_problem(ready, 503)["checks"]["broker"] == "unreachable"
+        assert ready.headers["retry-after"]
+    finally:
+        broker.start()
+    assert_succeeded_once(stack, r.json()["id"])
+
+
 # ------------------------------------------------------------- database fault: a private PostgreSQL
 
 
@@ -168,7 +182,9 @@ def test_postgresql_restarted_as_a_worker_receives_the_job(database_stack) -> No
         r = stack.post("/api/v1/jobs", json=job_body())
         body = assert_problem(r, 503)
         assert int(r.headers["retry-after"]) > 0 and "retry" in body["detail"]
-        assert_problem(stack.get("/readyz"), 503)
+        ready = stack.get("/readyz")
+        assert assert_problem(ready, 503)["checks"]["database"].startswith("unreachable")
+        assert ready.headers["retry-after"]
         assert httpx.get(f"{stack.base}/healthz", timeout=5).status_code == 200
         worker = stack.start("worker-1", "-m", "worker.cli", "worker")
         # The worker takes the message, cannot claim the job, retries and rejects it for redelivery.
