@@ -137,6 +137,7 @@ def test_three_broker_blips_cost_the_job_no_attempt(broker_stack) -> None:
     follow(stack, job_id, until=epoch_at_least(6))
     broker.restart()  # 3: while it trains, later
     assert_succeeded_once(stack, job_id, attempts=1)
+    print("\nthree broker blips: succeeded, attempts 1, one report")
 
 
 def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(broker_stack) -> None:
@@ -191,7 +192,13 @@ def test_postgresql_restarted_as_a_worker_receives_the_job(database_stack) -> No
         wait_for(lambda: "rejected for redelivery" in worker.output(), "a rejected delivery", stack)
     finally:
         database.start()
+        back = time.monotonic()
     assert_succeeded_once(stack, job_id, attempts=1)
+    rejected = worker.output().count("rejected for redelivery")
+    took = time.monotonic() - back
+    print(
+        f"\nPostgreSQL down at delivery: {rejected} rejected deliveries; succeeded {took:.1f} s after restart"
+    )
 
 
 def test_postgresql_down_mid_training_requeues_the_job_without_spending_an_attempt(database_stack) -> None:
@@ -205,6 +212,7 @@ def test_postgresql_down_mid_training_requeues_the_job_without_spending_an_attem
         database.start()
     events = follow(stack, job_id)
     assert_succeeded_once(stack, job_id, attempts=1)
+    print("\nPostgreSQL down 5 s mid-training: job given back, resumed, succeeded with attempts 1")
     requeued = [e for e in events if e["kind"] == "status" and e["data"]["status"] == "queued"]
     assert any("without spending an attempt" in e["data"].get("reason", "") for e in requeued), stack.logs()
 
