@@ -10,7 +10,9 @@ persistence), and sends them again: the database row, not the message, is the tr
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 
 from celery import Celery, signals
 from celery.exceptions import Reject
@@ -58,10 +60,10 @@ def run_job_task(job_id: str) -> str:
         raise
 
 
-def sweep_once() -> int:
+def sweep_once(settle_expired: bool = True) -> int:
     """Settle lost jobs and re-send every queued job whose message may be gone; returns how many were sent."""
     with session_scope(settings.database_url) as s:
-        ids = sweep(s, broker=True, resend_seconds=settings.resend_seconds)
+        ids = sweep(s, broker=True, resend_seconds=settings.resend_seconds, settle_expired=settle_expired)
     pending = broker_pending_jobs(settings) or set()
     lost = [job_id for job_id in ids if job_id not in pending]
     for job_id in lost:
@@ -70,13 +72,21 @@ def sweep_once() -> int:
 
 
 def _sweep_forever(stop: threading.Event) -> None:
+    # After a database outage every lease may have run out while its live worker could not renew it:
+    # give the heartbeats two beats to come back before taking any job over as lost.
+    grace = 2 * settings.heartbeat_seconds
+    back_at: float | None = -math.inf  # when the database last came back; None while it is away
     while not stop.wait(settings.sweep_seconds):
         try:
-            sent = sweep_once()
+            settle = back_at is not None and time.monotonic() - back_at >= grace
+            sent = sweep_once(settle_expired=settle)
+            if back_at is None:
+                back_at = time.monotonic()
             if sent:
                 log.info("sweep: re-enqueued %d job(s)", sent)
-        except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick
-            log.warning("sweep failed", exc_info=True)
+        except Exception as e:  # noqa: BLE001 - a failed sweep is retried at the next tick
+            back_at = None
+            log.warning("sweep failed: %s: %s", type(e).__name__, e, exc_info=not is_outage(e))
 
 
 _stop_sweep = threading.Event()

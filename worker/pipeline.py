@@ -278,8 +278,9 @@ def _give_back(ctx: JobContext, error: Exception) -> str:
     # Retried past the lease: the database is down for the sweep too, so once it answers again this
     # release (fenced on the claim) normally lands before any sweep could re-queue the job as lost.
     window = ctx.settings.infra_retry_seconds + ctx.settings.lease_seconds
-    retry_outage(release, window, f"job {ctx.claim.job_id}: give the job back")
-    return "re-queued after an outage"
+    if retry_outage(release, window, f"job {ctx.claim.job_id}: give the job back"):
+        return "re-queued after an outage"
+    return "lease lost during an outage"
 
 
 def _finish(ctx: JobContext, status: JobStatus, error: str | None = None) -> JobStatus:

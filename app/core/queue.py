@@ -292,17 +292,7 @@ def _finish_expired(session: Session, now: datetime, condition: Any, status: Job
         status_event(session, job_id, status, error=reason)
 
 
-def sweep(session: Session, *, broker: bool, resend_seconds: float = 30.0) -> list[uuid.UUID]:
-    """Settle jobs whose worker vanished; returns ids that may need a (new) broker message.
-
-    Lease expired and attempts exhausted -> failed; lease expired with cancel requested -> cancelled;
-    otherwise the job goes back to `queued`. With a broker, every queued job whose message may be
-    gone (none sent, or the last one sent over resend_seconds ago and still unclaimed: a broker that
-    restarted without persistence, or a worker that dropped it) is stamped as sent now and
-    returned; the caller sends it with `enqueue`, which clears the stamp again if the broker refuses.
-    A duplicate message is harmless: it finds nothing to claim.
-    """
-    now = utcnow()
+def _settle_expired(session: Session, now: datetime) -> None:
     lost = "the worker was lost (its lease expired) on the last allowed attempt: max_attempts reached"
     _finish_expired(session, now, Job.attempts >= Job.max_attempts, JobStatus.failed, lost)
     cancelled = "cancelled; the worker was lost before it stopped"
@@ -320,6 +310,24 @@ def sweep(session: Session, *, broker: bool, resend_seconds: float = 30.0) -> li
     )
     for job_id in requeued:
         status_event(session, job_id, JobStatus.queued, reason="the worker's lease expired; re-queued")
+
+
+def sweep(
+    session: Session, *, broker: bool, resend_seconds: float = 30.0, settle_expired: bool = True
+) -> list[uuid.UUID]:
+    """Settle jobs whose worker vanished; returns ids that may need a (new) broker message.
+
+    Lease expired and attempts exhausted -> failed; lease expired with cancel requested -> cancelled;
+    otherwise the job goes back to `queued`. With a broker, every queued job whose message may be
+    gone (none sent, or the last one sent over resend_seconds ago and still unclaimed: a broker that
+    restarted without persistence, or a worker that dropped it) is stamped as sent now and
+    returned; the caller sends it with `enqueue`, which clears the stamp again if the broker refuses.
+    A duplicate message is harmless: it finds nothing to claim. `settle_expired=False` leaves expired
+    leases alone (right after a database outage, when live workers could not renew theirs either).
+    """
+    now = utcnow()
+    if settle_expired:
+        _settle_expired(session, now)
     if not broker:
         return []
     return list(

@@ -206,3 +206,15 @@ def test_heartbeat_keeps_a_slow_job_and_its_end_lets_the_lease_run_out(settings,
     with session_scope(settings.database_url) as s:
         sweep(s, broker=False)
         assert claim_job(s, job_id, "next", 60).attempt == 2
+
+
+def test_a_sweep_right_after_an_outage_leaves_expired_leases_to_their_heartbeats(settings, job_id) -> None:
+    with session_scope(settings.database_url) as s:
+        claim_job(s, job_id, "live", 60)
+    expire_lease(settings, job_id)  # as if the database had been away longer than the lease
+    with session_scope(settings.database_url) as s:
+        sweep(s, broker=True, settle_expired=False)
+    assert job(settings, job_id).status == "training"  # its worker may still be alive
+    with session_scope(settings.database_url) as s:
+        sweep(s, broker=True)
+    assert job(settings, job_id).status == "queued"
