@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,13 +11,14 @@ from fastapi import APIRouter, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app.api.inference import HistoryCache, ModelCache
+from app.api.job_service import EventWatch
 from app.api.routes import catalog, datasets, health, jobs, keys, models
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.keys import KeyCache
 from app.core.limits import Background, make_limits
 from app.core.storage import ArtifactStore
-from app.problems import install_problem_handlers
+from app.problems import BodyLimit, document_problems, install_problem_handlers
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
@@ -58,12 +60,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessions = sessions
+    app.state.events = EventWatch(sessions, settings.stream_poll_seconds, settings.max_streams_per_key)
+    app.state.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
     app.state.store = ArtifactStore.from_settings(settings)
     app.state.models = ModelCache(settings.model_cache_size)
     app.state.keys = key_cache
     app.state.limits = limits
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
     install_problem_handlers(app)
+    document_problems(app)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_json_body_bytes, max_upload_bytes=settings.upload_max_bytes
+    )
 
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")

@@ -34,6 +34,7 @@ from ml.models import MODELS, build_model
 from ml.oracle import Oracle, OutputMode
 from ml.policy import FittedPolicy, PolicyConfig, fit_policy, honest_cost
 from ml.train import (
+    MAX_SEED,
     OptimConfig,
     TrainingCancelled,
     accuracy,
@@ -57,15 +58,19 @@ class AuditConfig(OptimConfig):
 
     model_config = ConfigDict(extra="forbid")
 
-    students: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1)
-    attacks: list[str] = Field(default_factory=lambda: list(ATTACKS.names()), min_length=1)
+    students: list[str] = Field(default_factory=lambda: ["mlp"], min_length=1, max_length=8)
+    attacks: list[str] = Field(default_factory=lambda: list(ATTACKS.names()), min_length=1, max_length=32)
     attack_params: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per attack key: parameter overrides (replace its default sweep)"
+        default_factory=dict,
+        max_length=32,
+        description="per attack key: parameter overrides (replace its default sweep)",
     )
     seeds: int = Field(5, ge=1, le=100)
-    base_seed: int = Field(0, ge=0)
+    base_seed: int = Field(0, ge=0, le=MAX_SEED)
     epochs: int = Field(300, ge=1, le=100_000)
-    ls_eps: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3], min_length=1)
+    ls_eps: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3], min_length=1, max_length=16
+    )
     ls_mixup: bool = Field(True, description="also sweep LS students trained on mixup")
     control: bool = Field(True, description="audit a CE teacher of the same architecture the same way")
     # Label-only is the best protection our benchmark found (docs/calibration.md): against a CMIM teacher
@@ -86,20 +91,26 @@ class AuditConfig(OptimConfig):
         description="a registered data set of the same input shape whose train inputs the attacker "
         "also queries, unlabelled (e.g. more mnist1d samples from another generator seed)",
     )
-    transfer_params: dict[str, Any] = Field(default_factory=dict)
-    transfer_size: int | None = Field(None, ge=1, description="use at most this many transfer inputs")
+    transfer_params: dict[str, Any] = Field(default_factory=dict, max_length=32)
+    transfer_size: int | None = Field(
+        None, ge=1, le=10_000_000, description="use at most this many transfer inputs"
+    )
     augment: bool = True
-    mixup_alpha: float = Field(1.0, gt=0)
+    mixup_alpha: float = Field(1.0, gt=0, le=100)
     edge_range: tuple[float, float] = Field(
         (0.7, 1.0), description="the mixup_edge view (fm_edge): mixing ratios drawn uniformly from this range"
     )
     noise_scale: float = Field(
-        0.5, gt=0, description="the noise view (fm_noise): Gaussian noise std, in units of the data's std"
+        0.5,
+        gt=0,
+        le=100,
+        description="the noise view (fm_noise): Gaussian noise std, in units of the data's std",
     )
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
-    eval_every: int = Field(1, ge=1)
-    query_budgets: list[Annotated[int, Field(ge=1)]] | None = Field(
+    eval_every: int = Field(1, ge=1, le=100_000)
+    query_budgets: list[Annotated[int, Field(ge=1, le=1_000_000_000)]] | None = Field(
         None,
+        max_length=16,
         description="also attack with only this many cached queries each: a budget curve, whose safe "
         "budget becomes the served model's per-key query budget. None (the default): 1, 5 and 25 passes "
         "over the attacker's labelled set (4k, 20k and 100k on the benchmark); [] for none",

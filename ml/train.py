@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,6 +24,8 @@ from ml.cmi import DEFAULT_LOG_TEMPERATURES, cmi_by_temperature, model_logits, s
 from ml.data import DATASETS, Dataset, load_dataset
 from ml.models import MODELS, build_model
 from ml.objectives import OBJECTIVES, StepContext, make_objective
+
+MAX_SEED = 2**31 - 1  # every seed fits torch, numpy and Python generators alike
 
 
 class TrainingCancelled(Exception):
@@ -39,10 +41,12 @@ class OptimConfig(BaseModel):
     batch_size: int = Field(128, ge=2, le=65_536)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-2, gt=0, le=10)
-    weight_decay: float = Field(1e-2, ge=0)
+    weight_decay: float = Field(1e-2, ge=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
-    milestones: list[int] = Field(default_factory=list, description="multistep: epochs where lr *= gamma")
+    milestones: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
+        default_factory=list, max_length=32, description="multistep: epochs where lr *= gamma"
+    )
     gamma: float = Field(0.1, gt=0, le=1)
 
 
@@ -50,14 +54,16 @@ class TrainConfig(OptimConfig):
     """A teacher training run: data, architecture, objective, budget, seed."""
 
     dataset: str = "mnist1d"
-    dataset_params: dict[str, Any] = Field(default_factory=dict)
+    dataset_params: dict[str, Any] = Field(default_factory=dict, max_length=32)
     arch: str = "cnn1d"
     objective: str = "cmim"
-    objective_params: dict[str, Any] = Field(default_factory=dict)
-    seed: int = Field(0, ge=0)
+    objective_params: dict[str, Any] = Field(default_factory=dict, max_length=32)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     augment: bool = True
     device: str = "auto"
-    log_temperatures: list[float] = Field(list(DEFAULT_LOG_TEMPERATURES), min_length=1)
+    log_temperatures: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
+        list(DEFAULT_LOG_TEMPERATURES), min_length=1, max_length=16
+    )
 
     @field_validator("dataset")
     @classmethod

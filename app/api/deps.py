@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Security
@@ -23,9 +23,14 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # Closed on the event loop, not in a worker thread: a request holding a connection must never
+    # wait for a thread to give it back (threads blocked on a full pool would wait for it forever).
+    session = request.app.state.sessions()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 def get_store(request: Request) -> ArtifactStore:

@@ -13,6 +13,8 @@ from ml.audit import AuditConfig
 from ml.data import DatasetInfo
 from ml.train import TrainConfig
 
+MAX_INT32 = 2**31 - 1  # the database stores counts and limits as 32-bit integers
+
 # A demo that finishes in a few minutes on a 2-core CPU: small MNIST-1D, short teacher and audit.
 DEMO_JOB: dict[str, Any] = {
     "teacher": {
@@ -69,7 +71,9 @@ class Links(BaseModel):
     model: str
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job as listed: everything but its spec (GET /api/v1/jobs/{id} has that)."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
@@ -78,7 +82,6 @@ class JobOut(BaseModel):
     max_attempts: int
     error: str | None
     cancel_requested: bool
-    spec: dict[str, Any]
     dataset_id: uuid.UUID | None
     created_at: datetime
     updated_at: datetime
@@ -87,8 +90,12 @@ class JobOut(BaseModel):
     links: Links
 
 
+class JobOut(JobSummary):
+    spec: dict[str, Any]
+
+
 class JobList(BaseModel):
-    items: list[JobOut]
+    items: list[JobSummary]
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
 
 
@@ -153,9 +160,12 @@ class KeyCreate(BaseModel):
     query_budget: int | None = Field(
         None,
         ge=0,
+        le=MAX_INT32,
         description="predict rows allowed per model; null: unlimited (the model's own still applies)",
     )
-    rate_limit_per_minute: int | None = Field(None, ge=1, description="predict requests per minute")
+    rate_limit_per_minute: int | None = Field(
+        None, ge=1, le=MAX_INT32, description="predict requests per minute"
+    )
     expires_at: datetime | None = Field(None, description="when the key stops working (UTC); null: never")
 
 

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep
 from app.core.queue import broker_reachable
-from app.problems import Problem
+from app.problems import RETRY_AFTER_S, Problem
 
 router = APIRouter(tags=["health"])
 v2 = APIRouter(prefix="/v2", tags=["inference (KServe v2)"])
@@ -32,7 +32,8 @@ async def _checks(session: SessionDep, settings: SettingsDep) -> dict[str, str]:
     if not settings.embedded:
         checks["broker"] = "ok" if await run_in_threadpool(broker_reachable, settings) else "unreachable"
     if any(v != "ok" for v in checks.values()):
-        raise Problem(503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items()), checks=checks)
+        detail = "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items())
+        raise Problem(503, detail, headers={"Retry-After": str(RETRY_AFTER_S)}, checks=checks)
     return checks
 
 
