@@ -20,6 +20,8 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from service_helpers import Trained, job_body, service_settings
 
 from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.keys import create_api_key
 from app.main import create_app
 
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]
@@ -33,25 +35,42 @@ FUZZ = settings(
 STATEFUL = settings(FUZZ, max_examples=15, stateful_step_count=6)
 
 
-# The schema is read when the module is collected, from an app that touches no database; the cases
-# are sent to an app on PostgreSQL (stricter than SQLite about types and ranges) built by the fixture.
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Settings(environment="test")))
+# The schema is read when the module is collected, from an app that is never started (no database, no
+# background tasks); the cases are sent to an app on PostgreSQL (stricter than SQLite about types and
+# ranges) built by the fixture.
+schema = schemathesis.openapi.from_dict(create_app(Settings(environment="test")).openapi())
 
 
 class Fuzzed:
     """The app under test, its caller's headers and the ids of real objects."""
 
     def __init__(self, trained: Trained, dataset_id: str) -> None:
-        self.app, self.headers = trained.client.app, trained.headers
-        self.real = {"job_id": trained.job_id, "model_id": trained.job_id, "dataset_id": dataset_id}
+        self.trained, self.app, self.headers = trained, trained.client.app, trained.headers
+        self.own_key = trained.client.get("/api/v1/keys/me", headers=trained.headers).json()["id"]
+        self.real = {
+            "job_id": trained.job_id,
+            "model_id": trained.job_id,
+            "dataset_id": dataset_id,
+            "key_id": self.spare_key(),
+        }
+
+    def spare_key(self) -> str:
+        """Another key of the same owner: what a revocation aimed at a real key revokes."""
+        with session_scope(self.trained.settings.database_url) as s:
+            return str(create_api_key(s, owner_id=self.trained.owner_id)[0].id)
 
     def aim(self, case: Any) -> None:
-        """Point half the cases at real objects (and submit valid jobs); a stream always at a finished job."""
+        """Point half the cases at real objects (and submit valid jobs); a stream always at a finished job.
+
+        The caller's own key is never revoked (schemathesis links `GET /keys/me` to `DELETE /keys/{id}`):
+        a spare key of the same owner takes its place, or every later case would be a 401."""
         path = case.path_parameters or {}
         stream = case.operation.path.endswith("/events") and "after" not in (case.query or {})
         for name, real in self.real.items():
             if name in path and (stream or _coin(path[name])):
                 path[name] = real
+        if path.get("key_id") == self.own_key:
+            path["key_id"] = self.spare_key()
         if (case.method, case.operation.path) == ("POST", "/api/v1/jobs") and _coin(case.body):
             case.body = job_body(**{"teacher.seed": zlib.crc32(str(case.body).encode()) % 1000})
 
