@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI
 
 from app.api.inference import HistoryCache, ModelCache, RateLimiter
-from app.api.routes import catalog, datasets, health, jobs, keys, models
+from app.api.routes import catalog, datasets, health, jobs, keys, models, uploads
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.storage import ArtifactStore
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
 
     api = APIRouter(prefix="/api/v1")
-    for module in (jobs, datasets, keys, catalog):
+    for module in (jobs, datasets, uploads, keys, catalog):
         api.include_router(module.router)
     api.include_router(models.simple)
     app.include_router(api)

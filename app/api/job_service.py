@@ -19,10 +19,11 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import get_owned
 from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut, Links
 from app.core.config import Settings
-from app.core.models import REPORT_NAME, ApiKey, Artifact, Dataset, Job, JobEvent, JobStatus
+from app.core.models import REPORT_NAME, ApiKey, Artifact, Dataset, Job, JobEvent, JobStatus, UploadedModel
 from app.core.queue import status_event
 from app.problems import Problem, validation_problem
 from ml.data import DATASETS
+from ml.train import fine_tune_defaults
 
 API = "/api/v1"
 UPLOADED_DATASET = "npz"  # the ML library's loader for a user's npz file
@@ -125,6 +126,66 @@ def _dataset_spec(session: Session, key: ApiKey, body: JobCreate) -> dict[str, A
     return {"dataset": body.teacher.dataset, "dataset_params": params.model_dump(mode="json")}
 
 
+def _uploaded_teacher(
+    session: Session, key: ApiKey, body: JobCreate, teacher: dict[str, Any], audit: dict[str, Any]
+) -> None:
+    """Check a job's uploaded teacher against its data and fill in what follows from it (in place): the
+    architecture, the fine-tuning recipe, and no control for an ONNX model without a named one."""
+    spec = body.teacher
+    row = session.get(UploadedModel, spec.model_id)
+    if row is None or row.owner_id != key.owner_id:
+        owned = session.scalars(select(UploadedModel.id).where(UploadedModel.owner_id == key.owner_id)).all()
+        raise validation_problem(
+            [
+                {
+                    "loc": ["body", "teacher", "model_id"],
+                    "type": "unknown_choice",
+                    "msg": f"no uploaded model {spec.model_id}",
+                    "choices": [str(m) for m in owned],
+                }
+            ]
+        )
+    if body.dataset_id is not None:
+        ds = session.get(Dataset, body.dataset_id)
+        shape, classes = tuple(ds.input_shape), ds.num_classes
+    else:
+        info = DATASETS.get(teacher["dataset"]).info
+        shape, classes = info.input_shape, info.num_classes
+    if (shape is not None and tuple(row.input_shape) != tuple(shape)) or (
+        classes is not None and row.num_classes != classes
+    ):
+        raise validation_problem(
+            [
+                {
+                    "loc": ["body", "teacher", "model_id"],
+                    "type": "value_error",
+                    "msg": f"model {row.id} takes {tuple(row.input_shape)} with {row.num_classes} classes; "
+                    f"the job's data has {shape} with {classes} classes",
+                }
+            ]
+        )
+    if row.format == "onnx":
+        if spec.fine_tune:
+            raise validation_problem(
+                [
+                    {
+                        "loc": ["body", "teacher", "fine_tune"],
+                        "type": "value_error",
+                        "msg": "an ONNX model is audited as a black box; fine-tuning needs a zoo checkpoint",
+                    }
+                ]
+            )
+        if body.audit.control_arch is None:
+            audit["control"] = False  # no zoo architecture to train a CE control with
+        else:
+            teacher["arch"] = body.audit.control_arch
+        return
+    teacher["arch"] = row.arch
+    if spec.fine_tune:
+        tuned = fine_tune_defaults(spec)
+        teacher |= {"lr": tuned.lr, "warmup_epochs": tuned.warmup_epochs}
+
+
 def request_hash(body: JobCreate) -> str:
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -152,10 +213,13 @@ def create_job(
         return job, False
     teacher = body.teacher.model_dump(mode="json") | _dataset_spec(session, key, body)
     teacher["device"] = "auto"  # the worker decides where to run
+    audit = body.audit.model_dump(mode="json")
+    if body.teacher.model_id is not None:
+        _uploaded_teacher(session, key, body, teacher, audit)
     job = Job(
         owner_id=key.owner_id,
         status=JobStatus.queued.value,
-        spec={"teacher": teacher, "audit": body.audit.model_dump(mode="json")},
+        spec={"teacher": teacher, "audit": audit},
         dataset_id=body.dataset_id,
         idempotency_key=idempotency_key,
         request_hash=digest,
