@@ -1,4 +1,8 @@
-"""The `cmim` console script: the ML library's commands plus the service (serve, worker, keys, db)."""
+"""The `cmim` console script: the ML library's commands plus the service (serve, worker, keys, db).
+
+The service commands import the service's packages (SQLAlchemy, FastAPI, Celery) only when they run,
+so `pip install .` without the service extra gives working `cmim train / audit / cmi / attacks / bench`.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from sqlalchemy import func, select
 
-from app.core.config import ALL_SCOPES, get_settings
-from app.core.db import session_scope
-from app.core.keys import create_api_key
-from app.core.migrate import upgrade
-from app.core.models import ApiKey
 from ml.cli import app as ml_app
 
 cli = typer.Typer(
@@ -33,6 +31,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
     """Apply the migrations to CMIM_DATABASE_URL."""
+    from app.core.config import get_settings
+    from app.core.migrate import upgrade
+
     url = get_settings().database_url
     upgrade(url, revision)
     console.print(f"database at revision {revision}")
@@ -41,13 +42,15 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] 
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="a label for the key")] = "cli",
-    scope: Annotated[
-        list[str] | None, typer.Option(help=f"repeatable; default all: {', '.join(ALL_SCOPES)}")
-    ] = None,
+    scope: Annotated[list[str] | None, typer.Option(help="repeatable; default: all scopes")] = None,
     owner: Annotated[str | None, typer.Option(help="an existing owner id; default: a new owner")] = None,
     budget: Annotated[int | None, typer.Option(help="predict queries allowed; default: the server's")] = None,
 ) -> None:
     """Create an API key and print its secret (shown once)."""
+    from app.core.config import ALL_SCOPES, get_settings
+    from app.core.db import session_scope
+    from app.core.keys import create_api_key
+
     settings = get_settings()
     with session_scope(settings.database_url) as s:
         key, secret = create_api_key(
@@ -70,7 +73,13 @@ def serve(
 ) -> None:
     """Run the API (and, without a broker, the embedded worker): migrations first, a first key if none."""
     import uvicorn
+    from sqlalchemy import func, select
 
+    from app.core.config import get_settings
+    from app.core.db import session_scope
+    from app.core.keys import create_api_key
+    from app.core.migrate import upgrade
+    from app.core.models import ApiKey
     from worker.local import start_local_worker
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -113,6 +122,8 @@ def worker_cmd(
     ] = False,
 ) -> None:
     """Run a job worker: Celery on CMIM_BROKER_URL, or the embedded loop with --local."""
+    from app.core.config import get_settings
+
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     settings = get_settings()
     if local or settings.embedded:
