@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +18,10 @@ from rich.table import Table
 app = typer.Typer(help="Train undistillable classifiers (CMIM) and audit them.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print their numbers and ratios.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
-err = Console(stderr=True)
+# Tables fit 100 columns (narrower terminals get their own width).
+WIDTH = min(shutil.get_terminal_size((100, 24)).columns, 100)
+console = Console(width=WIDTH)
+err = Console(stderr=True, width=WIDTH)
 R = TypeVar("R")
 
 ParamList = Annotated[list[str] | None, typer.Option(help="key=value (value parsed as JSON), repeatable")]
@@ -459,7 +462,7 @@ def print_report(report: dict[str, Any]) -> None:
             acc = section["teacher"]["accuracy"] if label == "teacher" else section["accuracy"]
             title = f"{label} (acc {acc:.2f}%) -> {arch}: {s['verdict']}"
             print_table(
-                title, ["row", "best acc", "last acc", "fidelity", "margin vs best LS", "significant"], rows
+                title, ["row", "best acc", "last acc", "fidelity", "margin vs LS", "sig."], rows
             )
     for t, per_student in report.get("safe_budget", {}).items():
         console.print(f"safe query budget ({t}): " + ", ".join(f"{a} {b}" for a, b in per_student.items()))

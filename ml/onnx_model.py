@@ -178,6 +178,12 @@ def _session(data: bytes) -> Any:
     _, ort = _import()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Torch and onnxruntime share the cores: onnxruntime's threads must not spin-wait between calls,
+    # or every torch op in between (the audit's students) runs on starved cores.
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     providers = [
         p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
     ]

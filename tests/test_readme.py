@@ -1,7 +1,8 @@
 """Every command-line command the README shows runs, in the README's order, with its own flags, on tiny
-settings: --epochs, --teacher-epochs and --seeds become 1; `bench speed` runs 2 steps, 1 round, 2 students;
-`bench paper --quick` 1 seed of 1 epoch; the two full benchmarks (about an hour each) only parse their
-options (--help). The API walk-through and `bench/predict_load.py` run against real servers in
+settings: --epochs, --teacher-epochs and --seeds become 1, and an audit attacks with hard_label and fm
+only, against one LS student, under one query budget of 500; `bench speed` runs 2 steps, 1 round, 2
+students; `bench paper --quick` 1 seed of 1 epoch; the two full benchmarks (about an hour each) only
+parse their options (--help). The API walk-through and `bench/predict_load.py` run against real servers in
 tests/service/test_e2e.py."""
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ def tiny(command: str) -> list[str]:
     assert argv[0] == ".venv/bin/cmim", command
     argv = [sys.executable, "-m", "worker.cli", *argv[1:]]
     argv = [SHRINK[argv[i - 1]] if argv[i - 1] in SHRINK else a for i, a in enumerate(argv)]
+    if argv[3] == "audit":
+        argv += [
+            "--attack",
+            "hard_label",
+            "--attack",
+            "fm",
+            "--ls-eps",
+            "0",
+            "--no-ls-mixup",
+            "--budget",
+            "500",
+        ]
     if argv[3:5] == ["bench", "speed"]:
         argv += ["--steps", "2", "--rounds", "1", "--students", "2"]
     if argv[3:5] == ["bench", "paper"]:
@@ -53,4 +66,3 @@ def test_every_cli_command_in_the_readme_runs(owner_example: Path, tmp_path: Pat
         if argv[3] == "datasets":
             assert "npz" in done.stdout and "from file" in done.stdout
     assert (tmp_path / "runs" / "tuned" / "model.json").is_file()
-

@@ -324,7 +324,7 @@ def test_signals_keep_shifts_and_tabular_refuses_them(tmp_path: Path) -> None:
     d = load_dataset("npz", path=_npz(tmp_path, **_arrays(shape=(1, 40))))
     assert d.input_shape == (1, 40) and d.augmentation == "shift_noise"
     tab = load_dataset("npz", path=_npz(tmp_path, **_arrays()))
-    with pytest.raises(ValueError, match=r"'shift_noise' does not fit inputs of shape \(40,\); valid choices"):
+    with pytest.raises(ValueError, match=r"'shift_noise' does not fit inputs of shape \(40,\); valid"):
         tab.with_augmentation("shift_noise")
     noisy = tab.with_augmentation("feature_noise")
     x = noisy.x_train[:8]
