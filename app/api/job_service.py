@@ -23,6 +23,7 @@ from app.core.models import REPORT_NAME, ApiKey, Artifact, Dataset, Job, JobEven
 from app.core.queue import status_event
 from app.problems import Problem, validation_problem
 from ml.data import DATASETS
+from ml.data.augment import check_augmentation
 from ml.train import fine_tune_defaults
 
 API = "/api/v1"
@@ -186,6 +187,24 @@ def _uploaded_teacher(
         teacher |= {"lr": tuned.lr, "warmup_epochs": tuned.warmup_epochs}
 
 
+def _check_augmentation(session: Session, body: JobCreate, teacher: dict[str, Any]) -> None:
+    """422 when the requested augmentation does not fit the data's inputs (e.g. shifts on tabular data)."""
+    if body.teacher.augmentation is None:
+        return
+    if body.dataset_id is not None:
+        shape = tuple(session.get(Dataset, body.dataset_id).input_shape)
+    else:
+        shape = DATASETS.get(teacher["dataset"]).info.input_shape
+    if shape is None:
+        return
+    try:
+        check_augmentation(body.teacher.augmentation, shape)
+    except ValueError as e:
+        raise validation_problem(
+            [{"loc": ["body", "teacher", "augmentation"], "type": "value_error", "msg": str(e)}]
+        ) from None
+
+
 def request_hash(body: JobCreate) -> str:
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -214,6 +233,7 @@ def create_job(
     teacher = body.teacher.model_dump(mode="json") | _dataset_spec(session, key, body)
     teacher["device"] = "auto"  # the worker decides where to run
     audit = body.audit.model_dump(mode="json")
+    _check_augmentation(session, body, teacher)
     if body.teacher.model_id is not None:
         _uploaded_teacher(session, key, body, teacher, audit)
     job = Job(

@@ -219,3 +219,25 @@ def test_a_job_refuses_an_unknown_or_mismatched_model(owner: Trained) -> None:
         "/api/v1/jobs", json=tiny_job(owner, "00000000-0000-0000-0000-000000000000"), headers=owner.headers
     )
     assert_problem(unknown, 422)
+
+
+def test_a_checkpoint_cmim_train_wrote_registers_and_tabular_augmentation_is_checked(
+    owner: Trained, tmp_path: Path
+) -> None:
+    from ml.checkpoint import save_checkpoint
+    from ml.train import TrainConfig, train_model
+
+    cfg = TrainConfig(dataset="digits", arch="mlp", objective="ce", epochs=1, device="cpu")
+    trained = train_model(cfg)
+    weights, config = save_checkpoint(trained.model, trained.meta, tmp_path / "cli")
+    files = {
+        "file": ("model.safetensors", weights.read_bytes()),
+        "config": ("model.json", config.read_bytes()),
+    }
+    r = upload(owner, files)
+    assert r.status_code == 201, r.text
+    assert (r.json()["arch"], r.json()["input_shape"], r.json()["num_classes"]) == ("mlp", [1, 8, 8], 10)
+    body = tiny_job(owner, r.json()["id"])
+    body["teacher"] |= {"model_id": None, "arch": "mlp", "augmentation": "shift_noise"}
+    shifted = owner.client.post("/api/v1/jobs", json=body, headers=owner.headers)
+    assert "'shift_noise' does not fit inputs of shape (20,)" in assert_problem(shifted, 422)["detail"]
