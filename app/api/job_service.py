@@ -127,6 +127,10 @@ def _dataset_spec(session: Session, key: ApiKey, body: JobCreate) -> dict[str, A
     return {"dataset": body.teacher.dataset, "dataset_params": params.model_dump(mode="json")}
 
 
+def _field_error(loc: list[str], msg: str, kind: str = "value_error", **extra: Any) -> Problem:
+    return validation_problem([{"loc": ["body", *loc], "type": kind, "msg": msg, **extra}])
+
+
 def _uploaded_teacher(
     session: Session, key: ApiKey, body: JobCreate, teacher: dict[str, Any], audit: dict[str, Any]
 ) -> None:
@@ -136,15 +140,11 @@ def _uploaded_teacher(
     row = session.get(UploadedModel, spec.model_id)
     if row is None or row.owner_id != key.owner_id:
         owned = session.scalars(select(UploadedModel.id).where(UploadedModel.owner_id == key.owner_id)).all()
-        raise validation_problem(
-            [
-                {
-                    "loc": ["body", "teacher", "model_id"],
-                    "type": "unknown_choice",
-                    "msg": f"no uploaded model {spec.model_id}",
-                    "choices": [str(m) for m in owned],
-                }
-            ]
+        raise _field_error(
+            ["teacher", "model_id"],
+            f"no uploaded model {spec.model_id}",
+            "unknown_choice",
+            choices=[str(m) for m in owned],
         )
     if body.dataset_id is not None:
         ds = session.get(Dataset, body.dataset_id)
@@ -155,26 +155,16 @@ def _uploaded_teacher(
     if (shape is not None and tuple(row.input_shape) != tuple(shape)) or (
         classes is not None and row.num_classes != classes
     ):
-        raise validation_problem(
-            [
-                {
-                    "loc": ["body", "teacher", "model_id"],
-                    "type": "value_error",
-                    "msg": f"model {row.id} takes {tuple(row.input_shape)} with {row.num_classes} classes; "
-                    f"the job's data has {shape} with {classes} classes",
-                }
-            ]
+        raise _field_error(
+            ["teacher", "model_id"],
+            f"model {row.id} takes {tuple(row.input_shape)} with {row.num_classes} classes; "
+            f"the job's data has {shape} with {classes} classes",
         )
     if row.format == "onnx":
         if spec.fine_tune:
-            raise validation_problem(
-                [
-                    {
-                        "loc": ["body", "teacher", "fine_tune"],
-                        "type": "value_error",
-                        "msg": "an ONNX model is audited as a black box; fine-tuning needs a zoo checkpoint",
-                    }
-                ]
+            raise _field_error(
+                ["teacher", "fine_tune"],
+                "an ONNX model is audited as a black box; fine-tuning needs a zoo checkpoint",
             )
         if body.audit.control_arch is None:
             audit["control"] = False  # no zoo architecture to train a CE control with
@@ -200,9 +190,7 @@ def _check_augmentation(session: Session, body: JobCreate, teacher: dict[str, An
     try:
         check_augmentation(body.teacher.augmentation, shape)
     except ValueError as e:
-        raise validation_problem(
-            [{"loc": ["body", "teacher", "augmentation"], "type": "value_error", "msg": str(e)}]
-        ) from None
+        raise _field_error(["teacher", "augmentation"], str(e)) from None
 
 
 def request_hash(body: JobCreate) -> str:
@@ -236,6 +224,10 @@ def create_job(
     _check_augmentation(session, body, teacher)
     if body.teacher.model_id is not None:
         _uploaded_teacher(session, key, body, teacher, audit)
+    elif body.teacher.fine_tune:
+        raise _field_error(
+            ["teacher", "fine_tune"], "fine_tune needs teacher.model_id: the model to start from"
+        )
     job = Job(
         owner_id=key.owner_id,
         status=JobStatus.queued.value,

@@ -219,6 +219,10 @@ def test_a_job_refuses_an_unknown_or_mismatched_model(owner: Trained) -> None:
         "/api/v1/jobs", json=tiny_job(owner, "00000000-0000-0000-0000-000000000000"), headers=owner.headers
     )
     assert_problem(unknown, 422)
+    no_model = tiny_job(owner, "00000000-0000-0000-0000-000000000000", {"fine_tune": True, "arch": "mlp"})
+    no_model["teacher"]["model_id"] = None
+    r = owner.client.post("/api/v1/jobs", json=no_model, headers=owner.headers)
+    assert "fine_tune needs teacher.model_id" in assert_problem(r, 422)["detail"]
 
 
 def test_a_checkpoint_cmim_train_wrote_registers_and_tabular_augmentation_is_checked(
