@@ -121,9 +121,8 @@ def validate_onnx(data: bytes, input_shape: tuple[int, ...] | None = None) -> On
     onnx, _ = _import()
     model = _parse(data)
     _check_external_data(model)
-    opset = _check_ops(model)
     model = _inline_functions(model)
-    _check_ops(model)
+    opset = _check_ops(model)
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # noqa: BLE001 - onnx raises ValidationError and friends
@@ -139,6 +138,11 @@ def validate_onnx(data: bytes, input_shape: tuple[int, ...] | None = None) -> On
     (inp,), (out,) = inputs, model.graph.output
     if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise OnnxValidationError("the model's input must be float32")
+    if not _dims(inp) or _dims(inp)[0] is not None:
+        raise OnnxValidationError(
+            f"the model's input {_dims(inp)} has no dynamic batch axis; export it with one "
+            "(torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes={'input': {0: 'batch'}})"
+        )
     dims = _dims(inp)[1:]
     if input_shape is not None:
         if len(dims) != len(input_shape) or any(
@@ -161,7 +165,10 @@ def validate_onnx(data: bytes, input_shape: tuple[int, ...] | None = None) -> On
     if math.prod(shape) > 50_000_000:
         raise OnnxValidationError(f"input shape {shape} is too large")
     session = _session(model.SerializeToString())
-    probe = session.run(None, {inp.name: np.zeros((2, *shape), dtype=np.float32)})
+    try:
+        probe = session.run(None, {inp.name: np.zeros((2, *shape), dtype=np.float32)})
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error types
+        raise OnnxValidationError(f"onnxruntime fails on a batch of 2: {str(e).splitlines()[0]}") from None
     if len(probe) != 1 or probe[0].ndim != 2 or probe[0].shape[0] != 2:
         got = [tuple(p.shape) for p in probe]
         raise OnnxValidationError(

@@ -10,7 +10,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def linear_onnx(features: int = 20, classes: int = 5, outputs: int = 1, domain: str = "") -> bytes:
+def linear_onnx(
+    features: int = 20, classes: int = 5, outputs: int = 1, domain: str = "", batch: int | str = "batch"
+) -> bytes:
     """x (batch, features) -> x @ W (batch, classes); `outputs` copies of it; `domain` for a custom op."""
     w = numpy_helper.from_array(np.ones((features, classes), np.float32), "W")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y0"])]
@@ -24,7 +26,7 @@ def linear_onnx(features: int = 20, classes: int = 5, outputs: int = 1, domain: 
         nodes.append(helper.make_node("Identity", [last], [f"copy{i}"]))
         outs.append(helper.make_tensor_value_info(f"copy{i}", TensorProto.FLOAT, ["batch", classes]))
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])], outs, [w]
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])], outs, [w]
     )
     return helper.make_model(graph, opset_imports=opsets).SerializeToString()
 

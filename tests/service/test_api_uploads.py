@@ -93,6 +93,7 @@ def test_every_bad_model_is_refused_specifically_and_nothing_is_stored(
         ({"file": ("m.onnx", linear_onnx(domain="com.evil"))}, "custom operator domain 'com.evil'"),
         ({"file": ("m.onnx", external_data_onnx(tmp_path))}, "use external data files"),
         ({"file": ("m.onnx", b"\x08\xff garbage, not a protobuf" * 20)}, "not an ONNX model"),
+        ({"file": ("m.onnx", linear_onnx(batch=1))}, "has no dynamic batch axis"),
         (
             {"file": ("m.onnx", linear_onnx(features=21))},
             "input is (batch, 21) but the data's examples are (20,)",
