@@ -16,11 +16,11 @@ import torch
 from test_e2e import Stack, deployed, embedded  # noqa: F401 - the module's fixtures
 
 ROOT = Path(__file__).parents[2]
-# The README's sizes, shrunk so that both jobs take seconds: one seed of one epoch, a 2-epoch control,
-# two attacks and one query budget.
+# The README's sizes, shrunk so that both jobs take seconds: one seed of one epoch, a 2-epoch control
+# (and fine-tuning), one query budget of 500.
 SHRINK = {
-    '"seeds": 3, "epochs": 60': '"seeds": 1, "epochs": 1, "attacks": ["hard_label", "fm"], '
-    '"query_budgets": [500]',
+    '"seeds": 2, "epochs": 20': '"seeds": 1, "epochs": 1',
+    '"query_budgets": [4000, 20000]': '"query_budgets": [500]',
     '"epochs": 30': '"epochs": 2',
     '"epochs": 10': '"epochs": 2',
 }
