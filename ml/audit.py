@@ -73,6 +73,11 @@ class AuditConfig(OptimConfig):
     )
     ls_mixup: bool = Field(True, description="also sweep LS students trained on mixup")
     control: bool = Field(True, description="audit a CE teacher of the same architecture the same way")
+    control_arch: str | None = Field(
+        None,
+        description="zoo architecture of the CE control; null: the teacher's own (an ONNX teacher has none: "
+        "name one, or the audit runs without a control and its verdict cannot be `undistillable`)",
+    )
     # Label-only is the best protection our benchmark found (docs/calibration.md): against a CMIM teacher
     # it takes function matching from +3.7 to +0.1 points over the LS student at no accuracy cost.
     output_mode: OutputMode = Field(
@@ -117,11 +122,12 @@ class AuditConfig(OptimConfig):
     )
     device: str = "auto"
 
-    @field_validator("students", "attacks", "transfer")
+    @field_validator("students", "attacks", "transfer", "control_arch")
     @classmethod
     def _registered(cls, v: list[str] | str | None, info: ValidationInfo) -> list[str] | str | None:
         """Every name must be registered; an unknown one raises with the valid choices."""
-        registry = {"students": MODELS, "attacks": ATTACKS, "transfer": DATASETS}[info.field_name]
+        registries = {"students": MODELS, "attacks": ATTACKS, "transfer": DATASETS, "control_arch": MODELS}
+        registry = registries[info.field_name]
         for name in [v] if isinstance(v, str) else v or []:
             registry.get(name)
         return v
@@ -963,6 +969,7 @@ def run_audit(
         report["raw_probabilities"] = section(None, "teacher_raw")
     if cfg.control:
         report["control"] = {
+            "arch": cfg.control_arch,
             **teacher_summary(control, dataset),
             "serving": serving_summary(teachers["control"], dataset),
             **section(None, "control"),
@@ -986,9 +993,14 @@ def run_audit(
             "; the CE control is not found distillable either, so this audit cannot discriminate"
         )
     elif not cfg.control:
+        report["control"] = None
         report["verdict_reason"] += (
             "; no CE control was run, so the audit's power to discriminate is unchecked"
         )
+        if report["verdict"] == "undistillable":
+            # Without a control the audit cannot show it would have caught a copyable teacher.
+            report["verdict"] = "inconclusive"
+            report["verdict_reason"] += ", and the verdict cannot be undistillable"
     report["statement"] = protection_statement(report)
     report["wall_s"] = time.perf_counter() - t0
     return report

@@ -1,4 +1,8 @@
-"""The `cmim` console script: the ML library's commands plus the service (serve, worker, keys, db)."""
+"""The `cmim` console script: the ML library's commands plus the service (serve, worker, keys, db).
+
+The service commands import the service's packages (SQLAlchemy, FastAPI, Celery) only when they run,
+so `pip install .` without the service extra gives working `cmim train / audit / cmi / attacks / bench`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from sqlalchemy import func, select
 
-from app.core.config import ALL_SCOPES, get_settings
-from app.core.db import session_scope
-from app.core.keys import create_api_key, list_api_keys, revoke_api_key
-from app.core.migrate import upgrade
-from app.core.models import ApiKey, utcnow
 from ml.cli import app as ml_app
 
 cli = typer.Typer(
@@ -34,6 +32,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
     """Apply the migrations to CMIM_DATABASE_URL."""
+    from app.core.config import get_settings
+    from app.core.migrate import upgrade
+
     url = get_settings().database_url
     upgrade(url, revision)
     console.print(f"database at revision {revision}")
@@ -53,7 +54,7 @@ def _uuid(value: str | None, what: str) -> uuid.UUID | None:
 def keys_create(
     name: Annotated[str, typer.Option(help="a label for the key")] = "cli",
     scope: Annotated[
-        list[str] | None, typer.Option(help=f"repeatable; default all: {', '.join(ALL_SCOPES)}")
+        list[str] | None, typer.Option(help="repeatable; default: every scope")
     ] = None,
     owner: Annotated[
         str | None,
@@ -67,6 +68,13 @@ def keys_create(
     ] = None,
 ) -> None:
     """Create an API key and print its secret (shown once). Keys of one owner see the same jobs."""
+    from sqlalchemy import func, select
+
+    from app.core.config import ALL_SCOPES, get_settings
+    from app.core.db import session_scope
+    from app.core.keys import create_api_key
+    from app.core.models import ApiKey, utcnow
+
     settings = get_settings()
     owner_id = _uuid(owner, "--owner")
     with session_scope(settings.database_url) as s:
@@ -91,6 +99,10 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(owner: Annotated[str | None, typer.Option(help="only this owner's keys")] = None) -> None:
     """List the keys (never their secrets): id, owner, name, prefix, scopes, budget, expiry, revocation."""
+    from app.core.config import get_settings
+    from app.core.db import session_scope
+    from app.core.keys import list_api_keys
+
     settings = get_settings()
     with session_scope(settings.database_url) as s:
         rows = list_api_keys(s, _uuid(owner, "--owner"))
@@ -117,6 +129,10 @@ def keys_list(owner: Annotated[str | None, typer.Option(help="only this owner's 
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id (`cmim keys list`)")]) -> None:
     """Revoke a key: every API process refuses it within a second."""
+    from app.core.config import get_settings
+    from app.core.db import session_scope
+    from app.core.keys import revoke_api_key
+
     settings = get_settings()
     ident = _uuid(key_id, "KEY_ID")
     assert ident is not None
@@ -135,7 +151,13 @@ def serve(
 ) -> None:
     """Run the API (and, without a broker, the embedded worker): migrations first, a first key if none."""
     import uvicorn
+    from sqlalchemy import func, select
 
+    from app.core.config import get_settings
+    from app.core.db import session_scope
+    from app.core.keys import create_api_key
+    from app.core.migrate import upgrade
+    from app.core.models import ApiKey
     from worker.local import start_local_worker
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
@@ -185,6 +207,8 @@ def worker_cmd(
     ] = False,
 ) -> None:
     """Run a job worker: Celery on CMIM_BROKER_URL, or the embedded loop with --local."""
+    from app.core.config import get_settings
+
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     settings = get_settings()
     if local or settings.embedded:

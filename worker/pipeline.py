@@ -27,16 +27,26 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
-from app.core.models import POLICY_CONFIG_NAME, POLICY_NAME, REPORT_NAME, Artifact, Dataset, Job, JobStatus
+from app.core.models import (
+    POLICY_CONFIG_NAME,
+    POLICY_NAME,
+    REPORT_NAME,
+    Artifact,
+    Dataset,
+    Job,
+    JobStatus,
+    UploadedModel,
+)
 from app.core.outage import is_outage, retry_outage
 from app.core.queue import Claim, LeaseLost, append_event, claim_job, release_claim, renew_lease, transition
 from app.core.storage import ArtifactStore, StoredObject
 from ml.audit import AuditConfig, AuditProgress, run_audit, serve_box
-from ml.checkpoint import save_checkpoint
+from ml.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from ml.data import Dataset as Data
 from ml.data import load_dataset
+from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
 from ml.policy import PolicyConfig
-from ml.train import EpochReport, TrainConfig, TrainingCancelled, train_model
+from ml.train import EpochReport, TrainConfig, TrainingCancelled, TrainResult, check_fits, train_model
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +141,65 @@ def _load_data(settings: Settings, store: ArtifactStore, job: Job, teacher: Trai
     return load_dataset(teacher.dataset, path=str(store.local_path(key)))
 
 
-def _train(ctx: JobContext, cfg: TrainConfig, data: Data, stage: str) -> Any:
+def _train(ctx: JobContext, cfg: TrainConfig, data: Data, stage: str, **init: Any) -> TrainResult:
     # The state file makes training resumable: a re-claimed job continues from its last finished epoch.
     return train_model(
-        cfg, data, on_epoch=ctx.on_epoch, state_path=ctx.work / f"{stage}_state.pt", stage=stage
+        cfg, data, on_epoch=ctx.on_epoch, state_path=ctx.work / f"{stage}_state.pt", stage=stage, **init
     )
+
+
+def _uploaded_teacher(
+    ctx: JobContext, store: ArtifactStore, model_id: str, fine_tune: bool, cfg: TrainConfig, data: Data
+) -> tuple[Any, ModelMeta, list[tuple[str, str, str, StoredObject]]]:
+    """An owner's uploaded model as the job's teacher: (model, meta, its published files).
+
+    ONNX is audited as it is and published as model.onnx + model.json; a zoo checkpoint is audited as it
+    is or CMIM fine-tuned first (its accuracy before and after in meta.metrics["fine_tune"])."""
+    with ctx.session() as s:
+        row = s.get(UploadedModel, uuid.UUID(model_id))
+        assert row is not None, "uploaded models are never deleted while a job uses them"
+        s.expunge(row)
+    if row.format == "onnx":
+        model, _ = load_onnx(
+            store.read_bytes(row.storage_key), row.output, tuple(data.input_shape), data.num_classes
+        )
+        meta = ModelMeta(
+            arch=ONNX_ARCH,
+            input_shape=tuple(row.input_shape),
+            num_classes=row.num_classes,
+            class_names=list(row.class_names),
+            output=row.output,
+            dataset=data.name,
+            dataset_fingerprint=data.fingerprint,
+        )
+        config = ctx.work / "model.json"
+        config.write_text(meta.model_dump_json(indent=2))
+        files = [
+            (
+                ONNX_NAME,
+                "weights",
+                "application/onnx",
+                StoredObject(row.storage_key, row.sha256, row.size_bytes),
+            ),
+            (config.name, "config", "application/json", store.put_file(config)),
+        ]
+        return model, meta, files
+    weights, config = store.local_path(row.storage_key), store.local_path(row.config_key)
+    model, meta = load_checkpoint(weights, config)
+    check_fits(meta, data)
+    if fine_tune:
+        result = _train(ctx, cfg, data, "teacher", init_weights=weights, init_meta=meta)
+        model, meta = result.model, result.meta
+        warning = meta.metrics["fine_tune"]["warning"]
+        if warning:
+            with ctx.session() as s:
+                append_event(s, ctx.claim.job_id, "warning", {"stage": "teacher", "message": warning})
+    saved = save_checkpoint(model, meta, ctx.work / "checkpoint")
+    files = [
+        (saved[0].name, "weights", "application/octet-stream", store.put_file(saved[0])),
+        (saved[1].name, "config", "application/json", store.put_file(saved[1])),
+    ]
+    return model, meta, files
 
 
 def _publish(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -> None:
@@ -198,30 +262,47 @@ def _execute(ctx: JobContext) -> None:
     settings = ctx.settings
     store = ArtifactStore.from_settings(settings)
     job = ctx.retrying(lambda: _read_job(ctx), "read the job")
-    teacher_cfg = TrainConfig.model_validate(job.spec["teacher"] | {"device": settings.device})
+    spec = dict(job.spec["teacher"])
+    model_id, fine_tune = spec.pop("model_id", None), spec.pop("fine_tune", False)
+    teacher_cfg = TrainConfig.model_validate(spec | {"device": settings.device})
     audit_cfg = AuditConfig.model_validate(job.spec["audit"] | {"device": settings.device})
     ctx.work.mkdir(parents=True, exist_ok=True)
-    data = ctx.retrying(lambda: _load_data(settings, store, job, teacher_cfg), "load the data")
+    raw = ctx.retrying(lambda: _load_data(settings, store, job, teacher_cfg), "load the data")
+    data = teacher_cfg.prepare(raw)
 
-    teacher = _train(ctx, teacher_cfg, data, "teacher")
+    if model_id is None:
+        trained = _train(ctx, teacher_cfg, data, "teacher")
+        model, meta = trained.model, trained.meta
+        weights, config = save_checkpoint(model, meta, ctx.work / "checkpoint")
+        files = [
+            (weights.name, "weights", "application/octet-stream", store.put_file(weights)),
+            (config.name, "config", "application/json", store.put_file(config)),
+        ]
+    else:
+        model, meta, files = _uploaded_teacher(ctx, store, model_id, fine_tune, teacher_cfg, data)
     control = None
     if audit_cfg.control:
-        control_cfg = teacher_cfg.model_copy(update={"objective": "ce", "objective_params": {}})
-        control = _train(ctx, control_cfg, data, "control").model
+        arch = audit_cfg.control_arch or teacher_cfg.arch
+        audit_cfg = audit_cfg.model_copy(update={"control_arch": arch})
+        update: dict[str, Any] = {"objective": "ce", "objective_params": {}, "arch": arch}
+        if model_id is not None:  # the control is trained from scratch: the default rate, no warm-up
+            update |= {"lr": TrainConfig().lr, "warmup_epochs": 0.0}
+        control = _train(ctx, teacher_cfg.model_copy(update=update), data, "control").model
 
     ctx.set_status(JobStatus.auditing)
     # The audit keeps no resumable state: a job re-claimed in this stage re-runs the audit from
     # scratch (its teacher and control come back at once from their finished state files).
-    report = run_audit(audit_cfg, teacher.model, data, control=control, on_progress=ctx.on_progress)
+    report = run_audit(audit_cfg, model, data, control=control, on_progress=ctx.on_progress)
     report["job_id"] = str(ctx.claim.job_id)
-    report["teacher"]["meta"] = teacher.meta.model_dump(mode="json")
+    report["teacher"]["meta"] = meta.model_dump(mode="json")
+    if model_id is not None:
+        report["teacher"]["uploaded_model_id"] = model_id
+    if "fine_tune" in meta.metrics:
+        report["fine_tune"] = meta.metrics["fine_tune"]
 
-    weights, config = save_checkpoint(teacher.model, teacher.meta, ctx.work / "checkpoint")
-    files = [
-        (weights.name, "weights", "application/octet-stream", store.put_file(weights)),
-        (config.name, "config", "application/json", store.put_file(config)),
+    files += [
         (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
-        *_policy_files(store, audit_cfg, teacher.model, data, ctx.work / "policy"),
+        *_policy_files(store, audit_cfg, model, data, ctx.work / "policy"),
     ]
     _publish(ctx, files)
 

@@ -28,7 +28,8 @@ from app.core.limits import Cap, Limits, counters_for
 from app.core.models import POLICY_CONFIG_NAME, POLICY_NAME, REPORT_NAME, Artifact, Job, JobStatus
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found, validation_problem
-from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint
+from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint, load_meta
+from ml.onnx_model import ONNX_ARCH, ONNX_NAME, OnnxModule
 from ml.oracle import OutputMode
 from ml.policy import FittedPolicy, PolicyConfig, QueryHistory, Served, serve
 
@@ -188,9 +189,16 @@ def load_served(
 def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedModel:
     if job.status != JobStatus.succeeded.value:
         raise Problem(409, f"model {job.id} is not ready: its job is {job.status}", slug="model-not-ready")
-    weights = store.local_path(job_artifact(session, job.id, WEIGHTS).storage_key)
     config = store.local_path(job_artifact(session, job.id, CONFIG).storage_key)
-    model, meta = load_checkpoint(weights, config)
+    meta = load_meta(config)
+    if meta.arch == ONNX_ARCH:  # an owner's ONNX model: a black box through onnxruntime
+        model: nn.Module = OnnxModule(
+            store.read_bytes(job_artifact(session, job.id, ONNX_NAME).storage_key), meta.output
+        )
+    else:
+        model, meta = load_checkpoint(
+            store.local_path(job_artifact(session, job.id, WEIGHTS).storage_key), config
+        )
     mode = OutputMode.model_validate(job.spec["audit"].get("output_mode", {}))
     report = json.loads(store.read_bytes(job_artifact(session, job.id, REPORT_NAME).storage_key))
     safe = report.get("safe_budget", {}).get("teacher")

@@ -20,10 +20,12 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import get_owned
 from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut, JobSummary, Links
 from app.core.config import Settings
-from app.core.models import REPORT_NAME, ApiKey, Artifact, Dataset, Job, JobEvent, JobStatus
+from app.core.models import REPORT_NAME, ApiKey, Artifact, Dataset, Job, JobEvent, JobStatus, UploadedModel
 from app.core.queue import status_event
 from app.problems import Problem, validation_problem
 from ml.data import DATASETS
+from ml.data.augment import check_augmentation
+from ml.train import fine_tune_defaults
 
 API = "/api/v1"
 UPLOADED_DATASET = "npz"  # the ML library's loader for a user's npz file
@@ -181,6 +183,72 @@ def _check_cost(session: Session, settings: Settings, body: JobCreate, teacher: 
         )
 
 
+def _field_error(loc: list[str], msg: str, kind: str = "value_error", **extra: Any) -> Problem:
+    return validation_problem([{"loc": ["body", *loc], "type": kind, "msg": msg, **extra}])
+
+
+def _uploaded_teacher(
+    session: Session, key: ApiKey, body: JobCreate, teacher: dict[str, Any], audit: dict[str, Any]
+) -> None:
+    """Check a job's uploaded teacher against its data and fill in what follows from it (in place): the
+    architecture, the fine-tuning recipe, and no control for an ONNX model without a named one."""
+    spec = body.teacher
+    row = session.get(UploadedModel, spec.model_id)
+    if row is None or row.owner_id != key.owner_id:
+        owned = session.scalars(select(UploadedModel.id).where(UploadedModel.owner_id == key.owner_id)).all()
+        raise _field_error(
+            ["teacher", "model_id"],
+            f"no uploaded model {spec.model_id}",
+            "unknown_choice",
+            choices=[str(m) for m in owned],
+        )
+    if body.dataset_id is not None:
+        ds = session.get(Dataset, body.dataset_id)
+        shape, classes = tuple(ds.input_shape), ds.num_classes
+    else:
+        info = DATASETS.get(teacher["dataset"]).info
+        shape, classes = info.input_shape, info.num_classes
+    if (shape is not None and tuple(row.input_shape) != tuple(shape)) or (
+        classes is not None and row.num_classes != classes
+    ):
+        raise _field_error(
+            ["teacher", "model_id"],
+            f"model {row.id} takes {tuple(row.input_shape)} with {row.num_classes} classes; "
+            f"the job's data has {shape} with {classes} classes",
+        )
+    if row.format == "onnx":
+        if spec.fine_tune:
+            raise _field_error(
+                ["teacher", "fine_tune"],
+                "an ONNX model is audited as a black box; fine-tuning needs a zoo checkpoint",
+            )
+        if body.audit.control_arch is None:
+            audit["control"] = False  # no zoo architecture to train a CE control with
+        else:
+            teacher["arch"] = body.audit.control_arch
+        return
+    teacher["arch"] = row.arch
+    if spec.fine_tune:
+        tuned = fine_tune_defaults(spec)
+        teacher |= {"lr": tuned.lr, "warmup_epochs": tuned.warmup_epochs}
+
+
+def _check_augmentation(session: Session, body: JobCreate, teacher: dict[str, Any]) -> None:
+    """422 when the requested augmentation does not fit the data's inputs (e.g. shifts on tabular data)."""
+    if body.teacher.augmentation is None:
+        return
+    if body.dataset_id is not None:
+        shape = tuple(session.get(Dataset, body.dataset_id).input_shape)
+    else:
+        shape = DATASETS.get(teacher["dataset"]).info.input_shape
+    if shape is None:
+        return
+    try:
+        check_augmentation(body.teacher.augmentation, shape)
+    except ValueError as e:
+        raise _field_error(["teacher", "augmentation"], str(e)) from None
+
+
 def request_hash(body: JobCreate) -> str:
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -209,10 +277,18 @@ def create_job(
     teacher = body.teacher.model_dump(mode="json") | _dataset_spec(session, key, body)
     teacher["device"] = "auto"  # the worker decides where to run
     _check_cost(session, settings, body, teacher)
+    audit = body.audit.model_dump(mode="json")
+    _check_augmentation(session, body, teacher)
+    if body.teacher.model_id is not None:
+        _uploaded_teacher(session, key, body, teacher, audit)
+    elif body.teacher.fine_tune:
+        raise _field_error(
+            ["teacher", "fine_tune"], "fine_tune needs teacher.model_id: the model to start from"
+        )
     job = Job(
         owner_id=key.owner_id,
         status=JobStatus.queued.value,
-        spec={"teacher": teacher, "audit": body.audit.model_dump(mode="json")},
+        spec={"teacher": teacher, "audit": audit},
         dataset_id=body.dataset_id,
         idempotency_key=idempotency_key,
         request_hash=digest,

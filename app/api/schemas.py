@@ -40,12 +40,25 @@ DEMO_JOB: dict[str, Any] = {
 }
 
 
+class TeacherSpec(TrainConfig):
+    """The teacher: trained from scratch as configured, or an uploaded model (`model_id`)."""
+
+    model_id: uuid.UUID | None = Field(
+        None,
+        description="an uploaded model (POST /api/v1/models) to audit instead of training one: audited as it "
+        "is, or, for a zoo checkpoint with fine_tune, CMIM fine-tuned first (objective, epochs; by default a "
+        "tenth of the learning rate and one warm-up epoch). `epochs` and the optimiser are also the CE "
+        "control's recipe",
+    )
+    fine_tune: bool = Field(False, description="fine-tune the uploaded checkpoint with `objective` first")
+
+
 class JobCreate(BaseModel):
     """A protection job: train the teacher, audit it against black-box distillation, serve it as audited."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DEMO_JOB]})
 
-    teacher: TrainConfig = Field(
+    teacher: TeacherSpec = Field(
         description="how the teacher is trained: dataset and its parameters, architecture, objective and "
         "its parameters, budget (epochs, batch size, optimiser), seed. `device` is chosen by the worker."
     )
@@ -128,6 +141,27 @@ class DatasetOut(BaseModel):
     n_train: int
     n_test: int
     created_at: datetime
+
+
+class UploadedModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    format: Literal["onnx", "checkpoint"]
+    sha256: str
+    size_bytes: int
+    arch: str = Field(description="the zoo architecture of a checkpoint; `onnx` for an ONNX model")
+    output: str
+    input_shape: list[int]
+    num_classes: int
+    class_names: list[str]
+    dataset_id: uuid.UUID | None
+    created_at: datetime
+
+
+class UploadedModelList(BaseModel):
+    items: list[UploadedModelOut]
 
 
 class DatasetList(BaseModel):

@@ -1,4 +1,5 @@
-"""ORM: API keys and their query usage, datasets, jobs, job events, artifacts. Each carries its owner_id."""
+"""ORM: API keys and their query usage, datasets, jobs, job events, artifacts, uploaded models; each
+carries its owner_id."""
 
 from __future__ import annotations
 
@@ -171,4 +172,27 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int]
     storage_key: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UploadedModel(Base):
+    """An owner's own model: an ONNX file, or a zoo checkpoint (safetensors + its JSON config)."""
+
+    __tablename__ = "uploaded_models"
+    __table_args__ = (Index("ix_uploaded_models_owner_created", "owner_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[uuid.UUID]
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))  # onnx | checkpoint
+    sha256: Mapped[str] = mapped_column(String(64))  # of the model file (the .onnx or the .safetensors)
+    size_bytes: Mapped[int]
+    storage_key: Mapped[str] = mapped_column(String(200))
+    config_key: Mapped[str | None] = mapped_column(String(200))  # the checkpoint's model.json
+    arch: Mapped[str] = mapped_column(String(64))  # the zoo architecture, or "onnx"
+    output: Mapped[str] = mapped_column(String(16))  # logits | probabilities
+    input_shape: Mapped[list[Any]]
+    num_classes: Mapped[int]
+    class_names: Mapped[list[Any]]
+    dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("datasets.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
