@@ -142,8 +142,13 @@ def _too_large(limit: int) -> Problem:
     return Problem(413, f"request body is over the {limit:,}-byte limit", slug="too-large")
 
 
+# Bodies that carry files (data sets as octet-stream, models as multipart forms) get the upload cap.
+UPLOAD_TYPES = (b"application/octet-stream", b"multipart/form-data")
+
+
 class BodyLimit:
-    """ASGI middleware bounding every request body: raw uploads (octet-stream) by one cap, others by another.
+    """ASGI middleware bounding every request body: uploads (octet-stream, multipart) by one cap, others by
+    another.
 
     A declared Content-Length over the cap is refused before a byte is read; a body without one is
     counted as it arrives and refused the moment it crosses the cap.
@@ -157,7 +162,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v for k, v in scope["headers"]}
-        upload = headers.get(b"content-type", b"").split(b";")[0].strip() == b"application/octet-stream"
+        upload = headers.get(b"content-type", b"").split(b";")[0].strip() in UPLOAD_TYPES
         limit = self.max_upload_bytes if upload else self.max_bytes
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:

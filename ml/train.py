@@ -47,7 +47,9 @@ class OptimConfig(BaseModel):
         default_factory=list, max_length=32, description="multistep: epochs where lr *= gamma"
     )
     gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up over this many epochs")
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=100_000, description="linear learning-rate warm-up over this many epochs"
+    )
 
 
 class TrainConfig(OptimConfig):
@@ -62,6 +64,7 @@ class TrainConfig(OptimConfig):
     augment: bool = True
     augmentation: str | None = Field(
         None,
+        max_length=32,
         description="training augmentation: none, feature_noise (tabular), shift_noise (signals), crop_flip "
         "(images); null: the data set's own (none for tabular data)",
     )

@@ -44,13 +44,15 @@ def test_dataset_parameters_are_bounded(client, caller) -> None:
 
 def test_the_bounds_are_stated_in_the_openapi(client) -> None:
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    audit, teacher = schemas["AuditConfig"]["properties"], schemas["TrainConfig"]["properties"]
+    audit, teacher = schemas["AuditConfig"]["properties"], schemas["TeacherSpec"]["properties"]
     assert audit["attacks"]["maxItems"] == 32 and audit["students"]["maxItems"] == 8
     assert audit["ls_eps"]["maxItems"] == 16 and audit["seeds"]["maximum"] == 100
     budgets = next(s for s in audit["query_budgets"]["anyOf"] if s.get("type") == "array")
     assert budgets["maxItems"] == 16 and budgets["items"]["maximum"] == 10**9
     assert teacher["seed"]["maximum"] == 2**31 - 1 and teacher["epochs"]["maximum"] == 100_000
     assert teacher["dataset_params"]["maxProperties"] == 32
+    assert teacher["warmup_epochs"]["maximum"] == 100_000
+    assert teacher["augmentation"]["anyOf"][0]["maxLength"] == 32
 
 
 def test_a_job_over_the_cost_ceiling_is_refused_with_its_estimate(client, caller, settings) -> None:
@@ -166,3 +168,18 @@ def test_a_non_zip_upload_is_refused_at_its_first_bytes(client, caller) -> None:
         headers=caller.headers | {"Content-Type": "application/octet-stream"},
     )
     assert "not an .npz" in assert_problem(r, 422)["detail"]
+
+
+def test_a_model_upload_gets_the_upload_cap_not_the_json_cap(caller, settings) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    small_json = settings.model_copy(update={"max_json_body_bytes": 4096})
+    client = TestClient(create_app(small_json))
+    files = {"file": ("m.onnx", b"\x08\xff not an onnx model" * 1000)}  # 24 kB: over the JSON cap only
+    r = client.post("/api/v1/models", files=files, headers=caller.headers)
+    assert "not an ONNX model" in assert_problem(r, 422)["detail"]
+    big = {"file": ("m.onnx", b"\0" * (settings.upload_max_bytes + 1))}
+    r = client.post("/api/v1/models", files=big, headers=caller.headers)
+    assert "limit" in assert_problem(r, 413)["detail"]
