@@ -13,7 +13,8 @@ or a local process pool, and the service fans the same tasks out over Celery wor
 
 Modules, one concept each: config, batches (input views), students (one run and its loss), groups
 (stacked or module students), sources (live or cached queries), lockstep (one seed's training),
-stats, verdict, blackbox (served teachers and their summaries), statement, plan, report, executors.
+stats, verdict, blackbox (served teachers and their summaries), statement, tasks (plan and run), report
+(assemble), executors.
 """
 
 from ml.audit.batches import VIEWS, Batch
@@ -28,12 +29,12 @@ from ml.audit.config import (
 from ml.audit.executors import audit, run_audit, run_in_pool, run_in_process
 from ml.audit.groups import ModuleGroup, StackedGroup
 from ml.audit.lockstep import LOCKSTEP_MIXES, lockstep_ratio, train_lockstep
-from ml.audit.plan import AuditPlan, AuditTask, DirectoryResults, ResultStore, TaskResult, plan, run
 from ml.audit.report import AuditResult, assemble
 from ml.audit.sources import CachedSource, LiveSource
 from ml.audit.statement import protection_statement
 from ml.audit.stats import holm, summarise, welch_one_sided
 from ml.audit.students import Run
+from ml.audit.tasks import AuditPlan, AuditTask, DirectoryResults, ResultStore, TaskResult, plan, run
 from ml.audit.verdict import combine_verdicts, judge, safe_budget
 from ml.train import TrainingCancelled
 

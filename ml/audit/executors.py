@@ -15,8 +15,8 @@ from torch import nn
 
 from ml.audit.blackbox import BlackBox
 from ml.audit.config import AuditConfig, AuditProgress
-from ml.audit.plan import AuditPlan, AuditTask, ResultStore, TaskResult, plan, run
 from ml.audit.report import AuditResult, assemble
+from ml.audit.tasks import AuditPlan, AuditTask, ResultStore, TaskResult, plan, run
 from ml.data import Dataset
 
 OnProgress = Callable[[AuditProgress], None]

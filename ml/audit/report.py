@@ -12,9 +12,9 @@ from typing import Any
 
 from ml.audit.blackbox import serving_summary, teacher_summary
 from ml.audit.config import REPORT_VERSION
-from ml.audit.plan import AuditPlan, TaskResult
 from ml.audit.statement import protection_statement
 from ml.audit.stats import row_stats
+from ml.audit.tasks import AuditPlan, TaskResult
 from ml.audit.verdict import combine_verdicts, judge, safe_budget
 from ml.policy import FittedPolicy
 
@@ -81,9 +81,14 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
             "verdict": combine_verdicts([v["verdict"] for v in per_student.values()]),
         }
 
+    summaries: dict[tuple[int, ...], dict[str, Any]] = {}  # black boxes serving the same models share it
+
     def served(name: str) -> dict[str, Any]:
         box = teachers[name]
-        return {**teacher_summary(box.models, dataset), "serving": serving_summary(box, dataset)}
+        key = tuple(id(m) for m in box.models)
+        if key not in summaries:
+            summaries[key] = teacher_summary(box.models, dataset)
+        return {**summaries[key], "serving": serving_summary(box, dataset)}
 
     report: dict[str, Any] = {
         "version": REPORT_VERSION,

@@ -44,8 +44,12 @@ def student_loss(
             return (lam * ce_a + (1 - lam) * ce_b).mean()
         return F.cross_entropy(out["plain"][:n], y, label_smoothing=run.eps)
     answers = served[run.teacher]
-    targets = batch.y
-    if batch.labelled < len(targets):  # unlabelled transfer rows: the attacker's best label is the answer's
-        guess = answers.get("plain", next(iter(answers.values()))).argmax(-1)
-        targets = torch.where(targets >= 0, targets, guess)
-    return sum(run.attack(out, answers, targets, ctx).values())
+    return sum(run.attack(out, answers, attacker_targets(answers, batch), ctx).values())
+
+
+def attacker_targets(answers: dict[str, Tensor], batch: Batch) -> Tensor:
+    """The attacker's labels: its own on labelled rows, the answer's argmax on unlabelled transfer rows."""
+    if batch.labelled == len(batch.y):
+        return batch.y
+    guess = answers.get("plain", next(iter(answers.values()))).argmax(-1)
+    return torch.where(batch.y >= 0, batch.y, guess)
