@@ -43,15 +43,17 @@ class AuditResult:
 
 def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | None = None) -> AuditResult:
     """The report of a plan from its tasks' results (any order; one result per task)."""
-    by_key = {r["key"]: r for r in results}
-    missing = [t.key for t in plan.tasks if t.key not in by_key]
+    by_task = {(r["seed_index"], r["phase"]): r for r in results}
+    missing = [t.describe() for t in plan.tasks if (t.seed_index, t.phase) not in by_task]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(plan.tasks)} audit tasks have no result: {missing[0]}, ...")
+        what = ", ".join(missing)
+        raise ValueError(f"{len(missing)} of {len(plan.tasks)} audit tasks have no result: {what}")
     cfg, dataset, teachers = plan.cfg, plan.dataset, plan.teachers
     values: dict[RowKey, dict[str, list[float]]] = {}
     queries: dict[RowKey, int] = {}
     for task in plan.tasks:  # in task (seed) order: the values of a row are per seed, in seed order
-        for phase, teacher, arch, name, best, last, fidelity, n_queries in by_key[task.key]["records"]:
+        records = by_task[(task.seed_index, task.phase)]["records"]
+        for phase, teacher, arch, name, best, last, fidelity, n_queries in records:
             key = (phase, teacher, arch, name)
             rec = values.setdefault(key, {"best": [], "last": [], "fidelity": []})
             rec["best"].append(best)

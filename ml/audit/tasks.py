@@ -23,6 +23,7 @@ from ml.audit.blackbox import BlackBox, as_models, serve_box
 from ml.audit.config import REPORT_VERSION, AuditConfig, ls_rows
 from ml.audit.lockstep import train_lockstep
 from ml.audit.students import Run
+from ml.cmi import model_logits
 from ml.data import Dataset, load_dataset
 from ml.policy import PolicyConfig
 from ml.train import resolve_device
@@ -183,6 +184,7 @@ def _fingerprint(p: AuditPlan) -> str:
     h.update(p.cfg.model_dump_json().encode())
     h.update(json.dumps([p.dataset.fingerprint, p.data.fingerprint, len(p.data.x_train)]).encode())
     h.update(json.dumps(p.budget_teachers).encode())
+    probe = p.dataset.x_test[:64]
     for name, box in p.teachers.items():
         h.update(f"{name}:{box.mode.model_dump_json()}".encode())
         for m in box.models:
@@ -190,6 +192,8 @@ def _fingerprint(p: AuditPlan) -> str:
             for k, t in m.state_dict().items():
                 h.update(k.encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            # a black box without weights (an ONNX model) is told apart by its answers
+            h.update(model_logits(m, probe).round(decimals=4).numpy().tobytes())
         for fitted in box.policies or []:
             h.update(fitted.config.model_dump_json().encode())
             for k, t in sorted(fitted.to_tensors().items()):

@@ -75,7 +75,7 @@ def test_stored_results_are_not_recomputed_and_any_order_assembles_the_same_repo
     random.Random(0).shuffle(shuffled)
     a, b = assemble(p, first).report, assemble(p, shuffled).report
     assert a == b
-    with pytest.raises(ValueError, match="1 of 4 audit tasks have no result"):
+    with pytest.raises(ValueError, match="1 of 4 audit tasks have no result: seed 2/2, budget 150"):
         assemble(p, first[:3])
 
 
