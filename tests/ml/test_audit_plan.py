@@ -3,13 +3,25 @@ and every executor assembles the same report."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 import ml.audit.tasks as tasks_module
-from ml.audit import AuditConfig, DirectoryResults, assemble, plan, run, run_audit, run_in_process, serve_box
+from ml.audit import (
+    AuditConfig,
+    BlackBox,
+    DirectoryResults,
+    assemble,
+    plan,
+    run,
+    run_audit,
+    run_in_process,
+    serve_box,
+)
 from ml.data import load_dataset
+from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.train import TrainConfig, train_model
 
@@ -91,3 +103,40 @@ def test_assembled_result_carries_what_the_service_publishes(data, teachers) -> 
     report = run_audit(CFG, teachers[0], data, control=teachers[1])
     report.pop("wall_s"), result.report.pop("wall_s")
     assert report == result.report  # deterministic: the same seeds give the same numbers
+
+
+def test_figures_match_the_single_module_implementation(data, teachers) -> None:
+    """Accuracies stored from the audit before it became a plan of tasks with batched losses; the
+    same arithmetic in fewer calls may differ by rounding only (one test sample is 0.5 points)."""
+    golden = json.loads((Path(__file__).parent / "audit_golden.json").read_text())
+    cfg = AuditConfig(
+        seeds=2,
+        epochs=3,
+        attacks=["kd", "hard_label", "dkd", "fm", "fm_edge", "fm_noise"],
+        attack_params={"kd": {"T": 4}},
+        ls_eps=[0.0, 0.1],
+        query_budgets=[150, 600],
+        output_mode=OutputMode(),
+        device="cpu",
+        batch_size=64,
+    )
+    boxes = {"label_only": BlackBox(list(teachers), OutputMode(kind="label"))}
+    report = run_audit(
+        cfg, teachers[0], data, control=teachers[1], protections=boxes, budget_for=["control", "label_only"]
+    )
+    sections = {
+        "teacher": report,
+        "control": report["control"],
+        "label_only": report["protections"]["label_only"],
+    }
+    sections |= {f"{box}@{b}": s for box, curve in report["budgets"].items() for b, s in curve.items()}
+    assert set(sections) == set(golden)
+    for name, rows in golden.items():
+        st = sections[name]["students"]["mlp"]
+        got = {
+            k: v["acc_best"]["values"]
+            for k, v in {**(st["ls"] if "@" not in name else {}), **st["attacks"]}.items()
+        }
+        assert set(got) == set(rows), name
+        for row, values in rows.items():
+            assert got[row] == pytest.approx(values, abs=1.0), (name, row)
