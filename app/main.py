@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 from fastapi import APIRouter, FastAPI
 from fastapi_offline import FastAPIOffline
 
-from app.api.inference import HistoryCache, ModelCache, RateLimiter
-from app.api.routes import catalog, datasets, health, jobs, keys, models
+from app.api.inference import HistoryCache, ModelCache
+from app.api.job_service import EventWatch
+from app.api.routes import catalog, datasets, health, jobs, keys, models, uploads
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
+from app.core.keys import KeyCache
+from app.core.limits import Background, make_limits
 from app.core.storage import ArtifactStore
-from app.problems import install_problem_handlers
+from app.problems import BodyLimit, document_problems, install_problem_handlers
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
@@ -29,22 +37,56 @@ Errors are RFC 9457 `application/problem+json`.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for settings (default: from `CMIM_*` environment variables)."""
     settings = settings or get_settings()
+    sessions = session_factory(settings.database_url)
+    key_cache = KeyCache(sessions, settings.key_cache_seconds)
+    limits = make_limits(settings.broker_url, settings.redis_prefix, sessions)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Revocations reach this process's key cache, and usage counters reach the database, from here.
+        background = Background(
+            [(settings.key_poll_seconds, key_cache.poll), (settings.usage_flush_seconds, limits.flush)]
+        )
+        background.start()
+        try:
+            yield
+        finally:
+            background.stop()
+
     # /docs and /redoc from assets packaged with fastapi-offline: a deployment without internet access
     # still shows its API documentation.
-    app = FastAPIOffline(title="cmim", version="0.1.0", description=DESCRIPTION, static_url="/static/docs")
+    app = FastAPIOffline(
+        title="cmim", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, static_url="/static/docs"
+    )
     app.state.settings = settings
-    app.state.sessions = session_factory(settings.database_url)
+    app.state.sessions = sessions
+    app.state.events = EventWatch(sessions, settings.stream_poll_seconds, settings.max_streams_per_key)
+    app.state.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
     app.state.store = ArtifactStore.from_settings(settings)
     app.state.models = ModelCache(settings.model_cache_size)
-    app.state.rate_limiter = RateLimiter()
+    app.state.keys = key_cache
+    app.state.limits = limits
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
     install_problem_handlers(app)
+    document_problems(app)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_json_body_bytes, max_upload_bytes=settings.upload_max_bytes
+    )
 
+    app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
-    for module in (jobs, datasets, keys, catalog):
-        api.include_router(module.router)
     api.include_router(models.simple)
+    for module in (jobs, datasets, uploads, keys, catalog):
+        api.include_router(module.router)
     app.include_router(api)
-    app.include_router(models.v2)
     app.include_router(health.router)
+    app.include_router(health.v2)
+    openapi = app.openapi
+
+    def documented() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            models.document_bodies(openapi())
+        return openapi()
+
+    app.openapi = documented  # type: ignore[method-assign]
     return app

@@ -10,13 +10,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.outage import OUTAGE_ERRORS, is_outage
 from ml.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_PREFIX = "urn:cmim:problem:"
+RETRY_AFTER_S = 5  # what a client is told to wait when the database or broker does not answer
 
 
 class Problem(Exception):
@@ -82,6 +85,7 @@ def _error_entry(err: dict[str, Any]) -> dict[str, Any]:
 
 def problem_response(problem: Problem) -> JSONResponse:
     body = {"type": problem.type, "title": problem.title, "status": problem.status, "detail": problem.detail}
+    body["error"] = problem.detail  # the Open Inference Protocol's error member, which v2 clients read
     body.update(_json_safe(problem.extra))
     return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
 
@@ -102,7 +106,24 @@ async def _on_http(_: Request, exc: Exception) -> JSONResponse:
     return problem_response(Problem(exc.status_code, detail, headers=exc.headers))
 
 
+def unavailable(exc: BaseException) -> Problem:
+    """503 with Retry-After: a database or broker did not answer; nothing was changed, try again."""
+    return Problem(
+        503,
+        f"a backing service did not answer ({type(exc).__name__}); nothing was changed, retry shortly",
+        slug="service-unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+async def _on_outage(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("outage on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return problem_response(unavailable(exc))
+
+
 async def _on_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_outage(exc):
+        return await _on_outage(request, exc)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(Problem(500, "internal error; the server log has the details"))
 
@@ -112,4 +133,110 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    for outage in OUTAGE_ERRORS:
+        app.add_exception_handler(outage, _on_outage)
     app.add_exception_handler(Exception, _on_error)
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, f"request body is over the {limit:,}-byte limit", slug="too-large")
+
+
+# Bodies that carry files (data sets as octet-stream, models as multipart forms) get the upload cap.
+UPLOAD_TYPES = (b"application/octet-stream", b"multipart/form-data")
+
+
+class BodyLimit:
+    """ASGI middleware bounding every request body: uploads (octet-stream, multipart) by one cap, others by
+    another.
+
+    A declared Content-Length over the cap is refused before a byte is read; a body without one is
+    counted as it arrives and refused the moment it crosses the cap.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int) -> None:
+        self.app, self.max_bytes, self.max_upload_bytes = app, max_bytes, max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        upload = headers.get(b"content-type", b"").split(b";")[0].strip() in UPLOAD_TYPES
+        limit = self.max_upload_bytes if upload else self.max_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await problem_response(_too_large(limit))(scope, receive, send)
+            return
+        seen, cut, answered = 0, False, False
+
+        async def capped() -> Message:
+            # Past the cap the app is told the client went away; the 413 is sent here instead.
+            nonlocal seen, cut
+            if cut:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                cut = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: Message) -> None:
+            nonlocal answered
+            if cut and not answered:
+                return  # the app's answer to a body it never got whole
+            answered = True
+            await send(message)
+
+        try:
+            await self.app(scope, capped, guarded)
+        except Exception:
+            if not cut or answered:
+                raise
+        if cut and not answered:
+            await problem_response(_too_large(limit))(scope, receive, send)
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; validation errors add `errors` (loc, msg, type, choices)",
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+    },
+    "additionalProperties": True,
+}
+
+
+def document_problems(app: FastAPI) -> None:
+    """State in the OpenAPI what every error is: problem+json, for any status an operation may answer."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Problem"] = PROBLEM_SCHEMA
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        problem = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                for code, response in responses.items():
+                    if code[0] in "45":
+                        response["content"] = problem
+                responses.setdefault(
+                    "default", {"description": "an error (problem+json)", "content": problem}
+                )
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

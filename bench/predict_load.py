@@ -1,230 +1,397 @@
-"""Load benchmark of the predict endpoints of a running `cmim serve`, on loopback only.
+"""Load benchmark of `POST /v2/models/{id}/infer` against a plain FastAPI route, both measured in one run.
 
-Sends a bounded number of requests (`--requests`, default 2000) at a fixed concurrency
-(`--concurrency`, default 8) to `POST /api/v1/models/{id}/predict` and/or `POST /v2/models/{id}/infer`,
-each carrying `--batch` rows shaped as `GET /v2/models/{id}` says, and prints p50/p90/p99 latency,
-throughput and errors per route, then one JSON line. It stops by itself: after the requests are sent,
-or at `--max-seconds`, whichever comes first.
+Trains a tiny model through the job pipeline (mnist1d, cnn1d) in a temporary directory, then starts two
+uvicorn processes on loopback: ours (`app.main:create_app`, embedded mode, or with `--redis URL` the
+deployed limits in Redis) and a plain FastAPI app that runs the same checkpoint with no auth, no rate
+limit and no budget. Our key has a budget that never runs out but is enforced in full: the per-key,
+owner and global caps are all checked and charged on every request. For batch 1 and 64 and 1 and 8
+clients it sends `--requests` requests per cell (keep-alive connections, a lean raw HTTP client so that
+the client takes little of the CPU the servers need) and prints p50/p99 latency, throughput and the ratio
+ours / plain per cell, then one JSON line. On a small box the client competes with the server: the JSON
+has the load average.
 
-Every row counts against the key's query budget and every request against its rate limit, so a load
-test with an ordinary key measures 429s, not serving. `--fresh-key` uses `--key` (which needs the
-`keys:admin` scope) to make a predict-only key with no query budget and a rate limit of `--rate-limit`
-requests per minute, and runs with that. Run the client on the server's machine: on a small box it
-competes with the server for CPU, so report the load average beside the numbers (the JSON has it).
-
-    python bench/predict_load.py --key $KEY --model $JOB_ID --fresh-key --concurrency 8 --batch 1
+    .venv/bin/python bench/predict_load.py                       # embedded (in-process limits)
+    .venv/bin/python bench/predict_load.py --redis redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import math
 import os
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections import Counter
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import httpx
 import numpy as np
+from fastapi import FastAPI, Request, Response
 
-PATHS = {"predict": "/api/v1/models/{model}/predict", "infer": "/v2/models/{model}/infer"}
-ROUTES = tuple(PATHS)
+ROOT = Path(__file__).resolve().parent.parent
+BIG = 2_000_000_000  # a budget this run cannot exhaust (the column is a 32-bit integer)
+JOB = {
+    "teacher": {
+        "dataset": "mnist1d",
+        "dataset_params": {"num_train": 1000, "num_test": 500},
+        "arch": "cnn1d",
+        "objective": "cmim",
+        "epochs": 3,
+        "seed": 0,
+    },
+    "audit": {
+        "students": ["mlp"],
+        "attacks": ["hard_label"],
+        "seeds": 1,
+        "epochs": 1,
+        "ls_eps": [0.0],
+        "ls_mixup": False,
+        "control": False,
+        "output_mode": {"kind": "probs"},
+        "query_budgets": [],
+    },
+}
 
 
-def loopback(url: str) -> str:
-    """The URL without a trailing slash; exits unless its host is a loopback address."""
-    host = urlsplit(url).hostname or ""
-    try:
-        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        ok = False
-    if not ok:
-        sys.exit(f"refusing to load {url!r}: only loopback hosts (127.0.0.1, ::1, localhost)")
-    return url.rstrip("/")
+def plain_app() -> FastAPI:
+    """The baseline: the same checkpoint behind one FastAPI route, parsed with the same schema, no auth."""
+    import torch
+
+    from app.api.schemas import InferRequest
+    from ml.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(os.environ["BENCH_WEIGHTS"], os.environ["BENCH_CONFIG"])
+    model.eval()
+    app = FastAPI()
+
+    @app.post("/infer")
+    async def infer(request: Request) -> Response:
+        body = InferRequest.model_validate_json(await request.body())
+        t = body.inputs[0]
+        x = torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(t.shape))
+        with torch.inference_mode():
+            p = torch.softmax(model(x).float(), -1)
+        out = [
+            {
+                "name": "probabilities",
+                "datatype": "FP32",
+                "shape": list(p.shape),
+                "data": p.flatten().tolist(),
+            },
+            {"name": "label", "datatype": "INT64", "shape": [len(p)], "data": p.argmax(-1).tolist()},
+        ]
+        return Response(json.dumps({"model_name": "plain", "outputs": out}), media_type="application/json")
+
+    return app
 
 
-def ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 2)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
     """Nearest-rank percentile of an ascending list (None when empty)."""
     if not sorted_values:
         return None
-    rank = max(math.ceil(q / 100 * len(sorted_values)), 1)
-    return sorted_values[rank - 1]
+    return sorted_values[max(math.ceil(q / 100 * len(sorted_values)), 1) - 1]
 
 
-def bodies(route: str, input_shape: list[int], batch: int, seed: int) -> bytes:
-    """One request body (JSON bytes, encoded once) with `batch` rows of seeded Gaussian inputs."""
-    x = np.random.default_rng(seed).standard_normal((batch, *input_shape)).astype(np.float32)
-    if route == "predict":
-        return json.dumps({"inputs": x.tolist()}).encode()
-    return json.dumps(
-        {
-            "id": "bench",
-            "inputs": [
-                {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
-            ],
-        }
-    ).encode()
+async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    """Send one request on a keep-alive connection and read the whole response; returns the status."""
+    writer.write(request)
+    status = int((await reader.readline()).split(b" ", 2)[1])
+    length = 0
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
 
 
-async def run_route(
-    client: httpx.AsyncClient, path: str, body: bytes, requests: int, concurrency: int, deadline: float
-) -> dict:
-    """Send `requests` POSTs of `body` to `path` from `concurrency` workers; latencies of the 2xx ones."""
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    next_index = 0
-    headers = {"Content-Type": "application/json"}
+async def load(port: int, request: bytes, requests: int, clients: int, deadline: float) -> Run:
+    """`clients` connections send `request` back to back until `requests` were sent; latency of each."""
+    run = Run()
+    sent = 0
 
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < requests and time.monotonic() < deadline:
-            next_index += 1
+    async def client() -> None:
+        nonlocal sent
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while sent < requests and time.monotonic() < deadline:
+            sent += 1
             t = time.perf_counter()
-            try:
-                r = await client.post(path, content=body, headers=headers)
-                status = str(r.status_code)
-            except httpx.HTTPError as e:
-                status = type(e).__name__
-            dt = time.perf_counter() - t
-            statuses[status] += 1
-            if status.startswith("2"):
-                latencies.append(dt)
+            status = await _one(reader, writer, request)
+            run.statuses[status] += 1
+            if status == 200:
+                run.latencies.append(time.perf_counter() - t)
+        writer.close()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    sent = sum(statuses.values())
-    ok = len(latencies)
-    return {
-        "sent": sent,
-        "ok": ok,
-        "errors": sent - ok,
-        "statuses": dict(statuses),
-        "stopped_early": sent < requests,
-        "wall_s": round(wall, 3),
-        "throughput_rps": round(ok / wall, 1) if wall > 0 else None,
-        "rows_per_s": None,
-        "p50_ms": ms(percentile(latencies, 50)),
-        "p90_ms": ms(percentile(latencies, 90)),
-        "p99_ms": ms(percentile(latencies, 99)),
-        "max_ms": ms(latencies[-1] if latencies else None),
-        "mean_ms": ms(sum(latencies) / ok if ok else None),
-    }
+    await asyncio.gather(*(client() for _ in range(clients)))
+    run.wall += time.perf_counter() - t0
+    return run
 
 
-async def main(args: argparse.Namespace) -> dict:
-    base = loopback(args.url)
-    key = args.key or os.environ.get("CMIM_KEY")
-    if not key:
-        sys.exit("--key (or CMIM_KEY) is required")
-    timeout = httpx.Timeout(args.timeout)
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits, trust_env=False) as client:
-        key_info: dict = {"fresh": False}
-        if args.fresh_key:
-            r = await client.post(
-                "/api/v1/keys",
-                headers={"Authorization": f"Bearer {key}"},
-                json={
-                    "name": "predict load benchmark",
-                    "scopes": ["models:predict"],
-                    "query_budget": None,
-                    "rate_limit_per_minute": args.rate_limit,
-                },
-            )
-            if r.status_code != 201:
-                sys.exit(f"could not create a fresh key: {r.status_code} {r.text}")
-            key = r.json()["key"]
-            key_info = {"fresh": True, "query_budget": None, "rate_limit_per_minute": args.rate_limit}
-        client.headers["Authorization"] = f"Bearer {key}"
+@dataclass
+class Run:
+    """Latencies of the answered requests, statuses, and the wall time, summed over rounds."""
 
-        r = await client.get(f"/v2/models/{args.model}")
-        if r.status_code != 200:
-            sys.exit(f"GET /v2/models/{args.model}: {r.status_code} {r.text}")
-        meta = r.json()
-        input_shape = meta["inputs"][0]["shape"][1:]
-        budget = meta["parameters"]["query_budget"]
-        routes = ROUTES if args.route == "both" else (args.route,)
-        rows_needed = len(routes) * (args.requests + args.warmup) * args.batch
-        print(
-            f"model {args.model}: input {input_shape}, budget {budget['limit']} ({budget['applies']}), "
-            f"{budget['remaining']} left; this run sends {rows_needed} rows",
-            flush=True,
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    wall: float = 0.0
+
+    def add(self, other: Run) -> None:
+        self.latencies += other.latencies
+        self.statuses += other.statuses
+        self.wall += other.wall
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies)
+        ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+        return {
+            "sent": sum(self.statuses.values()),
+            "ok": len(lat),
+            "statuses": dict(self.statuses),
+            "wall_s": round(self.wall, 3),
+            "throughput_rps": round(len(lat) / self.wall, 1) if self.wall else 0.0,
+            "p50_ms": ms(percentile(lat, 50)),
+            "p99_ms": ms(percentile(lat, 99)),
+        }
+
+
+def http_request(path: str, body: bytes, key: str | None, binary_header: int | None = None) -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    kind = "application/json" if binary_header is None else "application/octet-stream"
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: {kind}\r\n"
+    if binary_header is not None:
+        head += f"Inference-Header-Content-Length: {binary_header}\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def binary_body(x: np.ndarray) -> tuple[bytes, int]:
+    """A v2 request with x as binary tensor data, all outputs asked in binary; (body, JSON header size)."""
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    head = json.dumps(
+        {
+            "inputs": [tensor | {"parameters": {"binary_data_size": x.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return head + x.tobytes(), len(head)
+
+
+def train(tmp: Path, database_url: str) -> tuple[str, str, Path, Path]:
+    """A tiny model trained through the job pipeline; returns (model id, key, weights, config)."""
+    from sqlalchemy import select
+
+    from app.api.job_service import create_job
+    from app.api.schemas import JobCreate
+    from app.core.config import Settings
+    from app.core.db import session_scope
+    from app.core.keys import create_api_key
+    from app.core.migrate import upgrade
+    from app.core.models import ApiKey, Artifact
+    from worker.pipeline import run_job
+
+    settings = Settings(
+        environment="test",
+        database_url=database_url,
+        artifact_url=f"file://{tmp / 'artifacts'}",
+        work_dir=str(tmp / "work"),
+        cache_dir=str(tmp / "cache"),
+    )
+    upgrade(database_url)
+    with session_scope(database_url) as s:
+        admin, _ = create_api_key(s)
+        owner = admin.owner_id
+        # The benchmark's key: predict only, a budget it cannot exhaust (still checked and charged).
+        _, secret = create_api_key(
+            s, owner_id=owner, scopes=["models:predict"], query_budget=BIG, rate_limit_per_minute=BIG
         )
-        if budget["remaining"] is not None and budget["remaining"] < rows_needed:
-            print("warning: the query budget will run out (429s); use --fresh-key", file=sys.stderr)
+    with session_scope(database_url) as s:
+        job, _ = create_job(s, settings, s.get(ApiKey, admin.id), JobCreate.model_validate(JOB), None)
+    assert run_job(job.id, settings) == "succeeded", "the benchmark's model failed to train"
+    with session_scope(database_url) as s:
+        keys = {a.name: a.storage_key for a in s.scalars(select(Artifact).where(Artifact.job_id == job.id))}
+    root = tmp / "artifacts"
+    return str(job.id), secret, root / keys["model.safetensors"], root / keys["model.json"]
 
-        results: dict[str, dict] = {}
-        deadline = time.monotonic() + args.max_seconds
-        for route in routes:
-            path = PATHS[route].format(model=args.model)
-            body = bodies(route, input_shape, args.batch, args.seed)
-            warm = await client.post(path, content=body, headers={"Content-Type": "application/json"})
-            if warm.status_code != 200:
-                sys.exit(f"POST {path}: {warm.status_code} {warm.text[:500]}")
-            rate = int(warm.headers.get("X-RateLimit-Limit", "0") or 0)
-            if rate and rate < args.requests + args.warmup:
-                print(f"warning: rate limit {rate}/min, 429s ahead (--fresh-key)", file=sys.stderr)
-            await run_route(client, path, body, args.warmup - 1, args.concurrency, deadline)
-            load = os.getloadavg()
-            res = await run_route(client, path, body, args.requests, args.concurrency, deadline)
-            if res["throughput_rps"] is not None:
-                res["rows_per_s"] = round(res["throughput_rps"] * args.batch, 1)
-            res["request_bytes"] = len(body)
-            res["loadavg_before"] = [round(v, 2) for v in load]
-            res["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
-            results[route] = res
+
+def start(args: list[str], env: dict[str, str], log: Path, port: int) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", *args, "--port", str(port), "--no-access-log"],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited:\n{log.read_text()}")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/docs", timeout=2)
+            return proc
+        except httpx.TransportError:
+            time.sleep(0.3)
+    sys.exit(f"server never came up:\n{log.read_text()}")
+
+
+async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_port: int) -> list[dict]:
+    port, model, key = ours
+    rows = []
+    for batch in args.batches:
+        x = np.random.default_rng(0).standard_normal((batch, 1, 40)).astype(np.float32)
+        body = json.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+                ]
+            }
+        ).encode()
+        targets = {
+            "ours": (port, http_request(f"/v2/models/{model}/infer", body, key)),
+            "plain": (plain_port, http_request("/infer", body, None)),
+        }
+        if args.binary:  # the binary tensor extension, as tritonclient sends it by default
+            raw, header = binary_body(x)
+            targets["ours_binary"] = (port, http_request(f"/v2/models/{model}/infer", raw, key, header))
+        for clients in args.clients:
+            cell: dict = {"batch": batch, "clients": clients}
+            runs = {name: Run() for name in targets}
+            deadline = time.monotonic() + args.max_seconds
+            before = os.getloadavg()[0]
+            for p, request in targets.values():
+                await load(p, request, args.warmup, clients, deadline)
+            # Rounds alternate between the two servers, so that a change in the machine's load (other
+            # processes) weighs on both alike and the ratio stays fair.
+            for _ in range(args.rounds):
+                for name, (p, request) in targets.items():
+                    runs[name].add(await load(p, request, args.requests // args.rounds, clients, deadline))
+            for name in targets:
+                cell[name] = runs[name].summary() | {"loadavg_before": round(before, 2)}
+            for name in targets:
+                if not cell[name]["ok"]:
+                    sys.exit(f"{name} answered no request: {cell[name]['statuses']}")
+            cell["ratio"] = round(cell["ours"]["throughput_rps"] / cell["plain"]["throughput_rps"], 3)
+            rows.append(cell)
+            o, q = cell["ours"], cell["plain"]
             print(
-                f"{route:8s} c={args.concurrency} batch={args.batch}: {res['ok']}/{res['sent']} ok, "
-                f"p50 {res['p50_ms']} ms, p90 {res['p90_ms']} ms, p99 {res['p99_ms']} ms, "
-                f"{res['throughput_rps']} req/s ({res['rows_per_s']} rows/s), errors {res['errors']} "
-                f"{res['statuses'] if res['errors'] else ''}  load {res['loadavg_before'][0]}",
+                f"batch {batch:3d} clients {clients}: ours p50 {o['p50_ms']} ms p99 {o['p99_ms']} ms "
+                f"{o['throughput_rps']} req/s | plain p50 {q['p50_ms']} ms p99 {q['p99_ms']} ms "
+                f"{q['throughput_rps']} req/s | ours/plain {cell['ratio']}"
+                + ("" if o["ok"] == o["sent"] else f"  errors {o['statuses']}"),
                 flush=True,
             )
+            if args.binary:
+                binary = cell["ours_binary"]
+                cell["binary_ratio"] = round(binary["throughput_rps"] / cell["plain"]["throughput_rps"], 3)
+                print(
+                    f"batch {batch:3d} clients {clients}: ours, binary tensors: p50 {binary['p50_ms']} ms "
+                    f"p99 {binary['p99_ms']} ms {binary['throughput_rps']} req/s | ours binary/plain "
+                    f"{cell['binary_ratio']}",
+                    flush=True,
+                )
+    return rows
+
+
+def main(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="cmim-predict-load-") as d:
+        tmp = Path(d)
+        url = f"sqlite:///{tmp / 'cmim.db'}"
+        print("training the benchmark's model ...", flush=True)
+        model, key, weights, config = train(tmp, url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CMIM_")} | {
+            "OMP_NUM_THREADS": str(args.threads),
+            "CMIM_DATABASE_URL": url,
+            "CMIM_ARTIFACT_URL": f"file://{tmp / 'artifacts'}",
+            "CMIM_CACHE_DIR": str(tmp / "cache"),
+            "CMIM_PREDICT_MAX_BATCH": "1024",
+            "CMIM_OWNER_QUERY_BUDGET": str(BIG),
+            "CMIM_GLOBAL_QUERY_BUDGET": str(BIG),
+            "BENCH_WEIGHTS": str(weights),
+            "BENCH_CONFIG": str(config),
+        }
+        if args.redis:
+            env |= {"CMIM_BROKER_URL": args.redis, "CMIM_REDIS_PREFIX": f"cmim-bench-{uuid.uuid4().hex[:8]}"}
+        ports = free_port(), free_port()
+        procs = [
+            start(["app.main:create_app", "--factory"], env, tmp / "ours.log", ports[0]),
+            start(
+                ["predict_load:plain_app", "--factory", "--app-dir", "bench"],
+                env,
+                tmp / "plain.log",
+                ports[1],
+            ),
+        ]
+        try:
+            rows = asyncio.run(matrix(args, (ports[0], model, key), ports[1]))
+        except SystemExit:
+            for log in ("ours.log", "plain.log"):
+                print(f"--- {log}\n{(tmp / log).read_text()[-3000:]}", file=sys.stderr)
+            raise
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=15)
+            if args.redis:  # this run's counters only: the Redis may be shared
+                import redis
+
+                client = redis.Redis.from_url(args.redis)
+                for name in client.scan_iter(f"{env['CMIM_REDIS_PREFIX']}:*"):
+                    client.delete(name)
+    cell = {(r["batch"], r["clients"]): r for r in rows}
+    summary = {}
+    if (1, 8) in cell:
+        summary["batch1_clients8_ours_rps"] = cell[1, 8]["ours"]["throughput_rps"]
+        summary["batch1_clients8_ratio"] = cell[1, 8]["ratio"]
+    if (1, 1) in cell:
+        summary["batch1_clients1_ours_p50_ms"] = cell[1, 1]["ours"]["p50_ms"]
+    print("summary:", json.dumps(summary))
     return {
         "benchmark": "predict_load",
-        "url": base,
-        "model": args.model,
+        "limits": "redis" if args.redis else "in process",
         "requests": args.requests,
-        "concurrency": args.concurrency,
-        "batch": args.batch,
-        "key": key_info,
         "cpus": os.cpu_count(),
-        "routes": results,
+        "omp_threads": args.threads,
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "cells": rows,
+        "summary": summary,
     }
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
-    p.add_argument("--key", default=None, help="API key (default: $CMIM_KEY)")
-    p.add_argument("--model", required=True, help="model id (the job id)")
-    p.add_argument("--requests", type=int, default=2000, help="timed requests per route")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    p.add_argument("--batch", type=int, default=1, help="rows per request")
-    p.add_argument("--route", choices=[*ROUTES, "both"], default="both")
-    p.add_argument("--warmup", type=int, default=20, help="untimed requests per route first")
+    p.add_argument("--requests", type=int, default=2000, help="timed requests per route and cell")
+    p.add_argument("--warmup", type=int, default=200, help="untimed requests per route and cell first")
+    p.add_argument("--rounds", type=int, default=5, help="alternations between the two servers per cell")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="rows per request")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="connections in flight")
     p.add_argument(
-        "--fresh-key", action="store_true", help="make a predict-only key, no budget (needs keys:admin)"
+        "--redis", default=None, help="Redis URL: our limits in Redis (deployed) instead of in process"
     )
-    p.add_argument("--rate-limit", type=int, default=1_000_000, help="the fresh key's requests per minute")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
-    p.add_argument("--max-seconds", type=float, default=600.0, help="stop sending after this long in all")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument("--binary", action="store_true", help="also measure ours with binary tensor data")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both servers")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="stop a cell's sending after this long")
     args = p.parse_args(argv)
-    if min(args.requests, args.concurrency, args.batch, args.warmup) < 1:
-        p.error("--requests, --concurrency, --batch and --warmup must be at least 1")
+    if min(args.warmup, args.rounds, *args.batches, *args.clients) < 1 or args.requests < args.rounds:
+        p.error(
+            "--warmup, --rounds, --batches and --clients must be at least 1, --requests at least --rounds"
+        )
     return args
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(parse()))))
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(main(parse())))

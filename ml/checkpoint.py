@@ -9,9 +9,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,6 +35,8 @@ class ModelMeta(BaseModel):
     class_names: list[str]
     mean: list[float] | None = None
     std: list[float] | None = None
+    # What the model answers: a zoo model gives logits; an ONNX model (arch "onnx") may give probabilities.
+    output: Literal["logits", "probabilities"] = "logits"
     objective: str = "ce"
     objective_params: dict[str, Any] = Field(default_factory=dict)
     dataset: str = ""
@@ -76,6 +80,33 @@ def load_meta(config: str | Path) -> ModelMeta:
         raise ValueError(f"{config}: not a valid cmim model config: {e}") from None
 
 
+def check_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise a one-line ValueError naming missing/unexpected keys and wrong shapes before loading state."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not match the architecture: missing keys [{', '.join(missing)}], "
+            f"unexpected keys [{', '.join(unexpected)}]"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise ValueError(f"weights do not match the architecture: wrong shapes: {'; '.join(wrong)}")
+
+
+def read_weights(weights: str | Path) -> dict[str, torch.Tensor]:
+    """Plain tensors from a .safetensors file (nothing unpickled); ValueError when it is not one."""
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{Path(weights).name}: not a valid safetensors file ({e})") from None
+
+
 def load_checkpoint(weights: str | Path, config: str | Path | None = None) -> tuple[nn.Module, ModelMeta]:
     """Rebuild the model from its config and load its weights; returns (model in eval mode, meta)."""
     weights = Path(weights)
@@ -86,5 +117,7 @@ def load_checkpoint(weights: str | Path, config: str | Path | None = None) -> tu
         raise FileNotFoundError(f"no model config next to the weights: expected {config}")
     meta = load_meta(config)
     model = build_from_meta(meta)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    state = read_weights(weights)
+    check_state(model, state)
+    model.load_state_dict(state, strict=True)
     return model.eval(), meta

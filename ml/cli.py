@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +18,10 @@ from rich.table import Table
 app = typer.Typer(help="Train undistillable classifiers (CMIM) and audit them.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print their numbers and ratios.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
-err = Console(stderr=True)
+# Tables fit 100 columns (narrower terminals get their own width).
+WIDTH = min(shutil.get_terminal_size((100, 24)).columns, 100)
+console = Console(width=WIDTH)
+err = Console(stderr=True, width=WIDTH)
 R = TypeVar("R")
 
 ParamList = Annotated[list[str] | None, typer.Option(help="key=value (value parsed as JSON), repeatable")]
@@ -107,7 +110,13 @@ def datasets() -> None:
     from ml.data import dataset_infos
 
     rows = [
-        [i.name, "x".join(map(str, i.input_shape)), i.num_classes, i.description] for i in dataset_infos()
+        [
+            i.name,
+            "x".join(map(str, i.input_shape)) if i.input_shape else "from file",
+            i.num_classes or "from file",
+            i.description,
+        ]
+        for i in dataset_infos()
     ]
     print_table("data sets", ["name", "input", "classes", "description"], rows)
 
@@ -133,17 +142,26 @@ def train(
     epochs: int = 60,
     batch_size: int = 128,
     optimizer: str = "adamw",
-    lr: float = 1e-2,
+    lr: Annotated[float | None, typer.Option(help="default 1e-2; 1e-3 when fine-tuning (--init)")] = None,
+    warmup_epochs: Annotated[
+        float | None, typer.Option(help="linear lr warm-up; default 0, 1 epoch when fine-tuning")
+    ] = None,
     weight_decay: float = 1e-2,
     seed: int = 0,
     device: str = "auto",
-    init: Annotated[Path | None, typer.Option(help="fine-tune from this .safetensors")] = None,
+    augmentation: Annotated[
+        str | None, typer.Option(help="none | feature_noise | shift_noise | crop_flip; default: the data's")
+    ] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="fine-tune this model.safetensors (its model.json beside it)")
+    ] = None,
 ) -> None:
-    """Train a teacher and write its checkpoint."""
+    """Train a teacher (or fine-tune one with --init) and write its checkpoint."""
     from ml.checkpoint import save_checkpoint
-    from ml.train import EpochReport, TrainConfig, train_model
+    from ml.train import EpochReport, TrainConfig, fine_tune_defaults, train_model
 
     with one_line_errors():
+        optional = {"lr": lr, "warmup_epochs": warmup_epochs, "augmentation": augmentation}
         cfg = TrainConfig(
             dataset=dataset,
             dataset_params=parse_params(dataset_param),
@@ -153,13 +171,15 @@ def train(
             epochs=epochs,
             batch_size=batch_size,
             optimizer=optimizer,
-            lr=lr,
             weight_decay=weight_decay,
             seed=seed,
             device=device,
+            **{k: v for k, v in optional.items() if v is not None},
         )
-        if init is not None and not init.is_file():
-            raise FileNotFoundError(f"--init: no file at {init}")
+        init_meta = None
+        if init is not None:
+            init_meta = _init_meta(init)
+            cfg = fine_tune_defaults(cfg)
 
         def work(update: Callable[..., None]) -> Any:
             def on_epoch(r: EpochReport) -> None:
@@ -168,7 +188,7 @@ def train(
                 )
                 update(r.epoch, info)
 
-            return train_model(cfg, on_epoch=on_epoch, init_weights=init)
+            return train_model(cfg, on_epoch=on_epoch, init_weights=init, init_meta=init_meta)
 
         result = run_with_progress(f"train {arch}/{objective}", epochs, work)
         weights, config = save_checkpoint(result.model, result.meta, out)
@@ -178,11 +198,25 @@ def train(
         ["last test acc %", result.last_acc],
         ["parameters", m["parameters"]],
     ]
+    if "fine_tune" in m:
+        rows.insert(0, ["test acc before fine-tuning %", m["fine_tune"]["acc_before"]])
+        if m["fine_tune"]["warning"]:
+            err.print(f"[yellow]warning:[/yellow] {m['fine_tune']['warning']}", highlight=False)
     rows += [
         [f"I_{t} test / train", f"{m['cmi_test'][t]:.4f} / {m['cmi_train'][t]:.4f}"] for t in m["cmi_test"]
     ]
     print_table(f"{arch} trained with {objective} on {dataset}", ["metric", "value"], rows)
     console.print(f"checkpoint: {weights} + {config.name}")
+
+
+def _init_meta(weights: Path) -> Any:
+    """The config beside an --init checkpoint (None when the weights come alone)."""
+    from ml.checkpoint import CONFIG_NAME, load_meta
+
+    if not weights.is_file():
+        raise FileNotFoundError(f"--init: no file at {weights}")
+    config = weights.with_name(CONFIG_NAME)
+    return load_meta(config) if config.is_file() else None
 
 
 @app.command()
@@ -249,7 +283,20 @@ def _train_stage(cfg: Any, label: str, data: Any) -> Any:
 @app.command()
 def audit(
     teacher: Annotated[
-        Path | None, typer.Option(help="teacher checkpoint (.safetensors); else one is trained")
+        Path | None,
+        typer.Option(
+            help="teacher: a checkpoint (.safetensors) or an ONNX model (.onnx); else one is trained"
+        ),
+    ] = None,
+    teacher_output: Annotated[
+        str, typer.Option(help="what an ONNX teacher outputs: logits | probabilities")
+    ] = "logits",
+    control_arch: Annotated[
+        str | None,
+        typer.Option(help="zoo architecture of the CE control; default the teacher's (required for ONNX)"),
+    ] = None,
+    augmentation: Annotated[
+        str | None, typer.Option(help="none | feature_noise | shift_noise | crop_flip; default: the data's")
     ] = None,
     out: Annotated[Path, typer.Option(help="where the JSON report is written")] = Path("runs/audit.json"),
     dataset: Annotated[str | None, typer.Option(help="default: the teacher's data set, else mnist1d")] = None,
@@ -288,7 +335,7 @@ def audit(
     from ml.checkpoint import load_checkpoint
     from ml.data import load_dataset
     from ml.oracle import OutputMode
-    from ml.train import TrainConfig
+    from ml.train import TrainConfig, check_fits
 
     with one_line_errors():
         per_attack: dict[str, dict[str, Any]] = {}
@@ -317,14 +364,27 @@ def audit(
             device=device,
         )
         cfg.attack_rows()  # validates attack parameters before any training
-        if teacher is not None:
+        onnx = teacher is not None and teacher.suffix == ".onnx"
+        if onnx:
+            if dataset is None:
+                raise ValueError("--teacher model.onnx needs --dataset: the data set the model answers for")
+            recipe = TrainConfig(
+                dataset=dataset,
+                dataset_params=parse_params(dataset_param),
+                arch=control_arch or "mlp",
+                epochs=teacher_epochs,
+                device=device,
+            )
+        elif teacher is not None:
             model, meta = load_checkpoint(teacher)
             recipe = TrainConfig.model_validate(meta.train_config) if meta.train_config else TrainConfig()
             ds = dataset or meta.dataset
             ds_params = (
                 meta.train_config.get("dataset_params", {}) if ds == meta.dataset else {}
             ) | parse_params(dataset_param)
-            recipe = recipe.model_copy(update={"dataset": ds, "dataset_params": ds_params, "device": device})
+            recipe = recipe.model_copy(
+                update={"dataset": ds, "dataset_params": ds_params, "device": device, "arch": meta.arch}
+            )
         else:
             recipe = TrainConfig(
                 dataset=dataset or "mnist1d",
@@ -335,13 +395,28 @@ def audit(
                 epochs=teacher_epochs,
                 device=device,
             )
-        data = load_dataset(recipe.dataset, **recipe.dataset_params)
-        if teacher is None:
+        if augmentation is not None:
+            recipe = recipe.model_copy(update={"augmentation": augmentation})
+        data = recipe.prepare(load_dataset(recipe.dataset, **recipe.dataset_params))
+        if onnx:
+            from ml.onnx_model import load_onnx_teacher
+
+            model = load_onnx_teacher(teacher, data, teacher_output)
+        elif teacher is not None:
+            check_fits(meta, data)
+        else:
             model = _train_stage(recipe, f"teacher {recipe.arch}/{recipe.objective}", data)
         ce = None
+        if cfg.control and onnx and control_arch is None:
+            # No zoo architecture to copy: the report says there is no control, and the verdict cannot
+            # be `undistillable`.
+            cfg = cfg.model_copy(update={"control": False})
+            err.print("no --control-arch for the ONNX teacher: the audit runs without a CE control")
         if cfg.control:
-            ce_recipe = recipe.model_copy(update={"objective": "ce", "objective_params": {}})
-            ce = _train_stage(ce_recipe, f"CE control {recipe.arch}", data)
+            ce_arch = control_arch or recipe.arch
+            ce_recipe = recipe.model_copy(update={"objective": "ce", "objective_params": {}, "arch": ce_arch})
+            ce = _train_stage(ce_recipe, f"CE control {ce_arch}", data)
+            cfg = cfg.model_copy(update={"control_arch": ce_arch})
         report = run_with_progress(
             "audit",
             cfg.seeds * cfg.epochs,
@@ -387,7 +462,7 @@ def print_report(report: dict[str, Any]) -> None:
             acc = section["teacher"]["accuracy"] if label == "teacher" else section["accuracy"]
             title = f"{label} (acc {acc:.2f}%) -> {arch}: {s['verdict']}"
             print_table(
-                title, ["row", "best acc", "last acc", "fidelity", "margin vs best LS", "significant"], rows
+                title, ["row", "best acc", "last acc", "fidelity", "margin vs LS", "sig."], rows
             )
     for t, per_student in report.get("safe_budget", {}).items():
         console.print(f"safe query budget ({t}): " + ", ".join(f"{a} {b}" for a, b in per_student.items()))

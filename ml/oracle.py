@@ -29,7 +29,7 @@ class OutputMode(BaseModel):
         description="probs: full probabilities; topk: the k largest, renormalised; label: one-hot of "
         "the argmax; rounded: probabilities rounded to `decimals` decimals, renormalised",
     )
-    k: int = Field(5, ge=1, description="topk: how many classes keep their probability")
+    k: int = Field(5, ge=1, le=100_000, description="topk: how many classes keep their probability")
     decimals: int = Field(
         2, ge=0, le=6, description="rounded: decimals kept (float32 holds about 7 significant digits)"
     )

@@ -53,11 +53,12 @@ class PolicyConfig(BaseModel):
     )
     prada_delta: float = Field(0.9, gt=0, le=1, description="prada: a key is flagged once W < this")
     prada_min_history: int = Field(
-        100, ge=3, description="prada: distances needed before the first Shapiro-Wilk test"
+        100, ge=3, le=1_000_000, description="prada: distances needed before the first Shapiro-Wilk test"
     )
     prada_memory: int = Field(
         5000,
         ge=3,
+        le=1_000_000,
         description="prada: a key keeps its newest `prada_memory` distances for the test and as many "
         "growing-set inputs, split evenly over the classes (bounds memory and time per key; the "
         "paper's sets are unbounded)",
@@ -67,7 +68,7 @@ class PolicyConfig(BaseModel):
         description="what a suspicious query gets: refuse (an all-zero row), label (one-hot), snap (the "
         "class centroid), perturb (log-space Gaussian noise of perturb_scale, renormalised, argmax kept)",
     )
-    perturb_scale: float = Field(1.0, gt=0, description="perturb: std of the noise added to log p")
+    perturb_scale: float = Field(1.0, gt=0, le=100, description="perturb: std of the noise added to log p")
 
     @model_validator(mode="after")
     def _memory(self) -> PolicyConfig:

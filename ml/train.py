@@ -12,18 +12,19 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ml.checkpoint import ModelMeta
+from ml.checkpoint import ModelMeta, build_from_meta, check_state, read_weights
 from ml.cmi import DEFAULT_LOG_TEMPERATURES, cmi_by_temperature, model_logits, split_cmi
-from ml.data import DATASETS, Dataset, load_dataset
+from ml.data import AUGMENTATIONS, DATASETS, Dataset, load_dataset
 from ml.models import MODELS, build_model
 from ml.objectives import OBJECTIVES, StepContext, make_objective
+
+MAX_SEED = 2**31 - 1  # every seed fits torch, numpy and Python generators alike
 
 
 class TrainingCancelled(Exception):
@@ -39,25 +40,38 @@ class OptimConfig(BaseModel):
     batch_size: int = Field(128, ge=2, le=65_536)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-2, gt=0, le=10)
-    weight_decay: float = Field(1e-2, ge=0)
+    weight_decay: float = Field(1e-2, ge=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["cosine", "multistep", "constant"] = "cosine"
-    milestones: list[int] = Field(default_factory=list, description="multistep: epochs where lr *= gamma")
+    milestones: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
+        default_factory=list, max_length=32, description="multistep: epochs where lr *= gamma"
+    )
     gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=100_000, description="linear learning-rate warm-up over this many epochs"
+    )
 
 
 class TrainConfig(OptimConfig):
     """A teacher training run: data, architecture, objective, budget, seed."""
 
     dataset: str = "mnist1d"
-    dataset_params: dict[str, Any] = Field(default_factory=dict)
+    dataset_params: dict[str, Any] = Field(default_factory=dict, max_length=32)
     arch: str = "cnn1d"
     objective: str = "cmim"
-    objective_params: dict[str, Any] = Field(default_factory=dict)
-    seed: int = Field(0, ge=0)
+    objective_params: dict[str, Any] = Field(default_factory=dict, max_length=32)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     augment: bool = True
+    augmentation: str | None = Field(
+        None,
+        max_length=32,
+        description="training augmentation: none, feature_noise (tabular), shift_noise (signals), crop_flip "
+        "(images); null: the data set's own (none for tabular data)",
+    )
     device: str = "auto"
-    log_temperatures: list[float] = Field(list(DEFAULT_LOG_TEMPERATURES), min_length=1)
+    log_temperatures: list[Annotated[float, Field(gt=0, le=1000)]] = Field(
+        list(DEFAULT_LOG_TEMPERATURES), min_length=1, max_length=16
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -70,6 +84,17 @@ class TrainConfig(OptimConfig):
     def _arch(cls, v: str) -> str:
         MODELS.get(v)
         return v
+
+    @field_validator("augmentation")
+    @classmethod
+    def _augmentation(cls, v: str | None) -> str | None:
+        if v is not None and v not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {v!r}; valid choices: {', '.join(AUGMENTATIONS)}")
+        return v
+
+    def prepare(self, data: Dataset) -> Dataset:
+        """The data set with this run's augmentation (ValueError when it does not fit the inputs)."""
+        return data.with_augmentation(self.augmentation)
 
     @model_validator(mode="after")
     def _objective(self) -> TrainConfig:
@@ -128,16 +153,20 @@ def make_optimizer(params: Iterable[Tensor], cfg: OptimConfig) -> torch.optim.Op
 def make_schedule(
     opt: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step multiplier: cosine to 0 over all steps, or gamma^(milestones passed), or 1."""
+    """Per-step multiplier: cosine to 0 over all steps, or gamma^(milestones passed), or 1; times a linear
+    warm-up (s + 1) / warm-up steps over the first warmup_epochs."""
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
-    if cfg.schedule == "multistep":
-        marks = sorted(m * steps_per_epoch for m in cfg.milestones)
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cfg.gamma ** sum(s >= m for m in marks))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    warm = max(1.0, cfg.warmup_epochs * steps_per_epoch)
+    marks = sorted(m * steps_per_epoch for m in cfg.milestones)
+
+    def base(s: int) -> float:
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        if cfg.schedule == "multistep":
+            return cfg.gamma ** sum(s >= m for m in marks)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: base(s) * min(1.0, (s + 1) / warm))
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
@@ -173,16 +202,22 @@ def train_model(
     on_epoch: Callable[[EpochReport], None] | None = None,
     state_path: str | Path | None = None,
     init_weights: str | Path | dict[str, torch.Tensor] | None = None,
+    init_meta: ModelMeta | None = None,
     stage: str = "teacher",
 ) -> TrainResult:
-    """Train a model as cfg says; resumes from state_path when it exists and rewrites it every epoch."""
-    data = dataset if dataset is not None else load_dataset(cfg.dataset, **cfg.dataset_params)
+    """Train a model as cfg says; resumes from state_path when it exists and rewrites it every epoch.
+
+    With init_weights it fine-tunes that model (rebuilt from init_meta when given, so its own input
+    normalisation is kept) and records its test accuracy before and after (`metrics["fine_tune"]`)."""
+    data = cfg.prepare(dataset if dataset is not None else load_dataset(cfg.dataset, **cfg.dataset_params))
     device = resolve_device(cfg.device)
     gen = seed_everything(cfg.seed)
-    model = build_model(cfg.arch, data.input_shape, data.num_classes, mean=data.mean, std=data.std)
+    acc_before = None
     if init_weights is not None:  # fine-tuning an owner's existing model
-        state = init_weights if isinstance(init_weights, dict) else load_file(str(init_weights))
-        model.load_state_dict(state, strict=True)
+        model = init_model(cfg, data, init_weights, init_meta)
+        acc_before = accuracy(model_logits(model, data.x_test), data.y_test)
+    else:
+        model = build_model(cfg.arch, data.input_shape, data.num_classes, mean=data.mean, std=data.std)
     model.to(device)
     if device.type == "cuda" and len(data.input_shape) == 3:
         model.to(memory_format=torch.channels_last)
@@ -283,10 +318,57 @@ def train_model(
             )
 
     model.eval().cpu()
-    return _result(model, cfg, data, history)
+    return _result(model, cfg, data, history, acc_before)
 
 
-def _result(model: nn.Module, cfg: TrainConfig, data: Dataset, history: list[EpochReport]) -> TrainResult:
+# Fine-tuning that costs more accuracy than this (points) is flagged: the owner should see it first.
+FINE_TUNE_WARN_POINTS = 0.5
+
+
+def fine_tune_defaults(cfg: TrainConfig) -> TrainConfig:
+    """A fine-tuning recipe: a tenth of the learning rate and one warm-up epoch unless cfg sets them."""
+    update: dict[str, Any] = {}
+    if "lr" not in cfg.model_fields_set:
+        update["lr"] = cfg.lr / 10
+    if "warmup_epochs" not in cfg.model_fields_set:
+        update["warmup_epochs"] = min(1.0, cfg.epochs / 2)
+    return cfg.model_copy(update=update)
+
+
+def check_fits(meta: ModelMeta, data: Dataset) -> None:
+    """ValueError (one line) unless a model's declared inputs and classes are the data set's."""
+    if tuple(meta.input_shape) != tuple(data.input_shape) or meta.num_classes != data.num_classes:
+        raise ValueError(
+            f"the model takes {tuple(meta.input_shape)} with {meta.num_classes} classes but data set "
+            f"{data.name!r} has {tuple(data.input_shape)} with {data.num_classes} classes"
+        )
+
+
+def init_model(
+    cfg: TrainConfig, data: Dataset, weights: str | Path | dict[str, Tensor], meta: ModelMeta | None = None
+) -> nn.Module:
+    """The model a fine-tuning run starts from: its architecture checked against cfg and data, its keys and
+    shapes checked (a one-line error lists missing and unexpected keys), then its weights loaded."""
+    if meta is not None:
+        if meta.arch != cfg.arch:
+            raise ValueError(f"the initial model is a {meta.arch!r}, not the requested arch {cfg.arch!r}")
+        check_fits(meta, data)
+        model = build_from_meta(meta)
+    else:
+        model = build_model(cfg.arch, data.input_shape, data.num_classes, mean=data.mean, std=data.std)
+    state = weights if isinstance(weights, dict) else read_weights(weights)
+    check_state(model, state)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _result(
+    model: nn.Module,
+    cfg: TrainConfig,
+    data: Dataset,
+    history: list[EpochReport],
+    acc_before: float | None = None,
+) -> TrainResult:
     best = max((h.test_acc for h in history), default=0.0)
     last = history[-1].test_acc if history else 0.0
     temps = cfg.log_temperatures
@@ -298,13 +380,29 @@ def _result(model: nn.Module, cfg: TrainConfig, data: Dataset, history: list[Epo
         "cmi_train": split_cmi(model, data.x_train, data.y_train, temps),
         "cmi_test": split_cmi(model, data.x_test, data.y_test, temps),
     }
+    if acc_before is not None:
+        cost = acc_before - last
+        metrics["fine_tune"] = {
+            "acc_before": acc_before,
+            "acc_after": last,
+            "cost_points": cost,
+            "warning": (
+                f"fine-tuning cost {cost:.2f} points of test accuracy ({acc_before:.2f}% -> {last:.2f}%), "
+                f"more than {FINE_TUNE_WARN_POINTS}; try a lower lr, more warm-up or a smaller lam"
+            )
+            if cost > FINE_TUNE_WARN_POINTS
+            else None,
+        }
+    norm = model[0] if isinstance(model, nn.Sequential) else None
+    enabled = norm is not None and getattr(norm, "enabled", False)
     meta = ModelMeta(
         arch=cfg.arch,
         input_shape=tuple(data.input_shape),
         num_classes=data.num_classes,
         class_names=list(data.class_names),
-        mean=list(data.mean) if data.mean is not None else None,
-        std=list(data.std) if data.std is not None else None,
+        # The statistics the model itself holds (a fine-tuned model keeps its own normalisation).
+        mean=norm.mean.tolist() if enabled else None,
+        std=norm.std.tolist() if enabled else None,
         objective=cfg.objective,
         objective_params=make_objective(cfg.objective, cfg.objective_params).params.model_dump(),
         dataset=data.name,

@@ -152,3 +152,23 @@ def caller(new_caller: Callable[..., Caller]) -> Caller:
 @pytest.fixture
 def other_caller(new_caller: Callable[..., Caller]) -> Caller:
     return new_caller()
+
+
+@pytest.fixture(scope="session")
+def owner_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example of docs/models.md run as written: a folder with tabular.npz, model.onnx and
+    checkpoint/ (a plain PyTorch MLP trained outside cmim, exported both ways)."""
+    import re
+    import subprocess
+    import sys
+
+    doc = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S)
+    assert code, "docs/models.md has no python example"
+    folder = tmp_path_factory.mktemp("owner")
+    (folder / "example.py").write_text(code.group(1))
+    done = subprocess.run(
+        [sys.executable, "example.py"], cwd=folder, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return folder

@@ -2,20 +2,25 @@
 
 Start with `cmim worker` (one process per GPU: `-c 1`, pin it with CUDA_VISIBLE_DEVICES). The task
 body is `worker.pipeline.run_job`; a thread in the worker's main process sweeps for jobs whose
-lease expired and re-enqueues them (Redis only redelivers an unacked message after the
-visibility timeout, which is longer than any job).
+lease expired (Redis only redelivers an unacked message after the visibility timeout, which is
+longer than any job) and for queued jobs whose message may be lost (a broker restarted without
+persistence), and sends them again: the database row, not the message, is the truth.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 
 from celery import Celery, signals
+from celery.exceptions import Reject
 
 from app.core.config import get_settings
 from app.core.db import dispose_engines, session_scope
-from app.core.queue import RUN_JOB_TASK, enqueue, sweep
+from app.core.outage import is_outage
+from app.core.queue import RUN_JOB_TASK, broker_pending_jobs, enqueue, sweep
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -26,7 +31,9 @@ celery_app.conf.update(
     task_reject_on_worker_lost=True,  # ... and requeued if the process dies (the attempts cap stops loops)
     worker_prefetch_multiplier=1,  # never hold a second long job behind the running one
     broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # A broker blip must not kill a running job: its lease and fenced writes already make a duplicate
+    # delivery harmless, and cancelling would spend one of the job's attempts on someone else's outage.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     broker_connection_retry_on_startup=True,
     task_serializer="json",
     result_serializer="json",
@@ -42,26 +49,44 @@ celery_app.conf.update(
 def run_job_task(job_id: str) -> str:
     from worker.pipeline import run_job  # imports torch in the worker process only (after any fork)
 
-    return run_job(job_id, settings)
+    try:
+        return run_job(job_id, settings)
+    except Exception as e:
+        if is_outage(e):
+            # The database did not answer for a whole retry window: never ack a message whose job was
+            # not recorded; the broker delivers it again (and the sweep re-sends it if it is lost).
+            log.warning("job %s: %s; message rejected for redelivery", job_id, e)
+            raise Reject(str(e), requeue=True) from e
+        raise
 
 
-def sweep_once() -> int:
-    """Settle lost jobs and send a message for every queued job that has none; returns how many were sent."""
+def sweep_once(settle_expired: bool = True) -> int:
+    """Settle lost jobs and re-send every queued job whose message may be gone; returns how many were sent."""
     with session_scope(settings.database_url) as s:
-        ids = sweep(s, broker=True)
-    for job_id in ids:
+        ids = sweep(s, broker=True, resend_seconds=settings.resend_seconds, settle_expired=settle_expired)
+    pending = broker_pending_jobs(settings) or set()
+    lost = [job_id for job_id in ids if job_id not in pending]
+    for job_id in lost:
         enqueue(settings, job_id)
-    return len(ids)
+    return len(lost)
 
 
 def _sweep_forever(stop: threading.Event) -> None:
+    # After a database outage every lease may have run out while its live worker could not renew it:
+    # give the heartbeats two beats to come back before taking any job over as lost.
+    grace = 2 * settings.heartbeat_seconds
+    back_at: float | None = -math.inf  # when the database last came back; None while it is away
     while not stop.wait(settings.sweep_seconds):
         try:
-            sent = sweep_once()
+            settle = back_at is not None and time.monotonic() - back_at >= grace
+            sent = sweep_once(settle_expired=settle)
+            if back_at is None:
+                back_at = time.monotonic()
             if sent:
                 log.info("sweep: re-enqueued %d job(s)", sent)
-        except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick
-            log.warning("sweep failed", exc_info=True)
+        except Exception as e:  # noqa: BLE001 - a failed sweep is retried at the next tick
+            back_at = None
+            log.warning("sweep failed: %s: %s", type(e).__name__, e, exc_info=not is_outage(e))
 
 
 _stop_sweep = threading.Event()

@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.models import RUNNING, Job, utcnow
+from app.core.outage import is_outage
 from app.core.queue import next_claimable_job, sweep
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,23 @@ def run_local_worker(stop: Event | threading.Event | None = None, settings: Sett
         log.info("resuming %d job(s) left by a stopped local worker", released)
     sweep_due = 0.0
     while not stop.is_set() and os.getppid() == parent:
-        now = utcnow().timestamp()
-        if now >= sweep_due:
+        try:
+            now = utcnow().timestamp()
+            if now >= sweep_due:
+                with session_scope(settings.database_url) as s:
+                    sweep(s, broker=False)
+                sweep_due = now + settings.sweep_seconds
             with session_scope(settings.database_url) as s:
-                sweep(s, broker=False)
-            sweep_due = now + settings.sweep_seconds
-        with session_scope(settings.database_url) as s:
-            job_id = next_claimable_job(s)
-        if job_id is not None:
-            log.info("job %s: %s", job_id, run_job(job_id, settings, worker_id))
-        else:
-            stop.wait(settings.poll_seconds)
+                job_id = next_claimable_job(s)
+            if job_id is not None:
+                log.info("job %s: %s", job_id, run_job(job_id, settings, worker_id))
+                continue
+        except Exception as e:
+            if not is_outage(e):
+                raise
+            # The table is the queue: nothing is lost while the database is away; ask again later.
+            log.warning("database unreachable (%s: %s); polling on", type(e).__name__, e)
+        stop.wait(settings.poll_seconds)
 
 
 def start_local_worker() -> tuple[mp.process.BaseProcess, Event]:

@@ -14,30 +14,44 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
-from app.core.models import POLICY_CONFIG_NAME, POLICY_NAME, REPORT_NAME, Artifact, Dataset, Job, JobStatus
-from app.core.queue import Claim, LeaseLost, append_event, claim_job, renew_lease, transition
+from app.core.models import (
+    POLICY_CONFIG_NAME,
+    POLICY_NAME,
+    REPORT_NAME,
+    Artifact,
+    Dataset,
+    Job,
+    JobStatus,
+    UploadedModel,
+)
+from app.core.outage import is_outage, retry_outage
+from app.core.queue import Claim, LeaseLost, append_event, claim_job, release_claim, renew_lease, transition
 from app.core.storage import ArtifactStore, StoredObject
 from ml.audit import AuditConfig, AuditProgress, run_audit, serve_box
-from ml.checkpoint import save_checkpoint
+from ml.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from ml.data import Dataset as Data
 from ml.data import load_dataset
+from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
 from ml.policy import PolicyConfig
-from ml.train import EpochReport, TrainConfig, TrainingCancelled, train_model
+from ml.train import EpochReport, TrainConfig, TrainingCancelled, TrainResult, check_fits, train_model
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 2.0  # audit progress: at most one event (and lease renewal) per this many seconds
+T = TypeVar("T")
 
 
 def default_worker_id() -> str:
@@ -45,37 +59,76 @@ def default_worker_id() -> str:
 
 
 class JobContext:
-    """What the running stages need: settings, the claim, and the fenced progress hooks."""
+    """What the running stages need: settings, the claim, the fenced progress hooks and the heartbeat.
+
+    The heartbeat thread renews the lease every `heartbeat_seconds` whatever an epoch takes, so a slow
+    but live job is never taken over, while a dead worker's lease runs out within `lease_seconds`.
+    """
 
     def __init__(self, settings: Settings, claim: Claim) -> None:
         self.settings, self.claim = settings, claim
         self.work = Path(settings.work_dir) / str(claim.job_id)
         self._last_progress = 0.0
+        self._stop = threading.Event()
+        self._lost = self._cancel = False
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="cmim-heartbeat", daemon=True)
+
+    def __enter__(self) -> JobContext:
+        self._beat.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._beat.join()
 
     def session(self) -> AbstractContextManager[Session]:
         return session_scope(self.settings.database_url)
 
-    def _heartbeat(self, s: Session, kind: str, data: dict[str, Any]) -> None:
-        append_event(s, self.claim.job_id, kind, data | {"attempt": self.claim.attempt})
-        if renew_lease(s, self.claim, self.settings.lease_seconds):
+    def retrying(self, fn: Callable[[], T], what: str) -> T:
+        """fn() retried through database outages for up to `infra_retry_seconds`."""
+        return retry_outage(fn, self.settings.infra_retry_seconds, f"job {self.claim.job_id}: {what}")
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                with self.session() as s:
+                    self._cancel = renew_lease(s, self.claim, self.settings.lease_seconds) or self._cancel
+            except LeaseLost:
+                self._lost = True
+                return
+            except Exception as e:  # noqa: BLE001 - an outage is retried at the next beat
+                log.warning("job %s: heartbeat failed (%s: %s)", self.claim.job_id, type(e).__name__, e)
+
+    def _checkpoint(self, kind: str, data: dict[str, Any]) -> None:
+        """An event and a renewed lease; raises LeaseLost or TrainingCancelled as the job's row says."""
+        if self._lost:
+            raise LeaseLost(f"job {self.claim.job_id}: lease of attempt {self.claim.attempt} is gone")
+
+        def write() -> bool:
+            with self.session() as s:
+                append_event(s, self.claim.job_id, kind, data | {"attempt": self.claim.attempt})
+                return renew_lease(s, self.claim, self.settings.lease_seconds)
+
+        if self.retrying(write, kind) or self._cancel:
             raise TrainingCancelled(f"job {self.claim.job_id}: cancellation requested")
 
     def on_epoch(self, report: EpochReport) -> None:
         """Per epoch: an event, a renewed lease, and the cancel check (TrainingCancelled stops training)."""
-        with self.session() as s:
-            self._heartbeat(s, "epoch", report.model_dump(mode="json"))
+        self._checkpoint("epoch", report.model_dump(mode="json"))
 
     def on_progress(self, p: AuditProgress) -> None:
         now = time.monotonic()
         if now - self._last_progress < PROGRESS_EVERY_S and p.done < p.total:
             return
         self._last_progress = now
-        with self.session() as s:
-            self._heartbeat(s, "progress", p.model_dump(mode="json"))
+        self._checkpoint("progress", p.model_dump(mode="json"))
 
     def set_status(self, status: JobStatus, **extra: Any) -> None:
-        with self.session() as s:
-            transition(s, self.claim, status, **extra)
+        def write() -> None:
+            with self.session() as s:
+                transition(s, self.claim, status, **extra)
+
+        self.retrying(write, f"set {status.value}")
 
 
 def _load_data(settings: Settings, store: ArtifactStore, job: Job, teacher: TrainConfig) -> Data:
@@ -88,15 +141,73 @@ def _load_data(settings: Settings, store: ArtifactStore, job: Job, teacher: Trai
     return load_dataset(teacher.dataset, path=str(store.local_path(key)))
 
 
-def _train(ctx: JobContext, cfg: TrainConfig, data: Data, stage: str) -> Any:
+def _train(ctx: JobContext, cfg: TrainConfig, data: Data, stage: str, **init: Any) -> TrainResult:
     # The state file makes training resumable: a re-claimed job continues from its last finished epoch.
     return train_model(
-        cfg, data, on_epoch=ctx.on_epoch, state_path=ctx.work / f"{stage}_state.pt", stage=stage
+        cfg, data, on_epoch=ctx.on_epoch, state_path=ctx.work / f"{stage}_state.pt", stage=stage, **init
     )
+
+
+def _uploaded_teacher(
+    ctx: JobContext, store: ArtifactStore, model_id: str, fine_tune: bool, cfg: TrainConfig, data: Data
+) -> tuple[Any, ModelMeta, list[tuple[str, str, str, StoredObject]]]:
+    """An owner's uploaded model as the job's teacher: (model, meta, its published files).
+
+    ONNX is audited as it is and published as model.onnx + model.json; a zoo checkpoint is audited as it
+    is or CMIM fine-tuned first (its accuracy before and after in meta.metrics["fine_tune"])."""
+    with ctx.session() as s:
+        row = s.get(UploadedModel, uuid.UUID(model_id))
+        assert row is not None, "uploaded models are never deleted while a job uses them"
+        s.expunge(row)
+    if row.format == "onnx":
+        model, _ = load_onnx(
+            store.read_bytes(row.storage_key), row.output, tuple(data.input_shape), data.num_classes
+        )
+        meta = ModelMeta(
+            arch=ONNX_ARCH,
+            input_shape=tuple(row.input_shape),
+            num_classes=row.num_classes,
+            class_names=list(row.class_names),
+            output=row.output,
+            dataset=data.name,
+            dataset_fingerprint=data.fingerprint,
+        )
+        config = ctx.work / "model.json"
+        config.write_text(meta.model_dump_json(indent=2))
+        files = [
+            (
+                ONNX_NAME,
+                "weights",
+                "application/onnx",
+                StoredObject(row.storage_key, row.sha256, row.size_bytes),
+            ),
+            (config.name, "config", "application/json", store.put_file(config)),
+        ]
+        return model, meta, files
+    weights, config = store.local_path(row.storage_key), store.local_path(row.config_key)
+    model, meta = load_checkpoint(weights, config)
+    check_fits(meta, data)
+    if fine_tune:
+        result = _train(ctx, cfg, data, "teacher", init_weights=weights, init_meta=meta)
+        model, meta = result.model, result.meta
+        warning = meta.metrics["fine_tune"]["warning"]
+        if warning:
+            with ctx.session() as s:
+                append_event(s, ctx.claim.job_id, "warning", {"stage": "teacher", "message": warning})
+    saved = save_checkpoint(model, meta, ctx.work / "checkpoint")
+    files = [
+        (saved[0].name, "weights", "application/octet-stream", store.put_file(saved[0])),
+        (saved[1].name, "config", "application/json", store.put_file(saved[1])),
+    ]
+    return model, meta, files
 
 
 def _publish(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -> None:
     """Artifact rows and `succeeded` in one fenced transaction: exactly one report per job."""
+    ctx.retrying(lambda: _publish_once(ctx, files), "publish")
+
+
+def _publish_once(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -> None:
     with ctx.session() as s:
         owner_id = s.get(Job, ctx.claim.job_id).owner_id
         for name, kind, media_type, obj in files:
@@ -140,63 +251,117 @@ def _policy_files(
     ]
 
 
-def _execute(ctx: JobContext) -> None:
-    settings = ctx.settings
-    store = ArtifactStore.from_settings(settings)
+def _read_job(ctx: JobContext) -> Job:
     with ctx.session() as s:
         job = s.get(Job, ctx.claim.job_id)
         s.expunge(job)
-    teacher_cfg = TrainConfig.model_validate(job.spec["teacher"] | {"device": settings.device})
+    return job
+
+
+def _execute(ctx: JobContext) -> None:
+    settings = ctx.settings
+    store = ArtifactStore.from_settings(settings)
+    job = ctx.retrying(lambda: _read_job(ctx), "read the job")
+    spec = dict(job.spec["teacher"])
+    model_id, fine_tune = spec.pop("model_id", None), spec.pop("fine_tune", False)
+    teacher_cfg = TrainConfig.model_validate(spec | {"device": settings.device})
     audit_cfg = AuditConfig.model_validate(job.spec["audit"] | {"device": settings.device})
     ctx.work.mkdir(parents=True, exist_ok=True)
-    data = _load_data(settings, store, job, teacher_cfg)
+    raw = ctx.retrying(lambda: _load_data(settings, store, job, teacher_cfg), "load the data")
+    data = teacher_cfg.prepare(raw)
 
-    teacher = _train(ctx, teacher_cfg, data, "teacher")
+    if model_id is None:
+        trained = _train(ctx, teacher_cfg, data, "teacher")
+        model, meta = trained.model, trained.meta
+        weights, config = save_checkpoint(model, meta, ctx.work / "checkpoint")
+        files = [
+            (weights.name, "weights", "application/octet-stream", store.put_file(weights)),
+            (config.name, "config", "application/json", store.put_file(config)),
+        ]
+    else:
+        model, meta, files = _uploaded_teacher(ctx, store, model_id, fine_tune, teacher_cfg, data)
     control = None
     if audit_cfg.control:
-        control_cfg = teacher_cfg.model_copy(update={"objective": "ce", "objective_params": {}})
-        control = _train(ctx, control_cfg, data, "control").model
+        arch = audit_cfg.control_arch or teacher_cfg.arch
+        audit_cfg = audit_cfg.model_copy(update={"control_arch": arch})
+        update: dict[str, Any] = {"objective": "ce", "objective_params": {}, "arch": arch}
+        if model_id is not None:  # the control is trained from scratch: the default rate, no warm-up
+            update |= {"lr": TrainConfig().lr, "warmup_epochs": 0.0}
+        control = _train(ctx, teacher_cfg.model_copy(update=update), data, "control").model
 
     ctx.set_status(JobStatus.auditing)
     # The audit keeps no resumable state: a job re-claimed in this stage re-runs the audit from
     # scratch (its teacher and control come back at once from their finished state files).
-    report = run_audit(audit_cfg, teacher.model, data, control=control, on_progress=ctx.on_progress)
+    report = run_audit(audit_cfg, model, data, control=control, on_progress=ctx.on_progress)
     report["job_id"] = str(ctx.claim.job_id)
-    report["teacher"]["meta"] = teacher.meta.model_dump(mode="json")
+    report["teacher"]["meta"] = meta.model_dump(mode="json")
+    if model_id is not None:
+        report["teacher"]["uploaded_model_id"] = model_id
+    if "fine_tune" in meta.metrics:
+        report["fine_tune"] = meta.metrics["fine_tune"]
 
-    weights, config = save_checkpoint(teacher.model, teacher.meta, ctx.work / "checkpoint")
-    files = [
-        (weights.name, "weights", "application/octet-stream", store.put_file(weights)),
-        (config.name, "config", "application/json", store.put_file(config)),
+    files += [
         (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
-        *_policy_files(store, audit_cfg, teacher.model, data, ctx.work / "policy"),
+        *_policy_files(store, audit_cfg, model, data, ctx.work / "policy"),
     ]
     _publish(ctx, files)
 
 
+def _claim(settings: Settings, job_id: uuid.UUID, worker_id: str) -> Claim | None:
+    """The claim, retried through a database outage; the outage is raised if it outlasts the retries."""
+
+    def claim() -> Claim | None:
+        with session_scope(settings.database_url) as s:
+            return claim_job(s, job_id, worker_id, settings.lease_seconds)
+
+    return retry_outage(claim, settings.infra_retry_seconds, f"job {job_id}: claim")
+
+
 def run_job(job_id: str | uuid.UUID, settings: Settings | None = None, worker_id: str | None = None) -> str:
-    """Claim and run one job to a final status; returns what happened (for logs)."""
+    """Claim and run one job to a final status; returns what happened (for logs).
+
+    Only failures of the job itself spend an attempt: an outage that outlasts the retries gives the
+    job back to the queue with its attempt (and is raised when even that cannot be recorded).
+    """
     settings = settings or get_settings()
     job_id = uuid.UUID(str(job_id))
-    with session_scope(settings.database_url) as s:
-        claim = claim_job(s, job_id, worker_id or default_worker_id(), settings.lease_seconds)
+    claim = _claim(settings, job_id, worker_id or default_worker_id())
     if claim is None:
         return "not claimable (taken, finished, cancelled or out of attempts)"
-    ctx = JobContext(settings, claim)
     log.info("job %s: attempt %d on %s", job_id, claim.attempt, claim.worker_id)
-    try:
-        _execute(ctx)
-        outcome = JobStatus.succeeded
-    except LeaseLost:
-        log.warning("job %s: lease lost; another attempt owns it now", job_id)
-        return "lease lost"
-    except TrainingCancelled:
-        outcome = _finish(ctx, JobStatus.cancelled)
-    except Exception as e:  # noqa: BLE001 - any failure of the job itself is recorded on the job
-        log.exception("job %s failed", job_id)
-        outcome = _finish(ctx, JobStatus.failed, error=f"{type(e).__name__}: {e}")
+    with JobContext(settings, claim) as ctx:
+        try:
+            _execute(ctx)
+            outcome = JobStatus.succeeded
+        except LeaseLost:
+            log.warning("job %s: lease lost; another attempt owns it now", job_id)
+            return "lease lost"
+        except TrainingCancelled:
+            outcome = _finish(ctx, JobStatus.cancelled)
+        except Exception as e:  # noqa: BLE001 - any failure of the job itself is recorded on the job
+            if is_outage(e):
+                return _give_back(ctx, e)
+            log.exception("job %s failed", job_id)
+            outcome = _finish(ctx, JobStatus.failed, error=f"{type(e).__name__}: {e}")
     shutil.rmtree(ctx.work, ignore_errors=True)
     return outcome.value
+
+
+def _give_back(ctx: JobContext, error: Exception) -> str:
+    """Re-queue the job without spending its attempt; its resumable state stays in the work dir."""
+    reason = f"infrastructure outage ({type(error).__name__}); re-queued without spending an attempt"
+    log.warning("job %s: %s", ctx.claim.job_id, reason)
+
+    def release() -> bool:
+        with ctx.session() as s:
+            return release_claim(s, ctx.claim, reason)
+
+    # Retried past the lease: the database is down for the sweep too, so once it answers again this
+    # release (fenced on the claim) normally lands before any sweep could re-queue the job as lost.
+    window = ctx.settings.infra_retry_seconds + ctx.settings.lease_seconds
+    if retry_outage(release, window, f"job {ctx.claim.job_id}: give the job back"):
+        return "re-queued after an outage"
+    return "lease lost during an outage"
 
 
 def _finish(ctx: JobContext, status: JobStatus, error: str | None = None) -> JobStatus:

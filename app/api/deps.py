@@ -1,18 +1,18 @@
-"""FastAPI dependencies: settings, DB session, artifact store, the calling API key and its scopes."""
+"""FastAPI dependencies: settings, DB session, artifact store, the calling API key (cached) and its scopes."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from typing import Annotated, TypeVar
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.core.config import Settings
-from app.core.keys import find_api_key
-from app.core.models import ApiKey
+from app.core.keys import KeyCache, KeyInfo, hash_secret
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found
 
@@ -23,9 +23,14 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # Closed on the event loop, not in a worker thread: a request holding a connection must never
+    # wait for a thread to give it back (threads blocked on a full pool would wait for it forever).
+    session = request.app.state.sessions()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 def get_store(request: Request) -> ArtifactStore:
@@ -37,45 +42,73 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
-def current_key(
-    scopes: SecurityScopes,
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiKey:
-    """The live API key named by the Bearer token, holding every scope the route asks for."""
+async def authenticate(request: Request, token: str | None, scopes: list[str]) -> KeyInfo:
+    """The live API key with this secret, holding every scope in `scopes`; 401 or 403 otherwise.
+
+    Served from the process's key cache (`KeyCache`): the database is read only on a miss."""
     challenge = {"WWW-Authenticate": "Bearer"}
-    if credentials is None:
+    if token is None:
         raise Problem(
             401,
             "missing API key: send `Authorization: Bearer <key>`",
             slug="unauthenticated",
             headers=challenge,
         )
-    key = find_api_key(session, credentials.credentials)
-    if key is None:
+    cache: KeyCache = request.app.state.keys
+    digest = hash_secret(token)
+    key = cache.cached(digest) or await run_in_threadpool(cache.load, digest)
+    if key is None or key.revoked_at is not None:
         raise Problem(401, "unknown or revoked API key", slug="unauthenticated", headers=challenge)
-    missing = [s for s in scopes.scopes if s not in key.scopes]
+    if not key.live():
+        raise Problem(
+            401,
+            f"API key expired at {key.expires_at:%Y-%m-%dT%H:%M:%SZ}",
+            slug="unauthenticated",
+            headers=challenge,
+        )
+    missing = [s for s in scopes if s not in key.scopes]
     if missing:
         raise Problem(403, f"this API key lacks the scope(s) {', '.join(missing)}", slug="forbidden")
     return key
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer` header, if any (what `HTTPBearer` reads, without its cost)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def current_key(
+    scopes: SecurityScopes,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> KeyInfo:
+    """The calling key, for routes that declare their scopes as a dependency (see `authenticate`)."""
+    return await authenticate(request, credentials.credentials if credentials else None, scopes.scopes)
+
+
+# The predict hot path authenticates in the route itself (`authenticate(request, bearer_token(request),
+# PREDICT_SCOPES)`): FastAPI's dependency solving cost more than the rest of the request's protection.
+PREDICT_SCOPES = ["models:predict"]
+BEARER_DOC: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
 
 
 def _caller(*scopes: str) -> object:
     return Security(current_key, scopes=list(scopes))
 
 
-JobsRead = Annotated[ApiKey, _caller("jobs:read")]
-JobsWrite = Annotated[ApiKey, _caller("jobs:write")]
-DatasetsRead = Annotated[ApiKey, _caller("datasets:read")]
-DatasetsWrite = Annotated[ApiKey, _caller("datasets:write")]
-Predict = Annotated[ApiKey, _caller("models:predict")]
-AnyKey = Annotated[ApiKey, _caller()]
-KeysAdmin = Annotated[ApiKey, _caller("keys:admin")]
+JobsRead = Annotated[KeyInfo, _caller("jobs:read")]
+JobsWrite = Annotated[KeyInfo, _caller("jobs:write")]
+DatasetsRead = Annotated[KeyInfo, _caller("datasets:read")]
+DatasetsWrite = Annotated[KeyInfo, _caller("datasets:write")]
+Predict = Annotated[KeyInfo, _caller("models:predict")]
+AnyKey = Annotated[KeyInfo, _caller()]
+KeysAdmin = Annotated[KeyInfo, _caller("keys:admin")]
 
 M = TypeVar("M")
 
 
-def get_owned(session: Session, model: type[M], ident: uuid.UUID, key: ApiKey, kind: str) -> M:
+def get_owned(session: Session, model: type[M], ident: uuid.UUID, key: KeyInfo, kind: str) -> M:
     """The object with this id if the caller's owner owns it; otherwise the same 404 as for a missing id."""
     obj = session.get(model, ident)
     if obj is None or obj.owner_id != key.owner_id:  # type: ignore[attr-defined]

@@ -1,5 +1,6 @@
-"""Serving a job's teacher as it was audited: a small LRU of loaded checkpoints (with the fitted serving
-policy a job published), per-key policy state, input checks, query accounting."""
+"""Serving a model as it was audited: a small LRU of loaded models (with the fitted serving policy a job
+published), per-key policy state, input decoding (v2 JSON and binary tensors, datatypes), and the caps a
+request's rows are charged against."""
 
 from __future__ import annotations
 
@@ -7,24 +8,28 @@ import json
 import math
 import secrets
 import threading
-import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from torch import nn
 
 from app.api.job_service import job_artifact
-from app.core.models import POLICY_CONFIG_NAME, POLICY_NAME, REPORT_NAME, ApiKey, Artifact, Job, JobStatus
+from app.core.coalesce import Coalescer
+from app.core.config import Settings
+from app.core.keys import KeyInfo
+from app.core.limits import Cap, Limits, counters_for
+from app.core.models import POLICY_CONFIG_NAME, POLICY_NAME, REPORT_NAME, Artifact, Job, JobStatus
 from app.core.storage import ArtifactStore
-from app.problems import Problem, validation_problem
-from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint
+from app.problems import Problem, not_found, validation_problem
+from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint, load_meta
+from ml.onnx_model import ONNX_ARCH, ONNX_NAME, OnnxModule
 from ml.oracle import OutputMode
 from ml.policy import FittedPolicy, PolicyConfig, QueryHistory, Served, serve
 
@@ -35,7 +40,8 @@ WEIGHTS, CONFIG = WEIGHTS_NAME, CONFIG_NAME  # the artifact names a job publishe
 class ServedModel:
     """A loaded teacher with everything it is served through: output mode, fitted policy, query budget."""
 
-    job_id: uuid.UUID
+    model_id: uuid.UUID
+    owner_id: uuid.UUID
     model: nn.Module
     meta: ModelMeta
     mode: OutputMode
@@ -49,6 +55,10 @@ class ServedModel:
         default_factory=lambda: torch.Generator().manual_seed(secrets.randbits(63))
     )
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    batcher: MicroBatcher = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batcher", MicroBatcher(self.model))
 
     @property
     def keeps_history(self) -> bool:
@@ -59,7 +69,11 @@ class ServedModel:
         """Answers exactly as audited: the teacher's softmax, the serving policy (when the job has one)
         deciding on the raw output, then the job's output mode (`ml.policy.serve`). Refused rows are zero."""
         with torch.inference_mode():
-            logits = self.model(x).float()
+            return self.answer(x, self.model(x).float(), history)
+
+    def answer(self, x: torch.Tensor, logits: torch.Tensor, history: QueryHistory | None = None) -> Served:
+        """`serve` given the teacher's logits for x (computed alone or in a micro-batch)."""
+        with torch.inference_mode():
             probs = torch.softmax(logits, dim=-1)
             if self.policy is None:
                 return serve(probs, logits, self.mode, None)
@@ -88,6 +102,20 @@ class ServedModel:
         return None, "none: the audit ran no query budgets and the operator configured none"
 
 
+class MicroBatcher:
+    """Coalesces the forward passes of concurrent small requests for one model into one (micro-batching):
+    on a CPU a tiny model's forward pass costs about as much for 8 rows as for 1."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.logits = Coalescer(self._forward)
+
+    async def _forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor | BaseException]:
+        with torch.inference_mode():
+            out = self.model(torch.cat(xs)).float()
+        return list(out.split([len(x) for x in xs]))
+
+
 class HistoryCache:
     """One `QueryHistory` per (API key, model) in this process, least recently used evicted first.
 
@@ -104,7 +132,7 @@ class HistoryCache:
         if not served.keeps_history:
             return None
         assert served.policy is not None
-        ident = (key_id, served.job_id)
+        ident = (key_id, served.model_id)
         with self._lock:
             if ident in self._items:
                 self._items.move_to_end(ident)
@@ -116,38 +144,66 @@ class HistoryCache:
 
 
 class ModelCache:
-    """Loaded models by job id, least recently used evicted first (checkpoints are immutable)."""
+    """Loaded models by id, least recently used evicted first (a served model never changes)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._items: OrderedDict[uuid.UUID, ServedModel] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, session: Session, store: ArtifactStore, job: Job) -> ServedModel:
+    def cached(self, model_id: uuid.UUID, owner_id: uuid.UUID) -> ServedModel | None:
+        """The loaded model if it is cached and the owner's; no database access."""
+        served = self._items.get(model_id)
+        return served if served is not None and served.owner_id == owner_id else None
+
+    def get(
+        self, session: Session, store: ArtifactStore, model_id: uuid.UUID, owner_id: uuid.UUID
+    ) -> ServedModel:
+        """The owner's model, loaded on first use (`load_served`)."""
         with self._lock:
-            if job.id in self._items:
-                self._items.move_to_end(job.id)
-                return self._items[job.id]
-        served = _load(session, store, job)
+            if model_id in self._items and self._items[model_id].owner_id == owner_id:
+                self._items.move_to_end(model_id)
+                return self._items[model_id]
+        served = load_served(session, store, model_id, owner_id)
         with self._lock:
             # Two requests may load the same model at once: all must share one (its lock, its generator).
-            served = self._items.setdefault(job.id, served)
-            self._items.move_to_end(job.id)
+            served = self._items.setdefault(model_id, served)
+            self._items.move_to_end(model_id)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
         return served
 
 
-def _load(session: Session, store: ArtifactStore, job: Job) -> ServedModel:
+def load_served(
+    session: Session, store: ArtifactStore, model_id: uuid.UUID, owner_id: uuid.UUID
+) -> ServedModel:
+    """Load the served model with this id for this owner: 404 when it is not theirs, 409 while not ready.
+
+    A model id is the id of the job that trained it."""
+    job = session.get(Job, model_id)
+    if job is None or job.owner_id != owner_id:
+        raise not_found("model", model_id)
+    return _load_job_model(session, store, job)
+
+
+def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedModel:
     if job.status != JobStatus.succeeded.value:
         raise Problem(409, f"model {job.id} is not ready: its job is {job.status}", slug="model-not-ready")
-    weights = store.local_path(job_artifact(session, job.id, WEIGHTS).storage_key)
     config = store.local_path(job_artifact(session, job.id, CONFIG).storage_key)
-    model, meta = load_checkpoint(weights, config)
+    meta = load_meta(config)
+    if meta.arch == ONNX_ARCH:  # an owner's ONNX model: a black box through onnxruntime
+        model: nn.Module = OnnxModule(
+            store.read_bytes(job_artifact(session, job.id, ONNX_NAME).storage_key), meta.output
+        )
+    else:
+        model, meta = load_checkpoint(
+            store.local_path(job_artifact(session, job.id, WEIGHTS).storage_key), config
+        )
     mode = OutputMode.model_validate(job.spec["audit"].get("output_mode", {}))
     report = json.loads(store.read_bytes(job_artifact(session, job.id, REPORT_NAME).storage_key))
     safe = report.get("safe_budget", {}).get("teacher")
-    return ServedModel(job.id, model, meta, mode, _load_policy(session, store, job, meta), safe)
+    policy = _load_policy(session, store, job, meta)
+    return ServedModel(job.id, job.owner_id, model, meta, mode, policy, safe)
 
 
 def _load_policy(session: Session, store: ArtifactStore, job: Job, meta: ModelMeta) -> FittedPolicy | None:
@@ -182,158 +238,190 @@ def _load_policy(session: Session, store: ArtifactStore, job: Job, meta: ModelMe
     return policy
 
 
+# ---------------------------------------------------------------- inputs
+
+# v2 datatypes a model takes: float tensors, cast to the model's FP32. Integers and booleans are refused
+# rather than silently reinterpreted (an INT8 tensor carrying 1000.5 is not an INT8 tensor).
+ACCEPTED_DATATYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+
+
+def _bad(loc: list, msg: str) -> Problem:
+    return validation_problem([{"loc": loc, "msg": msg, "type": "value_error"}])
+
+
+def check_datatype(datatype: str, loc: list) -> np.dtype:
+    """The numpy dtype of an accepted v2 datatype; 422 naming the accepted ones otherwise."""
+    if datatype not in ACCEPTED_DATATYPES:
+        raise _bad(
+            loc,
+            f"datatype {datatype!r} is not accepted: send {' or '.join(ACCEPTED_DATATYPES)} "
+            "(FP64 is cast to the model's FP32)",
+        )
+    return ACCEPTED_DATATYPES[datatype]
+
+
 def as_batch(
-    values: object, shape: list[int] | None, meta: ModelMeta, max_batch: int, loc: list
+    values: object,
+    shape: list[int] | None,
+    meta: ModelMeta,
+    max_batch: int,
+    loc: list,
+    dtype: np.dtype = ACCEPTED_DATATYPES["FP32"],
 ) -> torch.Tensor:
-    """A (B, *input_shape) float32 batch from nested or flat values; 422 on any mismatch."""
-
-    def bad(msg: str) -> Problem:
-        return validation_problem([{"loc": loc, "msg": msg, "type": "value_error"}])
-
-    try:
-        arr = np.asarray(values, dtype=np.float32)
-    except (ValueError, TypeError) as e:
-        raise bad(f"inputs must be a rectangular array of numbers: {e}") from None
+    """A (B, *input_shape) float32 batch from nested or flat numbers (or raw bytes); 422 on any mismatch."""
+    if math.prod(shape or [0]) > max_batch * math.prod(meta.input_shape):
+        raise _bad(loc, f"shape {shape} holds more than {max_batch} inputs")
+    if isinstance(values, bytes):
+        if shape is None or len(values) != math.prod(shape) * dtype.itemsize:
+            raise _bad(loc, f"binary data of {len(values)} bytes does not hold shape {shape} of {dtype.name}")
+        arr = np.frombuffer(values, dtype=dtype)
+    else:
+        try:
+            arr = np.asarray(values, dtype=dtype)
+        except (ValueError, TypeError) as e:
+            raise _bad(loc, f"inputs must be a rectangular array of numbers: {e}") from None
     if shape is not None:
         if math.prod(shape) != arr.size:
-            raise bad(f"shape {shape} holds {math.prod(shape)} values but data has {arr.size}")
+            raise _bad(loc, f"shape {shape} holds {math.prod(shape)} values but data has {arr.size}")
         arr = arr.reshape(shape)
     expected = tuple(meta.input_shape)
     if arr.ndim != len(expected) + 1 or tuple(arr.shape[1:]) != expected:
-        raise bad(f"expected shape (batch, {', '.join(map(str, expected))}), got {tuple(arr.shape)}")
+        raise _bad(loc, f"expected shape (batch, {', '.join(map(str, expected))}), got {tuple(arr.shape)}")
     if not 1 <= arr.shape[0] <= max_batch:
-        raise bad(f"batch size must be between 1 and {max_batch}, got {arr.shape[0]}")
+        raise _bad(loc, f"batch size must be between 1 and {max_batch}, got {arr.shape[0]}")
+    arr = arr.astype(np.float32, copy=False)
     if not np.isfinite(arr).all():
-        raise bad("inputs contain NaN or infinite values")
-    return torch.from_numpy(arr)
+        raise _bad(loc, "inputs contain NaN or infinite values (or FP64 values beyond FP32)")
+    return torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
 
 
-# ---------------------------------------------------------------- rate limit and query budget
-
-
-class RateLimiter:
-    """Requests per key in a sliding 60 s window (per API process)."""
-
-    window = 60.0
-
-    def __init__(self) -> None:
-        self._hits: dict[uuid.UUID, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def hit(self, key_id: uuid.UUID, limit: int) -> tuple[bool, int, int]:
-        """Record a request if allowed; returns (allowed, remaining, seconds until a slot frees)."""
-        now = time.monotonic()
-        with self._lock:
-            hits = self._hits.setdefault(key_id, deque())
-            while hits and hits[0] <= now - self.window:
-                hits.popleft()
-            reset = math.ceil(hits[0] + self.window - now) if hits else 0
-            if len(hits) >= limit:
-                return False, 0, max(reset, 1)
-            hits.append(now)
-            return True, limit - len(hits), reset or int(self.window)
+# ---------------------------------------------------------------- query budgets
 
 
 @dataclass(frozen=True)
 class Budget:
-    """The query budget that applies to one key on one model, and why."""
+    """The per-key query budget on one model, and why: the smaller of the key's own and the model's."""
 
     limit: int | None  # None: unlimited
-    source: str  # "key", "model" or "none"
+    source: str  # "key", "model" or "none": whose number applies
     reason: str
     key_budget: int | None
     model_budget: int | None
     model_reason: str
 
-    def describe(self, used: int) -> dict[str, Any]:
-        return {
-            "limit": self.limit,
-            "applies": self.source,
-            "reason": self.reason,
-            "used": used,
-            "remaining": None if self.limit is None else max(self.limit - used, 0),
-            "key_budget": self.key_budget,
-            "model_budget": self.model_budget,
-            "model_budget_reason": self.model_reason,
-            "counted": "every row this key sent to any model's predict endpoints (a key's rows on one "
-            "model are never more, so a model's budget holds per key; a key used for several models "
-            "reaches it sooner)",
-        }
 
-
-def budget_for(key: ApiKey, served: ServedModel, operator_budget: int | None) -> Budget:
+def budget_for(key: KeyInfo, served: ServedModel, operator_budget: int | None) -> Budget:
     """The smaller of the key's own budget and the model's per-key budget (see `ServedModel.model_budget`)."""
     model_limit, model_reason = served.model_budget(operator_budget)
     key_limit = key.query_budget
     if model_limit is not None and (key_limit is None or model_limit < key_limit):
-        return Budget(
-            model_limit,
-            "model",
-            f"the model's per-key budget, {model_reason}",
-            key_limit,
-            model_limit,
-            model_reason,
-        )
+        reason = f"the model's per-key budget, {model_reason}"
+        return Budget(model_limit, "model", reason, key_limit, model_limit, model_reason)
     if key_limit is not None:
         why = "the key's own budget" + ("" if model_limit is None else ", smaller than the model's")
         return Budget(key_limit, "key", why, key_limit, model_limit, model_reason)
     return Budget(None, "none", "neither the key nor the model has a query budget", None, None, model_reason)
 
 
-def charge(
-    session: Session,
-    limiter: RateLimiter,
-    key: ApiKey,
-    queries: int,
-    default_rate: int,
-    budget: Budget | None = None,
-) -> dict[str, str]:
-    """Count one request and `queries` rows against the key; returns the headers to send. 429 when over.
+def caps_for(key: KeyInfo, served: ServedModel, settings: Settings) -> list[Cap]:
+    """What a request's rows count against: the key's budget on this model, the owner's, the global one."""
+    budget = budget_for(key, served, settings.model_query_budget)
+    if settings.owner_query_budget is not None:
+        owner = (
+            settings.owner_query_budget,
+            "the owner's budget per model, configured by the operator (CMIM_OWNER_QUERY_BUDGET)",
+        )
+    elif budget.model_budget is not None:
+        owner = (
+            budget.model_budget,
+            "the model's per-key budget, shared by all the owner's keys (more keys buy no more queries)",
+        )
+    else:
+        owner = None, "none: the model has no per-key budget and the operator configured no owner budget"
+    glob = settings.global_query_budget
+    glob_reason = (
+        "the model's global budget over every key, configured by the operator (CMIM_GLOBAL_QUERY_BUDGET)"
+        if glob is not None
+        else "none configured (CMIM_GLOBAL_QUERY_BUDGET)"
+    )
+    k, o, g = counters_for(key.id, key.owner_id, served.model_id)
+    return [Cap(k, budget.limit, budget.reason), Cap(o, *owner), Cap(g, glob, glob_reason)]
 
-    `budget` (default: the key's own) caps the key's rows: the rows of this request are counted only
-    when the total stays within it."""
-    if budget is None:
-        budget = Budget(key.query_budget, "key", "the key's own budget", key.query_budget, None, "")
-    limit = budget.limit
+
+def describe_budget(budget: Budget, caps: list[Cap], used: list[int] | tuple[int, ...]) -> dict[str, Any]:
+    """The budgets that apply to a key on a model, as `GET /v2/models/{id}` reports them."""
+
+    def cap(c: Cap, u: int) -> dict[str, Any]:
+        left = None if c.limit is None else max(c.limit - u, 0)
+        return {"limit": c.limit, "used": u, "remaining": left, "reason": c.reason}
+
+    key = cap(caps[0], used[0])
+    return key | {
+        "applies": budget.source,
+        "key_budget": budget.key_budget,
+        "model_budget": budget.model_budget,
+        "model_budget_reason": budget.model_reason,
+        "counted": "rows sent by this key to this model; the owner's and the global budget count rows "
+        "to this model over all the owner's keys and over every key; a request is answered only if its "
+        "rows fit in all three, and budgets do not reset",
+        "owner": cap(caps[1], used[1]),
+        "global": cap(caps[2], used[2]),
+    }
+
+
+SCOPE_NAMES = {
+    "key": "this key's budget on this model",
+    "owner": "the owner's budget on this model (all the owner's keys together)",
+    "global": "the model's global budget (every key together)",
+}
+
+
+async def charge(
+    limits: Limits, key: KeyInfo, caps: list[Cap], rows: int, default_rate: int, budget: Budget
+) -> dict[str, str]:
+    """Count one request against the key's rate limit and reserve its rows on every cap, atomically;
+    returns the headers to send. 429 saying which limit or budget ran out."""
     rate = key.rate_limit_per_minute or default_rate
-    allowed, remaining, reset = limiter.hit(key.id, rate)
+    got = await limits.admit(key.id, rate, caps, rows)
     headers = {
         "X-RateLimit-Limit": str(rate),
-        "X-RateLimit-Remaining": str(remaining),
-        "X-RateLimit-Reset": str(reset),
+        "X-RateLimit-Remaining": str(got.rate_remaining),
+        "X-RateLimit-Reset": str(got.rate_reset),
     }
-    if not allowed:
+    if not got.rate_ok:
         raise Problem(
             429,
-            f"rate limit of {rate} requests per minute reached",
+            f"rate limit of {rate} requests per minute reached; a slot frees in {got.rate_reset} s",
             slug="rate-limited",
-            headers=headers | {"Retry-After": str(reset)},
+            headers=headers | {"Retry-After": str(got.rate_reset)},
+            limit={"scope": "rate", "limit": rate, "window_seconds": 60, "resets_in_seconds": got.rate_reset},
         )
-    used = session.execute(
-        update(ApiKey)
-        .where(
-            ApiKey.id == key.id,
-            or_(ApiKey.query_budget.is_(None), ApiKey.queries_used + queries <= ApiKey.query_budget),
-            *([] if limit is None else [ApiKey.queries_used + queries <= limit]),
-        )
-        .values(queries_used=ApiKey.queries_used + queries)
-        .returning(ApiKey.queries_used)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
-    session.commit()
-    if limit is not None:
-        left = max(limit - (used if used is not None else key.queries_used), 0)
+    capped = [(c, u) for c, u in zip(caps, got.used, strict=True) if c.limit is not None]
+    if capped:
+        # The headers name the cap closest to running out (the key's on a tie).
+        c, u = min(capped, key=lambda cu: cu[0].limit - cu[1])  # type: ignore[operator]
+        source = budget.source if c.counter.scope == "key" else c.counter.scope
+        assert c.limit is not None
         headers |= {
-            "X-Query-Budget-Limit": str(limit),
-            "X-Query-Budget-Remaining": str(left),
-            "X-Query-Budget-Source": budget.source,
+            "X-Query-Budget-Limit": str(c.limit),
+            "X-Query-Budget-Remaining": str(max(c.limit - u, 0)),
+            "X-Query-Budget-Source": source,
         }
-    if used is None:
+    if got.exhausted is not None:
+        c, u = caps[got.exhausted], got.used[got.exhausted]
         raise Problem(
             429,
-            f"query budget exhausted: {key.queries_used} of {limit} queries used ({budget.reason}); "
-            f"this request needs {queries}",
+            f"query budget exhausted: {SCOPE_NAMES[c.counter.scope]}, {c.reason}: {u} of {c.limit} "
+            f"rows used, this request needs {rows}; it does not reset",
             slug="query-budget-exhausted",
             headers=headers,
+            budget={
+                "scope": c.counter.scope,
+                "limit": c.limit,
+                "used": u,
+                "requested": rows,
+                "reason": c.reason,
+                "resets": None,
+            },
         )
     return headers

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
@@ -17,15 +18,20 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import get_owned
-from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut, Links
+from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut, JobSummary, Links
 from app.core.config import Settings
-from app.core.models import REPORT_NAME, ApiKey, Artifact, Dataset, Job, JobEvent, JobStatus
+from app.core.models import REPORT_NAME, ApiKey, Artifact, Dataset, Job, JobEvent, JobStatus, UploadedModel
 from app.core.queue import status_event
 from app.problems import Problem, validation_problem
 from ml.data import DATASETS
+from ml.data.augment import check_augmentation
+from ml.train import fine_tune_defaults
 
 API = "/api/v1"
 UPLOADED_DATASET = "npz"  # the ML library's loader for a user's npz file
+MAX_EVENT_ID = 2**31 - 1  # event ids are 32-bit integers in the database
+# Training-set size assumed for a built-in dataset whose parameters do not say (the largest, CIFAR).
+DEFAULT_TRAIN_SIZE = 50_000
 
 
 # ---------------------------------------------------------------- representation
@@ -43,15 +49,14 @@ def job_links(job_id: uuid.UUID) -> Links:
     )
 
 
-def job_out(job: Job) -> JobOut:
-    return JobOut(
+def job_summary(job: Job) -> JobSummary:
+    return JobSummary(
         id=job.id,
         status=job.status,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
         error=job.error,
         cancel_requested=job.cancel_requested_at is not None,
-        spec=job.spec,
         dataset_id=job.dataset_id,
         created_at=job.created_at,
         updated_at=job.updated_at,
@@ -59,6 +64,10 @@ def job_out(job: Job) -> JobOut:
         finished_at=job.finished_at,
         links=job_links(job.id),
     )
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(**job_summary(job).model_dump(), spec=job.spec)
 
 
 def event_out(event: JobEvent) -> EventOut:
@@ -125,6 +134,121 @@ def _dataset_spec(session: Session, key: ApiKey, body: JobCreate) -> dict[str, A
     return {"dataset": body.teacher.dataset, "dataset_params": params.model_dump(mode="json")}
 
 
+def _train_size(session: Session, body: JobCreate, teacher: dict[str, Any]) -> int:
+    """How many training samples the teacher sees: the upload's, else the built-in's parameters say."""
+    if body.dataset_id is not None:
+        ds = session.get(Dataset, body.dataset_id)
+        return ds.n_train if ds is not None else DEFAULT_TRAIN_SIZE
+    return int(teacher["dataset_params"].get("num_train", DEFAULT_TRAIN_SIZE))
+
+
+def job_cost(body: JobCreate, n_train: int) -> float:
+    """A job's estimated cost in sample-passes: training samples x epochs, summed over every model trained.
+
+    The teacher (and its CE control), then per seed and student: each LS row on the attacker's
+    labelled data, and each attack row against each attacked black box, once plus once per query budget.
+    """
+    t, a = body.teacher, body.audit
+    teachers = 2 if a.control else 1
+    attacked = teachers + (1 if a.compare_raw else 0)
+    labelled = max(1, int(n_train * a.labelled_fraction))
+    queried = labelled + (a.transfer_size or 0)
+    ls_rows = len(a.ls_eps) * (2 if a.ls_mixup else 1)
+    try:
+        attack_rows = len(a.attack_rows())
+    except ValueError as e:
+        raise validation_problem(
+            [{"loc": ["body", "audit", "attack_params"], "msg": str(e), "type": "value_error"}]
+        ) from None
+    phases = 1 + len(a.budgets(labelled))
+    per_student = ls_rows * labelled + attack_rows * attacked * phases * queried
+    return float(n_train * t.epochs * teachers + a.epochs * a.seeds * len(a.students) * per_student)
+
+
+def _check_cost(session: Session, settings: Settings, body: JobCreate, teacher: dict[str, Any]) -> None:
+    cost = job_cost(body, _train_size(session, body, teacher))
+    if cost > settings.max_job_cost:
+        raise validation_problem(
+            [
+                {
+                    "loc": ["body"],
+                    "type": "too_costly",
+                    "msg": f"the job's estimated cost is {cost:.3g} sample-passes (training samples x "
+                    f"epochs over every model it trains), over this server's ceiling of "
+                    f"{settings.max_job_cost:.3g}: fewer epochs, seeds, students, attacks, LS rows, "
+                    "query budgets or samples",
+                    "ctx": {"estimated_cost": cost, "max_job_cost": settings.max_job_cost},
+                }
+            ]
+        )
+
+
+def _field_error(loc: list[str], msg: str, kind: str = "value_error", **extra: Any) -> Problem:
+    return validation_problem([{"loc": ["body", *loc], "type": kind, "msg": msg, **extra}])
+
+
+def _uploaded_teacher(
+    session: Session, key: ApiKey, body: JobCreate, teacher: dict[str, Any], audit: dict[str, Any]
+) -> None:
+    """Check a job's uploaded teacher against its data and fill in what follows from it (in place): the
+    architecture, the fine-tuning recipe, and no control for an ONNX model without a named one."""
+    spec = body.teacher
+    row = session.get(UploadedModel, spec.model_id)
+    if row is None or row.owner_id != key.owner_id:
+        owned = session.scalars(select(UploadedModel.id).where(UploadedModel.owner_id == key.owner_id)).all()
+        raise _field_error(
+            ["teacher", "model_id"],
+            f"no uploaded model {spec.model_id}",
+            "unknown_choice",
+            choices=[str(m) for m in owned],
+        )
+    if body.dataset_id is not None:
+        ds = session.get(Dataset, body.dataset_id)
+        shape, classes = tuple(ds.input_shape), ds.num_classes
+    else:
+        info = DATASETS.get(teacher["dataset"]).info
+        shape, classes = info.input_shape, info.num_classes
+    if (shape is not None and tuple(row.input_shape) != tuple(shape)) or (
+        classes is not None and row.num_classes != classes
+    ):
+        raise _field_error(
+            ["teacher", "model_id"],
+            f"model {row.id} takes {tuple(row.input_shape)} with {row.num_classes} classes; "
+            f"the job's data has {shape} with {classes} classes",
+        )
+    if row.format == "onnx":
+        if spec.fine_tune:
+            raise _field_error(
+                ["teacher", "fine_tune"],
+                "an ONNX model is audited as a black box; fine-tuning needs a zoo checkpoint",
+            )
+        if body.audit.control_arch is None:
+            audit["control"] = False  # no zoo architecture to train a CE control with
+        else:
+            teacher["arch"] = body.audit.control_arch
+        return
+    teacher["arch"] = row.arch
+    if spec.fine_tune:
+        tuned = fine_tune_defaults(spec)
+        teacher |= {"lr": tuned.lr, "warmup_epochs": tuned.warmup_epochs}
+
+
+def _check_augmentation(session: Session, body: JobCreate, teacher: dict[str, Any]) -> None:
+    """422 when the requested augmentation does not fit the data's inputs (e.g. shifts on tabular data)."""
+    if body.teacher.augmentation is None:
+        return
+    if body.dataset_id is not None:
+        shape = tuple(session.get(Dataset, body.dataset_id).input_shape)
+    else:
+        shape = DATASETS.get(teacher["dataset"]).info.input_shape
+    if shape is None:
+        return
+    try:
+        check_augmentation(body.teacher.augmentation, shape)
+    except ValueError as e:
+        raise _field_error(["teacher", "augmentation"], str(e)) from None
+
+
 def request_hash(body: JobCreate) -> str:
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -152,10 +276,19 @@ def create_job(
         return job, False
     teacher = body.teacher.model_dump(mode="json") | _dataset_spec(session, key, body)
     teacher["device"] = "auto"  # the worker decides where to run
+    _check_cost(session, settings, body, teacher)
+    audit = body.audit.model_dump(mode="json")
+    _check_augmentation(session, body, teacher)
+    if body.teacher.model_id is not None:
+        _uploaded_teacher(session, key, body, teacher, audit)
+    elif body.teacher.fine_tune:
+        raise _field_error(
+            ["teacher", "fine_tune"], "fine_tune needs teacher.model_id: the model to start from"
+        )
     job = Job(
         owner_id=key.owner_id,
         status=JobStatus.queued.value,
-        spec={"teacher": teacher, "audit": body.audit.model_dump(mode="json")},
+        spec={"teacher": teacher, "audit": audit},
         dataset_id=body.dataset_id,
         idempotency_key=idempotency_key,
         request_hash=digest,
@@ -188,10 +321,19 @@ def _encode_cursor(job: Job) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(created), uuid.UUID(ident)
-    except (ValueError, TypeError) as e:
+        when, job_id = datetime.fromisoformat(created), uuid.UUID(ident)
+        if when.tzinfo is None:
+            raise ValueError("its time has no time zone")
+        return when, job_id
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
         raise validation_problem(
-            [{"loc": ["query", "cursor"], "msg": f"invalid cursor: {e}", "type": "value_error"}]
+            [
+                {
+                    "loc": ["query", "cursor"],
+                    "msg": f"invalid cursor ({e}): pass `next_cursor` of the previous page unchanged",
+                    "type": "value_error",
+                }
+            ]
         ) from None
 
 
@@ -208,7 +350,8 @@ def list_jobs(
     jobs = session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     more = len(jobs) > limit
     jobs = jobs[:limit]
-    return JobList(items=[job_out(j) for j in jobs], next_cursor=_encode_cursor(jobs[-1]) if more else None)
+    items = [job_summary(j) for j in jobs]
+    return JobList(items=items, next_cursor=_encode_cursor(jobs[-1]) if more else None)
 
 
 # ---------------------------------------------------------------- events
@@ -231,32 +374,111 @@ def sse_frame(event: EventOut) -> str:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
 
 
+class EventWatch:
+    """One poller per API process for every open event stream, and the per-key cap on open streams.
+
+    A waiting stream holds no database connection: every `poll_seconds` one short query reads the
+    newest event id and status of all watched jobs, and wakes the streams that have news; each stream
+    then reads its events with a session of its own, closed at once.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], poll_seconds: float, max_per_key: int) -> None:
+        self.sessions, self.poll_seconds, self.max_per_key = sessions, poll_seconds, max_per_key
+        self._waiters: dict[uuid.UUID, list[tuple[int, asyncio.Event]]] = {}
+        self._heads: dict[uuid.UUID, tuple[int, bool]] = {}  # job -> (last event id, finished)
+        self._open: Counter[uuid.UUID] = Counter()
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self, key_id: uuid.UUID) -> None:
+        """Count one more stream for this key; 429 over the cap."""
+        if self._open[key_id] >= self.max_per_key:
+            raise Problem(
+                429,
+                f"this API key has {self._open[key_id]} event streams open, the most allowed; close one "
+                "or poll with ?after=N",
+                slug="too-many-streams",
+                headers={"Retry-After": "5"},
+            )
+        self._open[key_id] += 1
+
+    def close(self, key_id: uuid.UUID) -> None:
+        self._open[key_id] -= 1
+        if self._open[key_id] <= 0:
+            del self._open[key_id]
+
+    def open_streams(self) -> int:
+        return sum(self._open.values())
+
+    async def wait(self, job_id: uuid.UUID, after: int, timeout: float) -> bool:
+        """True once the job has an event after `after` or has finished; False after timeout seconds."""
+        seq, finished = self._heads.get(job_id, (0, False))
+        if seq > after or finished:
+            return True
+        ready = asyncio.Event()
+        entry = (after, ready)
+        self._waiters.setdefault(job_id, []).append(entry)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        try:
+            await asyncio.wait_for(ready.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiting = self._waiters.get(job_id, [])
+            if entry in waiting:
+                waiting.remove(entry)
+            if not waiting:
+                self._waiters.pop(job_id, None)
+                self._heads.pop(job_id, None)
+
+    def _read_heads(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, bool]]:
+        with self.sessions() as s:
+            rows = s.execute(select(Job.id, Job.last_event_seq, Job.status).where(Job.id.in_(ids))).all()
+        return {i: (seq, JobStatus(status).terminal) for i, seq, status in rows}
+
+    async def _run(self) -> None:
+        while self._waiters:
+            try:
+                heads = await run_in_threadpool(self._read_heads, list(self._waiters))
+            except Exception:  # noqa: BLE001 - an outage: streams keep waiting (and keep-alive) until it ends
+                heads = {}
+            self._heads.update(heads)
+            for job_id, waiting in list(self._waiters.items()):
+                seq, finished = heads.get(job_id, (0, job_id not in heads))
+                for after, ready in waiting:
+                    if seq > after or finished:
+                        ready.set()
+            await asyncio.sleep(self.poll_seconds)
+
+
 async def sse_events(
-    sessions: sessionmaker[Session],
+    watch: EventWatch,
+    key_id: uuid.UUID,
     job_id: uuid.UUID,
     after: int,
     is_disconnected: Callable[[], Any],
-    poll_seconds: float = 0.5,
     heartbeat_seconds: float = 15.0,
 ) -> AsyncIterator[str]:
-    """The job's events from `after` on as SSE frames; ends once the job is finished and all are sent."""
-    yield "retry: 2000\n\n"
-    idle = 0.0
-    while not await is_disconnected():
-        events, terminal = await run_in_threadpool(_poll, sessions, job_id, after)
-        for event in events:
-            yield sse_frame(event)
-            after = event.id
-        if events:
-            idle = 0.0
-            continue
-        if terminal:
-            return
-        await asyncio.sleep(poll_seconds)
-        idle += poll_seconds
-        if idle >= heartbeat_seconds:  # keeps proxies from closing a quiet stream
-            idle = 0.0
-            yield ": keep-alive\n\n"
+    """The job's events from `after` on as SSE frames; ends once the job is finished and all are sent.
+
+    The caller has counted the stream with `watch.open(key_id)`; it is closed here, however it ends.
+    """
+    try:
+        yield "retry: 2000\n\n"
+        while not await is_disconnected():
+            events, terminal = await run_in_threadpool(_poll, watch.sessions, job_id, after)
+            for event in events:
+                yield sse_frame(event)
+                after = event.id
+            if events:
+                continue
+            if terminal:
+                return
+            if not await watch.wait(job_id, after, heartbeat_seconds):
+                yield ": keep-alive\n\n"  # keeps proxies from closing a quiet stream
+    finally:
+        watch.close(key_id)
 
 
 # ---------------------------------------------------------------- artifacts and report

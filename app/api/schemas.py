@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
-from app.core.config import Scope
+from app.core.config import ALL_SCOPES, Scope
 from ml.audit import AuditConfig
 from ml.data import DatasetInfo
 from ml.train import TrainConfig
+
+MAX_INT32 = 2**31 - 1  # the database stores counts and limits as 32-bit integers
 
 # A demo that finishes in a few minutes on a 2-core CPU: small MNIST-1D, short teacher and audit.
 DEMO_JOB: dict[str, Any] = {
@@ -38,12 +40,25 @@ DEMO_JOB: dict[str, Any] = {
 }
 
 
+class TeacherSpec(TrainConfig):
+    """The teacher: trained from scratch as configured, or an uploaded model (`model_id`)."""
+
+    model_id: uuid.UUID | None = Field(
+        None,
+        description="an uploaded model (POST /api/v1/models) to audit instead of training one: audited as it "
+        "is, or, for a zoo checkpoint with fine_tune, CMIM fine-tuned first (objective, epochs; by default a "
+        "tenth of the learning rate and one warm-up epoch). `epochs` and the optimiser are also the CE "
+        "control's recipe",
+    )
+    fine_tune: bool = Field(False, description="fine-tune the uploaded checkpoint with `objective` first")
+
+
 class JobCreate(BaseModel):
     """A protection job: train the teacher, audit it against black-box distillation, serve it as audited."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DEMO_JOB]})
 
-    teacher: TrainConfig = Field(
+    teacher: TeacherSpec = Field(
         description="how the teacher is trained: dataset and its parameters, architecture, objective and "
         "its parameters, budget (epochs, batch size, optimiser), seed. `device` is chosen by the worker."
     )
@@ -69,7 +84,9 @@ class Links(BaseModel):
     model: str
 
 
-class JobOut(BaseModel):
+class JobSummary(BaseModel):
+    """A job as listed: everything but its spec (GET /api/v1/jobs/{id} has that)."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
@@ -78,7 +95,6 @@ class JobOut(BaseModel):
     max_attempts: int
     error: str | None
     cancel_requested: bool
-    spec: dict[str, Any]
     dataset_id: uuid.UUID | None
     created_at: datetime
     updated_at: datetime
@@ -87,8 +103,12 @@ class JobOut(BaseModel):
     links: Links
 
 
+class JobOut(JobSummary):
+    spec: dict[str, Any]
+
+
 class JobList(BaseModel):
-    items: list[JobOut]
+    items: list[JobSummary]
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
 
 
@@ -123,6 +143,27 @@ class DatasetOut(BaseModel):
     created_at: datetime
 
 
+class UploadedModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    format: Literal["onnx", "checkpoint"]
+    sha256: str
+    size_bytes: int
+    arch: str = Field(description="the zoo architecture of a checkpoint; `onnx` for an ONNX model")
+    output: str
+    input_shape: list[int]
+    num_classes: int
+    class_names: list[str]
+    dataset_id: uuid.UUID | None
+    created_at: datetime
+
+
+class UploadedModelList(BaseModel):
+    items: list[UploadedModelOut]
+
+
 class DatasetList(BaseModel):
     builtin: list[DatasetInfo]
     uploads: list[DatasetOut]
@@ -145,9 +186,21 @@ class KeyCreate(BaseModel):
     )
 
     name: str = Field("key", min_length=1, max_length=200)
-    scopes: list[Scope] | None = Field(None, description="a subset of the caller's scopes; default: all")
-    query_budget: int | None = Field(None, ge=0, description="predict rows allowed; null: unlimited")
-    rate_limit_per_minute: int | None = Field(None, ge=1, description="predict requests per minute")
+    scopes: list[Scope] | None = Field(
+        None,
+        max_length=len(ALL_SCOPES),
+        description="a subset of the caller's scopes; default: models:predict only (least privilege)",
+    )
+    query_budget: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_INT32,
+        description="predict rows allowed per model; null: unlimited (the model's own still applies)",
+    )
+    rate_limit_per_minute: int | None = Field(
+        None, ge=1, le=MAX_INT32, description="predict requests per minute"
+    )
+    expires_at: datetime | None = Field(None, description="when the key stops working (UTC); null: never")
 
 
 class KeyOut(BaseModel):
@@ -159,18 +212,28 @@ class KeyOut(BaseModel):
     prefix: str
     scopes: list[str]
     query_budget: int | None
-    queries_used: int
     rate_limit_per_minute: int | None
     created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
 
 
 class KeyCreated(KeyOut):
     key: str = Field(description="the secret; shown once, stored only as its sha256")
 
 
+class KeyList(BaseModel):
+    items: list[KeyOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+
+
 # ---------------------------------------------------------------- inference (KServe v2 + simple JSON)
 
-Datatype = Literal["FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8"]
+# Numbers, flat or nested up to 5 levels (a batch of images); booleans and strings are refused here.
+Number = Annotated[float, Strict()]
+Values = list[
+    Number | list[Number] | list[list[Number]] | list[list[list[Number]]] | list[list[list[list[Number]]]]
+]
 
 
 class TensorMeta(BaseModel):
@@ -190,10 +253,11 @@ class ModelMetadata(BaseModel):
     parameters: dict[str, Any] = Field(
         default_factory=dict,
         description="output_mode; policy (the serving policy's config, null when served without one); "
-        "query_budget: the budget that applies to the calling key on this model (`limit`, `applies`: "
-        "key, model or none, `reason`, `used`, `remaining`, `key_budget`, `model_budget` and "
-        "`model_budget_reason`: the operator's CMIM_MODEL_QUERY_BUDGET, else the audit's safe budget); "
-        "class_names; arch",
+        "query_budget: the budgets that apply to the calling key on this model: the key's (`limit`, "
+        "`used`, `remaining`, `reason`; `applies`: key, model or none, whose number it is; `key_budget`, "
+        "`model_budget` and `model_budget_reason`: the operator's CMIM_MODEL_QUERY_BUDGET, else the "
+        "audit's safe budget), the owner's over all its keys (`owner`) and the model's over every key "
+        "(`global`); class_names; arch",
     )
 
 
@@ -204,9 +268,17 @@ class ModelReady(BaseModel):
 
 class InferInput(BaseModel):
     name: str = "input"
-    shape: list[int]
-    datatype: Datatype = "FP32"
-    data: list[Any] = Field(description="row-major values, flat or nested")
+    shape: list[int] = Field(max_length=8)
+    datatype: str = Field("FP32", description="FP32, or FP64 (cast to FP32); other datatypes are refused")
+    data: Values | None = Field(
+        None, description="row-major values, flat or nested; absent when sent as binary (binary_data_size)"
+    )
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferRequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict, description="binary_data: answer in binary")
 
 
 class InferRequest(BaseModel):
@@ -223,8 +295,9 @@ class InferRequest(BaseModel):
         }
     )
 
-    id: str | None = None
+    id: str | None = Field(None, max_length=200)
     inputs: list[InferInput] = Field(min_length=1, max_length=1)
+    outputs: list[InferRequestedOutput] | None = Field(None, max_length=8)
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -250,7 +323,7 @@ class InferResponse(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [[[0.0] * 40]]}]})
 
-    inputs: list[Any] = Field(description="a batch: nested lists of shape (B, *input_shape)")
+    inputs: Values = Field(description="a batch: nested lists of numbers of shape (B, *input_shape)")
 
 
 class Prediction(BaseModel):

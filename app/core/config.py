@@ -31,20 +31,47 @@ class Settings(BaseSettings):
     work_dir: str = Field("var/work", description="per-job scratch space (resumable training state)")
     cache_dir: str = Field("var/cache", description="local copies of remote artifacts for serving")
 
-    # Queue and lease: a worker must renew its lease faster than lease_seconds (it does so every epoch).
+    # Queue and lease: a running job's heartbeat renews its lease every heartbeat_seconds, whatever its
+    # epochs take; a crashed worker's job is re-queued by the next sweep after its lease runs out, so
+    # it resumes within about lease_seconds + sweep_seconds (under a minute on these defaults).
     queue_name: str = "gpu"
-    lease_seconds: int = Field(900, ge=1)
+    lease_seconds: int = Field(40, ge=1)
+    heartbeat_seconds: float = Field(8.0, gt=0, description="lease renewal period; well under lease_seconds")
     max_attempts: int = Field(3, ge=1)
-    sweep_seconds: float = Field(60.0, gt=0)
+    sweep_seconds: float = Field(10.0, gt=0)
+    resend_seconds: float = Field(
+        30.0, gt=0, description="a queued job not claimed this long after its last message is sent again"
+    )
+    infra_retry_seconds: float = Field(
+        60.0, ge=0, description="how long a worker retries a database or broker that does not answer"
+    )
     poll_seconds: float = Field(1.0, gt=0)
     visibility_timeout: int = Field(7 * 24 * 3600, ge=60, description="longer than the longest job")
     device: str = Field("auto", description="torch device for jobs: auto = CUDA when present")
 
     # Uploads and serving.
     upload_max_bytes: int = Field(200 * 1024 * 1024, ge=1)
+    upload_max_decompressed_bytes: int = Field(
+        512 * 1024 * 1024, ge=1, description="an uploaded npz may expand to at most this many bytes"
+    )
+    max_concurrent_uploads: int = Field(2, ge=1, description="uploads validated at once per API process")
+
+    # Request bounds.
+    max_json_body_bytes: int = Field(1024 * 1024, ge=1, description="JSON request bodies larger are refused")
+    max_job_cost: float = Field(
+        1e11,
+        gt=0,
+        description="ceiling on a job's estimated cost in sample-passes (training samples x epochs, "
+        "summed over the teacher, the control and every audit student)",
+    )
+    max_streams_per_key: int = Field(20, ge=1, description="open event streams per API key and process")
+    stream_poll_seconds: float = Field(0.5, gt=0, description="how often open event streams look for news")
     predict_max_batch: int = Field(1024, ge=1)
+    predict_max_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest predict request body")
     model_cache_size: int = Field(8, ge=1)
-    default_query_budget: int | None = Field(100_000, ge=0, description="queries per key; None = unlimited")
+    default_query_budget: int | None = Field(
+        100_000, ge=0, description="rows per key and model for new keys; None = unlimited"
+    )
     model_query_budget: int | None = Field(
         None,
         ge=0,
@@ -58,12 +85,33 @@ class Settings(BaseSettings):
         description="per (key, model) query histories kept for models served with the prada detector, "
         "least recently used evicted (each holds up to prada_memory inputs)",
     )
+    owner_query_budget: int | None = Field(
+        None,
+        ge=0,
+        description="rows per owner and model across all the owner's keys; None = the model's per-key "
+        "budget, so that minting more keys under one owner cannot multiply it",
+    )
+    global_query_budget: int | None = Field(
+        None, ge=0, description="rows per model across every key and owner; None = no global cap"
+    )
     rate_limit_per_minute: int = Field(600, ge=1, description="predict requests per key and minute")
+    usage_flush_seconds: float = Field(
+        0.5, gt=0, description="how often query counters are written back to the database"
+    )
+    key_poll_seconds: float = Field(
+        0.25, gt=0, description="how often each API process looks for revoked keys to drop from its cache"
+    )
+    key_cache_seconds: float = Field(
+        60.0, gt=0, description="the longest a key lookup is cached (revocations are pushed sooner)"
+    )
+    redis_prefix: str = Field("cmim", description="prefix of the Redis keys holding rate limits and budgets")
 
     @model_validator(mode="after")
     def _deployed_needs_real_parts(self) -> Settings:
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("CMIM_DATABASE_URL must name a server database (PostgreSQL) in production")
+        if self.heartbeat_seconds * 2 >= self.lease_seconds:
+            raise ValueError("CMIM_HEARTBEAT_SECONDS must be under half of CMIM_LEASE_SECONDS")
         return self
 
     @property

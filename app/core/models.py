@@ -1,4 +1,5 @@
-"""ORM: API keys, datasets, jobs, job events and artifacts. Every object carries its owner_id."""
+"""ORM: API keys and their query usage, datasets, jobs, job events, artifacts, uploaded models; each
+carries its owner_id."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
@@ -79,11 +81,24 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # shown to people to tell keys apart
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the secret
     scopes: Mapped[list[Any]]
-    query_budget: Mapped[int | None] = mapped_column(Integer)  # None: unlimited
-    queries_used: Mapped[int] = mapped_column(Integer, default=0)
+    query_budget: Mapped[int | None] = mapped_column(Integer)  # rows per model; None: unlimited
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer)  # None: the server default
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    revoked_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class QueryUsage(Base):
+    """Rows answered per model, counted per key, per owner and over all (`scope`); the durable copy of the
+    live counters. `model_id` is any served model's id (a job's or an upload's), hence no foreign key."""
+
+    __tablename__ = "query_usage"
+
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)  # key | owner | model
+    subject_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)  # key id, owner id, or the model id
+    model_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class Dataset(Base):
@@ -157,4 +172,27 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int]
     storage_key: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UploadedModel(Base):
+    """An owner's own model: an ONNX file, or a zoo checkpoint (safetensors + its JSON config)."""
+
+    __tablename__ = "uploaded_models"
+    __table_args__ = (Index("ix_uploaded_models_owner_created", "owner_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[uuid.UUID]
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))  # onnx | checkpoint
+    sha256: Mapped[str] = mapped_column(String(64))  # of the model file (the .onnx or the .safetensors)
+    size_bytes: Mapped[int]
+    storage_key: Mapped[str] = mapped_column(String(200))
+    config_key: Mapped[str | None] = mapped_column(String(200))  # the checkpoint's model.json
+    arch: Mapped[str] = mapped_column(String(64))  # the zoo architecture, or "onnx"
+    output: Mapped[str] = mapped_column(String(16))  # logits | probabilities
+    input_shape: Mapped[list[Any]]
+    num_classes: Mapped[int]
+    class_names: Mapped[list[Any]]
+    dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("datasets.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -6,6 +6,8 @@ With a broker (Celery on Redis) the API sends only the job id, by task name, so 
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 import uuid
@@ -86,6 +88,35 @@ def enqueue(settings: Settings, job_id: uuid.UUID) -> bool:
     return sent
 
 
+def broker_pending_jobs(settings: Settings) -> set[uuid.UUID] | None:
+    """Job ids whose message waits in the broker's queue now; None when that cannot be read.
+
+    Only the waiting list counts: a message a worker has taken but not acked may belong to a dead
+    worker, and re-sending such a job is harmless (the duplicate finds nothing to claim).
+    """
+    if settings.embedded or not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
+        with client:
+            raw = client.lrange(settings.queue_name, 0, -1)
+    except redis.RedisError:
+        return None
+    pending: set[uuid.UUID] = set()
+    for item in raw:
+        try:
+            message = json.loads(item)
+            if message["headers"].get("task") != RUN_JOB_TASK:
+                continue
+            args = json.loads(base64.b64decode(message["body"]))[0]
+            pending.add(uuid.UUID(args[0]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not one of ours
+    return pending
+
+
 def broker_reachable(settings: Settings) -> bool:
     """True when the broker answers (always True in embedded mode)."""
     if settings.embedded:
@@ -154,6 +185,26 @@ def claim_job(session: Session, job_id: uuid.UUID, worker_id: str, lease_seconds
         return None
     status_event(session, job_id, JobStatus.training, attempt=attempt, worker=worker_id)
     return Claim(job_id, worker_id, attempt)
+
+
+def release_claim(session: Session, claim: Claim, reason: str) -> bool:
+    """Give a held job back to the queue and its attempt back to the job (the job itself did not fail)."""
+    result = session.execute(
+        update(Job)
+        .where(_fenced(claim))
+        .values(
+            status=JobStatus.queued.value,
+            attempts=Job.attempts - 1,
+            worker_id=None,
+            lease_expires_at=None,
+            enqueued_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    status_event(session, claim.job_id, JobStatus.queued, reason=reason)
+    return True
 
 
 def _fenced(claim: Claim) -> Any:
@@ -241,15 +292,7 @@ def _finish_expired(session: Session, now: datetime, condition: Any, status: Job
         status_event(session, job_id, status, error=reason)
 
 
-def sweep(session: Session, *, broker: bool) -> list[uuid.UUID]:
-    """Settle jobs whose worker vanished; returns ids that need a (new) broker message.
-
-    Lease expired and attempts exhausted -> failed; lease expired with cancel requested -> cancelled;
-    otherwise the job goes back to `queued`. With a broker, every queued job without a message in
-    flight (enqueued_at NULL) is marked as sent and returned: the caller sends it with `enqueue`,
-    which clears the mark again if the broker refuses.
-    """
-    now = utcnow()
+def _settle_expired(session: Session, now: datetime) -> None:
     lost = "the worker was lost (its lease expired) on the last allowed attempt: max_attempts reached"
     _finish_expired(session, now, Job.attempts >= Job.max_attempts, JobStatus.failed, lost)
     cancelled = "cancelled; the worker was lost before it stopped"
@@ -267,12 +310,34 @@ def sweep(session: Session, *, broker: bool) -> list[uuid.UUID]:
     )
     for job_id in requeued:
         status_event(session, job_id, JobStatus.queued, reason="the worker's lease expired; re-queued")
+
+
+def sweep(
+    session: Session, *, broker: bool, resend_seconds: float = 30.0, settle_expired: bool = True
+) -> list[uuid.UUID]:
+    """Settle jobs whose worker vanished; returns ids that may need a (new) broker message.
+
+    Lease expired and attempts exhausted -> failed; lease expired with cancel requested -> cancelled;
+    otherwise the job goes back to `queued`. With a broker, every queued job whose message may be
+    gone (none sent, or the last one sent over resend_seconds ago and still unclaimed: a broker that
+    restarted without persistence, or a worker that dropped it) is stamped as sent now and
+    returned; the caller sends it with `enqueue`, which clears the stamp again if the broker refuses.
+    A duplicate message is harmless: it finds nothing to claim. `settle_expired=False` leaves expired
+    leases alone (right after a database outage, when live workers could not renew theirs either).
+    """
+    now = utcnow()
+    if settle_expired:
+        _settle_expired(session, now)
     if not broker:
         return []
     return list(
         session.execute(
             update(Job)
-            .where(Job.status == JobStatus.queued.value, Job.enqueued_at.is_(None))
+            .where(
+                Job.status == JobStatus.queued.value,
+                Job.cancel_requested_at.is_(None),
+                or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - timedelta(seconds=resend_seconds)),
+            )
             .values(enqueued_at=now)
             .returning(Job.id)
             .execution_options(synchronize_session=False)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from ml.data.augment import augment_batch
+from ml.data.augment import augment_batch, check_augmentation
 from ml.registry import Registry
 
 # Where the data lives is not what it is: the same bytes at another path have the same fingerprint.
@@ -94,7 +94,14 @@ class Dataset:
 
     def augment(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """This dataset's training augmentation applied to batch x."""
-        return augment_batch(self.augmentation, x, generator)
+        return augment_batch(self.augmentation, x, generator, std=torch.tensor(self.std))
+
+    def with_augmentation(self, kind: str | None) -> Dataset:
+        """The same data with another training augmentation (None: unchanged); ValueError if unfit."""
+        if kind is None or kind == self.augmentation:
+            return self
+        check_augmentation(kind, self.input_shape)
+        return replace(self, augmentation=kind)
 
     def subset_train(self, fraction: float, seed: int) -> Dataset:
         """A stratified `fraction` of the train split (same test split, same normalisation)."""

@@ -14,9 +14,9 @@ from ml.data.base import Splits, register_dataset
 class Mnist1dParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_train: int = Field(4000, gt=0)
-    num_test: int = Field(1000, gt=0)
-    seed: int = 42
+    num_train: int = Field(4000, gt=0, le=1_000_000)
+    num_test: int = Field(1000, gt=0, le=1_000_000)
+    seed: int = Field(42, ge=0, le=2**31 - 1)
 
     @model_validator(mode="after")
     def _whole_classes(self) -> Mnist1dParams:

@@ -1,4 +1,5 @@
-"""A user's own data as an .npz with exactly x_train, y_train, x_test, y_test, validated before use."""
+"""A user's own data as an .npz with x_train, y_train, x_test, y_test (and optional class_names), validated
+before use. x of shape (N, F) is tabular: one example is (F,) features."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from ml.data.base import Splits, register_dataset
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
+OPTIONAL_KEYS = ("class_names",)
 MAX_TOTAL_BYTES = 2 * 1024**3
 MAX_RATIO = 200
 # Below this size a member cannot be a bomb, and tiny constant arrays legitimately compress >200:1.
@@ -35,6 +37,8 @@ class NpzSummary(BaseModel):
     num_classes: int
     n_train: int
     n_test: int
+    class_names: list[str]
+    labels: list[int]  # the label value of each class 0..C-1 (the identity when labels are 0..C-1)
     sha256: str | None = None
 
 
@@ -79,7 +83,7 @@ def _check_members(infos: list[zipfile.ZipInfo], max_total_bytes: int, max_ratio
 
 
 def _check_keys(infos: list[zipfile.ZipInfo]) -> None:
-    """Require exactly the four keys, each stored once."""
+    """Require the four keys (class_names optional), each stored once."""
     names = [info.filename.removesuffix(".npy") for info in infos]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -87,10 +91,11 @@ def _check_keys(infos: list[zipfile.ZipInfo]) -> None:
     missing = [k for k in KEYS if k not in names]
     if missing:
         raise DataValidationError(f"missing key(s): {', '.join(missing)}; expected exactly {', '.join(KEYS)}")
-    unexpected = sorted(set(names) - set(KEYS))
+    unexpected = sorted(set(names) - set(KEYS) - set(OPTIONAL_KEYS))
     if unexpected:
         raise DataValidationError(
-            f"unexpected key(s): {', '.join(unexpected)}; expected exactly {', '.join(KEYS)}"
+            f"unexpected key(s): {', '.join(unexpected)}; expected exactly {', '.join(KEYS)} "
+            f"(and optionally {', '.join(OPTIONAL_KEYS)})"
         )
 
 
@@ -105,6 +110,9 @@ def _check_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
             shape, _, dtype = _HEADER_READERS[version](f)
         except ValueError as e:
             raise DataValidationError(f"array {key!r} is not a valid .npy array: {e}") from None
+    if key in OPTIONAL_KEYS:
+        if dtype.kind != "U" or len(shape) != 1:
+            raise DataValidationError(f"{key} must be a 1-D array of strings (numpy dtype 'U'); got {dtype}")
     if dtype.hasobject:
         raise DataValidationError(
             f"array {key!r} holds Python objects (pickled); only numeric arrays are accepted"
@@ -118,10 +126,10 @@ def _check_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
 
 
 def _load_arrays(source: Source) -> dict[str, np.ndarray]:
-    """The four arrays, read with allow_pickle=False."""
+    """The arrays, read with allow_pickle=False."""
     try:
         with np.load(source, allow_pickle=False) as npz:
-            return {k: npz[k] for k in KEYS}
+            return {k: npz[k] for k in (*KEYS, *OPTIONAL_KEYS) if k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataValidationError(f"npz file could not be read: {e}") from None
 
@@ -161,23 +169,33 @@ def _check_arrays(a: dict[str, np.ndarray], max_classes: int) -> NpzSummary:
         bad = int(np.count_nonzero(~np.isfinite(a[k]))) if np.issubdtype(a[k].dtype, np.floating) else 0
         if bad:
             raise DataValidationError(f"{k} has {bad} non-finite value(s) (NaN or inf)")
-    for k in ("y_train", "y_test"):
-        if a[k].min() < 0:
-            raise DataValidationError(f"{k} has negative labels (min {a[k].min()}); labels must be 0..C-1")
-    num_classes = int(max(a["y_train"].max(), a["y_test"].max())) + 1
+    # Labels that are not 0..C-1 (say 1..5) are mapped to 0..C-1 in sorted order, never padded with
+    # classes no example has; each class keeps its original label as its name.
+    labels = np.union1d(np.unique(a["y_train"]), np.unique(a["y_test"]))
+    num_classes = len(labels)
     if num_classes < 2:
         raise DataValidationError("labels span only 1 class; at least 2 are needed")
     if num_classes > max_classes:
+        raise DataValidationError(f"labels name {num_classes} classes, over the limit of {max_classes}")
+    missing = np.setdiff1d(labels, np.unique(a["y_train"]))
+    if len(missing):
         raise DataValidationError(
-            f"labels imply {num_classes} classes (max label {num_classes - 1}), "
-            f"over the limit of {max_classes}"
+            f"label(s) {', '.join(map(str, missing[:5]))} occur in y_test but not in y_train"
         )
-    shape = a["x_train"].shape[1:]
+    names = [str(v) for v in labels]
+    if "class_names" in a:
+        names = [str(n) for n in a["class_names"]]
+        if len(names) != num_classes:
+            raise DataValidationError(
+                f"class_names has {len(names)} names but the labels name {num_classes} classes"
+            )
     return NpzSummary(
-        input_shape=(1, *shape) if len(shape) == 1 else shape,
+        input_shape=a["x_train"].shape[1:],
         num_classes=num_classes,
         n_train=len(a["y_train"]),
         n_test=len(a["y_test"]),
+        class_names=names,
+        labels=[int(v) for v in labels],
     )
 
 
@@ -228,27 +246,31 @@ class NpzParams(BaseModel):
     path: Path
 
 
+def default_augmentation(input_shape: tuple[int, ...]) -> str:
+    """Per modality: none for tabular (N, F) features, shifts for signals (C, L), crops for 32x32 images."""
+    if len(input_shape) == 2 and input_shape[1] >= 8:
+        return "shift_noise"
+    if input_shape == (3, 32, 32):
+        return "crop_flip"
+    return "none"
+
+
 @register_dataset(
     "npz",
-    description="your own .npz: exactly x_train, y_train, x_test, y_test; x is (N,L), (N,C,L) or (N,C,H,W)",
+    description="your own .npz: x_train, y_train, x_test, y_test (optional class_names); "
+    "x is (N,F) tabular, (N,C,L) or (N,C,H,W)",
     params=NpzParams,
 )
 def load_npz(p: NpzParams) -> Splits:
-    """Validated user arrays as raw float32 (no rescaling); augmentation chosen from the input shape."""
+    """Validated user arrays as raw float32 (standardised per feature or channel inside the model); labels
+    mapped to 0..C-1; augmentation chosen from the input shape."""
     a, summary = _read_npz(p.path, 1000, MAX_TOTAL_BYTES, MAX_RATIO)
-    x_train = a["x_train"].reshape(-1, *summary.input_shape)
-    x_test = a["x_test"].reshape(-1, *summary.input_shape)
-    if len(summary.input_shape) == 2 and summary.input_shape[1] >= 8:
-        augmentation = "shift_noise"
-    elif summary.input_shape == (3, 32, 32):
-        augmentation = "crop_flip"
-    else:
-        augmentation = "none"
+    labels = np.asarray(summary.labels)
     return Splits(
-        x_train,
-        a["y_train"],
-        x_test,
-        a["y_test"],
-        class_names=[str(i) for i in range(summary.num_classes)],
-        augmentation=augmentation,
+        a["x_train"],
+        np.searchsorted(labels, a["y_train"]),
+        a["x_test"],
+        np.searchsorted(labels, a["y_test"]),
+        class_names=summary.class_names,
+        augmentation=default_augmentation(summary.input_shape),
     )

@@ -178,7 +178,7 @@ def test_crop_flip_shape_determinism_and_flips() -> None:
 def test_none_and_unknown_augmentation() -> None:
     x = torch.randn(4, 1, 8)
     assert augment_batch("none", x) is x
-    with pytest.raises(ValueError, match="shift_noise, crop_flip, none"):
+    with pytest.raises(ValueError, match="shift_noise, crop_flip, feature_noise, none"):
         augment_batch("cutout", x)
     d = load_dataset("mnist1d", **SMALL_MNIST1D)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
@@ -214,15 +214,17 @@ def test_npz_valid_round_trip(tmp_path: Path) -> None:
     arrays = _arrays()
     path = _npz(tmp_path, **arrays)
     summary = validate_npz(path)
-    assert (summary.input_shape, summary.num_classes, summary.n_train, summary.n_test) == ((1, 40), 3, 30, 10)
+    assert (summary.input_shape, summary.num_classes, summary.n_train, summary.n_test) == ((40,), 3, 30, 10)
     assert summary.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert validate_npz(io.BytesIO(path.read_bytes())) == summary
     d = load_dataset("npz", path=str(path))
-    assert torch.equal(d.x_train, torch.from_numpy(arrays["x_train"])[:, None])
+    assert torch.equal(d.x_train, torch.from_numpy(arrays["x_train"]))
     assert torch.equal(d.y_test, torch.from_numpy(arrays["y_test"]))
-    assert (d.input_shape, d.num_classes, d.augmentation) == ((1, 40), 3, "shift_noise")
+    # (N, F) is tabular: one example is F features, no augmentation, statistics per feature
+    assert (d.input_shape, d.num_classes, d.augmentation) == ((40,), 3, "none")
     assert d.class_names == ["0", "1", "2"]
-    assert d.mean[0] == pytest.approx(float(arrays["x_train"].mean()), abs=1e-5)
+    np.testing.assert_allclose(d.mean, arrays["x_train"].mean(0), atol=1e-5)
+    np.testing.assert_allclose(d.std, arrays["x_train"].std(0), atol=1e-5)
     moved = tmp_path / "elsewhere.npz"
     moved.write_bytes(path.read_bytes())
     assert load_dataset("npz", path=moved).fingerprint == d.fingerprint  # content, not location
@@ -300,8 +302,35 @@ def test_npz_non_finite(tmp_path: Path) -> None:
     _invalid(tmp_path, r"x_test has 3 non-finite value\(s\) \(NaN or inf\)", x_test=x)
 
 
-def test_npz_negative_labels(tmp_path: Path) -> None:
-    _invalid(tmp_path, r"y_test has negative labels \(min -1\)", y_test=np.arange(10) % 3 - 1)
+def test_npz_labels_not_from_zero_are_mapped_with_their_names(tmp_path: Path) -> None:
+    arrays = _arrays() | {"y_train": np.arange(30) % 3 + 1, "y_test": np.arange(10) % 3 + 1}
+    d = load_dataset("npz", path=_npz(tmp_path, **arrays))
+    assert d.num_classes == 3 and d.class_names == ["1", "2", "3"]  # never padded to a 4th class
+    assert torch.equal(d.y_test, torch.from_numpy(arrays["y_test"] - 1))
+
+
+def test_npz_class_names_key(tmp_path: Path) -> None:
+    names = np.array(["cat", "dog", "eel"])
+    d = load_dataset("npz", path=_npz(tmp_path, **_arrays(), class_names=names))
+    assert d.class_names == ["cat", "dog", "eel"]
+    _invalid(tmp_path, "class_names has 2 names but the labels name 3 classes", class_names=names[:2])
+
+
+def test_npz_test_label_unseen_in_train(tmp_path: Path) -> None:
+    _invalid(tmp_path, r"label\(s\) -1 occur in y_test but not in y_train", y_test=np.arange(10) % 3 - 1)
+
+
+def test_signals_keep_shifts_and_tabular_refuses_them(tmp_path: Path) -> None:
+    d = load_dataset("npz", path=_npz(tmp_path, **_arrays(shape=(1, 40))))
+    assert d.input_shape == (1, 40) and d.augmentation == "shift_noise"
+    tab = load_dataset("npz", path=_npz(tmp_path, **_arrays()))
+    with pytest.raises(ValueError, match=r"'shift_noise' does not fit inputs of shape \(40,\); valid"):
+        tab.with_augmentation("shift_noise")
+    noisy = tab.with_augmentation("feature_noise")
+    x = noisy.x_train[:8]
+    out = noisy.augment(x, torch.Generator().manual_seed(0))
+    # small noise per feature, in units of each feature's std; nothing moves across features
+    assert 0 < (out - x).abs().mean() < 0.2 * torch.tensor(noisy.std).mean()
 
 
 def test_npz_single_class(tmp_path: Path) -> None:
@@ -310,7 +339,7 @@ def test_npz_single_class(tmp_path: Path) -> None:
 
 def test_npz_too_many_classes(tmp_path: Path) -> None:
     path = _npz(tmp_path, **_arrays())
-    match = r"labels imply 3 classes \(max label 2\), over the limit of 2"
+    match = r"labels name 3 classes, over the limit of 2"
     with pytest.raises(DataValidationError, match=match):
         validate_npz(path, max_classes=2)
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from app.api.job_service import create_job
 from app.api.schemas import JobCreate
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.keys import create_api_key, find_api_key
+from app.core.models import Artifact, Job
 from app.main import create_app
 from ml.checkpoint import load_checkpoint
 from worker.pipeline import run_job
@@ -123,3 +126,29 @@ class Trained:
         return load_checkpoint(
             self.download(job_id, "model.safetensors"), self.download(job_id, "model.json")
         )[0]
+
+
+def copy_job(
+    database_url: str,
+    job_id: uuid.UUID,
+    owner_id: uuid.UUID | None = None,
+    spec: dict[str, Any] | None = None,
+) -> uuid.UUID:
+    """Another succeeded job with the same artifacts (another model id for one checkpoint), for owner_id
+    (default: the job's owner) and with spec (default: the job's)."""
+    with session_scope(database_url) as s:
+        job = s.get(Job, job_id)
+        owner = owner_id or job.owner_id
+        copy = Job(
+            owner_id=owner,
+            status=job.status,
+            spec=spec or job.spec,
+            request_hash=job.request_hash,
+            max_attempts=job.max_attempts,
+        )
+        s.add(copy)
+        s.flush()
+        for a in s.scalars(select(Artifact).where(Artifact.job_id == job.id)):
+            fields = ("name", "kind", "media_type", "sha256", "size_bytes", "storage_key")
+            s.add(Artifact(job_id=copy.id, owner_id=owner, **{f: getattr(a, f) for f in fields}))
+        return copy.id

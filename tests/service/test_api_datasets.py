@@ -56,9 +56,7 @@ def test_upload_validate_list_and_train_on_it(client, caller, other_caller, sett
     r = upload(client, caller, data)
     assert r.status_code == 201, r.text
     ds = r.json()
-    assert (
-        ds["input_shape"] == [1, 12] and ds["num_classes"] == 3 and (ds["n_train"], ds["n_test"]) == (40, 20)
-    )
+    assert ds["input_shape"] == [12] and ds["num_classes"] == 3 and (ds["n_train"], ds["n_test"]) == (40, 20)
     assert ds["size_bytes"] == len(data) and r.headers["location"] == f"/api/v1/datasets/{ds['id']}"
     import hashlib
 
@@ -100,7 +98,7 @@ def _traversal() -> bytes:
 BAD = {
     "pickled object": (_pickled, "object"),
     "NaN": (lambda: _with(x_train=np.full((40, 12), np.nan, dtype=np.float32)), "non-finite"),
-    "negative label": (lambda: _with(y_train=np.arange(40) % 3 - 1), "negative"),
+    "test label unseen in train": (lambda: _with(y_train=np.arange(40) % 3 - 1), "occur in y_test but not"),
     "float labels": (lambda: _with(y_test=np.zeros(20, dtype=np.float32)), "integers"),
     "wrong shapes": (lambda: _with(x_test=np.zeros((20, 7), dtype=np.float32)), "shape"),
     "length mismatch": (lambda: _with(y_train=np.arange(39) % 3), "labels"),

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
 import torch
-from service_helpers import Trained, assert_problem, job_body, service_settings
+from fastapi.testclient import TestClient
+from service_helpers import Trained, assert_problem, copy_job, job_body, service_settings
 
+from app.main import create_app
 from ml.oracle import OutputMode, apply_output_mode
 
 
@@ -140,3 +143,35 @@ def test_label_only_serving_answers_one_hot(trained: Trained) -> None:
     assert body["output_mode"]["kind"] == "label"
     for p in body["predictions"]:
         assert sorted(p["scores"]) == [0.0] * 9 + [1.0] and p["scores"][p["label"]] == 1.0
+
+
+def test_a_global_budget_caps_the_model_over_every_key(trained: Trained) -> None:
+    model = copy_job(trained.settings.database_url, uuid.UUID(trained.job_id))  # a model no test used
+    settings = trained.settings.model_copy(update={"global_query_budget": 4})
+    url = f"/api/v1/models/{model}/predict"
+    with TestClient(create_app(settings)) as c:
+        first, second = trained.key(), trained.key()
+        assert c.post(url, json={"inputs": X.tolist()}, headers=first).status_code == 200
+        over = assert_problem(c.post(url, json={"inputs": X[:2].tolist()}, headers=second), 429)
+        assert over["budget"]["scope"] == "global" and over["budget"]["used"] == 3
+        assert "CMIM_GLOBAL_QUERY_BUDGET" in over["detail"]
+        assert c.post(url, json={"inputs": X[:1].tolist()}, headers=second).status_code == 200
+        meta = c.get(f"/v2/models/{model}", headers=second).json()["parameters"]["query_budget"]
+        assert (
+            meta["global"] | {"used": 4, "remaining": 0, "limit": 4} == meta["global"] and meta["used"] == 1
+        )
+
+
+def test_a_request_refused_before_answering_charges_nothing(trained: Trained) -> None:
+    h = trained.key(query_budget=3)
+    url = f"/v2/models/{trained.job_id}/infer"
+    body = {
+        "inputs": [{"name": "input", "shape": [3, 1, 40], "datatype": "FP32", "data": X.flatten().tolist()}]
+    }
+    bad = assert_problem(
+        trained.client.post(url, json=body | {"outputs": [{"name": "logits"}]}, headers=h), 422
+    )
+    assert "unknown output" in bad["detail"] and bad["error"] == bad["detail"]
+    ok = trained.client.post(url, json=body | {"outputs": [{"name": "label"}]}, headers=h)
+    assert ok.status_code == 200 and [o["name"] for o in ok.json()["outputs"]] == ["label"]
+    assert ok.headers["x-query-budget-remaining"] == "0"

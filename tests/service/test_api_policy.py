@@ -10,11 +10,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
-from service_helpers import Trained, assert_problem, job_body, service_settings
-from sqlalchemy import select
+from service_helpers import Trained, assert_problem, copy_job, job_body, service_settings
 
 from app.core.db import session_scope
-from app.core.models import Artifact, Job
+from app.core.models import Job
 from app.main import create_app
 from ml.audit import serve_box
 from ml.data import Dataset, load_dataset
@@ -228,21 +227,9 @@ def test_the_audited_safe_budget_is_the_default_per_key_budget(pg: Trained, budg
 def test_a_model_audited_with_a_policy_is_never_served_without_it(pg: Trained, budgeted: str) -> None:
     """A job whose spec has a policy but whose artifacts lack it answers 409, not the bare teacher."""
     with session_scope(pg.settings.database_url) as s:
-        job = s.get(Job, uuid.UUID(budgeted))
-        spec = job.spec | {"audit": job.spec["audit"] | {"policy": REFUSE}}
-        copy = Job(
-            owner_id=job.owner_id,
-            status=job.status,
-            spec=spec,
-            request_hash=job.request_hash,
-            max_attempts=job.max_attempts,
-        )
-        s.add(copy)
-        s.flush()
-        for a in s.scalars(select(Artifact).where(Artifact.job_id == job.id)):
-            fields = ("owner_id", "name", "kind", "media_type", "sha256", "size_bytes", "storage_key")
-            s.add(Artifact(job_id=copy.id, **{f: getattr(a, f) for f in fields}))
-        copy_id = copy.id
+        spec = s.get(Job, uuid.UUID(budgeted)).spec
+    spec = spec | {"audit": spec["audit"] | {"policy": REFUSE}}
+    copy_id = copy_job(pg.settings.database_url, uuid.UUID(budgeted), spec=spec)
     for url in (f"/v2/models/{copy_id}", f"/v2/models/{copy_id}/ready"):
         body = assert_problem(pg.client.get(url, headers=pg.headers), 409)
         assert "policy" in body["detail"]
@@ -255,7 +242,7 @@ def test_a_zero_safe_budget_says_why_the_model_answers_nothing() -> None:
 
     def served(safe: dict[str, int] | None) -> ServedModel:
         return ServedModel(
-            uuid.uuid4(), build_model("mlp", (1, 40), 10), None, OutputMode(), safe_budget=safe
+            uuid.uuid4(), uuid.uuid4(), build_model("mlp", (1, 40), 10), None, OutputMode(), safe_budget=safe
         )
 
     limit, why = served({"mlp": 0, "cnn1d_small": 4000}).model_budget(None)

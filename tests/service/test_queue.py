@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -15,6 +16,7 @@ from app.core.queue import (
     LeaseLost,
     claim_job,
     next_claimable_job,
+    release_claim,
     renew_lease,
     request_cancel,
     status_event,
@@ -132,3 +134,87 @@ def test_sweep_finishes_a_lost_job_whose_cancel_was_requested(settings, job_id) 
         sweep(s, broker=False)
         assert next_claimable_job(s) != job_id
     assert job(settings, job_id).status == "cancelled"
+
+
+def test_sweep_resends_a_queued_job_whose_message_may_be_gone(settings, job_id) -> None:
+    with session_scope(settings.database_url) as s:
+        assert job_id in sweep(s, broker=True, resend_seconds=60)  # never sent: sent now
+    with session_scope(settings.database_url) as s:
+        assert job_id not in sweep(s, broker=True, resend_seconds=60)  # just sent: not again yet
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow() - timedelta(seconds=61)))
+    with session_scope(settings.database_url) as s:
+        assert job_id in sweep(s, broker=True, resend_seconds=60)  # still unclaimed a bound later: again
+    with session_scope(settings.database_url) as s:
+        claim_job(s, job_id, "w", 60)
+        s.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow() - timedelta(seconds=61)))
+    with session_scope(settings.database_url) as s:
+        assert job_id not in sweep(s, broker=True, resend_seconds=60)  # claimed: nothing to re-send
+
+
+def test_broker_pending_jobs_reads_the_waiting_messages(redis_url, tmp_path) -> None:
+    import redis
+
+    from app.core.config import Settings
+    from app.core.queue import broker_pending_jobs, enqueue
+
+    queue = f"gpu-pending-{uuid.uuid4().hex[:8]}"
+    cfg = Settings(
+        environment="test",
+        database_url=f"sqlite:///{tmp_path / 'q.db'}",
+        broker_url=redis_url,
+        queue_name=queue,
+    )
+    from app.core.migrate import upgrade
+
+    upgrade(cfg.database_url)
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    try:
+        for i in ids:
+            assert enqueue(cfg, i)
+        assert broker_pending_jobs(cfg) == set(ids)
+    finally:
+        redis.Redis.from_url(redis_url).delete(queue)  # only this test's own queue
+    assert broker_pending_jobs(cfg) == set()
+
+
+def test_release_gives_the_attempt_back(settings, job_id) -> None:
+    with session_scope(settings.database_url) as s:
+        claim = claim_job(s, job_id, "w", 60)
+    with session_scope(settings.database_url) as s:
+        assert release_claim(s, claim, "outage")
+        assert not release_claim(s, claim, "outage")  # fenced: only the holder releases, once
+    j = job(settings, job_id)
+    assert (j.status, j.attempts, j.worker_id, j.enqueued_at) == ("queued", 0, None, None)
+    with session_scope(settings.database_url) as s:
+        assert claim_job(s, job_id, "w2", 60).attempt == 1
+
+
+def test_heartbeat_keeps_a_slow_job_and_its_end_lets_the_lease_run_out(settings, job_id) -> None:
+    from worker.pipeline import JobContext
+
+    beat = settings.model_copy(update={"lease_seconds": 1, "heartbeat_seconds": 0.2})
+    with session_scope(settings.database_url) as s:
+        claim = claim_job(s, job_id, "slow", beat.lease_seconds)
+    with JobContext(beat, claim):
+        time.sleep(3)  # three leases without a single epoch: the heartbeat alone keeps the job
+        with session_scope(settings.database_url) as s:
+            sweep(s, broker=False)
+            assert claim_job(s, job_id, "thief", 60) is None
+        assert job(settings, job_id).status == "training"
+    time.sleep(1.5)  # the worker is gone: its lease runs out
+    with session_scope(settings.database_url) as s:
+        sweep(s, broker=False)
+        assert claim_job(s, job_id, "next", 60).attempt == 2
+
+
+def test_a_sweep_right_after_an_outage_leaves_expired_leases_to_their_heartbeats(settings, job_id) -> None:
+    with session_scope(settings.database_url) as s:
+        claim_job(s, job_id, "live", 60)
+    expire_lease(settings, job_id)  # as if the database had been away longer than the lease
+    with session_scope(settings.database_url) as s:
+        sweep(s, broker=True, settle_expired=False)
+    assert job(settings, job_id).status == "training"  # its worker may still be alive
+    with session_scope(settings.database_url) as s:
+        sweep(s, broker=True)
+    assert job(settings, job_id).status == "queued"

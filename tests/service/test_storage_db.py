@@ -26,9 +26,7 @@ def test_migrations_go_down_and_up_again(backend, tmp_path, pg_databases) -> Non
 
 def test_times_come_back_timezone_aware_and_ids_as_uuids(settings) -> None:
     with session_scope(settings.database_url) as s:
-        key = ApiKey(
-            owner_id=uuid.uuid4(), name="t", prefix="p", key_hash=uuid.uuid4().hex, scopes=[], queries_used=0
-        )
+        key = ApiKey(owner_id=uuid.uuid4(), name="t", prefix="p", key_hash=uuid.uuid4().hex, scopes=[])
         s.add(key)
     with session_scope(settings.database_url) as s:
         again = s.get(ApiKey, key.id)

@@ -32,8 +32,20 @@ UPLOAD_BODY = {
 }
 
 
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an npz is a zip: a local file header or an empty archive
+
+
+def _not_npz() -> Problem:
+    return Problem(
+        422, "not an .npz file (not a zip archive); save it with numpy.savez", slug="invalid-dataset"
+    )
+
+
 async def _receive_capped(request: Request, max_bytes: int, directory: Path) -> Path:
-    """Stream the body into a temporary file, refusing with 413 the moment it passes max_bytes."""
+    """Stream the body into a temporary file, refusing with 413 the moment it passes max_bytes.
+
+    The first bytes are checked as they arrive: a body that is not a zip archive is refused at once.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise Problem(413, f"upload of {declared} bytes is over the {max_bytes}-byte limit", slug="too-large")
@@ -42,10 +54,15 @@ async def _receive_capped(request: Request, max_bytes: int, directory: Path) -> 
     path, size = Path(name), 0
     try:
         with os.fdopen(fd, "wb") as out:
+            head = b""
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > max_bytes:
                     raise Problem(413, f"upload is over the {max_bytes}-byte limit", slug="too-large")
+                if len(head) < 4:
+                    head += chunk[: 4 - len(head)]
+                    if len(head) == 4 and head not in ZIP_MAGIC:
+                        raise _not_npz()
                 out.write(chunk)
     except BaseException:
         path.unlink(missing_ok=True)
@@ -77,15 +94,28 @@ async def upload_dataset(
         str, Query(min_length=1, max_length=200, description="a label for the dataset")
     ] = "upload",
 ) -> DatasetOut:
-    path = await _receive_capped(request, settings.upload_max_bytes, Path(settings.work_dir) / "uploads")
+    slots = request.app.state.upload_slots
+    if not slots.acquire(blocking=False):  # each upload may hold its decompressed arrays in memory
+        raise Problem(
+            503,
+            f"{settings.max_concurrent_uploads} uploads are being validated already; retry shortly",
+            slug="uploads-busy",
+            headers={"Retry-After": "5"},
+        )
     try:
+        path = await _receive_capped(request, settings.upload_max_bytes, Path(settings.work_dir) / "uploads")
         try:
-            summary = await run_in_threadpool(validate_npz, path)
-        except DataValidationError as e:
-            raise Problem(422, str(e), slug="invalid-dataset", title="Invalid dataset") from None
-        stored = await run_in_threadpool(store.put_file, path)
+            try:
+                summary = await run_in_threadpool(
+                    validate_npz, path, max_total_bytes=settings.upload_max_decompressed_bytes
+                )
+            except DataValidationError as e:
+                raise Problem(422, str(e), slug="invalid-dataset", title="Invalid dataset") from None
+            stored = await run_in_threadpool(store.put_file, path)
+        finally:
+            path.unlink(missing_ok=True)
     finally:
-        path.unlink(missing_ok=True)
+        slots.release()
     existing = session.scalar(
         select(Dataset).where(Dataset.owner_id == key.owner_id, Dataset.sha256 == stored.sha256)
     )

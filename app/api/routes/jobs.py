@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, SessionDep, SettingsDep, StoreDep
 from app.api.job_service import (
+    MAX_EVENT_ID,
     artifact_out,
     create_job,
     event_out,
@@ -34,7 +35,31 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 JobId = Annotated[uuid.UUID, Path(description="the job's id")]
 
 
-@router.post("", status_code=202, response_model=JobOut, summary="Submit a protection job")
+def _link(path: str, method: str, param: str) -> dict[str, Any]:
+    ref = "#/paths/" + path.replace("~", "~0").replace("/", "~1") + f"/{method}"
+    return {"operationRef": ref, "parameters": {param: "$response.body#/id"}}
+
+
+# OpenAPI links: from a job to everything about it, so clients (and the fuzzer) can follow them.
+JOB_LINKS = {
+    "links": {
+        "job": _link("/api/v1/jobs/{job_id}", "get", "job_id"),
+        "events": _link("/api/v1/jobs/{job_id}/events", "get", "job_id"),
+        "cancel": _link("/api/v1/jobs/{job_id}/cancel", "post", "job_id"),
+        "report": _link("/api/v1/jobs/{job_id}/report", "get", "job_id"),
+        "report_html": _link("/api/v1/jobs/{job_id}/report.html", "get", "job_id"),
+        "artifacts": _link("/api/v1/jobs/{job_id}/artifacts", "get", "job_id"),
+        "model": _link("/v2/models/{model_id}", "get", "model_id"),
+        "model_ready": _link("/v2/models/{model_id}/ready", "get", "model_id"),
+        "infer": _link("/v2/models/{model_id}/infer", "post", "model_id"),
+        "predict": _link("/api/v1/models/{model_id}/predict", "post", "model_id"),
+    }
+}
+
+
+@router.post(
+    "", status_code=202, response_model=JobOut, summary="Submit a protection job", responses={202: JOB_LINKS}
+)
 async def submit_job(
     body: JobCreate,
     response: Response,
@@ -42,7 +67,8 @@ async def submit_job(
     session: SessionDep,
     settings: SettingsDep,
     idempotency_key: Annotated[
-        str | None, Header(max_length=200, description="retries with the same key return the first job")
+        str | None,
+        Header(min_length=1, max_length=200, description="retries with the same key return the first job"),
     ] = None,
 ) -> JobOut:
     job, created = await run_in_threadpool(create_job, session, settings, key, body, idempotency_key)
@@ -63,7 +89,7 @@ def get_jobs(
     return list_jobs(session, key, limit, cursor, status)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="One job")
+@router.get("/{job_id}", response_model=JobOut, summary="One job", responses={200: JOB_LINKS})
 def get_job(job_id: JobId, key: JobsRead, session: SessionDep) -> JobOut:
     return job_out(owned_job(session, job_id, key))
 
@@ -90,13 +116,21 @@ def job_events(
     job_id: JobId,
     key: JobsRead,
     session: SessionDep,
-    after: Annotated[int | None, Query(ge=0, description="return the events after this id as JSON")] = None,
-    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="return the events after this id as JSON")
+    ] = None,
+    last_event_id: Annotated[
+        int | None, Header(ge=0, le=MAX_EVENT_ID, description="resume the stream after this event id")
+    ] = None,
 ) -> list[EventOut] | StreamingResponse:
     owned_job(session, job_id, key)
     if after is not None:
         return [event_out(e) for e in events_after(session, job_id, after)]
-    stream = sse_events(request.app.state.sessions, job_id, last_event_id or 0, request.is_disconnected)
+    # The stream holds no connection while it waits: give this request's back to the pool now.
+    session.close()
+    watch = request.app.state.events
+    watch.open(key.id)
+    stream = sse_events(watch, key.id, job_id, last_event_id or 0, request.is_disconnected)
     return StreamingResponse(
         stream,
         media_type="text/event-stream",

@@ -1,57 +1,150 @@
-"""Serving a job's teacher: KServe Open Inference Protocol v2, and a simple JSON predict route.
+"""Serving a model: KServe Open Inference Protocol v2 (JSON and binary tensors), and a simple JSON route.
 
-The model id is the job id. Answers follow the output mode and the serving policy the job was audited
-with (`ml.policy.serve`: a policy can refuse a query, alter its answer, or snap it to its class
-centroid); every input row counts against the query budget that applies (the key's own, or the
-model's per-key budget when smaller); requests count against the key's rate limit.
+Answers follow the output mode and the serving policy the model was audited with (`ml.policy.serve`: a
+policy can refuse a query, alter its answer, or snap it to its class centroid). Every request counts
+against its key's rate limit, and its rows against the key's budget on the model, the owner's and the
+global one (`app.core.limits`), reserved before the model answers. The hot path reads no database: the
+key, the model and the counters are cached or live in Redis.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Path, Request, Response
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import Predict, SessionDep, SettingsDep, StoreDep
-from app.api.inference import ServedModel, as_batch, budget_for, charge
-from app.api.job_service import owned_job
+from app.api.deps import BEARER_DOC, PREDICT_SCOPES, Predict, authenticate, bearer_token
+from app.api.inference import (
+    ServedModel,
+    as_batch,
+    budget_for,
+    caps_for,
+    charge,
+    check_datatype,
+    describe_budget,
+)
 from app.api.schemas import (
-    InferOutput,
+    InferInput,
     InferRequest,
     InferResponse,
     ModelMetadata,
     ModelReady,
-    Prediction,
     PredictRequest,
     PredictResponse,
     TensorMeta,
 )
-from app.core.models import ApiKey
-from app.core.storage import ArtifactStore
+from app.core.keys import KeyInfo
+from app.problems import Problem, validation_problem
 from ml.policy import Served
 
 v2 = APIRouter(prefix="/v2/models", tags=["inference (KServe v2)"])
 simple = APIRouter(prefix="/models", tags=["inference"])
 ModelId = Annotated[uuid.UUID, Path(description="the model's id: the id of the job that trained it")]
+# Requests of up to this many rows are answered on the event loop, their forward passes micro-batched
+# (`MicroBatcher`); larger ones in a thread, alone (a thread hop costs less than their forward pass).
+INLINE_ROWS = 256
+BINARY_HEADER = "inference-header-content-length"
+WIRE = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
+M = TypeVar("M", bound=BaseModel)
 
 
-def _served(
-    request: Request, session: Session, store: ArtifactStore, model_id: uuid.UUID, key: ApiKey
-) -> ServedModel:
-    job = owned_job(session, model_id, key)
-    return request.app.state.models.get(session, store, job)
+def _body_doc(model: type[BaseModel], binary: bool) -> dict[str, Any]:
+    """The OpenAPI request body of a route that parses its body itself (see `document_bodies`)."""
+    content: dict[str, Any] = {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    }
+    if binary:
+        content["application/octet-stream"] = {
+            "schema": {"type": "string", "format": "binary"},
+            "description": f"binary tensor extension: JSON header of `{BINARY_HEADER}` bytes, then the data",
+        }
+    return {"requestBody": {"required": True, "content": content}} | BEARER_DOC
+
+
+def document_bodies(spec: dict[str, Any]) -> None:
+    """Add the bodies these routes parse themselves to the OpenAPI components (FastAPI sees no parameter)."""
+    _, top = models_json_schema(
+        [(InferRequest, "validation"), (PredictRequest, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    spec.setdefault("components", {}).setdefault("schemas", {}).update(top["$defs"])
+
+
+async def _read(request: Request) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds CMIM_PREDICT_MAX_BYTES."""
+    cap = request.app.state.settings.predict_max_bytes
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise Problem(413, f"request body over {cap} bytes (CMIM_PREDICT_MAX_BYTES)", slug="too-large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(model: type[M], raw: bytes) -> M:
+    """The body parsed as JSON whatever its Content-Type (standard v2 clients send none); 422 otherwise."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        errors = [
+            {"loc": ["body", *e_["loc"]], "msg": e_["msg"], "type": e_["type"]}
+            for e_ in e.errors(include_url=False, include_input=False)
+        ]
+        if not raw.strip():
+            errors = [{"loc": ["body"], "msg": "the body is empty: send a JSON object", "type": "missing"}]
+        # A bad number fails every branch of the nested-list union: name the first cause once.
+        raise validation_problem(errors[:1] if len(errors) > 1 else errors) from None
+
+
+async def _served(request: Request, model_id: uuid.UUID, key: KeyInfo) -> ServedModel:
+    state = request.app.state
+    served = state.models.cached(model_id, key.owner_id)
+    if served is None:
+
+        def load() -> ServedModel:
+            with state.sessions() as session:
+                return state.models.get(session, state.store, model_id, key.owner_id)
+
+        served = await run_in_threadpool(load)
+    return served
+
+
+async def _answer(request: Request, key: KeyInfo, served: ServedModel, x: Any) -> tuple[Served, dict]:
+    """Charge the rows (429 when a limit or budget ran out), then answer them as audited."""
+    state = request.app.state
+    settings = state.settings
+    budget = budget_for(key, served, settings.model_query_budget)
+    caps = caps_for(key, served, settings)
+    headers = await charge(state.limits, key, caps, int(x.shape[0]), settings.rate_limit_per_minute, budget)
+    history = state.histories.get(key.id, served)
+    if x.shape[0] <= INLINE_ROWS:
+        return served.answer(x, await served.batcher.logits(x), history), headers
+    return await run_in_threadpool(served.serve, x, history), headers
+
+
+def _policy(served: ServedModel) -> dict[str, Any] | None:
+    """The serving policy's config as reported to clients (its fitted threshold stays private)."""
+    return None if served.policy is None else served.policy.config.model_dump()
+
+
+def _json(body: dict[str, Any], headers: dict[str, str]) -> Response:
+    return Response(json.dumps(body), media_type="application/json", headers=headers)
 
 
 @v2.get("/{model_id}", response_model=ModelMetadata, summary="Model metadata")
-def metadata(
-    model_id: ModelId, request: Request, key: Predict, session: SessionDep, store: StoreDep
-) -> ModelMetadata:
-    served = _served(request, session, store, model_id, key)
+async def metadata(model_id: ModelId, request: Request, key: Predict) -> ModelMetadata:
+    served = await _served(request, model_id, key)
+    settings = request.app.state.settings
     meta = served.meta
-    budget = budget_for(key, served, request.app.state.settings.model_query_budget)
+    caps = caps_for(key, served, settings)
+    used = await request.app.state.limits.usage([c.counter for c in caps])
     outputs = [
         TensorMeta(name="probabilities", datatype="FP32", shape=[-1, meta.num_classes]),
         TensorMeta(name="label", datatype="INT64", shape=[-1]),
@@ -67,7 +160,7 @@ def metadata(
         parameters={
             "output_mode": served.mode.model_dump(),
             "policy": _policy(served),
-            "query_budget": budget.describe(key.queries_used),
+            "query_budget": describe_budget(budget_for(key, served, settings.model_query_budget), caps, used),
             "class_names": meta.class_names,
             "arch": meta.arch,
         },
@@ -75,106 +168,120 @@ def metadata(
 
 
 @v2.get("/{model_id}/ready", response_model=ModelReady, summary="200 when the model can answer")
-def ready(
-    model_id: ModelId, request: Request, key: Predict, session: SessionDep, store: StoreDep
-) -> ModelReady:
-    _served(request, session, store, model_id, key)
+async def ready(model_id: ModelId, request: Request, key: Predict) -> ModelReady:
+    await _served(request, model_id, key)
     return ModelReady(name=str(model_id), ready=True)
 
 
-async def _answer(
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
-    key: ApiKey,
-    model_id: uuid.UUID,
-    values: object,
-    shape: list[int] | None,
-    loc: list,
-) -> tuple[ServedModel, Served]:
-    served = await run_in_threadpool(_served, request, session, store, model_id, key)
-    x = as_batch(values, shape, served.meta, settings.predict_max_batch, loc)
-    budget = budget_for(key, served, settings.model_query_budget)
-    headers = await run_in_threadpool(
-        charge,
-        session,
-        request.app.state.rate_limiter,
-        key,
-        int(x.shape[0]),
-        settings.rate_limit_per_minute,
-        budget,
-    )
-    response.headers.update(headers)
-    history = request.app.state.histories.get(key.id, served)
-    return served, await run_in_threadpool(served.serve, x, history)
+def _split_binary(request: Request, raw: bytes) -> tuple[bytes, bytes]:
+    """(JSON header, binary tail) of a body; the whole body is JSON without the binary extension header."""
+    size = request.headers.get(BINARY_HEADER)
+    if size is None:
+        return raw, b""
+    if not size.isdigit() or int(size) > len(raw):
+        error = {"loc": ["header", BINARY_HEADER], "msg": f"not a length within the body: {size!r}"}
+        raise validation_problem([error | {"type": "value_error"}])
+    return raw[: int(size)], raw[int(size) :]
 
 
-def _policy(served: ServedModel) -> dict[str, Any] | None:
-    """The serving policy's config as reported to clients (its fitted threshold stays private)."""
-    return None if served.policy is None else served.policy.config.model_dump()
+def _input_values(tensor: InferInput, tail: bytes, loc: list) -> Any:
+    """The input's values: its JSON `data`, or the binary tail its `binary_data_size` announces."""
+    size = tensor.parameters.get("binary_data_size")
+    if size is None:
+        if tensor.data is None:
+            raise validation_problem(
+                [{"loc": loc, "msg": "give data, or binary_data_size", "type": "missing"}]
+            )
+        return tensor.data
+    if not isinstance(size, int) or isinstance(size, bool) or size != len(tail):
+        msg = f"binary_data_size {size!r} but {len(tail)} bytes follow"
+        raise validation_problem([{"loc": loc, "msg": msg, "type": "value_error"}])
+    return tail
 
 
-@v2.post("/{model_id}/infer", response_model=InferResponse, summary="Inference (Open Inference Protocol v2)")
-async def infer(
-    model_id: ModelId,
-    body: InferRequest,
-    request: Request,
-    response: Response,
-    key: Predict,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
-) -> InferResponse:
-    tensor = body.inputs[0]
-    served, out = await _answer(
-        request,
-        response,
-        session,
-        settings,
-        store,
-        key,
-        model_id,
-        tensor.data,
-        tensor.shape,
-        ["body", "inputs", 0, "data"],
-    )
+def _outputs(
+    out: Served, served: ServedModel, wanted: dict[str, bool], all_binary: bool
+) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The v2 outputs asked for (all when none is named), each as JSON data or as binary data."""
     n, c = out.answer.shape
-    labels = out.answer.argmax(-1).masked_fill(out.refused, -1)
-    outputs = [
-        InferOutput(name="probabilities", shape=[n, c], datatype="FP32", data=out.answer.flatten().tolist()),
-        InferOutput(name="label", shape=[n], datatype="INT64", data=labels.tolist()),
-    ]
+    tensors = {
+        "probabilities": ("FP32", [n, c], out.answer.numpy()),
+        "label": ("INT64", [n], out.answer.argmax(-1).masked_fill(out.refused, -1).numpy()),
+    }
     if served.policy is not None:
-        outputs.append(InferOutput(name="refused", shape=[n], datatype="BOOL", data=out.refused.tolist()))
-    return InferResponse(model_name=str(model_id), model_version="1", id=body.id, outputs=outputs)
+        tensors["refused"] = ("BOOL", [n], out.refused.numpy())
+    outputs, blobs = [], []
+    for name, (datatype, shape, arr) in tensors.items():
+        if wanted and name not in wanted:
+            continue
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        if wanted.get(name) or all_binary:
+            blob = np.ascontiguousarray(arr, dtype=WIRE[datatype]).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        outputs.append(entry)
+    return outputs, blobs
 
 
-@simple.post("/{model_id}/predict", response_model=PredictResponse, summary="Predict (simple JSON)")
-async def predict(
-    model_id: ModelId,
-    body: PredictRequest,
-    request: Request,
-    response: Response,
-    key: Predict,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
-) -> PredictResponse:
-    served, out = await _answer(
-        request, response, session, settings, store, key, model_id, body.inputs, None, ["body", "inputs"]
-    )
+@v2.post(
+    "/{model_id}/infer",
+    response_model=InferResponse,
+    summary="Inference (Open Inference Protocol v2, JSON or binary tensors)",
+    openapi_extra=_body_doc(InferRequest, binary=True),
+)
+async def infer(model_id: ModelId, request: Request) -> Response:
+    key = await authenticate(request, bearer_token(request), PREDICT_SCOPES)
+    header, tail = _split_binary(request, await _read(request))
+    body = _parse(InferRequest, header)
+    served = await _served(request, model_id, key)
+    tensor, loc = body.inputs[0], ["body", "inputs", 0, "data"]
+    dtype = check_datatype(tensor.datatype, ["body", "inputs", 0, "datatype"])
+    values = _input_values(tensor, tail, loc)
+    x = as_batch(values, tensor.shape, served.meta, request.app.state.settings.predict_max_batch, loc, dtype)
+    # Checked before the rows are charged: a request refused for a bad output name costs nothing.
+    names = ["probabilities", "label"] + (["refused"] if served.policy is not None else [])
+    wanted = {o.name: o.parameters.get("binary_data", False) is True for o in body.outputs or []}
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        msg = f"unknown output(s) {unknown}; this model has {names}"
+        raise validation_problem([{"loc": ["body", "outputs"], "msg": msg, "type": "value_error"}])
+    out, headers = await _answer(request, key, served, x)
+    outputs, blobs = _outputs(out, served, wanted, body.parameters.get("binary_data_output", False) is True)
+    answer = {"model_name": str(model_id), "model_version": "1", "id": body.id, "outputs": outputs}
+    if not blobs:
+        return _json(answer, headers)
+    head = json.dumps(answer).encode()
+    headers |= {"Inference-Header-Content-Length": str(len(head))}
+    return Response(head + b"".join(blobs), media_type="application/octet-stream", headers=headers)
+
+
+@simple.post(
+    "/{model_id}/predict",
+    response_model=PredictResponse,
+    summary="Predict (simple JSON)",
+    openapi_extra=_body_doc(PredictRequest, binary=False),
+)
+async def predict(model_id: ModelId, request: Request) -> Response:
+    key = await authenticate(request, bearer_token(request), PREDICT_SCOPES)
+    body = _parse(PredictRequest, await _read(request))
+    served = await _served(request, model_id, key)
+    settings = request.app.state.settings
+    x = as_batch(body.inputs, None, served.meta, settings.predict_max_batch, ["body", "inputs"])
+    out, headers = await _answer(request, key, served, x)
     names = served.meta.class_names
     rows = zip(out.answer.argmax(-1).tolist(), out.answer.tolist(), out.refused.tolist(), strict=True)
-    return PredictResponse(
-        model=model_id,
-        output_mode=served.mode.model_dump(),
-        policy=_policy(served),
-        predictions=[
-            Prediction(label=None, class_name=None, scores=None, refused=True)
-            if refused
-            else Prediction(label=y, class_name=names[y], scores=s)
-            for y, s, refused in rows
-        ],
-    )
+    predictions = [
+        {"label": None, "class_name": None, "scores": None, "refused": True}
+        if refused
+        else {"label": y, "class_name": names[y], "scores": s, "refused": False}
+        for y, s, refused in rows
+    ]
+    answer = {
+        "model": str(model_id),
+        "output_mode": served.mode.model_dump(),
+        "policy": _policy(served),
+        "predictions": predictions,
+    }
+    return _json(answer, headers)

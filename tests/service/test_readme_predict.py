@@ -1,0 +1,135 @@
+"""The README's predict and keys examples, run as written against `cmim serve` (embedded) with a trained
+model; and the hint `cmim serve` gives when keys exist already keeps the operator's jobs visible."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from service_helpers import job_body, service_settings
+from test_e2e import Proc, Stack, base_env
+
+from app.api.job_service import create_job
+from app.api.schemas import JobCreate
+from app.core.db import session_scope
+from app.core.keys import create_api_key
+from app.core.migrate import upgrade
+from app.core.models import ApiKey
+from worker.pipeline import run_job
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The commands of the indented code block under `heading` (continuation lines joined)."""
+    lines = README.read_text().split(f"\n{heading}\n", 1)[1].split("\n")
+    block: list[str] = []
+    started = False
+    for line in lines:
+        if line.startswith("    "):
+            started = True
+            if block and block[-1].endswith("\\"):
+                block[-1] = block[-1][:-1] + " " + line.strip()
+            else:
+                block.append(line.strip())
+        elif started and line.strip():
+            break
+    assert block, f"no commands under {heading}"
+    return block
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[tuple[Stack, str, Proc]]:
+    """`cmim serve` on SQLite over a database that already has a key (the operator's) and a trained model."""
+    tmp = tmp_path_factory.mktemp("readme")
+    url = f"sqlite:///{tmp / 'cmim.db'}"
+    upgrade(url)
+    settings = service_settings(url, tmp)
+    with session_scope(url) as s:
+        operator, _ = create_api_key(s, name="operator")
+        owner = operator.owner_id
+    with session_scope(url) as s:
+        job, _ = create_job(
+            s, settings, s.get(ApiKey, operator.id), JobCreate.model_validate(job_body()), None
+        )
+    assert run_job(job.id, settings) == "succeeded"
+    stack = Stack(base_env(tmp, CMIM_DATABASE_URL=url), tmp)
+    serve = stack.start("serve", "-m", "worker.cli", "serve", "--port", str(stack.port), "--no-worker")
+    try:
+        stack.wait_healthy(serve)
+        deadline = time.monotonic() + 10
+        while "keys create --owner" not in serve.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert f"cmim keys create --owner {owner}" in serve.output(), serve.output()
+        yield stack, str(job.id), serve
+    finally:
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def stack(served) -> Stack:
+    """The stack, its key made by the command `cmim serve` suggested."""
+    stack, _, serve = served
+    command = serve.output().split("`cmim keys create", 1)[1].split("`", 1)[0]
+    made = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "keys", "create", *command.split()],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    stack.key = made.stdout.strip().splitlines()[-1]
+    return stack
+
+
+def test_the_serve_hint_makes_a_key_that_sees_the_operators_jobs(served, stack: Stack) -> None:
+    assert stack.get(f"/api/v1/jobs/{served[1]}").json()["status"] == "succeeded"
+
+
+def run(command: str, stack: Stack, env: dict[str, str]) -> str:
+    """One README command, with the server's port for 8000; its stdout (it must exit 0)."""
+    done = subprocess.run(
+        ["bash", "-c", command.replace("localhost:8000", f"127.0.0.1:{stack.port}")],
+        env=os.environ | env,
+        cwd=stack.tmp,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"{command}\n{done.stderr}"
+    return done.stdout
+
+
+def test_the_readme_predict_and_keys_examples_work_as_written(served, stack: Stack) -> None:
+    job_id = served[1]
+    spare = httpx.post(
+        f"{stack.base}/api/v1/keys", json={"name": "spare"}, headers=stack.headers, timeout=30
+    ).json()
+    env = {"KEY": stack.key, "ID": job_id, "KEY_ID": spare["id"]}
+    answers = []
+    for command in readme_commands("### Querying a model") + readme_commands("### Keys"):
+        out = run(command, stack, env)
+        if command.startswith("curl") and out:
+            body = json.loads(out)
+            assert "error" not in body and "status" not in body, f"{command}\n{out}"
+            answers.append(body)
+    infer = next(a for a in answers if "model_name" in a)
+    predict = next(a for a in answers if "predictions" in a)
+    labels = next(o for o in infer["outputs"] if o["name"] == "label")["data"]
+    assert labels == [p["label"] for p in predict["predictions"]]  # one input, both routes, one answer
+    made = next(a for a in answers if "key" in a)
+    assert made["scopes"] == ["models:predict"] and made["query_budget"] == 5000
+    assert (
+        httpx.get(
+            f"{stack.base}/api/v1/keys/me", headers={"Authorization": f"Bearer {spare['key']}"}
+        ).status_code
+        == 401
+    )
