@@ -120,7 +120,7 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
     if "teacher_raw" in teachers:
         report["raw_probabilities"] = section(None, "teacher_raw")
     if cfg.control:
-        report["control"] = {**served("control"), **section(None, "control")}
+        report["control"] = {"arch": cfg.control_arch, **served("control"), **section(None, "control")}
     if plan.protections:
         report["protections"] = {name: {**served(name), **section(None, name)} for name in plan.protections}
     if cfg.query_budgets:
@@ -134,9 +134,14 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
             "; the CE control is not found distillable either, so this audit cannot discriminate"
         )
     elif not cfg.control:
+        report["control"] = None
         report["verdict_reason"] += (
             "; no CE control was run, so the audit's power to discriminate is unchecked"
         )
+        if report["verdict"] == "undistillable":
+            # Without a control the audit cannot show it would have caught a copyable teacher.
+            report["verdict"] = "inconclusive"
+            report["verdict_reason"] += ", and the verdict cannot be undistillable"
     report["statement"] = protection_statement(report)
     report["wall_s"] = wall_s
     policies = teachers["teacher"].policies
