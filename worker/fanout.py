@@ -23,25 +23,15 @@ from app.core.models import JobStatus
 from app.core.outage import is_outage
 from app.core.queue import Claim, LeaseLost
 from app.core.storage import ArtifactStore, StoredObject
-from ml.audit import AuditPlan, AuditProgress, assemble, run
+from ml.audit import AuditProgress, assemble, run
 from ml.train import TrainingCancelled
 from worker.pipeline import Handoff, JobContext, StoreResults, audit_plan, finish, publish_audit
 
 log = logging.getLogger(__name__)
 
-_plans: dict[tuple[str, int], AuditPlan] = {}  # this process's last plan: a worker runs many tasks of a job
-
 
 def _claim(handoff: Handoff) -> Claim:
     return Claim(uuid.UUID(handoff["job_id"]), handoff["worker_id"], int(handoff["attempt"]))
-
-
-def _plan(ctx: JobContext, store: ArtifactStore, handoff: Handoff) -> AuditPlan:
-    key = (handoff["job_id"], int(handoff["attempt"]))
-    if key not in _plans:
-        _plans.clear()
-        _plans[key] = audit_plan(ctx, store, handoff)
-    return _plans[key]
 
 
 def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str, Any]:
@@ -53,7 +43,7 @@ def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str
         try:
             ctx.check()  # a stale claim (a later attempt owns the job) or a cancel: no work
             store = ArtifactStore.from_settings(settings)
-            p = _plan(ctx, store, handoff)
+            p = audit_plan(ctx, store, handoff)
             task = p.tasks[index]
             results = StoreResults(store, claim.job_id)
             stored, t0 = results.load(task.key) is not None, time.perf_counter()
@@ -89,7 +79,7 @@ def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, setti
     with JobContext(settings, claim) as ctx:
         try:
             store = ArtifactStore.from_settings(settings)
-            p = _plan(ctx, store, handoff)
+            p = audit_plan(ctx, store, handoff)
             results = StoreResults(store, claim.job_id)
             found = [r for t in p.tasks if (r := results.load(t.key)) is not None]
             if len(found) < len(p.tasks):  # a duplicated delivery ended the chord early: the lease decides

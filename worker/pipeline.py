@@ -312,12 +312,25 @@ def _stored_model(store: ArtifactStore, weights: str, config: str, data: Data) -
     return load_checkpoint(store.local_path(weights), store.local_path(config))[0]
 
 
+_plans: dict[tuple[uuid.UUID, int], AuditPlan] = {}  # this process's last plan: it runs many tasks of a job
+
+
 def audit_plan(ctx: JobContext, store: ArtifactStore, handoff: Handoff) -> AuditPlan:
     """The job's audit plan rebuilt from what run_job stored: the same plan on every worker."""
-    _, _, _, data = _inputs(ctx, store)
-    teacher = _stored_model(store, *handoff["teacher"], data)
-    control = None if handoff["control"] is None else _stored_model(store, *handoff["control"], data)
-    return plan(AuditConfig.model_validate(handoff["audit_config"]), teacher, data, control=control)
+    key = (ctx.claim.job_id, ctx.claim.attempt)
+    if key not in _plans:
+        _, _, _, data = _inputs(ctx, store)
+        teacher = _stored_model(store, *handoff["teacher"], data)
+        control = None if handoff["control"] is None else _stored_model(store, *handoff["control"], data)
+        _keep_plan(
+            key, plan(AuditConfig.model_validate(handoff["audit_config"]), teacher, data, control=control)
+        )
+    return _plans[key]
+
+
+def _keep_plan(key: tuple[uuid.UUID, int], p: AuditPlan) -> None:
+    _plans.clear()
+    _plans[key] = p
 
 
 def publish_audit(
@@ -372,6 +385,7 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
     # files and its finished audit tasks back from the store: only unfinished tasks run again.
     results = StoreResults(store, ctx.claim.job_id)
     p = plan(audit_cfg, model, data, control=None if control is None else control.model)
+    _keep_plan((ctx.claim.job_id, ctx.claim.attempt), p)  # this worker's tasks of the job need not rebuild it
     if fan_out is None:
         result = assemble(p, run_in_process(p, on_progress=ctx.on_progress, results=results))
         publish_audit(ctx, store, result, files, extra)
