@@ -163,6 +163,54 @@ def lockstep(
     return out
 
 
+def onnx_serving(batch: int = 1024, repeats: int = 50) -> dict[str, Any]:
+    """An owner's ONNX model as the service serves it (`ml.onnx_model.OnnxModule`): which onnxruntime
+    provider it runs on, and rows per second against the same network in PyTorch on the same device."""
+    import onnxruntime
+
+    from ml.onnx_model import OnnxModule
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 5)]
+    net = nn.Sequential(*layers).eval()
+    path = Path(tempfile.mkdtemp(prefix="cmim-onnx-")) / "model.onnx"
+    batch_axis = ({0: "batch"},)
+    torch.onnx.export(net, (torch.randn(2, 20),), str(path), dynamic_shapes=batch_axis, external_data=False)
+    module = OnnxModule(path.read_bytes(), "logits")
+    x = torch.randn(batch, 20)
+    with torch.inference_mode():
+        assert torch.allclose(module(x), net(x), atol=1e-4), "onnxruntime and PyTorch disagree"
+        providers = module.session().get_providers()
+        dev = resolve_device("auto")
+        net_dev, x_dev = net.to(dev), x.to(dev)
+
+        def rate(fn: Any, arg: torch.Tensor) -> float:
+            fn(arg)
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                fn(arg)
+            _sync(dev)
+            return batch * repeats / (time.perf_counter() - t0)
+
+        ort_rate, torch_rate = rate(module, x), rate(net_dev, x_dev)
+    out = {
+        "part": "onnx",
+        "onnxruntime": onnxruntime.__version__,
+        "available_providers": onnxruntime.get_available_providers(),
+        "session_providers": providers,
+        "onnx_rows_per_s": ort_rate,
+        "torch_rows_per_s": torch_rate,
+        "torch_device": describe_device(dev),
+    }
+    print(
+        f"ONNX serving (MLP 20-128-128-5, batch {batch}): onnxruntime {onnxruntime.__version__} on "
+        f"{providers[0]}: {ort_rate:,.0f} rows/s; the same network in PyTorch on {out['torch_device']}: "
+        f"{torch_rate:,.0f} rows/s"
+    )
+    return out
+
+
 # A job of seconds: a tiny mnist1d teacher, one seed of two attacks, no budget curve.
 SERVE_JOB: dict[str, Any] = {
     "teacher": {
@@ -252,13 +300,15 @@ def serve(timeout: float = 300) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("part", choices=["trainer", "lockstep", "serve"])
+    ap.add_argument("part", choices=["trainer", "lockstep", "serve", "onnx"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--small", action="store_true", help="tiny sizes: a CPU check of the script itself")
     args = ap.parse_args()
     small = args.small
     if args.part == "serve":
         out = serve()
+    elif args.part == "onnx":
+        out = onnx_serving()
     elif args.part == "trainer":
         n, arch = (256, "resnet8") if small else (10_240, "resnet32x4")
         out = trainer(arch, n, 256 if small else 2_000, 3 if small else 4, 64, args.device)

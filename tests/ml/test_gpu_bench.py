@@ -38,3 +38,9 @@ def test_epoch_reports_name_the_device(gpu_bench) -> None:  # noqa: ANN001
     cfg = TrainConfig(dataset="cifar10", arch="mlp", objective="ce", epochs=2, batch_size=32, device="cpu")
     result = train_model(cfg, data)
     assert [h.device for h in result.history] == ["cpu", "cpu"]
+
+
+def test_onnx_part_serves_an_exported_model_as_pytorch_answers(gpu_bench) -> None:  # noqa: ANN001
+    out = gpu_bench.onnx_serving(batch=16, repeats=2)
+    assert out["session_providers"][0] in out["available_providers"]
+    assert out["onnx_rows_per_s"] > 0 and out["torch_rows_per_s"] > 0

@@ -150,6 +150,8 @@ def test_onnx_model_is_uploaded_audited_with_a_named_control_and_served_as_onnxr
     (logits,) = session.run(None, {session.get_inputs()[0].name: x})
     expected = torch.softmax(torch.from_numpy(logits), -1).numpy()
     np.testing.assert_allclose(infer(owner, job_id, x), expected, rtol=1e-5, atol=1e-6)
+    meta = owner.client.get(f"/v2/models/{job_id}", headers=owner.headers).json()
+    assert meta["platform"] == "onnxruntime_onnx" and meta["parameters"]["arch"] == "onnx"
     simple = owner.client.post(
         f"/api/v1/models/{job_id}/predict", json={"inputs": x[:2].tolist()}, headers=owner.headers
     )

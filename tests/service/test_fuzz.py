@@ -7,6 +7,7 @@ operations are reached with real ids (the fuzzer's own ids only reach 404s there
 from __future__ import annotations
 
 import io
+import uuid
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -69,10 +70,18 @@ class Fuzzed:
         for name, real in self.real.items():
             if name in path and (stream or _coin(path[name])):
                 path[name] = real
-        if path.get("key_id") == self.own_key:
+        if "key_id" in path and _same_uuid(path["key_id"], self.own_key):
             path["key_id"] = self.spare_key()
         if (case.method, case.operation.path) == ("POST", "/api/v1/jobs") and _coin(case.body):
             case.body = job_body(**{"teacher.seed": zlib.crc32(str(case.body).encode()) % 1000})
+
+
+def _same_uuid(value: object, ident: str) -> bool:
+    """Whether the value names this UUID in any spelling the API accepts (case, braces, no hyphens)."""
+    try:
+        return uuid.UUID(str(value)) == uuid.UUID(ident)
+    except ValueError:
+        return False
 
 
 def _coin(value: object) -> bool:

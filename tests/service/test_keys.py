@@ -69,9 +69,11 @@ def test_a_key_expires(client, caller) -> None:
 
 @pytest.fixture
 def cli(settings, monkeypatch):  # noqa: ANN001, ANN201 - the `cmim` CLI against the test database
+    import app.core.config
     import worker.cli
 
-    monkeypatch.setattr(worker.cli, "get_settings", lambda: settings)
+    # The CLI's service commands import get_settings when they run: patch it where they find it.
+    monkeypatch.setattr(app.core.config, "get_settings", lambda: settings)
     runner = CliRunner()
     return lambda *args: runner.invoke(worker.cli.cli, list(args))
 

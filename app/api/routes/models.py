@@ -41,6 +41,7 @@ from app.api.schemas import (
 )
 from app.core.keys import KeyInfo
 from app.problems import Problem, validation_problem
+from ml.onnx_model import ONNX_ARCH
 from ml.policy import Served
 
 v2 = APIRouter(prefix="/v2/models", tags=["inference (KServe v2)"])
@@ -154,7 +155,7 @@ async def metadata(model_id: ModelId, request: Request, key: Predict) -> ModelMe
     return ModelMetadata(
         name=str(model_id),
         versions=["1"],
-        platform="pytorch_safetensors",
+        platform="onnxruntime_onnx" if meta.arch == ONNX_ARCH else "pytorch_safetensors",
         inputs=[TensorMeta(name="input", datatype="FP32", shape=[-1, *meta.input_shape])],
         outputs=outputs,
         parameters={
