@@ -16,8 +16,8 @@ from test_e2e import Proc, Stack, base_env, follow, make_key, statuses, submit
 
 from app.core.migrate import upgrade
 
-# Two seeds, no budget phases: two tasks of a few seconds each on one CPU thread.
-AUDIT = {"audit.seeds": 2, "audit.epochs": 6, "teacher.dataset_params": {"num_train": 1000, "num_test": 500}}
+# Two seeds, no budget phases: two tasks of several seconds each on one CPU thread.
+AUDIT = {"audit.seeds": 2, "audit.epochs": 15, "teacher.dataset_params": {"num_train": 1000, "num_test": 500}}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def start_worker(stack: Stack, name: str) -> Proc:
     """A Celery worker (one job or task at a time), once it takes tasks."""
     proc = stack.start(name, "-m", "worker.cli", "worker", "--pool", "solo")
     deadline = time.monotonic() + 60
-    while " ready." not in proc.output():
+    while not re.search(r"celery@\S+ ready\.", proc.output()):
         assert proc.popen.poll() is None and time.monotonic() < deadline, proc.output()
         time.sleep(0.2)
     return proc
