@@ -26,7 +26,7 @@ from ml.audit.config import (
     AuditConfig,
     AuditProgress,
 )
-from ml.audit.executors import audit, run_audit, run_in_pool, run_in_process
+from ml.audit.executors import run_audit, run_in_pool, run_in_process
 from ml.audit.groups import ModuleGroup, StackedGroup
 from ml.audit.lockstep import LOCKSTEP_MIXES, lockstep_ratio, train_lockstep
 from ml.audit.report import AuditResult, assemble
@@ -42,7 +42,7 @@ __all__ = [
     "CMI_CURVE_TEMPERATURES", "DEFAULT_BUDGET_PASSES", "LOCKSTEP_MIXES", "REPORT_VERSION", "VIEWS",
     "AuditConfig", "AuditPlan", "AuditProgress", "AuditResult", "AuditTask", "Batch", "BlackBox",
     "CachedSource", "DirectoryResults", "LiveSource", "ModuleGroup", "ResultStore", "Run", "StackedGroup",
-    "TaskResult", "TrainingCancelled", "assemble", "audit", "combine_verdicts", "holm", "judge",
+    "TaskResult", "TrainingCancelled", "assemble", "combine_verdicts", "holm", "judge",
     "lockstep_ratio", "plan", "protection_statement", "run", "run_audit", "run_in_pool", "run_in_process",
     "safe_budget", "serve_box", "serving_summary", "summarise", "teacher_summary", "train_lockstep",
     "welch_one_sided",

@@ -15,7 +15,7 @@ from torch import nn
 
 from ml.audit.blackbox import BlackBox
 from ml.audit.config import AuditConfig, AuditProgress
-from ml.audit.report import AuditResult, assemble
+from ml.audit.report import assemble
 from ml.audit.tasks import AuditPlan, AuditTask, ResultStore, TaskResult, plan, run
 from ml.data import Dataset
 
@@ -111,26 +111,8 @@ def run_audit(
     on_progress: OnProgress | None = None,
     results: ResultStore | None = None,
 ) -> dict[str, Any]:
-    """Audit a teacher as it will be served; returns the versioned JSON report (see `audit`)."""
-    return audit(
-        cfg, teacher, dataset, control=control, protections=protections, budget_for=budget_for,
-        workers=workers, on_progress=on_progress, results=results,
-    ).report  # fmt: skip
-
-
-def audit(
-    cfg: AuditConfig,
-    teacher: nn.Module | Sequence[nn.Module],
-    dataset: Dataset,
-    *,
-    control: nn.Module | Sequence[nn.Module] | None = None,
-    protections: dict[str, BlackBox] | None = None,
-    budget_for: Sequence[str] | None = None,
-    workers: int = 1,
-    on_progress: OnProgress | None = None,
-    results: ResultStore | None = None,
-) -> AuditResult:
-    """Plan, run (here, or in `workers` spawned processes: the same report) and assemble an audit.
+    """Audit a teacher as it will be served: plan, run (here, or in `workers` spawned processes: the
+    same report) and assemble; returns the versioned JSON report.
 
     `teacher` and `control` may be one model or one per seed; `protections` adds further black boxes
     attacked against the same LS students (each its own section under report["protections"]);
@@ -140,4 +122,4 @@ def audit(
     t0 = time.perf_counter()
     p = plan(cfg, teacher, dataset, control=control, protections=protections, budget_for=budget_for)
     out = run_in_pool(p, workers, on_progress=on_progress, results=results)
-    return assemble(p, out, wall_s=time.perf_counter() - t0)
+    return assemble(p, out, wall_s=time.perf_counter() - t0).report

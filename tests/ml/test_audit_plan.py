@@ -20,29 +20,8 @@ from ml.audit import (
     run_in_process,
     serve_box,
 )
-from ml.data import load_dataset
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
-from ml.train import TrainConfig, train_model
-
-SMALL = {"num_train": 300, "num_test": 200}
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset("mnist1d", **SMALL)
-
-
-@pytest.fixture(scope="module")
-def teachers(data):
-    def teacher(seed: int):
-        cfg = TrainConfig(
-            dataset_params=SMALL, arch="cnn1d_small", objective="ce", epochs=3, seed=seed, device="cpu"
-        )
-        return train_model(cfg, data).model
-
-    return teacher(0), teacher(1)
-
 
 CFG = AuditConfig(
     seeds=2,
