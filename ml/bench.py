@@ -51,6 +51,89 @@ def cmim_step_ratio(steps: int = 60, rounds: int = 5, batch: int = 128) -> dict[
     }
 
 
+def matmul_flops(n: int = 1024, seconds: float = 1.0) -> float:
+    """The machine's measured fp32 matmul FLOP/s (n x n, the current torch threads): the arithmetic bound."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return reps * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def audit_throughput(epochs: int = 4, log: Callable[..., Any] = print) -> dict[str, float]:
+    """Student epochs per second of one seed of the paper benchmark (all 56 students, unlimited phase),
+    and their fraction of the arithmetic bound: measured matmul FLOP/s / FLOPs per student epoch.
+
+    Epoch 1 warms up, epoch 2 is counted (torch's FLOP counter: student training and test evaluation,
+    the teachers' answers), the later epochs are timed. Teachers are untrained (speed only).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ml.audit import AuditConfig, Run, plan, serve_box, train_lockstep
+    from ml.data import load_dataset
+    from ml.oracle import OutputMode
+    from ml.paper import BENCHMARKS
+
+    bench = BENCHMARKS.get("mnist1d")
+    data = load_dataset(bench.dataset, **bench.dataset_params)
+    torch.manual_seed(0)
+    cnn = [
+        build_model(bench.teacher, data.input_shape, data.num_classes, mean=data.mean, std=data.std)
+        for _ in "ab"
+    ]
+    cfg = AuditConfig(
+        students=[bench.student], attacks=bench.attacks, attack_params=bench.attack_params, seeds=1,
+        epochs=max(epochs, 3), ls_eps=bench.ls_eps, query_budgets=[], output_mode=OutputMode(), device="cpu",
+    )  # fmt: skip
+    boxes = {
+        n: serve_box([cnn[p.objective == "ce"]], p.output_mode, p.policy, data)
+        for n, p in bench.protections.items()
+    }
+    p = plan(cfg, cnn[0], data, control=cnn[1], protections=boxes)
+    runs = [Run(name, bench.student, eps=e, mixup=m) for name, e, m in p.ls_rows] + p.attack_runs(
+        list(p.teachers)
+    )
+    oracles = {t: box.oracle(0, torch.device("cpu")) for t, box in p.teachers.items()}
+    counter = FlopCounterMode(display=False)
+    stamps: list[float] = []
+
+    def on_epoch(epoch: int, total: int) -> None:
+        if epoch == 1:
+            counter.__enter__()
+        elif epoch == 2:
+            counter.__exit__(None, None, None)
+        stamps.append(time.perf_counter())
+
+    train_lockstep(runs, p.data, oracles, p.cfg, 0, on_epoch=on_epoch)
+    flops_per_student_epoch = counter.get_total_flops() / len(runs)
+    epoch_s = (
+        statistics.median(b - a for a, b in zip(stamps[2:], stamps[3:], strict=False))
+        if len(stamps) > 3
+        else stamps[-1] - stamps[-2]
+    )
+    bound = matmul_flops()
+    rate = len(runs) / epoch_s
+    out = {
+        "audit_students": len(runs),
+        "student_epochs_per_s": rate,
+        "gflop_per_student_epoch": flops_per_student_epoch / 1e9,
+        "matmul_gflops": bound / 1e9,
+        "bound_student_epochs_per_s": bound / flops_per_student_epoch,
+        "fraction_of_bound": rate * flops_per_student_epoch / bound,
+    }
+    log(
+        f"audit throughput ({len(runs)} {bench.student} students of one paper seed, "
+        f"{torch.get_num_threads()} threads): {rate:.2f} student epochs/s; "
+        f"{out['gflop_per_student_epoch']:.3f} GFLOP per student epoch, "
+        f"matmul {out['matmul_gflops']:.1f} GFLOP/s -> bound {out['bound_student_epochs_per_s']:.2f} student "
+        f"epochs/s, fraction {out['fraction_of_bound']:.2f}"
+    )
+    return out
+
+
 def speed(
     steps: int = 60, rounds: int = 5, students: int = 8, log: Callable[..., Any] = print
 ) -> dict[str, Any]:
@@ -66,4 +149,5 @@ def speed(
     except ImportError:
         return result
     result.update(lockstep_ratio(students=students, log=log))
+    result.update(audit_throughput(log=log))
     return result

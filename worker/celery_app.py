@@ -5,6 +5,10 @@ body is `worker.pipeline.run_job`; a thread in the worker's main process sweeps 
 lease expired (Redis only redelivers an unacked message after the visibility timeout, which is
 longer than any job) and for queued jobs whose message may be lost (a broker restarted without
 persistence), and sends them again: the database row, not the message, is the truth.
+
+A job's audit fans out: `run_job` hands its tasks to `dispatch_audit`, a chord of one task per seed
+and budget phase on the same queue (`worker/fanout.py`), whose callback publishes the report. The
+chord's bookkeeping lives in the result backend (the broker's Redis); the job row stays the truth.
 """
 
 from __future__ import annotations
@@ -13,19 +17,23 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from celery import Celery, signals
+from celery import Celery, chord, group, signals
 from celery.exceptions import Reject
 
 from app.core.config import get_settings
 from app.core.db import dispose_engines, session_scope
 from app.core.outage import is_outage
-from app.core.queue import RUN_JOB_TASK, broker_pending_jobs, enqueue, sweep
+from app.core.queue import ASSEMBLE_TASK, AUDIT_TASK, RUN_JOB_TASK, broker_pending_jobs, enqueue, sweep
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 settings = get_settings()
 
-celery_app = Celery("cmim", broker=settings.broker_url or "redis://127.0.0.1:6379/0")
+broker_url = settings.broker_url or "redis://127.0.0.1:6379/0"
+celery_app = Celery("cmim", broker=broker_url, backend=broker_url)
 celery_app.conf.update(
     task_acks_late=True,  # a job's message is acked only when run_job returns
     task_reject_on_worker_lost=True,  # ... and requeued if the process dies (the attempts cap stops loops)
@@ -38,26 +46,57 @@ celery_app.conf.update(
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
-    task_ignore_result=True,  # the job row is the result
-    task_routes={RUN_JOB_TASK: {"queue": settings.queue_name}},
+    task_ignore_result=True,  # the job row is the result (audit tasks keep theirs for their chord)
+    result_expires=settings.visibility_timeout,  # a chord waits for its slowest task
+    task_routes={name: {"queue": settings.queue_name} for name in (RUN_JOB_TASK, AUDIT_TASK, ASSEMBLE_TASK)},
     task_default_queue=settings.queue_name,
     worker_hijack_root_logger=False,
 )
+
+
+def _redelivered_on_outage(what: str, body: Callable[[], T]) -> T:
+    """body(); a database outage that outlasted its retries rejects the message for redelivery."""
+    try:
+        return body()
+    except Exception as e:
+        if is_outage(e):
+            # The database did not answer for a whole retry window: never ack a message whose work was
+            # not recorded; the broker delivers it again (and the sweep re-sends a lost job).
+            log.warning("%s: %s; message rejected for redelivery", what, e)
+            raise Reject(str(e), requeue=True) from e
+        raise
 
 
 @celery_app.task(name=RUN_JOB_TASK)
 def run_job_task(job_id: str) -> str:
     from worker.pipeline import run_job  # imports torch in the worker process only (after any fork)
 
-    try:
-        return run_job(job_id, settings)
-    except Exception as e:
-        if is_outage(e):
-            # The database did not answer for a whole retry window: never ack a message whose job was
-            # not recorded; the broker delivers it again (and the sweep re-sends it if it is lost).
-            log.warning("job %s: %s; message rejected for redelivery", job_id, e)
-            raise Reject(str(e), requeue=True) from e
-        raise
+    return _redelivered_on_outage(f"job {job_id}", lambda: run_job(job_id, settings, fan_out=dispatch_audit))
+
+
+def dispatch_audit(handoff: dict[str, Any]) -> None:
+    """A job's audit as a chord: its tasks on the job's queue, then the callback that publishes."""
+    header = group(
+        celery_app.signature(AUDIT_TASK, args=[handoff, i], queue=settings.queue_name)
+        for i in range(handoff["tasks"])
+    )
+    chord(header)(celery_app.signature(ASSEMBLE_TASK, args=[handoff], queue=settings.queue_name))
+
+
+@celery_app.task(name=AUDIT_TASK, ignore_result=False)
+def audit_task(handoff: dict[str, Any], index: int) -> dict[str, Any]:
+    from worker.fanout import run_audit_task
+
+    what = f"job {handoff['job_id']}: audit task {index + 1}"
+    return _redelivered_on_outage(what, lambda: run_audit_task(handoff, index, settings))
+
+
+@celery_app.task(name=ASSEMBLE_TASK)
+def assemble_task(outcomes: list[dict[str, Any]], handoff: dict[str, Any]) -> str:
+    from worker.fanout import assemble_and_publish
+
+    what = f"job {handoff['job_id']}: assembling the report"
+    return _redelivered_on_outage(what, lambda: assemble_and_publish(outcomes, handoff, settings))
 
 
 def sweep_once(settle_expired: bool = True) -> int:

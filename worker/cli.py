@@ -53,9 +53,7 @@ def _uuid(value: str | None, what: str) -> uuid.UUID | None:
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="a label for the key")] = "cli",
-    scope: Annotated[
-        list[str] | None, typer.Option(help="repeatable; default: every scope")
-    ] = None,
+    scope: Annotated[list[str] | None, typer.Option(help="repeatable; default: every scope")] = None,
     owner: Annotated[
         str | None,
         typer.Option(help="the owner id of an existing key (`cmim keys list`); default: a new owner"),

@@ -3,8 +3,12 @@
 Published: the teacher's checkpoint, the report and, when the job's audit has a serving policy, that
 policy fitted to the teacher (the predict endpoints serve the model through it, as it was audited).
 
-The same function runs under Celery and in the embedded local worker. Every write is fenced on the
-claim (worker id + attempt), so a worker that lost its lease can never publish over a newer attempt.
+The same function runs under Celery and in the embedded local worker. The audit is a plan of tasks
+(`ml.audit`): the embedded worker runs them in process; under Celery `run_job` stores the teacher and
+control and hands the tasks to `fan_out` (a chord over the workers, `worker/fanout.py`). Either way
+every task's result is stored under its key, so a job re-claimed mid-audit redoes only unfinished
+tasks. Every write is fenced on the claim (worker id + attempt), so a worker that lost its lease can
+never publish over a newer attempt.
 """
 
 from __future__ import annotations
@@ -40,16 +44,27 @@ from app.core.models import (
 from app.core.outage import is_outage, retry_outage
 from app.core.queue import Claim, LeaseLost, append_event, claim_job, release_claim, renew_lease, transition
 from app.core.storage import ArtifactStore, StoredObject
-from ml.audit import AuditConfig, AuditProgress, run_audit, serve_box
+from ml.audit import (
+    AuditConfig,
+    AuditPlan,
+    AuditProgress,
+    AuditResult,
+    TaskResult,
+    assemble,
+    plan,
+    run_in_process,
+)
 from ml.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from ml.data import Dataset as Data
 from ml.data import load_dataset
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
-from ml.policy import PolicyConfig
 from ml.train import EpochReport, TrainConfig, TrainingCancelled, TrainResult, check_fits, train_model
 
 log = logging.getLogger(__name__)
 
+FileRow = tuple[str, str, str, StoredObject]  # (name, kind, media type, stored object) of an artifact
+Handoff = dict[str, Any]  # JSON: what every audit task of a job needs to find its inputs on any worker
+FanOut = Callable[[Handoff], None]
 PROGRESS_EVERY_S = 2.0  # audit progress: at most one event (and lease renewal) per this many seconds
 T = TypeVar("T")
 
@@ -110,6 +125,16 @@ class JobContext:
                 return renew_lease(s, self.claim, self.settings.lease_seconds)
 
         if self.retrying(write, kind) or self._cancel:
+            raise TrainingCancelled(f"job {self.claim.job_id}: cancellation requested")
+
+    def check(self) -> None:
+        """Renew the lease now; raises LeaseLost or TrainingCancelled as the job's row says."""
+
+        def write() -> bool:
+            with self.session() as s:
+                return renew_lease(s, self.claim, self.settings.lease_seconds)
+
+        if self.retrying(write, "renew the lease") or self._cancel:
             raise TrainingCancelled(f"job {self.claim.job_id}: cancellation requested")
 
     def on_epoch(self, report: EpochReport) -> None:
@@ -226,19 +251,29 @@ def _publish_once(ctx: JobContext, files: list[tuple[str, str, str, StoredObject
         transition(s, ctx.claim, JobStatus.succeeded)
 
 
-def _policy_files(
-    store: ArtifactStore, audit_cfg: AuditConfig, model: Any, data: Data, directory: Path
-) -> list[tuple[str, str, str, StoredObject]]:
-    """The serving policy fitted to the published teacher exactly as the audit fitted it (none: no files).
+class StoreResults:
+    """A job's audit task results in the artifact store, one named object per task key."""
+
+    def __init__(self, store: ArtifactStore, job_id: uuid.UUID) -> None:
+        self.store, self.prefix = store, f"audit-results/{job_id}"
+
+    def load(self, key: str) -> TaskResult | None:
+        data = self.store.read_named(f"{self.prefix}/{key}.json")
+        return None if data is None else json.loads(data)
+
+    def save(self, key: str, result: TaskResult) -> None:
+        self.store.write_named(f"{self.prefix}/{key}.json", json.dumps(result).encode())
+
+
+def _policy_files(store: ArtifactStore, result: AuditResult, directory: Path) -> list[FileRow]:
+    """The serving policy the audit fitted to the published teacher and served it through (none: no files).
 
     Centroids on the train split, a per-query detector's threshold on the first half of the test
     split (`ml.audit.serve_box`); stored as safetensors (`FittedPolicy.to_tensors`) plus its config.
     """
-    if audit_cfg.policy == PolicyConfig():
+    fitted = result.policy
+    if fitted is None:
         return []
-    box = serve_box([model], audit_cfg.output_mode, audit_cfg.policy, data)
-    assert box.policies is not None and len(box.policies) == 1
-    fitted = box.policies[0]
     directory.mkdir(parents=True, exist_ok=True)
     tensors, config = directory / POLICY_NAME, directory / POLICY_CONFIG_NAME
     save_file(
@@ -258,17 +293,68 @@ def _read_job(ctx: JobContext) -> Job:
     return job
 
 
-def _execute(ctx: JobContext) -> None:
+def _inputs(ctx: JobContext, store: ArtifactStore) -> tuple[Job, TrainConfig, AuditConfig, Data]:
+    """The job's row, its teacher and audit configs, and its prepared data."""
     settings = ctx.settings
-    store = ArtifactStore.from_settings(settings)
     job = ctx.retrying(lambda: _read_job(ctx), "read the job")
-    spec = dict(job.spec["teacher"])
-    model_id, fine_tune = spec.pop("model_id", None), spec.pop("fine_tune", False)
+    spec = {k: v for k, v in job.spec["teacher"].items() if k not in ("model_id", "fine_tune")}
     teacher_cfg = TrainConfig.model_validate(spec | {"device": settings.device})
     audit_cfg = AuditConfig.model_validate(job.spec["audit"] | {"device": settings.device})
-    ctx.work.mkdir(parents=True, exist_ok=True)
     raw = ctx.retrying(lambda: _load_data(settings, store, job, teacher_cfg), "load the data")
-    data = teacher_cfg.prepare(raw)
+    return job, teacher_cfg, audit_cfg, teacher_cfg.prepare(raw)
+
+
+def _stored_model(store: ArtifactStore, weights: str, config: str, data: Data) -> Any:
+    """A teacher or control the job stored: a zoo checkpoint, or an ONNX black box."""
+    meta = ModelMeta.model_validate_json(store.read_bytes(config))
+    if meta.arch == ONNX_ARCH:
+        return load_onnx(store.read_bytes(weights), meta.output, tuple(data.input_shape), data.num_classes)[0]
+    return load_checkpoint(store.local_path(weights), store.local_path(config))[0]
+
+
+_plans: dict[tuple[uuid.UUID, int], AuditPlan] = {}  # this process's last plan: it runs many tasks of a job
+
+
+def audit_plan(ctx: JobContext, store: ArtifactStore, handoff: Handoff) -> AuditPlan:
+    """The job's audit plan rebuilt from what run_job stored: the same plan on every worker."""
+    key = (ctx.claim.job_id, ctx.claim.attempt)
+    if key not in _plans:
+        _, _, _, data = _inputs(ctx, store)
+        teacher = _stored_model(store, *handoff["teacher"], data)
+        control = None if handoff["control"] is None else _stored_model(store, *handoff["control"], data)
+        _keep_plan(
+            key, plan(AuditConfig.model_validate(handoff["audit_config"]), teacher, data, control=control)
+        )
+    return _plans[key]
+
+
+def _keep_plan(key: tuple[uuid.UUID, int], p: AuditPlan) -> None:
+    _plans.clear()
+    _plans[key] = p
+
+
+def publish_audit(
+    ctx: JobContext, store: ArtifactStore, result: AuditResult, files: list[FileRow], extra: dict[str, Any]
+) -> None:
+    """Store the report (with the job's additions) and the fitted policy; publish them with `files`."""
+    report = result.report
+    report["job_id"] = str(ctx.claim.job_id)
+    report["teacher"] = report["teacher"] | extra["teacher"]
+    report |= {k: v for k, v in extra.items() if k != "teacher"}
+    files = [
+        *files,
+        (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
+        *_policy_files(store, result, ctx.work / "policy"),
+    ]
+    _publish(ctx, files)
+
+
+def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
+    """Train, audit and publish; False when the audit was handed to `fan_out` (its callback publishes)."""
+    store = ArtifactStore.from_settings(ctx.settings)
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    job, teacher_cfg, audit_cfg, data = _inputs(ctx, store)
+    model_id, fine_tune = job.spec["teacher"].get("model_id"), job.spec["teacher"].get("fine_tune", False)
 
     if model_id is None:
         trained = _train(ctx, teacher_cfg, data, "teacher")
@@ -287,24 +373,40 @@ def _execute(ctx: JobContext) -> None:
         update: dict[str, Any] = {"objective": "ce", "objective_params": {}, "arch": arch}
         if model_id is not None:  # the control is trained from scratch: the default rate, no warm-up
             update |= {"lr": TrainConfig().lr, "warmup_epochs": 0.0}
-        control = _train(ctx, teacher_cfg.model_copy(update=update), data, "control").model
+        control = _train(ctx, teacher_cfg.model_copy(update=update), data, "control")
 
     ctx.set_status(JobStatus.auditing)
-    # The audit keeps no resumable state: a job re-claimed in this stage re-runs the audit from
-    # scratch (its teacher and control come back at once from their finished state files).
-    report = run_audit(audit_cfg, model, data, control=control, on_progress=ctx.on_progress)
-    report["job_id"] = str(ctx.claim.job_id)
-    report["teacher"]["meta"] = meta.model_dump(mode="json")
+    extra: dict[str, Any] = {"teacher": {"meta": meta.model_dump(mode="json")}}
     if model_id is not None:
-        report["teacher"]["uploaded_model_id"] = model_id
+        extra["teacher"]["uploaded_model_id"] = model_id
     if "fine_tune" in meta.metrics:
-        report["fine_tune"] = meta.metrics["fine_tune"]
-
-    files += [
-        (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
-        *_policy_files(store, audit_cfg, model, data, ctx.work / "policy"),
-    ]
-    _publish(ctx, files)
+        extra["fine_tune"] = meta.metrics["fine_tune"]
+    # A job re-claimed in this stage gets its teacher and control back from their finished state
+    # files and its finished audit tasks back from the store: only unfinished tasks run again.
+    results = StoreResults(store, ctx.claim.job_id)
+    p = plan(audit_cfg, model, data, control=None if control is None else control.model)
+    _keep_plan((ctx.claim.job_id, ctx.claim.attempt), p)  # this worker's tasks of the job need not rebuild it
+    if fan_out is None:
+        result = assemble(p, run_in_process(p, on_progress=ctx.on_progress, results=results))
+        publish_audit(ctx, store, result, files, extra)
+        return True
+    stored = None
+    if control is not None:
+        weights, config = save_checkpoint(control.model, control.meta, ctx.work / "control_checkpoint")
+        stored = [store.put_file(weights).key, store.put_file(config).key]
+    handoff: Handoff = {
+        "job_id": str(ctx.claim.job_id),
+        "worker_id": ctx.claim.worker_id,
+        "attempt": ctx.claim.attempt,
+        "audit_config": audit_cfg.model_dump(mode="json"),
+        "teacher": [files[0][3].key, files[1][3].key],
+        "control": stored,
+        "files": [[name, kind, media, obj.key, obj.sha256, obj.size] for name, kind, media, obj in files],
+        "extra": extra,
+        "tasks": len(p.tasks),
+    }
+    fan_out(handoff)
+    return False
 
 
 def _claim(settings: Settings, job_id: uuid.UUID, worker_id: str) -> Claim | None:
@@ -317,8 +419,13 @@ def _claim(settings: Settings, job_id: uuid.UUID, worker_id: str) -> Claim | Non
     return retry_outage(claim, settings.infra_retry_seconds, f"job {job_id}: claim")
 
 
-def run_job(job_id: str | uuid.UUID, settings: Settings | None = None, worker_id: str | None = None) -> str:
-    """Claim and run one job to a final status; returns what happened (for logs).
+def run_job(
+    job_id: str | uuid.UUID,
+    settings: Settings | None = None,
+    worker_id: str | None = None,
+    fan_out: FanOut | None = None,
+) -> str:
+    """Claim and run one job to a final status, or to its audit handed to `fan_out`; returns what happened.
 
     Only failures of the job itself spend an attempt: an outage that outlasts the retries gives the
     job back to the queue with its attempt (and is raised when even that cannot be recorded).
@@ -331,18 +438,19 @@ def run_job(job_id: str | uuid.UUID, settings: Settings | None = None, worker_id
     log.info("job %s: attempt %d on %s", job_id, claim.attempt, claim.worker_id)
     with JobContext(settings, claim) as ctx:
         try:
-            _execute(ctx)
+            if not _execute(ctx, fan_out):
+                return "audit handed to the workers"
             outcome = JobStatus.succeeded
         except LeaseLost:
             log.warning("job %s: lease lost; another attempt owns it now", job_id)
             return "lease lost"
         except TrainingCancelled:
-            outcome = _finish(ctx, JobStatus.cancelled)
+            outcome = finish(ctx, JobStatus.cancelled)
         except Exception as e:  # noqa: BLE001 - any failure of the job itself is recorded on the job
             if is_outage(e):
                 return _give_back(ctx, e)
             log.exception("job %s failed", job_id)
-            outcome = _finish(ctx, JobStatus.failed, error=f"{type(e).__name__}: {e}")
+            outcome = finish(ctx, JobStatus.failed, error=f"{type(e).__name__}: {e}")
     shutil.rmtree(ctx.work, ignore_errors=True)
     return outcome.value
 
@@ -364,7 +472,8 @@ def _give_back(ctx: JobContext, error: Exception) -> str:
     return "lease lost during an outage"
 
 
-def _finish(ctx: JobContext, status: JobStatus, error: str | None = None) -> JobStatus:
+def finish(ctx: JobContext, status: JobStatus, error: str | None = None) -> JobStatus:
+    """Record a final status, unless the claim is gone (then a newer attempt owns the job)."""
     try:
         ctx.set_status(status, error=error)
     except LeaseLost:

@@ -26,6 +26,8 @@ from app.core.models import RUNNING, Job, JobEvent, JobStatus, utcnow
 log = logging.getLogger(__name__)
 
 RUN_JOB_TASK = "cmim.run_job"
+AUDIT_TASK = "cmim.audit_task"  # one seed and phase of a job's audit (the chord's header)
+ASSEMBLE_TASK = "cmim.assemble_audit"  # the chord callback: assemble, store and publish the report
 _RUNNING = [s.value for s in RUNNING]
 
 

@@ -95,6 +95,21 @@ class ArtifactStore:
     def put_bytes(self, data: bytes) -> StoredObject:
         return self.put_chunks([data])
 
+    def write_named(self, name: str, data: bytes) -> None:
+        """A named object beside the content-addressed ones (an audit task's result); whole or absent."""
+        tmp = self._path(f"tmp/{uuid.uuid4().hex}")
+        self.fs.makedirs(self._path("tmp"), exist_ok=True)
+        self.fs.pipe_file(tmp, data)
+        self.fs.makedirs(self._path(name).rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(tmp, self._path(name))
+
+    def read_named(self, name: str) -> bytes | None:
+        """A named object's bytes, None when there is none."""
+        try:
+            return self.fs.cat_file(self._path(name))
+        except FileNotFoundError:
+            return None
+
     def open(self, key: str) -> IO[bytes]:
         return self.fs.open(self._path(key), "rb")
 

@@ -111,6 +111,9 @@ class Attack(nn.Module):
     # the plain view, and calls setup(feature_dim) once before it collects the parameters and moves
     # the attack to the training device.
     needs_features: ClassVar[bool] = False
+    # Every returned term is a mean over the batch's rows of per-row values: the audit then computes
+    # the loss of many students of this row in one call on their stacked rows (ml/audit/losses.py).
+    row_separable: ClassVar[bool] = False
     # Default audit rows, when not the single row named by the key: (row name, parameter overrides).
     sweep: ClassVar[tuple[tuple[str, dict[str, Any]], ...]] = ()
 

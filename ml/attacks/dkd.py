@@ -49,6 +49,7 @@ class DKD(Attack):
     key = "dkd"
     paper = "Zhao et al., CVPR 2022"
     Params = DKDParams
+    row_separable = True
     params: DKDParams
 
     def forward(

@@ -34,6 +34,7 @@ class FM(Attack):
     key = "fm"
     paper = "Beyer et al., CVPR 2022"
     Params = FMParams
+    row_separable = True
     views = ("mixup",)
     # T 4 copies soft answers best; on one-hot (label-only) or snapped answers T^2 KL at T 4 is a
     # weakened CE (gradient 4 (softmax(z/4) - y)), and plain CE on the labels (T 1) copies them better:

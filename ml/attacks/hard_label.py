@@ -22,6 +22,7 @@ class HardLabel(Attack):
     key = "hard_label"
     paper = "label copying (CE on the teacher's argmax)"
     Params = HardLabelParams
+    row_separable = True
 
     def forward(
         self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext

@@ -24,6 +24,7 @@ class KD(Attack):
     key = "kd"
     paper = "Hinton, Vinyals & Dean 2015"
     Params = KDParams
+    row_separable = True
     # SPEC: T swept over {1, 4, 10, 20}, each a separate audit row.
     sweep = tuple((f"kd_t{T}", {"T": float(T)}) for T in (1, 4, 10, 20))
     params: KDParams

@@ -49,6 +49,7 @@ class LSKD(Attack):
     key = "lskd"
     paper = "Sun et al., CVPR 2024"
     Params = LSKDParams
+    row_separable = True
     params: LSKDParams
 
     def forward(

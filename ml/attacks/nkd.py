@@ -47,6 +47,7 @@ class NKD(Attack):
     key = "nkd"
     paper = "Yang et al., ICCV 2023"
     Params = NKDParams
+    row_separable = True
     params: NKDParams
 
     def forward(

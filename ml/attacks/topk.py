@@ -33,6 +33,7 @@ class TopK(Attack):
     key = "topk"
     paper = "KD on the renormalised top-k teacher probabilities"
     Params = TopKParams
+    row_separable = True
     params: TopKParams
 
     def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:

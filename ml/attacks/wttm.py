@@ -36,6 +36,7 @@ class WTTM(Attack):
     key = "wttm"
     paper = "Zheng & Yang, ICLR 2024"
     Params = WTTMParams
+    row_separable = True
     params: WTTMParams
 
     def forward(

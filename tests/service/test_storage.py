@@ -64,6 +64,17 @@ def test_store_is_content_addressed(store: ArtifactStore) -> None:
     assert not store.fs.exists(tmp_dir) or store.fs.ls(tmp_dir) == []  # no temporary left behind
 
 
+def test_named_objects_are_whole_or_absent(store: ArtifactStore) -> None:
+    name = "audit-results/abc-s0-full.json"
+    assert store.read_named(name) is None
+    store.write_named(name, b'{"records": []}')
+    assert store.read_named(name) == b'{"records": []}'
+    store.write_named(name, b'{"records": [1]}')  # a duplicated task writes the same name again
+    assert store.read_named(name) == b'{"records": [1]}'
+    tmp_dir = store._path("tmp")
+    assert not store.fs.exists(tmp_dir) or store.fs.ls(tmp_dir) == []
+
+
 def test_failed_write_leaves_nothing(store: ArtifactStore) -> None:
     def chunks() -> Iterator[bytes]:
         yield b"partial"

@@ -1,0 +1,161 @@
+"""One audit on one Celery worker against the same audit on two: wall time of the audit stage.
+
+Starts its own API (uvicorn) and Celery workers (`--pool solo`, one CPU thread each) on a private
+SQLite database, a random queue on the Redis at CMIM_BENCH_REDIS (default redis://127.0.0.1:6379/0)
+and a private artifact store. Submits a 4-task audit (4 seeds, no budget phases) to one worker, then
+the same audit as a new job with a second worker started: the audit stage is timed from the job's
+`auditing` event to its `succeeded` event. Prints both, the ratio, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+JOB: dict[str, Any] = {
+    "teacher": {
+        "dataset": "mnist1d",
+        "dataset_params": {"num_train": 2000, "num_test": 2000},
+        "arch": "cnn1d",
+        "objective": "cmim",
+        "epochs": 3,
+    },
+    "audit": {
+        "students": ["mlp"],
+        "attacks": ["kd", "hard_label", "fm"],
+        "seeds": 4,
+        "epochs": 60,
+        "ls_eps": [0.0, 0.1],
+        "control": True,
+        "output_mode": {"kind": "probs"},
+        "query_budgets": [],
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """The API and workers as child processes in their own sessions, logging under tmp."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.procs = tmp, []
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CMIM_")} | {
+            "CMIM_ENVIRONMENT": "test",
+            "CMIM_DATABASE_URL": f"sqlite:///{tmp / 'cmim.db'}",
+            "CMIM_BROKER_URL": os.environ.get("CMIM_BENCH_REDIS", "redis://127.0.0.1:6379/0"),
+            "CMIM_QUEUE_NAME": f"gpu-bench-{uuid.uuid4().hex[:8]}",
+            "CMIM_ARTIFACT_URL": f"file://{tmp / 'artifacts'}",
+            "CMIM_WORK_DIR": str(tmp / "work"),
+            "CMIM_CACHE_DIR": str(tmp / "cache"),
+            "OMP_NUM_THREADS": "1",
+        }
+        self.cli("db", "upgrade")
+        self.key = self.cli("keys", "create", "--name", "bench").strip().splitlines()[-1]
+        self.start("api", "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(self.port))
+        self.wait_ready()
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "worker.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if out.returncode:
+            raise RuntimeError(out.stderr)
+        return out.stdout
+
+    def start(self, name: str, *args: str) -> None:
+        log = (self.tmp / f"{name}.log").open("w")
+        self.procs.append(
+            subprocess.Popen(
+                [sys.executable, *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+    def wait_ready(self) -> None:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the API never became ready")
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        r = httpx.request(
+            method,
+            f"http://127.0.0.1:{self.port}{path}",
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=30,
+            **kw,
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def audit_seconds(self) -> float:
+        """Submit the job, wait for it, and return the time from `auditing` to `succeeded`."""
+        job = self.call("POST", "/api/v1/jobs", json=JOB)["id"]
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            status = self.call("GET", f"/api/v1/jobs/{job}")["status"]
+            if status in {"failed", "cancelled"}:
+                raise RuntimeError(f"job {job} {status}")
+            if status == "succeeded":
+                break
+            time.sleep(0.5)
+        events = self.call("GET", f"/api/v1/jobs/{job}/events", params={"after": 0})
+        at = {e["data"]["status"]: e["created_at"] for e in events if e["kind"] == "status"}
+        return (
+            datetime.fromisoformat(at["succeeded"]) - datetime.fromisoformat(at["auditing"])
+        ).total_seconds()
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=30)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="cmim-fanout-") as tmp:
+        service = Service(Path(tmp))
+        try:
+            service.start("worker-1", "-m", "worker.cli", "worker", "--pool", "solo")
+            one = service.audit_seconds()
+            print(f"1 worker:  4-task audit in {one:.1f} s", flush=True)
+            service.start("worker-2", "-m", "worker.cli", "worker", "--pool", "solo")
+            two = service.audit_seconds()
+            print(f"2 workers: 4-task audit in {two:.1f} s", flush=True)
+            print(f"ratio 2 workers / 1 worker: {two / one:.3f} (target <= 0.65)")
+            print(json.dumps({"one_worker_s": one, "two_workers_s": two, "ratio": two / one}))
+        finally:
+            service.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The audit as a plan of independent, deterministic tasks: one per seed and budget phase.
+
+`plan(cfg, teacher, data, ...)` resolves everything the tasks share (the served black boxes, the
+attacker's data, the rows); `run(task)` trains one phase of one seed and returns its records as
+plain JSON; `ml.audit.report.assemble(plan, results)` turns the results into the report. A task's
+key hashes the plan and the task, so a result stored under it is never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from ml.attacks import ATTACKS
+from ml.audit.blackbox import BlackBox, as_models, serve_box
+from ml.audit.config import REPORT_VERSION, AuditConfig, ls_rows
+from ml.audit.lockstep import train_lockstep
+from ml.audit.students import Run
+from ml.cmi import model_logits
+from ml.data import Dataset, load_dataset
+from ml.policy import PolicyConfig
+from ml.train import resolve_device
+
+TaskResult = dict[str, Any]  # {"key", "seed_index", "phase", "records"}: JSON, storable as an artifact
+Tick = Callable[[int, str], None]  # (epochs done in this task, message)
+
+
+@dataclass
+class AuditPlan:
+    """Everything the tasks of one audit share; picklable, so a spawned worker can run its tasks."""
+
+    cfg: AuditConfig  # query budgets resolved: the report states them
+    dataset: Dataset  # as given: the teachers' summaries are measured on it
+    data: Dataset  # the attacker's share of the train split
+    teachers: dict[str, BlackBox]  # "teacher", "teacher_raw", "control" and the named protections
+    protections: list[str]
+    budget_teachers: list[str]
+    attack_rows: list[tuple[str, str, BaseModel]]
+    ls_rows: list[tuple[str, float, bool]]
+    transfer: Tensor | None
+    fingerprint: str = ""
+
+    @property
+    def tasks(self) -> list[AuditTask]:
+        """(seed index, phase) tasks: phase None trains the LS students and the unlimited attackers,
+        phase B the attackers holding B cached answers; every task is independent of the others."""
+        phases = [None, *(self.cfg.query_budgets or [])]
+        return [AuditTask(s, p, self) for s in range(self.cfg.seeds) for p in phases]
+
+    def task_epochs(self, phase: int | None) -> int:
+        """A task's progress total, in epochs of the unlimited schedule."""
+        if phase is None:
+            return self.cfg.epochs
+        return self.cfg.epochs * len({len(ATTACKS.get(k).views) for _, k, _ in self.attack_rows})
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(self.task_epochs(t.phase) for t in self.tasks)
+
+    def attack_runs(self, teacher_keys: list[str]) -> list[Run]:
+        return [
+            Run(name, arch, teacher=t, attack=ATTACKS.get(key)(self.data.num_classes, params))
+            for arch in self.cfg.students
+            for t in teacher_keys
+            for name, key, params in self.attack_rows
+        ]
+
+
+@dataclass(frozen=True)
+class AuditTask:
+    """One phase of one seed of a plan."""
+
+    seed_index: int
+    phase: int | None
+    plan: AuditPlan = field(compare=False, repr=False)
+
+    @property
+    def index(self) -> int:
+        """The task's position in its plan's task list."""
+        return self.seed_index * (1 + len(self.plan.cfg.query_budgets or [])) + (
+            0 if self.phase is None else 1 + (self.plan.cfg.query_budgets or []).index(self.phase)
+        )
+
+    @property
+    def key(self) -> str:
+        """The name its result is stored under: the plan's fingerprint and the task."""
+        phase = "full" if self.phase is None else str(self.phase)
+        return f"{self.plan.fingerprint[:32]}-s{self.seed_index}-{phase}"
+
+    def describe(self) -> str:
+        budget = "" if self.phase is None else f", budget {self.phase}"
+        return f"seed {self.seed_index + 1}/{self.plan.cfg.seeds}{budget}"
+
+
+class ResultStore(Protocol):
+    """Where finished task results are kept: a task whose result is there is not run again."""
+
+    def load(self, key: str) -> TaskResult | None: ...
+
+    def save(self, key: str, result: TaskResult) -> None: ...
+
+
+class DirectoryResults:
+    """Task results as JSON files in a directory (the CLI's and the tests' store)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def load(self, key: str) -> TaskResult | None:
+        f = self.path / f"{key}.json"
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def save(self, key: str, result: TaskResult) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{key}.tmp"
+        tmp.write_text(json.dumps(result))
+        tmp.replace(self.path / f"{key}.json")  # atomic: a reader never sees half a result
+
+
+def plan(
+    cfg: AuditConfig,
+    teacher: nn.Module | Sequence[nn.Module],
+    dataset: Dataset,
+    *,
+    control: nn.Module | Sequence[nn.Module] | None = None,
+    protections: dict[str, BlackBox] | None = None,
+    budget_for: Sequence[str] | None = None,
+) -> AuditPlan:
+    """The audit of `teacher` as it will be served, as independent tasks.
+
+    `teacher` and `control` may be one model or one per seed (seed i attacks model i); `protections`
+    adds further black boxes attacked in the same lockstep, against the same LS students; `budget_for`
+    names the black boxes attacked under the query budgets (default: all).
+    """
+    if cfg.control and control is None:
+        raise ValueError("the audit asks for a CE control (control=true) but no control teacher was given")
+    data = (
+        dataset.subset_train(cfg.labelled_fraction, cfg.base_seed) if cfg.labelled_fraction < 1 else dataset
+    )
+    cfg = cfg.model_copy(update={"query_budgets": cfg.budgets(len(data.x_train))})  # the report states them
+    transfer = None
+    if cfg.transfer is not None:
+        pool = load_dataset(cfg.transfer, **cfg.transfer_params)
+        if tuple(pool.input_shape) != tuple(dataset.input_shape):
+            raise ValueError(
+                f"transfer set {cfg.transfer!r} has inputs {pool.input_shape}; "
+                f"the audit's data has {dataset.input_shape}"
+            )
+        transfer = pool.x_train[: cfg.transfer_size]
+    teachers = {"teacher": serve_box(as_models(teacher), cfg.output_mode, cfg.policy, dataset)}
+    if cfg.compare_raw and (cfg.output_mode.kind != "probs" or cfg.policy != PolicyConfig()):
+        teachers["teacher_raw"] = BlackBox(as_models(teacher))
+    if cfg.control:
+        assert control is not None
+        teachers["control"] = serve_box(as_models(control), cfg.output_mode, cfg.policy, dataset)
+    for name, box in (protections or {}).items():
+        if name in teachers:
+            raise ValueError(f"protection name {name!r} is reserved")
+        teachers[name] = box
+    budget_teachers = [t for t in (teachers if budget_for is None else budget_for) if t != "teacher_raw"]
+    unknown = sorted(set(budget_teachers) - set(teachers))
+    if unknown:
+        raise ValueError(f"budget_for names no audited black box: {', '.join(unknown)}")
+    if not budget_teachers:  # the report states the budgets that were run
+        cfg = cfg.model_copy(update={"query_budgets": []})
+    out = AuditPlan(
+        cfg, dataset, data, teachers, list(protections or {}), budget_teachers, cfg.attack_rows(),
+        ls_rows(cfg), transfer,
+    )  # fmt: skip
+    out.fingerprint = _fingerprint(out)
+    return out
+
+
+def _fingerprint(p: AuditPlan) -> str:
+    """A hash of everything a task's result depends on: config, data, served models, policies, transfer."""
+    h = hashlib.sha256(f"report v{REPORT_VERSION}".encode())
+    h.update(p.cfg.model_dump_json().encode())
+    h.update(json.dumps([p.dataset.fingerprint, p.data.fingerprint, len(p.data.x_train)]).encode())
+    h.update(json.dumps(p.budget_teachers).encode())
+    probe = p.dataset.x_test[:64]
+    for name, box in p.teachers.items():
+        h.update(f"{name}:{box.mode.model_dump_json()}".encode())
+        for m in box.models:
+            h.update(type(m).__name__.encode())
+            for k, t in m.state_dict().items():
+                h.update(k.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            # a black box without weights (an ONNX model) is told apart by its answers
+            h.update(model_logits(m, probe).round(decimals=4).numpy().tobytes())
+        for fitted in box.policies or []:
+            h.update(fitted.config.model_dump_json().encode())
+            for k, t in sorted(fitted.to_tensors().items()):
+                h.update(k.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    if p.transfer is not None:
+        h.update(p.transfer.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | None = None) -> TaskResult:
+    """Train one phase of one seed (with a budget: one cached lockstep per view count); deterministic.
+
+    Returns the task's records, ((phase, teacher, arch, row), best acc, last acc, fidelity, queries)
+    per student; a result already in `results` is returned as it is. `tick(done, message)` gets the
+    task's progress in epochs of the unlimited schedule.
+    """
+    if results is not None:
+        stored = results.load(task.key)
+        if stored is not None:
+            if tick is not None:
+                tick(task.plan.task_epochs(task.phase), f"{task.describe()}: stored result")
+            return stored
+    p, s, phase = task.plan, task.seed_index, task.phase
+    cfg, data, done = p.cfg, p.data, 0
+    seed, device = cfg.base_seed + s, resolve_device(cfg.device)
+    # one attacker = one API key: a fresh oracle (query history) per phase
+    oracles = {t: box.oracle(s, device) for t, box in p.teachers.items()}
+    records: list[list[Any]] = []
+
+    def record(runs: list[Run], n_queries: Callable[[Run], int]) -> None:
+        records.extend(
+            [phase, r.teacher, r.arch, r.name, max(r.acc), r.acc[-1], r.fidelity, n_queries(r)] for r in runs
+        )
+
+    def ticker(message: str) -> Callable[[int, int], None]:
+        def on_epoch(epoch: int, epochs: int) -> None:
+            if tick is not None:
+                tick(done + round(epoch * cfg.epochs / epochs), f"{message}, epoch {epoch}/{epochs}")
+
+        return on_epoch
+
+    if phase is None:
+        runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in p.ls_rows]
+        runs += p.attack_runs(list(p.teachers))
+        train_lockstep(runs, data, oracles, cfg, seed, on_epoch=ticker(task.describe()), transfer=p.transfer)
+        record(runs, lambda r: cfg.epochs * len(data.x_train) * len(r.views) if r.teacher else 0)
+    else:
+        pending = p.attack_runs(p.budget_teachers)
+        # every attack spends exactly B queries: attacks with as many views share one cached set
+        for n_views in dict.fromkeys(len(r.views) for r in pending):
+            group = [r for r in pending if len(r.views) == n_views]
+            on_epoch = ticker(f"{task.describe()}, {n_views}-view attacks")
+            train_lockstep(
+                group, data, oracles, cfg, seed, on_epoch=on_epoch, budget=phase, transfer=p.transfer
+            )
+            record(group, lambda r: phase // len(r.views) * len(r.views))
+            done += cfg.epochs
+    result = {"key": task.key, "seed_index": s, "phase": phase, "records": records}
+    if results is not None:
+        results.save(task.key, result)
+    return result

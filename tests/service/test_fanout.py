@@ -1,0 +1,117 @@
+"""One audit across two real Celery workers: the tasks fan out, the report equals the one-worker
+report, and a worker SIGKILLed mid-task leaves one complete report with only its task redone."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from service_helpers import job_body
+from test_e2e import Proc, Stack, base_env, follow, make_key, statuses, submit
+
+from app.core.migrate import upgrade
+
+# Two seeds, no budget phases: two tasks of several seconds each on one CPU thread.
+AUDIT = {"audit.seeds": 2, "audit.epochs": 15, "teacher.dataset_params": {"num_train": 1000, "num_test": 500}}
+
+
+@pytest.fixture(scope="module")
+def stack(pg_databases, redis_url, tmp_path_factory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("fanout")
+    url = pg_databases.create()
+    upgrade(url)
+    env = base_env(
+        tmp,
+        CMIM_DATABASE_URL=url,
+        CMIM_BROKER_URL=redis_url,
+        CMIM_QUEUE_NAME=f"gpu-fan-{uuid.uuid4().hex[:8]}",
+    )
+    stack = Stack(env, tmp)
+    stack.key = make_key(env, "fanout")
+    api = stack.start("api", "-m", "uvicorn", "app.main:create_app", "--factory", "--port", str(stack.port))
+    try:
+        start_worker(stack, "worker-1")
+        stack.wait_healthy(api)
+        yield stack
+    finally:
+        stack.close()
+
+
+def task_lines(proc: Proc, job_id: str) -> list[str]:
+    return [line for line in proc.output().splitlines() if f"job {job_id}: audit task" in line]
+
+
+def figures(report: dict[str, Any]) -> dict[str, Any]:
+    """Everything the audit measured: the report without the job's id, times and training metadata."""
+    out = {k: v for k, v in report.items() if k not in {"job_id", "wall_s"}}
+    out["teacher"] = {k: v for k, v in report["teacher"].items() if k != "meta"}
+    return out
+
+
+def start_worker(stack: Stack, name: str) -> Proc:
+    """A Celery worker (one job or task at a time), once it takes tasks."""
+    proc = stack.start(name, "-m", "worker.cli", "worker", "--pool", "solo")
+    deadline = time.monotonic() + 60
+    while not re.search(r"celery@\S+ ready\.", proc.output()):
+        assert proc.popen.poll() is None and time.monotonic() < deadline, proc.output()
+        time.sleep(0.2)
+    return proc
+
+
+def workers(stack: Stack) -> list[Proc]:
+    return [p for p in stack.procs if p.name.startswith("worker") and p.popen.poll() is None]
+
+
+def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(stack: Stack) -> None:
+    body = job_body(**AUDIT)
+    one = submit(stack, body)  # one worker: both tasks run on it, one after the other
+    assert statuses(follow(stack, one))[-1] == "succeeded", stack.logs()
+    single = stack.get(f"/api/v1/jobs/{one}/report").json()
+    (w1,) = workers(stack)
+    assert len([x for x in task_lines(w1, one) if "computed" in x]) == 2
+
+    start_worker(stack, "worker-2")
+    two = submit(stack, body)  # the same audit again: a new job computes it afresh, on both workers
+    assert statuses(follow(stack, two))[-1] == "succeeded", stack.logs()
+    for w in workers(stack):
+        assert [x for x in task_lines(w, two) if "computed" in x], f"{w.name} ran no task:\n{stack.logs()}"
+    assert figures(stack.get(f"/api/v1/jobs/{two}/report").json()) == figures(single)
+
+    three = submit(stack, body)
+    deadline = time.monotonic() + 180
+    victim = None
+    while victim is None and time.monotonic() < deadline:  # a worker in the middle of a task of this job
+        for w in workers(stack):
+            lines = task_lines(w, three)
+            if any("starts" in x for x in lines) and not any("computed" in x or "found" in x for x in lines):
+                progress = [
+                    x
+                    for x in stack.get(f"/api/v1/jobs/{three}/events?after=0").json()
+                    if x["kind"] == "progress"
+                ]
+                if progress:
+                    victim = w
+        time.sleep(0.2)
+    assert victim is not None, stack.logs()
+    started = [
+        re.search(r"audit task (\d+)/", x).group(1) for x in task_lines(victim, three) if "starts" in x
+    ]
+    victim.kill(signal.SIGKILL)
+    events = follow(stack, three, timeout=240)
+    job = stack.get(f"/api/v1/jobs/{three}").json()
+    assert job["status"] == "succeeded" and job["attempts"] == 2, stack.logs()
+    assert "queued" in statuses(events)[1:]  # the lease ran out and the sweep re-queued the job
+    reports = [a for a in stack.get(f"/api/v1/jobs/{three}/artifacts").json() if a["kind"] == "report"]
+    assert len(reports) == 1
+    assert figures(stack.get(f"/api/v1/jobs/{three}/report").json()) == figures(single)
+    lines = [x for p in stack.procs if p.name.startswith("worker") for x in task_lines(p, three)]
+    computed = sorted(re.search(r"audit task (\d+)/", x).group(1) for x in lines if "computed" in x)
+    assert computed == ["1", "2"], lines  # each task computed once: the killed one only on attempt 2
+    killed = started[-1]
+    assert [x for x in lines if "computed" in x and f"task {killed}/" in x and "attempt 2" in x], lines
+    assert [x for x in lines if "found stored" in x and f"task {killed}/" not in x], lines

@@ -1,0 +1,103 @@
+"""One audit across many workers: a job's audit tasks as a Celery group whose chord callback publishes.
+
+`run_job` trains the teacher and control, stores both, and hands the audit over
+(`worker.celery_app.dispatch_audit`): one task per seed and budget phase goes to the job's queue,
+and a chord callback assembles, stores and publishes the report. Every task carries the job's claim:
+while it runs it renews the job's lease, sends progress events and stops on cancel; its result is
+written to the artifact store under the task's key, so a retried or duplicated task is never
+recomputed. A worker killed mid-task leaves its task undone and the lease runs out: the sweep
+re-queues the job, whose next attempt plans the same audit, finds every other result stored and
+redoes only the lost task.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from typing import Any
+
+from app.core.config import Settings
+from app.core.models import JobStatus
+from app.core.outage import is_outage
+from app.core.queue import Claim, LeaseLost
+from app.core.storage import ArtifactStore, StoredObject
+from ml.audit import AuditProgress, assemble, run
+from ml.train import TrainingCancelled
+from worker.pipeline import Handoff, JobContext, StoreResults, audit_plan, finish, publish_audit
+
+log = logging.getLogger(__name__)
+
+
+def _claim(handoff: Handoff) -> Claim:
+    return Claim(uuid.UUID(handoff["job_id"]), handoff["worker_id"], int(handoff["attempt"]))
+
+
+def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str, Any]:
+    """Task `index` of the job's audit, or its stored result; returns {"index", "ok"} for the callback."""
+    claim = _claim(handoff)
+    name = f"job {claim.job_id}: audit task {index + 1}/{handoff['tasks']} (attempt {claim.attempt})"
+    log.info("%s starts", name)
+    with JobContext(settings, claim) as ctx:
+        try:
+            ctx.check()  # a stale claim (a later attempt owns the job) or a cancel: no work
+            store = ArtifactStore.from_settings(settings)
+            p = audit_plan(ctx, store, handoff)
+            task = p.tasks[index]
+            results = StoreResults(store, claim.job_id)
+            stored, t0 = results.load(task.key) is not None, time.perf_counter()
+
+            def tick(done: int, message: str) -> None:
+                text = f"task {index + 1}/{len(p.tasks)}: {message}"
+                ctx.on_progress(
+                    AuditProgress(stage="audit", done=done, total=p.task_epochs(task.phase), message=text)
+                )
+
+            run(task, results=results, tick=tick)
+            log.info(
+                "%s %s", name, "found stored" if stored else f"computed in {time.perf_counter() - t0:.1f} s"
+            )
+            return {"index": index, "ok": True}
+        except LeaseLost:
+            log.warning("%s: the claim is gone, a later attempt owns the job", name)
+        except TrainingCancelled:
+            finish(ctx, JobStatus.cancelled)
+        except Exception as e:
+            if is_outage(e):
+                raise  # not the job's failure: the message is rejected for redelivery
+            log.exception("%s failed", name)
+            finish(ctx, JobStatus.failed, error=f"{type(e).__name__}: {e}")
+    return {"index": index, "ok": False}
+
+
+def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, settings: Settings) -> str:
+    """The chord callback: the report assembled from the stored results, stored and published."""
+    claim = _claim(handoff)
+    if not all(o.get("ok") for o in outcomes):
+        return "not published: a task did not finish"
+    with JobContext(settings, claim) as ctx:
+        try:
+            store = ArtifactStore.from_settings(settings)
+            p = audit_plan(ctx, store, handoff)
+            results = StoreResults(store, claim.job_id)
+            found = [r for t in p.tasks if (r := results.load(t.key)) is not None]
+            if len(found) < len(p.tasks):  # a duplicated delivery ended the chord early: the lease decides
+                log.warning(
+                    "job %s: %d of %d results stored; not published", claim.job_id, len(found), len(p.tasks)
+                )
+                return "incomplete"
+            files = [(n, k, m, StoredObject(key, sha, size)) for n, k, m, key, sha, size in handoff["files"]]
+            publish_audit(ctx, store, assemble(p, found), files, handoff["extra"])
+        except LeaseLost:
+            log.warning("job %s: not published, the claim of attempt %d is gone", claim.job_id, claim.attempt)
+            return "lease lost"
+        except Exception as e:
+            if is_outage(e):
+                raise
+            log.exception("job %s: assembling the report failed", claim.job_id)
+            finish(ctx, JobStatus.failed, error=f"{type(e).__name__}: {e}")
+            return "failed"
+    log.info("job %s: report of %d tasks published", claim.job_id, len(found))
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    return "succeeded"
