@@ -117,7 +117,7 @@ def _fm_comparison(protections: dict[str, Protection]) -> Benchmark:
     )
 
 
-# Other teachers (issue 6): does any teacher, served with full probabilities, stop function matching?
+# Other teachers: does any teacher, served with full probabilities, stop function matching?
 BENCHMARKS.register("mnist1d-teachers")(
     _fm_comparison(
         {
@@ -132,7 +132,7 @@ BENCHMARKS.register("mnist1d-teachers")(
         }
     )
 )
-# CMIM's own knobs (issue 6): does any setting, served with full probabilities, stop function matching?
+# CMIM's own knobs: does any setting, served with full probabilities, stop function matching?
 BENCHMARKS.register("mnist1d-cmim")(
     _fm_comparison(
         {

@@ -5,7 +5,7 @@ the teacher's tempered answer there, with no label term: the queries leave the d
 is where a protection trained on clean data is least constrained. Under label-only serving the
 tempered one-hot answer stays one-hot, so this copies the teacher's labels on mixed inputs.
 
-Two adaptive variants (issue 6) query where an off-manifold detector looks least: `fm_edge` mixes
+Two adaptive variants query where an off-manifold detector looks least: `fm_edge` mixes
 with ratios near 1 (each query stays close to one real input; the audit's `edge_range`), `fm_noise`
 adds Gaussian noise to a real input instead of mixing (the audit's `noise_scale`). Their default
 temperature is 1: they are aimed at protected (label-only, snapped, refusing) teachers, where T 1
@@ -56,7 +56,7 @@ class FMAdaptiveParams(AttackParams):
 @register
 class FMEdge(FM):
     key = "fm_edge"
-    paper = "adaptive fm (issue 6): mixing ratios near 1, built to pass off-manifold detectors"
+    paper = "adaptive fm: mixing ratios near 1, built to pass off-manifold detectors"
     Params = FMAdaptiveParams
     views = ("mixup_edge",)
     sweep = ()
@@ -66,7 +66,7 @@ class FMEdge(FM):
 @register
 class FMNoise(FM):
     key = "fm_noise"
-    paper = "adaptive fm (issue 6): Gaussian-noise queries around real inputs instead of mixup"
+    paper = "adaptive fm: Gaussian-noise queries around real inputs instead of mixup"
     Params = FMAdaptiveParams
     views = ("noise",)
     sweep = ()
