@@ -259,7 +259,7 @@ def _margin(section: dict[str, Any], student: str) -> tuple[float, float]:
 
 
 def summarise_paper(report: dict[str, Any], bench: Benchmark, wall_s: float) -> dict[str, Any]:
-    """The one-line JSON summary of the issue, in percent."""
+    """The benchmark's one-line JSON summary, in percent."""
     st = bench.student
     protected = report["protections"]["protected"]
     ce_margin, ce_se = _margin(report["control"], st)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Security
@@ -114,3 +115,22 @@ def get_owned(session: Session, model: type[M], ident: uuid.UUID, key: KeyInfo, 
     if obj is None or obj.owner_id != key.owner_id:  # type: ignore[attr-defined]
         raise not_found(kind, ident)
     return obj
+
+
+@contextmanager
+def upload_slot(request: Request) -> Iterator[None]:
+    """One of the process's upload slots for the duration of an upload's validation; 503 when none is free
+    (each upload may hold its decompressed contents in memory)."""
+    slots = request.app.state.upload_slots
+    if not slots.acquire(blocking=False):
+        limit = request.app.state.settings.max_concurrent_uploads
+        raise Problem(
+            503,
+            f"{limit} uploads are being validated already; retry shortly",
+            slug="uploads-busy",
+            headers={"Retry-After": "5"},
+        )
+    try:
+        yield
+    finally:
+        slots.release()

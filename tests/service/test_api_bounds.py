@@ -133,6 +133,8 @@ def test_too_many_concurrent_uploads_get_503_with_retry_after(client, caller) ->
         )
         assert_problem(r, 503)
         assert r.headers["retry-after"]
+        model = client.post("/api/v1/models", files={"file": ("m.onnx", b"x")}, headers=caller.headers)
+        assert "uploads are being validated" in assert_problem(model, 503)["detail"]
     finally:
         for _ in range(taken):
             slots.release()

@@ -12,7 +12,15 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import DatasetsRead, DatasetsWrite, SessionDep, SettingsDep, StoreDep, get_owned
+from app.api.deps import (
+    DatasetsRead,
+    DatasetsWrite,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    get_owned,
+    upload_slot,
+)
 from app.api.schemas import DatasetList, DatasetOut
 from app.core.models import Dataset
 from app.problems import Problem
@@ -94,15 +102,7 @@ async def upload_dataset(
         str, Query(min_length=1, max_length=200, description="a label for the dataset")
     ] = "upload",
 ) -> DatasetOut:
-    slots = request.app.state.upload_slots
-    if not slots.acquire(blocking=False):  # each upload may hold its decompressed arrays in memory
-        raise Problem(
-            503,
-            f"{settings.max_concurrent_uploads} uploads are being validated already; retry shortly",
-            slug="uploads-busy",
-            headers={"Retry-After": "5"},
-        )
-    try:
+    with upload_slot(request):
         path = await _receive_capped(request, settings.upload_max_bytes, Path(settings.work_dir) / "uploads")
         try:
             try:
@@ -114,8 +114,6 @@ async def upload_dataset(
             stored = await run_in_threadpool(store.put_file, path)
         finally:
             path.unlink(missing_ok=True)
-    finally:
-        slots.release()
     existing = session.scalar(
         select(Dataset).where(Dataset.owner_id == key.owner_id, Dataset.sha256 == stored.sha256)
     )

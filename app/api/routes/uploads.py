@@ -11,14 +11,26 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.api.deps import DatasetsRead, DatasetsWrite, SessionDep, SettingsDep, StoreDep, get_owned
+from app.api.deps import (
+    DatasetsRead,
+    DatasetsWrite,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    get_owned,
+    upload_slot,
+)
 from app.api.model_registry import declared, invalid, register_model
 from app.api.schemas import UploadedModelList, UploadedModelOut
+from app.core.config import Settings
+from app.core.keys import KeyInfo
 from app.core.models import UploadedModel
+from app.core.storage import ArtifactStore
 from app.problems import Problem
 
 router = APIRouter(prefix="/models", tags=["models (yours)"])
@@ -100,6 +112,18 @@ async def upload_model(
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
+) -> UploadedModelOut:
+    with upload_slot(request):  # the same slots as data sets: a model is held in memory while checked
+        return await _upload_model(request, response, key, session, settings, store)
+
+
+async def _upload_model(
+    request: Request,
+    response: Response,
+    key: KeyInfo,
+    session: Session,
+    settings: Settings,
+    store: ArtifactStore,
 ) -> UploadedModelOut:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise Problem(
