@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from ml.attacks.base import kl_rows
 from ml.cmi import class_centroids, model_logits
+from ml.evidence.keyed import KeyedRegion, fit_keyed
+from ml.evidence.secret import Secret
 from ml.oracle import Oracle, OutputMode, apply_output_mode, one_hot_argmax
 
 PER_QUERY_DETECTORS = ("confidence", "energy", "cluster_kl")
@@ -69,6 +71,13 @@ class PolicyConfig(BaseModel):
         "class centroid), perturb (log-space Gaussian noise of perturb_scale, renormalised, argmax kept)",
     )
     perturb_scale: float = Field(1.0, gt=0, le=100, description="perturb: std of the noise added to log p")
+    keyed_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=0.2,
+        description="keyed answers (evidence of theft, ml.evidence.keyed): this share of clean inputs, in a "
+        "slab of input space drawn from the job's secret, is answered with a secretly shifted label; 0: off",
+    )
 
     @model_validator(mode="after")
     def _memory(self) -> PolicyConfig:
@@ -169,12 +178,15 @@ class FittedPolicy:
     config: PolicyConfig
     centroids: Tensor  # (C, C)
     threshold: float | None = None  # flag a query when its score > threshold (per-query detectors)
+    keyed: KeyedRegion | None = None  # keyed answers: the secret slab and shift (server-side only)
 
     def to_tensors(self) -> dict[str, Tensor]:
         """Plain CPU tensors to store beside a checkpoint (safetensors); the config goes to JSON."""
         out = {"centroids": self.centroids.detach().float().cpu().contiguous()}
         if self.threshold is not None:
             out["threshold"] = torch.tensor([self.threshold], dtype=torch.float64)
+        if self.keyed is not None:
+            out |= {k: v.detach().cpu().contiguous() for k, v in self.keyed.to_tensors().items()}
         return out
 
     @classmethod
@@ -186,7 +198,10 @@ class FittedPolicy:
         if ("threshold" in tensors) != (config.detector in PER_QUERY_DETECTORS):
             raise ValueError(f"a stored threshold needs a per-query detector, not {config.detector!r}")
         threshold = float(tensors["threshold"].reshape(-1)[0]) if "threshold" in tensors else None
-        return cls(config, centroids, threshold)
+        if ("keyed_params" in tensors) != (config.keyed_fraction > 0):
+            raise ValueError("stored keyed answers need keyed_fraction > 0, and keyed_fraction > 0 needs them")
+        keyed = KeyedRegion.from_tensors(tensors) if "keyed_params" in tensors else None
+        return cls(config, centroids, threshold, keyed)
 
     def new_history(self) -> QueryHistory:
         """Fresh per-key state (used by prada; harmless for the others)."""
@@ -217,9 +232,15 @@ def query_scores(detector: str, probs: Tensor, logits: Tensor, centroids: Tensor
 
 
 def fit_policy(
-    config: PolicyConfig, model: nn.Module, x_fit: Tensor, y_fit: Tensor, x_calib: Tensor
+    config: PolicyConfig,
+    model: nn.Module,
+    x_fit: Tensor,
+    y_fit: Tensor,
+    x_calib: Tensor,
+    secret: Secret | None = None,
 ) -> FittedPolicy:
-    """Centroids from (x_fit, y_fit) and the threshold flagging a `fpr` share of x_calib's scores.
+    """Centroids from (x_fit, y_fit) and the threshold flagging a `fpr` share of x_calib's scores;
+    with keyed answers, the slab drawn from `secret` holding a `keyed_fraction` share of x_calib.
 
     Calibrating on the training inputs the teacher fitted under-estimates the flag rate on real
     traffic (the teacher is more confident there); held-out clean inputs give an honest rate.
@@ -236,7 +257,12 @@ def fit_policy(
         calib_logits = model_logits(model, x_calib)
         scores = query_scores(config.detector, torch.softmax(calib_logits, -1), calib_logits, centroids)
         threshold = float(torch.quantile(scores.double(), 1 - config.fpr))
-    return FittedPolicy(config, centroids, threshold)
+    keyed = None
+    if config.keyed_fraction > 0:
+        if secret is None:
+            raise ValueError("keyed answers need the job's evidence secret")
+        keyed = fit_keyed(x_fit, x_calib, config.keyed_fraction, num_classes, secret)
+    return FittedPolicy(config, centroids, threshold, keyed)
 
 
 def perturb(probs: Tensor, scale: float, generator: torch.Generator | None = None) -> Tensor:
@@ -269,6 +295,10 @@ def serve(
     if policy is None:
         return Served(plain, no, no.clone(), torch.zeros(batch, device=probs.device))
     cfg = policy.config
+    if policy.keyed is not None:  # the keyed label is the answer: detectors and actions work on it
+        if x is None:
+            raise ValueError("keyed answers need the queried inputs")
+        probs = policy.keyed.answer(probs, x)
     pred = probs.argmax(-1)
     centroids = policy.centroids.to(probs.device, probs.dtype)
     score = torch.zeros(batch, device=probs.device)

@@ -15,6 +15,7 @@ from ml.audit.config import CMI_CURVE_TEMPERATURES
 from ml.audit.stats import summarise
 from ml.cmi import cmi_by_temperature, model_logits
 from ml.data import Dataset
+from ml.evidence.secret import Secret
 from ml.oracle import Oracle, OutputMode
 from ml.policy import FittedPolicy, PolicyConfig, fit_policy, honest_cost
 from ml.train import accuracy
@@ -38,8 +39,11 @@ class BlackBox:
         )
 
 
-def serve_box(models: list[nn.Module], mode: OutputMode, policy: PolicyConfig, data: Dataset) -> BlackBox:
-    """A black box serving `models` through `mode` and `policy`, the policy fitted to each model.
+def serve_box(
+    models: list[nn.Module], mode: OutputMode, policy: PolicyConfig, data: Dataset, secret: Secret | None = None
+) -> BlackBox:
+    """A black box serving `models` through `mode` and `policy`, the policy fitted to each model (keyed
+    answers drawn from the evidence `secret`).
 
     Centroids come from the training split; per-query detector thresholds are calibrated on the first
     half of the test split (held-out clean inputs: on the training inputs a teacher is over-confident
@@ -48,7 +52,9 @@ def serve_box(models: list[nn.Module], mode: OutputMode, policy: PolicyConfig, d
     if policy == PolicyConfig():
         return BlackBox(models, mode)
     calib = data.x_test[: len(data.x_test) // 2]
-    return BlackBox(models, mode, [fit_policy(policy, m, data.x_train, data.y_train, calib) for m in models])
+    return BlackBox(
+        models, mode, [fit_policy(policy, m, data.x_train, data.y_train, calib, secret) for m in models]
+    )
 
 
 def serving_summary(box: BlackBox, data: Dataset) -> dict[str, Any]:

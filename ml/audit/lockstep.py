@@ -32,8 +32,9 @@ def train_lockstep(
     on_epoch: Callable[[int, int], None] | None = None,
     budget: int | None = None,
     transfer: Tensor | None = None,
-) -> None:
-    """Train every run of one seed on shared batches; fills each run's per-epoch accuracies.
+) -> Callable[[Tensor], Tensor]:
+    """Train every run of one seed on shared batches; fills each run's per-epoch accuracies and returns
+    `predict(x)`: the trained runs' (runs, N) predicted labels, in run order.
 
     With a budget, the runs train on `budget // views` cached samples for as many optimiser steps as
     the unlimited schedule takes (cfg.epochs passes over the labelled data).
@@ -93,6 +94,12 @@ def train_lockstep(
         for run, p in zip(g.runs, preds, strict=True):
             if run.teacher is not None:
                 run.fidelity = 100.0 * (p == teacher_pred[run.teacher]).float().mean().item()
+
+    def predict(x: Tensor) -> Tensor:
+        labels = {id(r): p for g in groups for r, p in zip(g.runs, g.predict(x.to(device)), strict=True)}
+        return torch.stack([labels[id(r)] for r in runs]).cpu()
+
+    return predict
 
 
 # Two student mixes: attacks that all query the student's own view (one shared teacher query per

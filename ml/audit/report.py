@@ -16,6 +16,7 @@ from ml.audit.statement import protection_statement
 from ml.audit.stats import row_stats
 from ml.audit.tasks import AuditPlan, TaskResult
 from ml.audit.verdict import combine_verdicts, judge, safe_budget
+from ml.evidence.audit import evidence_section, keyed_costs
 from ml.policy import FittedPolicy
 
 RowKey = tuple[int | None, str | None, str, str]  # (phase, black box, student arch, row name)
@@ -143,6 +144,13 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
             report["verdict"] = "inconclusive"
             report["verdict_reason"] += ", and the verdict cannot be undistillable"
     report["statement"] = protection_statement(report)
+    # --- evidence of theft (ml.evidence): detection over knockoffs, false positives over LS students ---
+    if plan.secret is not None and plan.challenges:
+        evidence = [e for t in plan.tasks for e in by_task[(t.seed_index, t.phase)].get("evidence", [])]
+        best = {k: v["best"] for k, v in values.items()}
+        costs = keyed_costs(teachers, dataset)
+        report["evidence"] = evidence_section(evidence, best, cfg.students, costs, plan.secret)
+    # --- end of evidence ---
     report["wall_s"] = wall_s
     policies = teachers["teacher"].policies
     return AuditResult(report, policies[0] if policies and len(policies) == 1 else None)

@@ -25,6 +25,8 @@ from ml.audit.lockstep import train_lockstep
 from ml.audit.students import Run
 from ml.cmi import model_logits
 from ml.data import Dataset, load_dataset
+from ml.evidence.audit import Challenges, build_challenges, evidence_records
+from ml.evidence.secret import Secret
 from ml.policy import PolicyConfig
 from ml.train import resolve_device
 
@@ -46,6 +48,8 @@ class AuditPlan:
     ls_rows: list[tuple[str, float, bool]]
     transfer: Tensor | None
     fingerprint: str = ""
+    secret: Secret | None = field(default=None, repr=False)  # the evidence secret (keyed answers, challenges)
+    challenges: Challenges = field(default_factory=dict, repr=False)
 
     @property
     def tasks(self) -> list[AuditTask]:
@@ -132,13 +136,16 @@ def plan(
     control: nn.Module | Sequence[nn.Module] | None = None,
     protections: dict[str, BlackBox] | None = None,
     budget_for: Sequence[str] | None = None,
+    secret: Secret | None = None,
 ) -> AuditPlan:
     """The audit of `teacher` as it will be served, as independent tasks.
 
     `teacher` and `control` may be one model or one per seed (seed i attacks model i); `protections`
     adds further black boxes attacked in the same lockstep, against the same LS students; `budget_for`
-    names the black boxes attacked under the query budgets (default: all).
+    names the black boxes attacked under the query budgets (default: all). `secret` draws keyed
+    answers and the evidence challenges (default: the benchmarks' reproducible one).
     """
+    secret = secret or Secret.benchmark(cfg.base_seed)
     if cfg.control and control is None:
         raise ValueError("the audit asks for a CE control (control=true) but no control teacher was given")
     data = (
@@ -154,12 +161,12 @@ def plan(
                 f"the audit's data has {dataset.input_shape}"
             )
         transfer = pool.x_train[: cfg.transfer_size]
-    teachers = {"teacher": serve_box(as_models(teacher), cfg.output_mode, cfg.policy, dataset)}
+    teachers = {"teacher": serve_box(as_models(teacher), cfg.output_mode, cfg.policy, dataset, secret)}
     if cfg.compare_raw and (cfg.output_mode.kind != "probs" or cfg.policy != PolicyConfig()):
         teachers["teacher_raw"] = BlackBox(as_models(teacher))
     if cfg.control:
         assert control is not None
-        teachers["control"] = serve_box(as_models(control), cfg.output_mode, cfg.policy, dataset)
+        teachers["control"] = serve_box(as_models(control), cfg.output_mode, cfg.policy, dataset, secret)
     for name, box in (protections or {}).items():
         if name in teachers:
             raise ValueError(f"protection name {name!r} is reserved")
@@ -172,7 +179,7 @@ def plan(
         cfg = cfg.model_copy(update={"query_budgets": []})
     out = AuditPlan(
         cfg, dataset, data, teachers, list(protections or {}), budget_teachers, cfg.attack_rows(),
-        ls_rows(cfg), transfer,
+        ls_rows(cfg), transfer, secret=secret, challenges=build_challenges(teachers, dataset, secret, cfg.seeds),
     )  # fmt: skip
     out.fingerprint = _fingerprint(out)
     return out
@@ -201,6 +208,11 @@ def _fingerprint(p: AuditPlan) -> str:
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
     if p.transfer is not None:
         h.update(p.transfer.detach().cpu().contiguous().numpy().tobytes())
+    for mech, per_box in p.challenges.items():  # the evidence each task measures
+        for box, per_seed in per_box.items():
+            h.update(f"evidence {mech} {box}".encode())
+            for ch in per_seed:
+                h.update(ch.x.numpy().tobytes() + ch.labels.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -223,6 +235,7 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
     # one attacker = one API key: a fresh oracle (query history) per phase
     oracles = {t: box.oracle(s, device) for t, box in p.teachers.items()}
     records: list[list[Any]] = []
+    evidence: list[list[Any]] = []  # every student's agreement on every challenge (ml.evidence.audit)
 
     def record(runs: list[Run], n_queries: Callable[[Run], int]) -> None:
         records.extend(
@@ -239,7 +252,10 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
     if phase is None:
         runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in p.ls_rows]
         runs += p.attack_runs(list(p.teachers))
-        train_lockstep(runs, data, oracles, cfg, seed, on_epoch=ticker(task.describe()), transfer=p.transfer)
+        predict = train_lockstep(
+            runs, data, oracles, cfg, seed, on_epoch=ticker(task.describe()), transfer=p.transfer
+        )
+        evidence += evidence_records(runs, predict, p.challenges, s, phase)
         record(runs, lambda r: cfg.epochs * len(data.x_train) * len(r.views) if r.teacher else 0)
     else:
         pending = p.attack_runs(p.budget_teachers)
@@ -247,12 +263,13 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
         for n_views in dict.fromkeys(len(r.views) for r in pending):
             group = [r for r in pending if len(r.views) == n_views]
             on_epoch = ticker(f"{task.describe()}, {n_views}-view attacks")
-            train_lockstep(
+            predict = train_lockstep(
                 group, data, oracles, cfg, seed, on_epoch=on_epoch, budget=phase, transfer=p.transfer
             )
+            evidence += evidence_records(group, predict, p.challenges, s, phase)
             record(group, lambda r: phase // len(r.views) * len(r.views))
             done += cfg.epochs
-    result = {"key": task.key, "seed_index": s, "phase": phase, "records": records}
+    result = {"key": task.key, "seed_index": s, "phase": phase, "records": records, "evidence": evidence}
     if results is not None:
         results.save(task.key, result)
     return result

@@ -1,0 +1,16 @@
+"""Evidence of theft: tests an owner can run on a suspect model to show it was distilled from theirs.
+
+Modules, one concept each: secret (the per-job secret and its commitment), base (challenge sets),
+stats (the test against independent models), fingerprint and keyed (the mechanisms), registry.
+"""
+
+from ml.evidence.base import Challenge, Mechanism
+from ml.evidence.keyed import KeyedRegion, fit_keyed
+from ml.evidence.registry import CHALLENGE_POINTS, DEFAULT_MECHANISM, MECHANISMS
+from ml.evidence.secret import Secret
+from ml.evidence.stats import ALPHA, NullModel, loo_fpr
+
+__all__ = [
+    "ALPHA", "CHALLENGE_POINTS", "DEFAULT_MECHANISM", "MECHANISMS", "Challenge", "KeyedRegion", "Mechanism",
+    "NullModel", "Secret", "fit_keyed", "loo_fpr",
+]  # fmt: skip

@@ -1,0 +1,140 @@
+"""Evidence measured by the audit: every student's agreement on every challenge, and the section of the
+report that turns them into detection rates (knockoffs) and false-positive rates (LS students).
+
+The audit trains both populations an evidence test needs: knockoffs of every attack (positives) and
+independent LS students of the same data and architecture (negatives). Duck-typed on the audit's
+black boxes and runs, so ml.audit imports this module and not the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from ml.data import Dataset
+from ml.evidence.base import Challenge
+from ml.evidence.registry import CHALLENGE_POINTS, MECHANISMS
+from ml.evidence.secret import Secret
+from ml.evidence.stats import ALPHA, NullModel, loo_fpr
+
+Challenges = dict[str, dict[str, list[Challenge]]]  # mechanism -> black box -> one per seed
+NEAR_LS_POINTS = 1.0  # "near LS": a knockoff within this many points of the best LS student, or above
+
+
+def build_challenges(boxes: dict[str, Any], data: Dataset, secret: Secret, seeds: int) -> Challenges:
+    """Each mechanism's challenge for each black box and seed (boxes serving one model the same way share)."""
+    out: Challenges = {}
+    for name, mech in MECHANISMS.items():
+        cache: dict[tuple[int, int], Challenge | None] = {}
+        for box_name, box in boxes.items():
+            per_seed = []
+            for s in range(seeds):
+                model = box.models[s % len(box.models)]
+                policy = box.policies[s % len(box.policies)] if box.policies else None
+                key = (id(model), id(policy) if mech.serving else 0)
+                if key not in cache:
+                    cache[key] = mech.challenge(model, policy, data, secret, CHALLENGE_POINTS)
+                per_seed.append(cache[key])
+            if all(c is not None for c in per_seed):
+                out.setdefault(name, {})[box_name] = per_seed
+    return out
+
+
+def evidence_records(
+    runs: Sequence[Any], predict: Callable[[Tensor], Tensor], challenges: Challenges, seed_index: int,
+    phase: int | None,
+) -> list[list[Any]]:  # fmt: skip
+    """[phase, teacher (None: LS), arch, row, mechanism, black box, agreement] for every trained run:
+    one batched forward of all runs per distinct challenge; LS runs are negatives for every box."""
+    records: list[list[Any]] = []
+    preds: dict[int, Tensor] = {}
+    for mech, per_box in challenges.items():
+        for box, per_seed in per_box.items():
+            ch = per_seed[seed_index]
+            if id(ch) not in preds:
+                preds[id(ch)] = predict(ch.x)
+            for r, p in zip(runs, preds[id(ch)], strict=True):
+                if r.teacher is None or r.teacher == box:
+                    records.append([phase, r.teacher, r.arch, r.name, mech, box, ch.agreement(p)])
+    return records
+
+
+def evidence_section(
+    records: list[list[Any]], accuracy: dict[tuple[Any, ...], list[float]], archs: list[str],
+    costs: dict[str, dict[str, float]], secret: Secret,
+) -> dict[str, Any]:  # fmt: skip
+    """The report's evidence section. `accuracy[(phase, teacher, arch, row)]` are best accuracies per
+    seed (seed order, as the records); `costs` the honest cost of each keyed black box."""
+    agree: dict[tuple[Any, ...], list[float]] = {}
+    for phase, teacher, arch, row, mech, box, a in records:  # records come in seed order
+        agree.setdefault((mech, box, arch, phase, teacher, row), []).append(a)
+    out: dict[str, Any] = {"commitment": secret.commitment(), "alpha": ALPHA, "points": CHALLENGE_POINTS,
+                           "near_ls_points": NEAR_LS_POINTS, "mechanisms": {}}  # fmt: skip
+    for mech, box, arch in dict.fromkeys((k[0], k[1], k[2]) for k in agree):
+        negatives = {k[5]: v for k, v in agree.items() if k[:3] == (mech, box, arch) and k[4] is None}
+        pooled = [a for v in negatives.values() for a in v]
+        ls = {row: accuracy[(None, None, arch, row)] for row in negatives}
+        best_ls = ls[max(ls, key=lambda r: np.mean(ls[r]))]
+        null = NullModel.fit(pooled, CHALLENGE_POINTS)
+        phases: dict[str, Any] = {}
+        for (m, b, ar, phase, teacher, row), values in agree.items():
+            if (m, b, ar) != (mech, box, arch) or teacher is None:
+                continue
+            acc = accuracy[(phase, teacher, arch, row)]
+            p = [null.p_value(a) for a in values]
+            near = [a >= ls_a - NEAR_LS_POINTS for a, ls_a in zip(acc, best_ls, strict=True)]
+            key = "unlimited" if phase is None else str(phase)
+            phases.setdefault(key, {})[row] = {
+                "agreement": values, "p": p, "detected": float(np.mean([q < ALPHA for q in p])), "near_ls": near,
+            }  # fmt: skip
+        summary = {
+            "null": null.to_json(),
+            "negatives": pooled,
+            "fpr": loo_fpr(pooled, CHALLENGE_POINTS),
+            "threshold": null.threshold(),
+            **{f"{k}_{ph}": v for ph, rows in phases.items() for k, v in rates(rows).items()},
+            "phases": phases,
+        }
+        if box in costs:
+            summary["honest_cost"] = costs[box]
+        out["mechanisms"].setdefault(mech, {"serving": MECHANISMS.get(mech).serving})
+        out["mechanisms"][mech].setdefault(box, {})[arch] = summary
+    return out
+
+
+def rates(rows: dict[str, Any]) -> dict[str, Any]:
+    """TPR over every knockoff of a phase, and over the near-LS ones (with how many there are)."""
+    hits = [q < ALPHA for r in rows.values() for q in r["p"]]
+    near = [q < ALPHA for r in rows.values() for q, n in zip(r["p"], r["near_ls"], strict=True) if n]
+    return {"tpr": float(np.mean(hits)), "tpr_near_ls": float(np.mean(near)) if near else None,
+            "near_ls": len(near), "knockoffs": len(hits)}  # fmt: skip
+
+
+def keyed_costs(boxes: dict[str, Any], data: Dataset) -> dict[str, dict[str, float]]:
+    """For black boxes with keyed answers: honest cost with them and without (second half of the test
+    split, as the serving summary), means over the per-seed teachers."""
+    from ml.policy import honest_cost  # ml.policy imports ml.evidence
+
+    half = len(data.x_test) // 2
+    x, y = data.x_test[half:], data.y_test[half:]
+    out = {}
+    for name, box in boxes.items():
+        if not box.policies or box.policies[0].keyed is None:
+            continue
+        with_k, without = [], []
+        for i, m in enumerate(box.models):
+            pol = box.policies[i % len(box.policies)]
+            with_k.append(honest_cost(m, box.mode, pol, x, y))
+            without.append(honest_cost(m, box.mode, dataclasses.replace(pol, keyed=None), x, y))
+        mean = lambda cs, k: float(np.mean([c[k] for c in cs]))  # noqa: E731
+        out[name] = {
+            "accuracy": mean(with_k, "accuracy"),
+            "accuracy_lost": mean(without, "accuracy") - mean(with_k, "accuracy"),
+            "ece": mean(with_k, "ece"),
+            "altered": mean(with_k, "altered") - mean(without, "altered"),
+        }
+    return out
