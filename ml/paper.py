@@ -18,6 +18,7 @@ from torch import nn
 
 from ml.audit import AuditConfig, AuditProgress, BlackBox, run_audit, serve_box
 from ml.data import Dataset, load_dataset
+from ml.evidence import DEFAULT_MECHANISM, Secret
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.registry import Registry
@@ -86,6 +87,10 @@ class Benchmark(BaseModel):
             "ce_label": Protection(objective="ce", output_mode=OutputMode(kind="label")),
             # the product's default: the best trade-off found, CMIM served label-only
             "protected": Protection(output_mode=OutputMode(kind="label")),
+            # evidence of theft at serving time: the default plus keyed answers on 0.5 % of inputs
+            "protected_keyed": Protection(
+                output_mode=OutputMode(kind="label"), policy=PolicyConfig(keyed_fraction=0.005)
+            ),
         }
     )
 
@@ -170,8 +175,9 @@ def run_paper(
         output_mode=OutputMode(),  # the "ce" and "cmim" rows serve full probabilities; protections differ
         device=device,
     )
+    secret = Secret.benchmark(cfg.base_seed)  # the audit's own default: keyed boxes and challenges agree
     boxes: dict[str, BlackBox] = {
-        name: serve_box(teachers[_recipe_key(bench, *p.recipe(bench))], p.output_mode, p.policy, data)
+        name: serve_box(teachers[_recipe_key(bench, *p.recipe(bench))], p.output_mode, p.policy, data, secret)
         for name, p in bench.protections.items()
     }
     report = run_audit(
@@ -282,8 +288,75 @@ def summarise_paper(report: dict[str, Any], bench: Benchmark, wall_s: float) -> 
         "honest_refused": protected["serving"]["honest_cost"]["altered"],
         "safe_budget": safe.get("protected", {}).get(st),
         "ce_safe_budget": safe.get("control", {}).get(st),
+        **evidence_summary(report, st),
         "wall_s": wall_s,
     }
+
+
+# --- evidence of theft (ml.evidence) ---
+EVIDENCE_BOXES = ("protected", "control")  # the default protection and the CE control
+
+
+def evidence_summary(report: dict[str, Any], student: str) -> dict[str, Any]:
+    """The default mechanism's TPR over the near-LS knockoffs (unlimited queries) of the default protection
+    and the CE control, FPR over the independent LS students, and its cost to honest users (points)."""
+    mech = report.get("evidence", {}).get("mechanisms", {}).get(DEFAULT_MECHANISM, {})
+    found = [mech[b][student] for b in EVIDENCE_BOXES if b in mech]
+    if not found:
+        return {"evidence_tpr": None, "evidence_fpr": None, "evidence_cost": None}
+    alpha = report["evidence"]["alpha"]
+    hits = [
+        q < alpha
+        for sec in found
+        for row in sec["phases"].get("unlimited", {}).values()
+        for q, near in zip(row["p"], row["near_ls"], strict=True)
+        if near
+    ]
+    return {
+        "evidence_tpr": sum(hits) / len(hits) if hits else None,
+        "evidence_fpr": max(sec["fpr"] for sec in found),
+        "evidence_cost": max(sec.get("honest_cost", {}).get("accuracy_lost", 0.0) for sec in found),
+    }
+
+
+def evidence_markdown(report: dict[str, Any], student: str) -> list[str]:
+    """One row per mechanism x black box: null, FPR, TPR (all, near LS, per attack), median p, cost."""
+    ev = report.get("evidence")
+    if not ev:
+        return []
+    lines = [
+        "",
+        f"Evidence of theft (alpha {ev['alpha']}, {ev['points']} challenge points; TPR over knockoffs with "
+        "unlimited queries; near LS: within 1 point of the best LS student or above; FPR: leave-one-out "
+        "over the independent LS students; commitment sha256 " + ev["commitment"]["sha256"][:16] + "...).",
+        "",
+        "| mechanism | black box | null agreement (n) | FPR | TPR | TPR near LS (n) | per attack TPR "
+        "(median agreement, median p) | honest acc lost / altered % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mech, boxes in ev["mechanisms"].items():
+        for box, per_arch in boxes.items():
+            if box == "serving" or student not in per_arch:
+                continue
+            sec = per_arch[student]
+            rows = sec["phases"].get("unlimited", {})
+            per = ", ".join(
+                f"{a} {r['detected']:.2f} ({sorted(r['agreement'])[len(r['agreement']) // 2]:.3f}, "
+                f"{sorted(r['p'])[len(r['p']) // 2]:.1e})"
+                for a, r in rows.items()
+            )
+            near, cost, null = sec.get("tpr_near_ls_unlimited"), sec.get("honest_cost"), sec["null"]
+            near_s = "-" if near is None else f"{near:.2f}"
+            cost_s = "-" if cost is None else f"{cost['accuracy_lost']:.2f} / {cost['altered']:.2f}"
+            lines.append(
+                f"| {mech} | {box} | {null['mean']:.3f} ± {null['std']:.3f} ({null['n']}) | "
+                f"{sec['fpr']:.3f} | {sec.get('tpr_unlimited', float('nan')):.2f} | "
+                f"{near_s} ({sec.get('near_ls_unlimited', 0)}) | {per} | {cost_s} |"
+            )
+    return lines
+
+
+# --- end of evidence ---
 
 
 def paper_rows(report: dict[str, Any], student: str) -> list[list[Any]]:
@@ -359,6 +432,7 @@ def paper_markdown(report: dict[str, Any], student: str) -> str:
             "|---|---|---|---|---|---|",
         ]
         lines += ["| " + " | ".join(map(str, r)) + " |" for r in budget_rows(report, student)]
+    lines += evidence_markdown(report, student)
     return "\n".join(lines) + "\n"
 
 

@@ -199,7 +199,9 @@ class FittedPolicy:
             raise ValueError(f"a stored threshold needs a per-query detector, not {config.detector!r}")
         threshold = float(tensors["threshold"].reshape(-1)[0]) if "threshold" in tensors else None
         if ("keyed_params" in tensors) != (config.keyed_fraction > 0):
-            raise ValueError("stored keyed answers need keyed_fraction > 0, and keyed_fraction > 0 needs them")
+            raise ValueError(
+                "stored keyed answers need keyed_fraction > 0, and keyed_fraction > 0 needs them"
+            )
         keyed = KeyedRegion.from_tensors(tensors) if "keyed_params" in tensors else None
         return cls(config, centroids, threshold, keyed)
 

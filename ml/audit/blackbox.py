@@ -40,7 +40,11 @@ class BlackBox:
 
 
 def serve_box(
-    models: list[nn.Module], mode: OutputMode, policy: PolicyConfig, data: Dataset, secret: Secret | None = None
+    models: list[nn.Module],
+    mode: OutputMode,
+    policy: PolicyConfig,
+    data: Dataset,
+    secret: Secret | None = None,
 ) -> BlackBox:
     """A black box serving `models` through `mode` and `policy`, the policy fitted to each model (keyed
     answers drawn from the evidence `secret`).

@@ -149,7 +149,7 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
         evidence = [e for t in plan.tasks for e in by_task[(t.seed_index, t.phase)].get("evidence", [])]
         best = {k: v["best"] for k, v in values.items()}
         costs = keyed_costs(teachers, dataset)
-        report["evidence"] = evidence_section(evidence, best, cfg.students, costs, plan.secret)
+        report["evidence"] = evidence_section(evidence, best, costs, plan.secret)
     # --- end of evidence ---
     report["wall_s"] = wall_s
     policies = teachers["teacher"].policies

@@ -177,9 +177,10 @@ def plan(
         raise ValueError(f"budget_for names no audited black box: {', '.join(unknown)}")
     if not budget_teachers:  # the report states the budgets that were run
         cfg = cfg.model_copy(update={"query_budgets": []})
+    challenges = build_challenges(teachers, dataset, secret, cfg.seeds)
     out = AuditPlan(
         cfg, dataset, data, teachers, list(protections or {}), budget_teachers, cfg.attack_rows(),
-        ls_rows(cfg), transfer, secret=secret, challenges=build_challenges(teachers, dataset, secret, cfg.seeds),
+        ls_rows(cfg), transfer, secret=secret, challenges=challenges,
     )  # fmt: skip
     out.fingerprint = _fingerprint(out)
     return out

@@ -64,9 +64,11 @@ def evidence_records(
 
 
 def evidence_section(
-    records: list[list[Any]], accuracy: dict[tuple[Any, ...], list[float]], archs: list[str],
-    costs: dict[str, dict[str, float]], secret: Secret,
-) -> dict[str, Any]:  # fmt: skip
+    records: list[list[Any]],
+    accuracy: dict[tuple[Any, ...], list[float]],
+    costs: dict[str, dict[str, float]],
+    secret: Secret,
+) -> dict[str, Any]:
     """The report's evidence section. `accuracy[(phase, teacher, arch, row)]` are best accuracies per
     seed (seed order, as the records); `costs` the honest cost of each keyed black box."""
     agree: dict[tuple[Any, ...], list[float]] = {}
@@ -88,9 +90,13 @@ def evidence_section(
             p = [null.p_value(a) for a in values]
             near = [a >= ls_a - NEAR_LS_POINTS for a, ls_a in zip(acc, best_ls, strict=True)]
             key = "unlimited" if phase is None else str(phase)
+            detected = float(np.mean([q < ALPHA for q in p]))
             phases.setdefault(key, {})[row] = {
-                "agreement": values, "p": p, "detected": float(np.mean([q < ALPHA for q in p])), "near_ls": near,
-            }  # fmt: skip
+                "agreement": values,
+                "p": p,
+                "detected": detected,
+                "near_ls": near,
+            }
         summary = {
             "null": null.to_json(),
             "negatives": pooled,

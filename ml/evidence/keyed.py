@@ -66,7 +66,9 @@ class KeyedRegion:
         return cls(t["keyed_direction"].float(), centre, half, int(shift), t["keyed_mean"], t["keyed_std"])
 
 
-def fit_keyed(x_fit: Tensor, x_calib: Tensor, fraction: float, num_classes: int, secret: Secret) -> KeyedRegion:
+def fit_keyed(
+    x_fit: Tensor, x_calib: Tensor, fraction: float, num_classes: int, secret: Secret
+) -> KeyedRegion:
     """The slab and shift drawn from the secret (inputs standardised per channel with x_fit's statistics);
     the half-width puts `fraction` of x_calib inside."""
     g = seeded(secret.derive("keyed"))
