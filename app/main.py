@@ -12,7 +12,7 @@ from fastapi_offline import FastAPIOffline
 
 from app.api.inference import HistoryCache, ModelCache
 from app.api.job_service import EventWatch
-from app.api.routes import catalog, datasets, health, jobs, keys, models, uploads
+from app.api.routes import catalog, datasets, evidence, health, jobs, keys, models, uploads
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.keys import KeyCache
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
     api.include_router(models.simple)
-    for module in (jobs, datasets, uploads, keys, catalog):
+    for module in (jobs, datasets, uploads, evidence, keys, catalog):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)

@@ -314,7 +314,7 @@ def evidence_summary(report: dict[str, Any], student: str) -> dict[str, Any]:
     ]
     return {
         "evidence_tpr": sum(hits) / len(hits) if hits else None,
-        "evidence_fpr": max(sec["fpr"] for sec in found),
+        "evidence_fpr": max((sec["fpr"] for sec in found if sec["fpr"] is not None), default=None),
         "evidence_cost": max(sec.get("honest_cost", {}).get("accuracy_lost", 0.0) for sec in found),
     }
 
@@ -336,7 +336,7 @@ def evidence_markdown(report: dict[str, Any], student: str) -> list[str]:
     ]
     for mech, boxes in ev["mechanisms"].items():
         for box, per_arch in boxes.items():
-            if box == "serving" or student not in per_arch:
+            if box == "serving" or student not in per_arch or per_arch[student]["null"] is None:
                 continue
             sec = per_arch[student]
             rows = sec["phases"].get("unlimited", {})

@@ -57,6 +57,8 @@ from ml.audit import (
 from ml.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from ml.data import Dataset as Data
 from ml.data import load_dataset
+from ml.evidence import DEFAULT_MECHANISM, Secret
+from ml.evidence.verify import pack_challenge, store_names
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
 from ml.train import EpochReport, TrainConfig, TrainingCancelled, TrainResult, check_fits, train_model
 
@@ -322,10 +324,28 @@ def audit_plan(ctx: JobContext, store: ArtifactStore, handoff: Handoff) -> Audit
         _, _, _, data = _inputs(ctx, store)
         teacher = _stored_model(store, *handoff["teacher"], data)
         control = None if handoff["control"] is None else _stored_model(store, *handoff["control"], data)
-        _keep_plan(
-            key, plan(AuditConfig.model_validate(handoff["audit_config"]), teacher, data, control=control)
-        )
+        cfg, secret = AuditConfig.model_validate(handoff["audit_config"]), evidence_secret(store, ctx)
+        _keep_plan(key, plan(cfg, teacher, data, control=control, secret=secret))
     return _plans[key]
+
+
+def evidence_secret(store: ArtifactStore, ctx: JobContext) -> Secret:
+    """The job's evidence secret: made (and committed to) the first time, then read back on every worker
+    and attempt. Kept as a named object, never as an artifact: no route serves it."""
+    name = store_names(str(ctx.claim.job_id))[0]
+    raw = ctx.retrying(lambda: store.read_named(name), "read the evidence secret")
+    if raw is not None:
+        return Secret.from_json(json.loads(raw))
+    secret = Secret.new()
+    ctx.retrying(lambda: store.write_named(name, json.dumps(secret.to_json()).encode()), "store the secret")
+    return secret
+
+
+def _store_challenge(store: ArtifactStore, ctx: JobContext, p: AuditPlan) -> None:
+    """What verification needs besides the report: the default mechanism's challenge for the teacher."""
+    data = pack_challenge(p.challenges[DEFAULT_MECHANISM]["teacher"][0])
+    name = store_names(str(ctx.claim.job_id))[1]
+    ctx.retrying(lambda: store.write_named(name, data), "store the evidence challenge")
 
 
 def _keep_plan(key: tuple[uuid.UUID, int], p: AuditPlan) -> None:
@@ -354,6 +374,12 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
     store = ArtifactStore.from_settings(ctx.settings)
     ctx.work.mkdir(parents=True, exist_ok=True)
     job, teacher_cfg, audit_cfg, data = _inputs(ctx, store)
+    if audit_cfg.policy.keyed_fraction > 0:
+        # the key would have to be served beside the model (policy.safetensors is a downloadable artifact)
+        raise ValueError(
+            "keyed answers (policy.keyed_fraction > 0) are measured by the audit and the benchmark; "
+            "the service does not serve them"
+        )
     model_id, fine_tune = job.spec["teacher"].get("model_id"), job.spec["teacher"].get("fine_tune", False)
 
     if model_id is None:
@@ -384,7 +410,14 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
     # A job re-claimed in this stage gets its teacher and control back from their finished state
     # files and its finished audit tasks back from the store: only unfinished tasks run again.
     results = StoreResults(store, ctx.claim.job_id)
-    p = plan(audit_cfg, model, data, control=None if control is None else control.model)
+    p = plan(
+        audit_cfg,
+        model,
+        data,
+        control=None if control is None else control.model,
+        secret=evidence_secret(store, ctx),
+    )
+    _store_challenge(store, ctx, p)
     _keep_plan((ctx.claim.job_id, ctx.claim.attempt), p)  # this worker's tasks of the job need not rebuild it
     if fan_out is None:
         result = assemble(p, run_in_process(p, on_progress=ctx.on_progress, results=results))

@@ -344,3 +344,60 @@ class PredictResponse(BaseModel):
         None, description="the serving policy's config (as audited); null when served without one"
     )
     predictions: list[Prediction]
+
+
+# --- evidence of theft: challenge and verification (app/api/routes/evidence.py) ---
+
+
+class Commitment(BaseModel):
+    sha256: str = Field(description="sha256 of the job's evidence secret (the secret itself is never served)")
+    committed_at: str = Field(description="when the secret was made, before the model was served (UTC)")
+
+
+class ChallengeOut(BaseModel):
+    model: uuid.UUID
+    mechanism: str = Field(description="the evidence mechanism the challenge belongs to")
+    points: int
+    input_shape: list[int]
+    inputs: list[Any] = Field(description="(points, *input_shape) inputs to ask the suspect, in this order")
+    commitment: Commitment
+
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"suspect_model_id": "00000000-0000-0000-0000-000000000000"}]},
+    )
+
+    suspect_model_id: uuid.UUID | None = Field(
+        None, description="an uploaded model of yours (POST /api/v1/models) to test; or give `answers`"
+    )
+    answers: list[int] | None = Field(
+        None,
+        max_length=4096,
+        description="a black-box suspect's labels on the challenge inputs (GET .../challenge), in order",
+    )
+
+
+class VerifyOut(BaseModel):
+    model: uuid.UUID
+    suspect: str = Field(description="`uploaded model <id>` or `answers`")
+    mechanism: str
+    points: int
+    agreement: float = Field(description="share of the challenge on which the suspect gives the copy's label")
+    p_value: float = Field(description="chance that a model trained independently agrees at least this much")
+    alpha: float
+    verdict: Literal["copy", "not_shown"] = Field(
+        description="copy: p < alpha; not_shown: the test does not show a copy (no proof of innocence)"
+    )
+    threshold: float = Field(description="the agreement above which a suspect is called a copy")
+    false_positive_bound: float = Field(
+        description="under the null (suspects like the audit's independent students), P(copy) <= this"
+    )
+    measured_false_positive_rate: float = Field(
+        description="leave-one-out rate of `copy` over the audit's independent students"
+    )
+    null: dict[str, float | int] = Field(
+        description="agreement of the independent students: mean, std, n, points"
+    )
+    commitment: Commitment

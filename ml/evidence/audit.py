@@ -74,42 +74,57 @@ def evidence_section(
     agree: dict[tuple[Any, ...], list[float]] = {}
     for phase, teacher, arch, row, mech, box, a in records:  # records come in seed order
         agree.setdefault((mech, box, arch, phase, teacher, row), []).append(a)
-    out: dict[str, Any] = {"commitment": secret.commitment(), "alpha": ALPHA, "points": CHALLENGE_POINTS,
-                           "near_ls_points": NEAR_LS_POINTS, "mechanisms": {}}  # fmt: skip
+    out: dict[str, Any] = {
+        "commitment": secret.commitment(),
+        "alpha": ALPHA,
+        "points": CHALLENGE_POINTS,
+        "near_ls_points": NEAR_LS_POINTS,
+        "mechanisms": {},
+    }
     for mech, box, arch in dict.fromkeys((k[0], k[1], k[2]) for k in agree):
         negatives = {k[5]: v for k, v in agree.items() if k[:3] == (mech, box, arch) and k[4] is None}
         pooled = [a for v in negatives.values() for a in v]
         ls = {row: accuracy[(None, None, arch, row)] for row in negatives}
         best_ls = ls[max(ls, key=lambda r: np.mean(ls[r]))]
-        null = NullModel.fit(pooled, CHALLENGE_POINTS)
-        phases: dict[str, Any] = {}
-        for (m, b, ar, phase, teacher, row), values in agree.items():
-            if (m, b, ar) != (mech, box, arch) or teacher is None:
-                continue
-            acc = accuracy[(phase, teacher, arch, row)]
-            p = [null.p_value(a) for a in values]
-            near = [a >= ls_a - NEAR_LS_POINTS for a, ls_a in zip(acc, best_ls, strict=True)]
-            key = "unlimited" if phase is None else str(phase)
-            detected = float(np.mean([q < ALPHA for q in p]))
-            phases.setdefault(key, {})[row] = {
-                "agreement": values,
-                "p": p,
-                "detected": detected,
-                "near_ls": near,
-            }
-        summary = {
-            "null": null.to_json(),
-            "negatives": pooled,
-            "fpr": loo_fpr(pooled, CHALLENGE_POINTS),
-            "threshold": null.threshold(),
-            **{f"{k}_{ph}": v for ph, rows in phases.items() for k, v in rates(rows).items()},
-            "phases": phases,
-        }
+        if len(pooled) < 2:  # no test without a null: say so instead
+            reason = "fewer than 2 independent (LS) students: no test"
+            summary: dict[str, Any] = {"null": None, "negatives": pooled, "fpr": None, "reason": reason}
+        else:
+            summary = _tested(
+                agree, (mech, box, arch), NullModel.fit(pooled, CHALLENGE_POINTS), accuracy, best_ls
+            )
+            summary |= {"negatives": pooled, "fpr": loo_fpr(pooled, CHALLENGE_POINTS)}
         if box in costs:
             summary["honest_cost"] = costs[box]
         out["mechanisms"].setdefault(mech, {"serving": MECHANISMS.get(mech).serving})
         out["mechanisms"][mech].setdefault(box, {})[arch] = summary
     return out
+
+
+def _tested(
+    agree: dict[tuple[Any, ...], list[float]],
+    which: tuple[str, str, str],
+    null: NullModel,
+    accuracy: dict[tuple[Any, ...], list[float]],
+    best_ls: list[float],
+) -> dict[str, Any]:
+    """Per knockoff row and phase: agreements, p-values, detected share, near-LS flags; and the rates."""
+    phases: dict[str, Any] = {}
+    for (m, b, arch, phase, teacher, row), values in agree.items():
+        if (m, b, arch) != which or teacher is None:
+            continue
+        acc = accuracy[(phase, teacher, arch, row)]
+        p = [null.p_value(a) for a in values]
+        near = [a >= ls_a - NEAR_LS_POINTS for a, ls_a in zip(acc, best_ls, strict=True)]
+        detected = float(np.mean([q < ALPHA for q in p]))
+        key = "unlimited" if phase is None else str(phase)
+        phases.setdefault(key, {})[row] = {"agreement": values, "p": p, "detected": detected, "near_ls": near}
+    return {
+        "null": null.to_json(),
+        "threshold": null.threshold(),
+        **{f"{k}_{ph}": v for ph, rows in phases.items() for k, v in rates(rows).items()},
+        "phases": phases,
+    }
 
 
 def rates(rows: dict[str, Any]) -> dict[str, Any]:

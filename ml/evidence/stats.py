@@ -56,10 +56,11 @@ class NullModel:
         return asdict(self)
 
 
-def loo_fpr(agreements: list[float], points: int, alpha: float = ALPHA) -> float:
-    """Leave-one-out false-positive rate: each negative tested against a null fitted on the others."""
+def loo_fpr(agreements: list[float], points: int, alpha: float = ALPHA) -> float | None:
+    """Leave-one-out false-positive rate: each negative tested against a null fitted on the others
+    (None for fewer than 3 negatives)."""
     if len(agreements) < 3:
-        return float("nan")
+        return None
     hits = [
         NullModel.fit(agreements[:i] + agreements[i + 1 :], points).p_value(a) < alpha
         for i, a in enumerate(agreements)

@@ -1,0 +1,68 @@
+"""Verification of a suspect against what a job stored: its challenge (inputs and the copy's labels,
+server-side), the null of independent models (from the audit report) and the commitment."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ml.cmi import model_logits
+from ml.evidence.base import Challenge
+from ml.evidence.stats import ALPHA, NullModel
+
+MAX_POINTS = 4096  # bound on a stored challenge read back (a job stores CHALLENGE_POINTS)
+
+
+def store_names(job_id: str) -> tuple[str, str]:
+    """Names of a job's server-side evidence objects in the artifact store: (secret, challenge)."""
+    return f"evidence/{job_id}/secret.json", f"evidence/{job_id}/challenge.npz"
+
+
+def pack_challenge(ch: Challenge) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=ch.x.numpy().astype(np.float32), labels=ch.labels.numpy().astype(np.int64))
+    return buf.getvalue()
+
+
+def unpack_challenge(raw: bytes) -> Challenge:
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        x, labels = z["x"], z["labels"]
+    if len(x) != len(labels) or not 0 < len(x) <= MAX_POINTS:
+        raise ValueError(f"a stored challenge has {len(x)} inputs and {len(labels)} labels")
+    return Challenge(torch.from_numpy(x), torch.from_numpy(labels))
+
+
+def null_from_report(report: dict[str, Any], mechanism: str, box: str = "teacher") -> tuple[NullModel, float]:
+    """The null of the audit's independent students (pooled over student architectures) and its measured
+    leave-one-out false-positive rate (the worst over architectures)."""
+    per_arch = report["evidence"]["mechanisms"][mechanism][box]
+    negatives = [a for sec in per_arch.values() for a in sec["negatives"]]
+    tested = [sec["fpr"] for sec in per_arch.values() if sec["fpr"] is not None]
+    if len(negatives) < 3 or not tested:  # ValueError: the audit trained too few independent students
+        raise ValueError(f"the audit trained {len(negatives)} independent students; a test needs at least 3")
+    return NullModel.fit(negatives, report["evidence"]["points"]), max(tested)
+
+
+def predicted_labels(model: nn.Module, ch: Challenge) -> Tensor:
+    """A suspect model's labels on the challenge (one batched forward)."""
+    return model_logits(model, ch.x).argmax(-1)
+
+
+def verdict(ch: Challenge, predicted: Tensor, null: NullModel, measured_fpr: float) -> dict[str, Any]:
+    """The suspect's agreement, its p-value against independent models, and the call at ALPHA."""
+    agreement = ch.agreement(predicted)
+    p = null.p_value(agreement)
+    return {
+        "agreement": agreement,
+        "p_value": p,
+        "alpha": ALPHA,
+        "verdict": "copy" if p < ALPHA else "not_shown",
+        "threshold": null.threshold(),
+        "false_positive_bound": ALPHA,
+        "measured_false_positive_rate": measured_fpr,
+        "null": null.to_json(),
+    }
