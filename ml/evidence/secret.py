@@ -29,8 +29,9 @@ class Secret:
 
     @classmethod
     def benchmark(cls, base_seed: int) -> Secret:
-        """A deterministic secret for benchmarks and the CLI: reproducible, hence not secret."""
-        return cls(hashlib.sha256(f"cmim benchmark evidence {base_seed}".encode()).digest(), _now())
+        """A deterministic secret for benchmarks and the CLI: reproducible, hence not secret (and its
+        commitment carries no time: the same audit gives the same report)."""
+        return cls(hashlib.sha256(f"cmim benchmark evidence {base_seed}".encode()).digest(), "benchmark")
 
     def derive(self, purpose: str) -> int:
         """A 63-bit seed for one use of the secret (`purpose` separates uses)."""

@@ -19,6 +19,9 @@ SUMMARY_KEYS = {
     "honest_refused",
     "safe_budget",
     "ce_safe_budget",
+    "evidence_tpr",
+    "evidence_fpr",
+    "evidence_cost",
     "wall_s",
 }
 
@@ -63,6 +66,10 @@ def test_tiny_paper_benchmark() -> None:
         ["protected", "safe"],
     ]
     assert summary["ce_safe_budget"] == report["safe_budget"]["control"]["mlp"]
+    # evidence: the default mechanism over the default protection and the control (4 LS students here)
+    fingerprint = report["evidence"]["mechanisms"]["fingerprint"]
+    assert summary["evidence_fpr"] == max(fingerprint[b]["mlp"]["fpr"] for b in ("protected", "control"))
+    assert summary["evidence_cost"] == 0.0 and "| fingerprint | protected |" in "\n".join(table)
     full = BENCHMARKS.get("mnist1d")
     assert "protected" in full.protections and {"fm", "fm_edge", "fm_noise"} <= set(full.attacks)
 
