@@ -354,8 +354,8 @@ def evidence_markdown(report: dict[str, Any], student: str) -> list[str]:
         "unlimited queries; near LS: within 1 point of the best LS student or above; FPR: leave-one-out "
         "over the independent LS students; commitment sha256 " + ev["commitment"]["sha256"][:16] + "...).",
         "",
-        "| mechanism | black box | null agreement (n) | FPR | TPR | TPR near LS (n) | per attack TPR "
-        "(median agreement, median p) | honest acc lost / altered % |",
+        "| mechanism | black box | null agreement per family (n) | FPR | TPR | TPR near LS (n) | "
+        "per attack TPR (median agreement, median p) | honest acc lost / altered % |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for mech, boxes in ev["mechanisms"].items():
@@ -369,11 +369,14 @@ def evidence_markdown(report: dict[str, Any], student: str) -> list[str]:
                 f"{sorted(r['p'])[len(r['p']) // 2]:.1e})"
                 for a, r in rows.items()
             )
-            near, cost, null = sec.get("tpr_near_ls_unlimited"), sec.get("honest_cost"), sec["null"]
+            near, cost = sec.get("tpr_near_ls_unlimited"), sec.get("honest_cost")
+            null = ", ".join(
+                f"{f} {n['mean']:.3f} ± {n['std']:.3f} ({n['n']})" for f, n in sec["null"].items()
+            )
             near_s = "-" if near is None else f"{near:.2f}"
             cost_s = "-" if cost is None else f"{cost['accuracy_lost']:.2f} / {cost['altered']:.2f}"
             lines.append(
-                f"| {mech} | {box} | {null['mean']:.3f} ± {null['std']:.3f} ({null['n']}) | "
+                f"| {mech} | {box} | {null} | "
                 f"{sec['fpr']:.3f} | {sec.get('tpr_unlimited', float('nan')):.2f} | "
                 f"{near_s} ({sec.get('near_ls_unlimited', 0)}) | {per} | {cost_s} |"
             )

@@ -8,9 +8,9 @@ from ml.evidence.base import Challenge, Mechanism
 from ml.evidence.keyed import KeyedRegion, fit_keyed
 from ml.evidence.registry import CHALLENGE_POINTS, DEFAULT_MECHANISM, MECHANISMS
 from ml.evidence.secret import Secret
-from ml.evidence.stats import ALPHA, NullModel, loo_fpr
+from ml.evidence.stats import ALPHA, Null, NullModel, loo_fpr
 
 __all__ = [
     "ALPHA", "CHALLENGE_POINTS", "DEFAULT_MECHANISM", "MECHANISMS", "Challenge", "KeyedRegion", "Mechanism",
-    "NullModel", "Secret", "fit_keyed", "loo_fpr",
+    "Null", "NullModel", "Secret", "fit_keyed", "loo_fpr",
 ]  # fmt: skip

@@ -19,7 +19,7 @@ from ml.data import Dataset
 from ml.evidence.base import Challenge
 from ml.evidence.registry import CHALLENGE_POINTS, MECHANISMS
 from ml.evidence.secret import Secret
-from ml.evidence.stats import ALPHA, NullModel, loo_fpr
+from ml.evidence.stats import ALPHA, Null, loo_fpr
 
 Challenges = dict[str, dict[str, list[Challenge]]]  # mechanism -> black box -> one per seed
 NEAR_LS_POINTS = 1.0  # "near LS": a knockoff within this many points of the best LS student, or above
@@ -83,17 +83,19 @@ def evidence_section(
     }
     for mech, box, arch in dict.fromkeys((k[0], k[1], k[2]) for k in agree):
         negatives = {k[5]: v for k, v in agree.items() if k[:3] == (mech, box, arch) and k[4] is None}
-        pooled = [a for v in negatives.values() for a in v]
+        by_family: dict[str, list[float]] = {}
+        for row, values in negatives.items():
+            by_family.setdefault(family(row), []).extend(values)
         ls = {row: accuracy[(None, None, arch, row)] for row in negatives}
         best_ls = ls[max(ls, key=lambda r: np.mean(ls[r]))]
-        if len(pooled) < 2:  # no test without a null: say so instead
-            reason = "fewer than 2 independent (LS) students: no test"
-            summary: dict[str, Any] = {"null": None, "negatives": pooled, "fpr": None, "reason": reason}
+        fpr = loo_fpr(by_family, CHALLENGE_POINTS)
+        if fpr is None:  # no test without a null: say so instead
+            reason = "no family of 3 independent (LS) students: no test"
+            summary: dict[str, Any] = {"null": None, "negatives": by_family, "fpr": None, "reason": reason}
         else:
-            summary = _tested(
-                agree, (mech, box, arch), NullModel.fit(pooled, CHALLENGE_POINTS), accuracy, best_ls
-            )
-            summary |= {"negatives": pooled, "fpr": loo_fpr(pooled, CHALLENGE_POINTS)}
+            null = Null.fit(by_family, CHALLENGE_POINTS)
+            summary = _tested(agree, (mech, box, arch), null, accuracy, best_ls)
+            summary |= {"negatives": by_family, "fpr": fpr}
         if box in costs:
             summary["honest_cost"] = costs[box]
         out["mechanisms"].setdefault(mech, {"serving": MECHANISMS.get(mech).serving})
@@ -104,7 +106,7 @@ def evidence_section(
 def _tested(
     agree: dict[tuple[Any, ...], list[float]],
     which: tuple[str, str, str],
-    null: NullModel,
+    null: Null,
     accuracy: dict[tuple[Any, ...], list[float]],
     best_ls: list[float],
 ) -> dict[str, Any]:
@@ -125,6 +127,11 @@ def _tested(
         **{f"{k}_{ph}": v for ph, rows in phases.items() for k, v in rates(rows).items()},
         "phases": phases,
     }
+
+
+def family(ls_row: str) -> str:
+    """The training recipe of an LS row (`ml.audit.config.ls_rows` names them ls_<eps>, ls_mixup_<eps>)."""
+    return "mixup" if ls_row.startswith("ls_mixup") else "plain"
 
 
 def rates(rows: dict[str, Any]) -> dict[str, Any]:

@@ -1,15 +1,18 @@
 """The evidence test: a suspect's agreement on a challenge set against that of independent models.
 
-Null model: the agreements a_1..a_n of n independent models (students trained without the teacher:
-same data, architecture family, other seeds) are a normal sample; a new independent model's agreement
-a then follows mean + s * sqrt(1 + 1/n) * t_{n-1} (a prediction interval), so
+Null model, per family of independent models (students trained without the teacher, same data and
+architecture, other seeds; a family is one training recipe, e.g. plain or mixup): the agreements
+a_1..a_n of a family are a normal sample; a new independent model of that family agrees
+mean + s * sqrt(1 + 1/n) * t_{n-1} (a prediction interval), so
 
-    p = P(t_{n-1} >= (a - mean) / (s * sqrt(1 + 1/n)))
+    p_F = P(t_{n-1} >= (a - mean) / (s * sqrt(1 + 1/n)))
 
-is the probability that an independent model agrees at least as much. s is floored at the binomial
-std sqrt(m (1 - m) / M) of M challenge points, so a null of near-identical negatives cannot make any
-small excess significant. Calling a suspect a copy when p < alpha bounds the false-positive rate at
-alpha for suspects like the negatives; `loo_fpr` measures it on the negatives themselves.
+is the chance that it agrees at least as much, and the test's p is the largest p_F over the families:
+a suspect must out-agree every kind of independent model (families differ a lot: on our benchmark,
+plain LS students agree about 0.5 with the teacher's challenge labels, mixup ones about 0.2, and one
+pooled normal would fit neither). s is floored at the binomial std sqrt(m (1 - m) / M) of M challenge
+points. Calling a suspect a copy when p < alpha bounds the false-positive rate at alpha for suspects
+like the negatives; `loo_fpr` measures it on the negatives themselves.
 """
 
 from __future__ import annotations
@@ -56,13 +59,39 @@ class NullModel:
         return asdict(self)
 
 
-def loo_fpr(agreements: list[float], points: int, alpha: float = ALPHA) -> float | None:
-    """Leave-one-out false-positive rate: each negative tested against a null fitted on the others
-    (None for fewer than 3 negatives)."""
-    if len(agreements) < 3:
-        return None
-    hits = [
-        NullModel.fit(agreements[:i] + agreements[i + 1 :], points).p_value(a) < alpha
-        for i, a in enumerate(agreements)
-    ]
-    return float(np.mean(hits))
+@dataclass(frozen=True)
+class Null:
+    """The null of several families of independent models: p and threshold are the worst over them."""
+
+    families: dict[str, NullModel]
+
+    @classmethod
+    def fit(cls, by_family: dict[str, list[float]], points: int) -> Null:
+        """Families with at least 2 models; ValueError when none has."""
+        fams = {f: NullModel.fit(a, points) for f, a in by_family.items() if len(a) >= 2}
+        if not fams:
+            raise ValueError("the null needs a family of at least 2 independent models")
+        return cls(fams)
+
+    def p_value(self, agreement: float) -> float:
+        return max(f.p_value(agreement) for f in self.families.values())
+
+    def threshold(self, alpha: float = ALPHA) -> float:
+        return max(f.threshold(alpha) for f in self.families.values())
+
+    def to_json(self) -> dict[str, dict[str, float | int]]:
+        return {f: n.to_json() for f, n in self.families.items()}
+
+
+def loo_fpr(by_family: dict[str, list[float]], points: int, alpha: float = ALPHA) -> float | None:
+    """Leave-one-out false-positive rate: each negative tested against the null of the others
+    (None when a negative left out would leave no family of 2)."""
+    hits = []
+    for f, values in by_family.items():
+        for i, a in enumerate(values):
+            rest = by_family | {f: values[:i] + values[i + 1 :]}
+            try:
+                hits.append(Null.fit(rest, points).p_value(a) < alpha)
+            except ValueError:
+                return None
+    return float(np.mean(hits)) if hits else None

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ml.cmi import model_logits
 from ml.evidence.base import Challenge
-from ml.evidence.stats import ALPHA, NullModel
+from ml.evidence.stats import ALPHA, Null
 
 MAX_POINTS = 4096  # bound on a stored challenge read back (a job stores CHALLENGE_POINTS)
 
@@ -36,15 +36,18 @@ def unpack_challenge(raw: bytes) -> Challenge:
     return Challenge(torch.from_numpy(x), torch.from_numpy(labels))
 
 
-def null_from_report(report: dict[str, Any], mechanism: str, box: str = "teacher") -> tuple[NullModel, float]:
-    """The null of the audit's independent students (pooled over student architectures) and its measured
-    leave-one-out false-positive rate (the worst over architectures)."""
+def null_from_report(report: dict[str, Any], mechanism: str, box: str = "teacher") -> tuple[Null, float]:
+    """The null of the audit's independent students (each family pooled over student architectures) and
+    its measured leave-one-out false-positive rate (the worst over architectures)."""
     per_arch = report["evidence"]["mechanisms"][mechanism][box]
-    negatives = [a for sec in per_arch.values() for a in sec["negatives"]]
+    by_family: dict[str, list[float]] = {}
+    for sec in per_arch.values():
+        for f, values in sec["negatives"].items():
+            by_family.setdefault(f, []).extend(values)
     tested = [sec["fpr"] for sec in per_arch.values() if sec["fpr"] is not None]
-    if len(negatives) < 3 or not tested:  # ValueError: the audit trained too few independent students
-        raise ValueError(f"the audit trained {len(negatives)} independent students; a test needs at least 3")
-    return NullModel.fit(negatives, report["evidence"]["points"]), max(tested)
+    if not tested:  # ValueError: the audit trained too few independent students
+        raise ValueError("the audit trained no family of 3 independent students, which a test needs")
+    return Null.fit(by_family, report["evidence"]["points"]), max(tested)
 
 
 def predicted_labels(model: nn.Module, ch: Challenge) -> Tensor:
@@ -52,7 +55,7 @@ def predicted_labels(model: nn.Module, ch: Challenge) -> Tensor:
     return model_logits(model, ch.x).argmax(-1)
 
 
-def verdict(ch: Challenge, predicted: Tensor, null: NullModel, measured_fpr: float) -> dict[str, Any]:
+def verdict(ch: Challenge, predicted: Tensor, null: Null, measured_fpr: float) -> dict[str, Any]:
     """The suspect's agreement, its p-value against independent models, and the call at ALPHA."""
     agreement = ch.agreement(predicted)
     p = null.p_value(agreement)

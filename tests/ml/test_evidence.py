@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ml.audit import AuditConfig, plan, run_in_process, serve_box
 from ml.audit.report import assemble
 from ml.data import load_dataset
-from ml.evidence import MECHANISMS, NullModel, Secret
+from ml.evidence import MECHANISMS, Null, NullModel, Secret, loo_fpr
 from ml.evidence.verify import pack_challenge, predicted_labels, unpack_challenge, verdict
 from ml.models import build_model
 from ml.oracle import OutputMode
@@ -60,7 +60,8 @@ def test_a_knockoff_is_called_a_copy_and_an_independent_model_is_not(data, teach
     ch = MECHANISMS.get("fingerprint").challenge(teacher, None, data, secret, 256)
     assert ch is not None and len(ch.x) == 256
     assert unpack_challenge(pack_challenge(ch)).agreement(ch.labels) == 1.0
-    null = NullModel.fit([ch.agreement(predicted_labels(student(data, s), ch)) for s in range(1, 7)], 256)
+    negatives = [ch.agreement(predicted_labels(student(data, s), ch)) for s in range(1, 7)]
+    null = Null.fit({"plain": negatives}, 256)
     knockoff = verdict(ch, predicted_labels(student(data, 10, teacher), ch), null, 0.0)
     independent = verdict(ch, predicted_labels(student(data, 11), ch), null, 0.0)
     assert knockoff["verdict"] == "copy" and knockoff["p_value"] < 0.01, knockoff
@@ -78,6 +79,12 @@ def test_null_model_p_values_and_threshold_agree() -> None:
     assert null.p_value(0.5) > 0.4 and null.p_value(0.9) < 1e-3
     with pytest.raises(ValueError, match="at least 2"):
         NullModel.fit([0.5], 512)
+    # two families: the suspect must out-agree the more agreeing one
+    both = Null.fit({"plain": [0.50, 0.52, 0.48, 0.51], "mixup": [0.20, 0.22, 0.21, 0.19]}, 512)
+    assert both.p_value(0.45) > 0.5  # far above the mixup family, below the plain one: no evidence
+    assert both.threshold() == Null.fit({"plain": [0.50, 0.52, 0.48, 0.51]}, 512).threshold()
+    assert loo_fpr({"plain": [0.5, 0.52, 0.48, 0.51], "mixup": [0.2, 0.22, 0.21, 0.19]}, 512) == 0.0
+    assert loo_fpr({"plain": [0.5, 0.52]}, 512) is None  # leaving one out leaves no family of 2
 
 
 def test_keyed_answers_shift_exactly_the_slab_and_round_trip(data, teacher) -> None:
@@ -113,7 +120,7 @@ def test_the_audit_measures_evidence_on_every_student_and_commits_to_the_secret(
     ev = report["evidence"]
     assert ev["commitment"] == secret.commitment()
     fp = ev["mechanisms"]["fingerprint"]["teacher"]["mlp"]
-    assert len(fp["negatives"]) == 2 * 4  # 2 seeds x (2 eps x plain/mixup) LS students
+    assert {f: len(v) for f, v in fp["negatives"].items()} == {"plain": 4, "mixup": 4}  # 2 seeds x 2 eps
     assert set(fp["phases"]["unlimited"]) == {"hard_label", "fm"}
     assert all(len(r["p"]) == 2 for r in fp["phases"]["unlimited"].values())
     assert set(ev["mechanisms"]["keyed"]) == {"serving", "keyed"}  # only the keyed box carries keyed evidence
