@@ -397,7 +397,8 @@ class VerifyOut(BaseModel):
     measured_false_positive_rate: float = Field(
         description="leave-one-out rate of `copy` over the audit's independent students"
     )
-    null: dict[str, float | int] = Field(
-        description="agreement of the independent students: mean, std, n, points"
+    null: dict[str, dict[str, float | int]] = Field(
+        description="per family of the audit's independent students (plain, mixup): their agreement's mean, "
+        "std, n and the challenge's points"
     )
     commitment: Commitment
