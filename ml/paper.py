@@ -325,7 +325,7 @@ def evidence_summary(report: dict[str, Any], student: str) -> dict[str, Any]:
     """The default mechanism's TPR over the near-LS knockoffs (unlimited queries) of the default protection
     and the CE control, FPR over the independent LS students, and its cost to honest users (points)."""
     mech = report.get("evidence", {}).get("mechanisms", {}).get(DEFAULT_MECHANISM, {})
-    found = [mech[b][student] for b in EVIDENCE_BOXES if b in mech]
+    found = [mech[b][student] for b in EVIDENCE_BOXES if b in mech and mech[b][student]["null"] is not None]
     if not found:
         return {"evidence_tpr": None, "evidence_fpr": None, "evidence_cost": None}
     alpha = report["evidence"]["alpha"]

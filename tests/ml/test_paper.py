@@ -66,8 +66,9 @@ def test_tiny_paper_benchmark() -> None:
         ["protected", "safe"],
     ]
     assert summary["ce_safe_budget"] == report["safe_budget"]["control"]["mlp"]
-    # evidence: the default mechanism over the default protection and the control (4 LS students here)
+    # evidence: the default mechanism over the default protection and the control (2 + 2 LS students)
     fingerprint = report["evidence"]["mechanisms"]["fingerprint"]
+    assert fingerprint["protected"]["mlp"]["negatives"].keys() == {"plain", "mixup"}
     assert summary["evidence_fpr"] == max(fingerprint[b]["mlp"]["fpr"] for b in ("protected", "control"))
     assert summary["evidence_cost"] == 0.0 and "| fingerprint | protected |" in "\n".join(table)
     full = BENCHMARKS.get("mnist1d")
