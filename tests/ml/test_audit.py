@@ -275,7 +275,8 @@ def test_parallel_seeds_give_the_same_report_and_budgets_only_where_asked(data, 
     two = run_audit(cfg, teachers[0], data, workers=2, on_progress=seen.append, **kwargs)
     assert seen[-1].done == seen[-1].total == 2 * 2 * 2  # seeds x epochs x (unlimited + one budget)
     for r in (one, two):
-        r.pop("wall_s")
+        for k in ("wall_s", "timing", "findings"):  # measured times differ between runs
+            r.pop(k)
     assert one == two
     assert list(one["budgets"]) == ["label_only"] and list(one["safe_budget"]) == ["label_only"]
     rows = one["budgets"]["label_only"]["150"]["students"]["mlp"]["attacks"]
@@ -352,7 +353,7 @@ def test_holm_adjustment_and_verdict_reason() -> None:
     ls = {"ls": row([80.0, 81.0, 80.5])}
     attacks = {"a": row([85.0, 86.0, 85.5]), "b": row([70.0, 71.0, 70.5])}
     out = judge(ls, attacks, 0.05)
-    assert out["verdict"] == "distillable" and "Holm-adjusted over 2 attacks" in out["reason"]
+    assert out["verdict"] == "distillable" and "Holm-adjusted over 2 attack rows" in out["reason"]
     assert attacks["a"]["p_holm"] == pytest.approx(min(1.0, 2 * attacks["a"]["p_value"]))
     assert attacks["a"]["significant_holm"] and not attacks["b"]["significant_holm"]
 
