@@ -266,6 +266,11 @@ def next_steps(
             "No tested query budget was safe (a knockoff beat label smoothing at the smallest one): "
             "serve with a smaller budget only after auditing it."
         )
+    if safe and not _budget_discriminates(report):
+        steps[-1] += (
+            " The CE control was not copied at any tested budget either, so this curve does not show that "
+            "the budget is what protects the model."
+        )
     per_key = f"{safe:,}" if safe else "the per-key budget"
     limits = [
         f"many keys (n keys hold n x {per_key} queries: keep `CMIM_OWNER_QUERY_BUDGET` at the per-key "
@@ -331,6 +336,13 @@ def _control_check(control: dict[str, Any] | None, copied: list[dict[str, Any]])
         "text": "The audit did not copy a plain CE teacher of the same architecture: it could not have "
         "caught a copyable model.",
     }
+
+
+def _budget_discriminates(report: dict[str, Any]) -> bool:
+    """Whether the budget curve copied the CE control at some tested budget (True when it has no control)."""
+    control = (report.get("safe_budget") or {}).get("control")
+    tested = [int(b) for b in ((report.get("budgets") or {}).get("control") or {})]
+    return not control or not tested or min(control.values()) < max(tested)
 
 
 def _safe(report: dict[str, Any]) -> int | None:
