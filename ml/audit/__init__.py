@@ -44,8 +44,7 @@ __all__ = [
     "AuditConfig", "AuditPlan", "AuditProgress", "AuditResult", "AuditTask", "Batch", "BlackBox",
     "CachedSource", "DirectoryResults", "LiveSource", "ModuleGroup", "ResultStore", "Run", "StackedGroup",
     "TaskResult", "TrainingCancelled", "assemble", "audit_verdict", "combine_verdicts", "findings", "holm",
-    "judge", "judge_black_box",
-    "lockstep_ratio", "plan", "protection_statement", "run", "run_audit", "run_in_pool", "run_in_process",
-    "safe_budget", "serve_box", "serving_summary", "summarise", "teacher_summary", "train_lockstep",
-    "welch_one_sided",
+    "judge", "judge_black_box", "lockstep_ratio", "plan", "protection_statement", "run", "run_audit",
+    "run_in_pool", "run_in_process", "safe_budget", "serve_box", "serving_summary", "summarise",
+    "teacher_summary", "train_lockstep", "welch_one_sided",
 ]  # fmt: skip
