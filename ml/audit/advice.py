@@ -83,11 +83,12 @@ def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict
                 f"Run about {need} seeds (this audit ran {seeds}): a gain of {a['margin']:.2f} points with "
                 f"this spread needs that many to pass, or to be ruled out."
             )
-    if verdict != "distillable" and not ahead and seeds >= 2:
+    if verdict != "distillable" and seeds >= 2:
+        lead = "No knockoff beat the label-smoothing student, but " if not ahead else "Also, "
         if control is None:
             why.append(
-                "No knockoff beat the label-smoothing student, but no CE control was run, so nothing shows "
-                "that this audit would have caught a copyable model."
+                f"{lead}no CE control was run, so nothing shows that this audit would have caught a "
+                "copyable model."
             )
             to_conclude.append(
                 "Name a zoo architecture for the CE control (`audit.control_arch`; an ONNX model has none of "
@@ -96,8 +97,8 @@ def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict
         elif control.get("verdict") != "distillable":
             fms = [a for a in cfg.get("attacks") or [] if a.startswith(DISCRIMINATING_ATTACK)]
             why.append(
-                f"No knockoff beat the label-smoothing student, but the plain CE control was not copied "
-                f"either at {epochs} epochs, so this audit could not have caught a copyable model."
+                f"{lead}the plain CE control was not copied either at {epochs} epochs, so this audit could "
+                "not have caught a copyable model."
             )
             if epochs < DISCRIMINATING_EPOCHS:
                 target_epochs = DISCRIMINATING_EPOCHS

@@ -187,3 +187,15 @@ def test_every_row_outcome_agrees_with_its_verdict(data, teachers) -> None:
     )
     assert f["suggested_audit"]["estimated_minutes"] == pytest.approx(expected)
     assert math.isclose(f["safe_budget"], min(report["safe_budget"]["teacher"].values()))
+
+
+def test_within_noise_and_an_uncopied_control_name_both_causes() -> None:
+    ahead = rows(hard_label=[70.0, 71.0, 70.5, 69.5, 70.0], fm=[80.0, 82.5, 80.5, 81.5, 79.5])
+    f = findings(report_of(ahead, BELOW, epochs=200))
+    assert f["verdict"] == "inconclusive" and f["headline"].startswith(
+        "Inconclusive: fm (mlp students) is ahead"
+    )
+    assert f["why"][1].startswith("Also, the plain CE control was not copied either at 200 epochs")
+    assert any("Run about" in s for s in f["to_conclude"])
+    assert any("not copied at 200 epochs" in s for s in f["to_conclude"])
+    assert f["suggested_audit"]["epochs"] == DISCRIMINATING_EPOCHS
