@@ -9,7 +9,8 @@ from typing import Any
 
 from app.api.schemas import JobOut
 from app.api.svg import Bar, Rule, Series, bar_chart, line_chart
-from ml.audit.advice import findings, row_label
+from ml.audit.advice import OUTCOME_LABELS, findings
+from ml.audit.verdict import outcome
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -58,8 +59,8 @@ def _against_ls(row: dict[str, Any]) -> str:
     """A row against the best LS student: copied, within noise or not copied (after Holm), in words."""
     if "margin" not in row:
         return "–"
-    out = row.get("outcome") or ("copied" if row.get("significant_holm") and row["margin"] > 0 else None)
-    return f'<span class="{escape(out or "")}">{escape(row_label(row))}</span>'
+    kind = row.get("outcome") or outcome(row)
+    return f'<span class="{escape(kind)}">{escape(OUTCOME_LABELS[kind])}</span>'
 
 
 def _summary(s: dict[str, Any]) -> str:

@@ -289,11 +289,6 @@ def next_steps(
     return steps
 
 
-def row_label(row: dict[str, Any]) -> str:
-    """A row's outcome against the best LS student, in words."""
-    return OUTCOME_LABELS[row.get("outcome") or outcome(row)]
-
-
 def _rows(students: dict[str, Any]) -> list[dict[str, Any]]:
     """Every attack row of a black box with what the advice reads, the outcome derived if missing."""
     out = []
