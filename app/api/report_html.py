@@ -264,9 +264,8 @@ def render_report(job: JobOut, report: dict[str, Any], epochs: list[dict[str, An
         ["audit time (its tasks, one after another)", f"{_num(measured, 0)} s"],
         ["the verdict's rule, row by row", escape(str(report.get("verdict_reason", "")))],
     ]
-    conclude = (
-        "<h2>What would make it conclusive</h2>" + _list(found["to_conclude"]) if found["to_conclude"] else ""
-    )
+    title = "What would make it conclusive" if verdict == "inconclusive" else "What would confirm it"
+    conclude = f"<h2>{title}</h2>" + _list(found["to_conclude"]) if found["to_conclude"] else ""
     sections = [_student_section(a, s, "teacher") for a, s in report.get("students", {}).items()]
     check = found["control_check"]
     status = escape(check["status"].replace("_", " "))

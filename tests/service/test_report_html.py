@@ -58,6 +58,7 @@ def test_inconclusive_page_says_why_and_what_would_make_it_conclusive() -> None:
     assert "CE control check: failed" in html
     quick = page(report_of(BELOW, COPIED, epochs=150), {"preset": "quick"})
     assert "Indicative only" in quick and "cannot show that a model is undistillable" in quick
+    assert "<h2>What would confirm it</h2>" in quick and "Run the standard audit" in quick
 
 
 def test_rows_never_contradict_the_verdict() -> None:
