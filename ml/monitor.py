@@ -13,8 +13,8 @@ Hits feed two CUSUM tests (Page 1954) of the hit rate p0 against p1 (log-likelih
 batches aggregated): one per key and one per model over every key. A key whose statistic reaches
 `key_threshold` raises a key alert (once per key); the model's statistic reaching `model_threshold`
 raises a model alert naming the suspect keys (a binomial test of each key's hits against p0), again
-only once the model has seen twice the queries of its last model alert. State is O(bank * dim) per model and O(1) per key (at most `max_keys`
-keys per model, least recently seen dropped first).
+only once the model has seen twice the queries of its last model alert. State is O(bank * dim) per
+model and O(1) per key (at most `max_keys` keys per model, least recently seen dropped first).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Reference:
         return hits * self.hit_llr + (queries - hits) * self.miss_llr
 
     def projection(self) -> np.ndarray:
-        """(input_size, dim) Gaussian projection, scaled so distances keep their size (Johnson-Lindenstrauss)."""
+        """(input_size, dim) Gaussian projection scaled to keep distances (Johnson-Lindenstrauss)."""
         rng = np.random.default_rng(self.seed)
         dim = min(self.config.dim, self.input_size)
         return (rng.standard_normal((self.input_size, dim)) / math.sqrt(dim)).astype(np.float32)
@@ -153,7 +153,7 @@ class QueryBank:
         self._lock = threading.Lock()
 
     def hits(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """(B,) bool: is each query's nearest earlier query (the bank, then this batch's earlier rows) within tau."""
+        """(B,) bool: is each query's nearest earlier query (bank, or this batch's earlier rows) within tau"""
         z = _flat(x) @ self.proj
         zsq = (z * z).sum(1)
         tau2 = self.ref.tau**2

@@ -135,14 +135,15 @@ def monitor_markdown(sim: dict[str, Any]) -> str:
         f"Monitor (honest test inputs over 50 keys + fm_edge split over K keys, {sim['seeds']} seeds, "
         f"replay of {sim['queries']} attack queries):",
         "",
-        "| attacker keys | attack queries before the first alert | never alerted | honest keys flagged | alerts |",
+        "| attacker keys | attack queries before the first alert | never alerted | honest keys flagged "
+        "| alerts |",
         "|---|---|---|---|---|",
     ]
     for keys, s in sim["splits"].items():
         q, f = s["queries_to_alert"], s["honest_keys_flagged"]
         label = "none (honest only)" if keys == "0" else keys
         qa = "" if keys == "0" else f"{q['mean']:.0f} ± {q['se']:.0f}"
-        lines.append(
-            f"| {label} | {qa} | {'' if keys == '0' else s['never']} | {f['mean']:.2f} ± {f['se']:.2f} | {s['alerts']['mean']:.1f} |"
-        )
+        never = "" if keys == "0" else s["never"]
+        flagged = f"{f['mean']:.2f} ± {f['se']:.2f}"
+        lines.append(f"| {label} | {qa} | {never} | {flagged} | {s['alerts']['mean']:.1f} |")
     return "\n".join(lines) + "\n"
