@@ -12,7 +12,8 @@ from fastapi_offline import FastAPIOffline
 
 from app.api.inference import HistoryCache, ModelCache
 from app.api.job_service import EventWatch
-from app.api.routes import catalog, datasets, health, jobs, keys, models, uploads
+from app.api.monitor import Monitor
+from app.api.routes import alerts, catalog, datasets, health, jobs, keys, models, uploads
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.keys import KeyCache
@@ -40,12 +41,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     sessions = session_factory(settings.database_url)
     key_cache = KeyCache(sessions, settings.key_cache_seconds)
     limits = make_limits(settings.broker_url, settings.redis_prefix, sessions)
+    monitor = Monitor(sessions, settings.broker_url, settings.redis_prefix)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Revocations reach this process's key cache, and usage counters reach the database, from here.
         background = Background(
-            [(settings.key_poll_seconds, key_cache.poll), (settings.usage_flush_seconds, limits.flush)]
+            [
+                (settings.key_poll_seconds, key_cache.poll),
+                (settings.usage_flush_seconds, limits.flush),
+                (settings.usage_flush_seconds, monitor.flush),
+            ]
         )
         background.start()
         try:
@@ -66,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = ModelCache(settings.model_cache_size)
     app.state.keys = key_cache
     app.state.limits = limits
+    app.state.monitor = monitor
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
     install_problem_handlers(app)
     document_problems(app)
@@ -76,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
     api.include_router(models.simple)
-    for module in (jobs, datasets, uploads, keys, catalog):
+    for module in (jobs, datasets, uploads, keys, catalog, alerts):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(health.router)

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.models import (
+    MONITOR_NAME,
     POLICY_CONFIG_NAME,
     POLICY_NAME,
     REPORT_NAME,
@@ -57,6 +58,7 @@ from ml.audit import (
 from ml.checkpoint import ModelMeta, load_checkpoint, save_checkpoint
 from ml.data import Dataset as Data
 from ml.data import load_dataset
+from ml.monitor import MonitorConfig, calibrate
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
 from ml.train import EpochReport, TrainConfig, TrainingCancelled, TrainResult, check_fits, train_model
 
@@ -286,6 +288,17 @@ def _policy_files(store: ArtifactStore, result: AuditResult, directory: Path) ->
     ]
 
 
+def _monitor_file(
+    store: ArtifactStore, data: Data, directory: Path, seed: int
+) -> tuple[FileRow, dict[str, Any]]:
+    """The extraction monitor calibrated on the test split (`ml.monitor.calibrate`), and its report entry."""
+    ref = calibrate(data.x_test, MonitorConfig(), seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MONITOR_NAME
+    path.write_text(json.dumps(ref.to_json(), indent=1))
+    return (MONITOR_NAME, "monitor", "application/json", store.put_file(path)), ref.to_json()
+
+
 def _read_job(ctx: JobContext) -> Job:
     with ctx.session() as s:
         job = s.get(Job, ctx.claim.job_id)
@@ -376,7 +389,9 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
         control = _train(ctx, teacher_cfg.model_copy(update=update), data, "control")
 
     ctx.set_status(JobStatus.auditing)
-    extra: dict[str, Any] = {"teacher": {"meta": meta.model_dump(mode="json")}}
+    monitor_file, monitor = _monitor_file(store, data, ctx.work, teacher_cfg.seed)
+    files.append(monitor_file)
+    extra: dict[str, Any] = {"teacher": {"meta": meta.model_dump(mode="json")}, "monitor": monitor}
     if model_id is not None:
         extra["teacher"]["uploaded_model_id"] = model_id
     if "fine_tune" in meta.metrics:

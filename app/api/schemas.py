@@ -344,3 +344,31 @@ class PredictResponse(BaseModel):
         None, description="the serving policy's config (as audited); null when served without one"
     )
     predictions: list[Prediction]
+
+
+class AlertKey(BaseModel):
+    key_id: str = Field(description="the API key's id")
+    statistic: float = Field(description="the key's CUSUM statistic (log-likelihood ratio) at the alert")
+    queries: int = Field(description="rows this key sent to the model while monitored")
+    hits: int = Field(description="of those, near-duplicates of recent queries")
+    p_value: float | None = Field(
+        None, description="model alerts: P(X >= hits) for an honest key (binomial at the honest hit rate)"
+    )
+
+
+class AlertOut(BaseModel):
+    id: uuid.UUID
+    model_id: uuid.UUID
+    kind: str = Field(
+        description="key: one key's test crossed its threshold; model: the test over all keys did"
+    )
+    statistic: float = Field(description="the CUSUM statistic that crossed the threshold")
+    threshold: float
+    queries: int = Field(description="queries the model's monitor had seen when the alert fired")
+    keys: list[AlertKey] = Field(description="the keys involved, most suspicious first")
+    created_at: datetime
+
+
+class AlertList(BaseModel):
+    items: list[AlertOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")

@@ -8,6 +8,7 @@ SUMMARY_KEYS = {
     "student",
     "seeds",
     "ce_acc",
+    "monitor_queries_to_alert",
     "ls_acc",
     "ce_margin",
     "ce_margin_se",

@@ -124,6 +124,7 @@ async def _answer(request: Request, key: KeyInfo, served: ServedModel, x: Any) -
     budget = budget_for(key, served, settings.model_query_budget)
     caps = caps_for(key, served, settings)
     headers = await charge(state.limits, key, caps, int(x.shape[0]), settings.rate_limit_per_minute, budget)
+    state.monitor.record(served, key.id, x)
     history = state.histories.get(key.id, served)
     if x.shape[0] <= INLINE_ROWS:
         return served.answer(x, await served.batcher.logits(x), history), headers
