@@ -437,6 +437,7 @@ def audit(
 
 def print_report(report: dict[str, Any]) -> None:
     """The audit as readable tables: per student, LS and every attack with margins and verdicts."""
+    from ml.audit import findings
 
     def pm(stats: dict[str, Any]) -> str:
         se = stats["se"]
@@ -467,6 +468,12 @@ def print_report(report: dict[str, Any]) -> None:
     for t, per_student in report.get("safe_budget", {}).items():
         console.print(f"safe query budget ({t}): " + ", ".join(f"{a} {b}" for a, b in per_student.items()))
     console.print(f"verdict: [bold]{report['verdict']}[/bold] — {report['verdict_reason']}")
+    advice = report.get("findings") or findings(report)
+    console.print(advice["headline"])
+    for line in advice["why"] + advice["to_conclude"]:
+        console.print(f"  {line}")
+    for step in advice["next_steps"]:
+        console.print(f"  next: {step}")
 
 
 @bench_app.command("paper")

@@ -52,6 +52,7 @@ from ml.audit import (
     AuditResult,
     TaskResult,
     assemble,
+    findings,
     plan,
     run_in_process,
 )
@@ -354,6 +355,7 @@ def publish_audit(
     report["job_id"] = str(ctx.claim.job_id)
     report["teacher"] = report["teacher"] | extra["teacher"]
     report |= {k: v for k, v in extra.items() if k != "teacher"}
+    report["findings"] = findings(report, report.get("job"))  # the job's preset marks an audit indicative
     files = [
         *files,
         (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
@@ -392,6 +394,7 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
     monitor_file, monitor = _monitor_file(store, data, ctx.work, teacher_cfg.seed)
     files.append(monitor_file)
     extra: dict[str, Any] = {"teacher": {"meta": meta.model_dump(mode="json")}, "monitor": monitor}
+    extra["job"] = {k: job.spec[k] for k in ("preset", "indicative") if k in job.spec}
     if model_id is not None:
         extra["teacher"]["uploaded_model_id"] = model_id
     if "fine_tune" in meta.metrics:
