@@ -24,7 +24,8 @@ DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
 serve it exactly as audited.
 
-1. `POST /api/v1/jobs` with the example body (a demo on MNIST-1D that finishes in minutes on a CPU).
+1. `POST /api/v1/jobs` with the example body, `{"preset": "quick"}` (a demo on MNIST-1D that finishes in
+   minutes on a CPU; `GET /api/v1/presets` lists the presets).
 2. Follow `GET /api/v1/jobs/{id}/events` (Server-Sent Events) until `succeeded`.
 3. Read `GET /api/v1/jobs/{id}/report.html`, download the checkpoint from `/artifacts`, and query
    the model at `POST /v2/models/{id}/infer`.
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(models.simple)
     for module in (jobs, datasets, uploads, keys, catalog):
         api.include_router(module.router)
+    api.include_router(jobs.presets)
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(health.v2)
