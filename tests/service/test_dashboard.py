@@ -1,6 +1,6 @@
 """The dashboard in a real headless browser (Debian's chromium driven by selenium through chromium-driver)
-against `cmim serve` on its embedded default (SQLite + local worker), with no route to the internet: the
-browser's proxy leads nowhere and only loopback is reached directly.
+against `cmim serve` on its embedded default (SQLite + local worker: test_e2e's `embedded` fixture), with
+no route to the internet: the browser's proxy leads nowhere and only loopback is reached directly.
 
 A missing browser fails these tests (`.ci/run` installs it); each page is saved to docs/screenshots/.
 """
@@ -24,7 +24,7 @@ from selenium.common.exceptions import StaleElementReferenceException, WebDriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from test_e2e import Stack, base_env, free_port, make_key
+from test_e2e import Stack, embedded, free_port, make_key  # noqa: F401 - embedded: a fixture
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path(__file__).parents[2] / "docs" / "screenshots"
@@ -36,20 +36,9 @@ TINY_OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("dashboard")
-    env = base_env(tmp, CMIM_DATABASE_URL=f"sqlite:///{tmp / 'cmim.db'}", CMIM_STREAM_POLL_SECONDS="0.2")
-    stack = Stack(env, tmp)
-    serve = stack.start("serve", "-m", "worker.cli", "serve", "--port", str(stack.port))
-    try:
-        stack.wait_healthy(serve)
-        deadline = time.monotonic() + 10
-        while "API key (shown once): " not in serve.output() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        stack.key = serve.output().split("API key (shown once): ")[1].split()[0]
-        yield stack
-    finally:
-        stack.close()
+def server(request: pytest.FixtureRequest) -> Stack:
+    """`cmim serve` on SQLite, with its first key: test_e2e's fixture."""
+    return request.getfixturevalue("embedded")
 
 
 @pytest.fixture(scope="module")
