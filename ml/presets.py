@@ -88,9 +88,12 @@ def _standard() -> Preset:
         f"{bench.teacher_epochs} epochs, {bench.student} students for {bench.epochs} epochs over "
         f"{bench.seeds} seeds, every attack of the benchmark, the LS sweep and a budget curve; served "
         "label-only (the default protection)",
-        # docs/calibration.md: the benchmark (10 teachers, 6 black boxes) took 60 min on 2 cores; one job
-        # trains 2 teachers and attacks 2 black boxes with the same students and budget curve.
-        expected_time="about 30-60 minutes on a 2-core CPU (docs/calibration.md), minutes on a GPU",
+        # From docs/performance.md's per-epoch figures (1 thread): per seed, the unlimited phase has 28
+        # students (14 LS rows, 7 attack rows x 2 black boxes), about half the benchmark's 56 at 2.9 s an
+        # epoch, so ~440 s for 300 epochs; each of the 3 budget phases has 14 students at ~0.9 s an epoch,
+        # ~270 s. 5 seeds: ~6,200 s, plus two 60-epoch teachers (~1 min): ~1.7 h in one process.
+        expected_time="about 1.5-2 hours on a 2-core CPU with the embedded worker, about 1 hour with two "
+        "Celery workers (estimated from docs/performance.md), minutes on a GPU",
         indicative=False,
         teacher={
             "dataset": bench.dataset,
