@@ -8,6 +8,7 @@ session's CSRF token and must come from this server's own pages (Origin/Referer)
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -42,6 +43,7 @@ from app.core.models import JobStatus
 from app.core.queue import enqueue
 from app.problems import Problem
 from app.web import session as web_session
+from ml.policy import PolicyConfig
 from ml.presets import PRESETS, merge
 
 HERE = Path(__file__).parent
@@ -127,7 +129,7 @@ def error_page(request: Request, status: int, title: str, detail: str) -> HTMLRe
 
 
 def _pct(v: Any) -> str:
-    return f"{v:.2f}" if isinstance(v, int | float) else "–"
+    return f"{v:.2f}" if isinstance(v, int | float) and math.isfinite(v) else "–"
 
 
 def _eta(seconds: Any) -> str:
@@ -462,11 +464,12 @@ def _side(session: SessionDep, store: StoreDep, key: KeyInfo, job_id: uuid.UUID)
         for row, stats in (student.get("attacks") or {}).items():
             margins[f"{arch}: {row}"] = (stats.get("margin"), stats.get("margin_se"))
     audit = job.spec.get("audit", {})
+    policy = PolicyConfig.model_validate(audit.get("policy") or {})
     return {
         "job": job,
         "report": report,
         "output_mode": audit.get("output_mode"),
-        "policy": audit.get("policy"),
+        "policy": None if policy == PolicyConfig() else policy.model_dump(),  # the default serves without one
         "margins": margins,
     }
 
