@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,12 +21,14 @@ from app.core.keys import KeyCache
 from app.core.limits import Background, make_limits
 from app.core.storage import ArtifactStore
 from app.problems import BodyLimit, document_problems, install_problem_handlers
+from app.web import routes as web
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
 serve it exactly as audited.
 
-1. `POST /api/v1/jobs` with the example body (a demo on MNIST-1D that finishes in minutes on a CPU).
+1. `POST /api/v1/jobs` with the example body, `{"preset": "quick"}` (a demo on MNIST-1D that finishes in
+   minutes on a CPU; `GET /api/v1/presets` lists the presets).
 2. Follow `GET /api/v1/jobs/{id}/events` (Server-Sent Events) until `succeeded`.
 3. Read `GET /api/v1/jobs/{id}/report.html`, download the checkpoint from `/artifacts`, and query
    the model at `POST /v2/models/{id}/infer`.
@@ -65,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="cmim", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, static_url="/static/docs"
     )
     app.state.settings = settings
+    secret = settings.session_secret
+    app.state.session_secret = secret.encode() if secret else secrets.token_bytes(32)
     app.state.sessions = sessions
     app.state.events = EventWatch(sessions, settings.stream_poll_seconds, settings.max_streams_per_key)
     app.state.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
@@ -85,9 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(models.simple)
     for module in (jobs, datasets, uploads, keys, catalog, alerts):
         api.include_router(module.router)
+    api.include_router(jobs.presets)
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(health.v2)
+    web.mount(app)
     openapi = app.openapi
 
     def documented() -> dict[str, Any]:

@@ -230,12 +230,27 @@ def _uploaded_teacher(
     return model, meta, files
 
 
-def _publish(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -> None:
+def _publish(
+    ctx: JobContext, files: list[tuple[str, str, str, StoredObject]], summary: dict[str, Any]
+) -> None:
     """Artifact rows and `succeeded` in one fenced transaction: exactly one report per job."""
-    ctx.retrying(lambda: _publish_once(ctx, files), "publish")
+    ctx.retrying(lambda: _publish_once(ctx, files, summary), "publish")
 
 
-def _publish_once(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -> None:
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """What the job list shows of a report, recorded on the `succeeded` event: verdict, teacher accuracy and
+    the served model's per-key safe budget (the smallest over the audited students)."""
+    safe = (report.get("safe_budget") or {}).get("teacher") or {}
+    return {
+        "verdict": report.get("verdict"),
+        "teacher_accuracy": (report.get("teacher") or {}).get("accuracy"),
+        "safe_budget": min(safe.values()) if safe else None,
+    }
+
+
+def _publish_once(
+    ctx: JobContext, files: list[tuple[str, str, str, StoredObject]], summary: dict[str, Any]
+) -> None:
     with ctx.session() as s:
         owner_id = s.get(Job, ctx.claim.job_id).owner_id
         for name, kind, media_type, obj in files:
@@ -251,7 +266,7 @@ def _publish_once(ctx: JobContext, files: list[tuple[str, str, str, StoredObject
                     storage_key=obj.key,
                 )
             )
-        transition(s, ctx.claim, JobStatus.succeeded)
+        transition(s, ctx.claim, JobStatus.succeeded, **summary)
 
 
 class StoreResults:
@@ -361,7 +376,7 @@ def publish_audit(
         (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
         *_policy_files(store, result, ctx.work / "policy"),
     ]
-    _publish(ctx, files)
+    _publish(ctx, files, headline(report))
 
 
 def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
