@@ -33,6 +33,7 @@ from app.api.job_service import (
     read_job,
     report_artifact,
 )
+from app.api.routes import alerts as alerts_routes
 from app.api.routes import jobs as jobs_routes
 from app.api.routes import keys as keys_routes
 from app.api.routes import models as models_routes
@@ -50,7 +51,6 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 VERDICTS = ("distillable", "undistillable", "inconclusive")
 STATUSES = [s.value for s in JobStatus]
-ALERTS_PATH = "/api/v1/models/{model_id}/alerts"  # shown on the models page once the API serves it
 MAX_PREDICT_ROWS = 64  # a page is for trying a model on a few inputs
 # Scripts only from this server's files (no inline script), forms only to it, never framed elsewhere.
 CSP = (
@@ -358,11 +358,11 @@ async def _models_context(
         if info.live() and "models:predict" in info.scopes:
             budget = (await models_routes.metadata(model_id, request, info)).parameters["query_budget"]
             usage.append((info, budget))
-    has_alerts = any(getattr(r, "path", None) == ALERTS_PATH for r in request.app.routes)
+    alerts = await run_in_threadpool(alerts_routes.list_alerts, session, key, model_id, 20, None)
     return context | {
         "meta": await models_routes.metadata(model_id, request, key),
         "usage": usage,
-        "alerts_url": ALERTS_PATH.format(model_id=model_id) if has_alerts else None,
+        "alerts": alerts.items,
     }
 
 

@@ -3,6 +3,7 @@ owner reads at GET /api/v1/models/{id}/alerts; honest keys raise none; other own
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -74,6 +75,17 @@ def test_a_16_key_attack_raises_alerts_naming_its_keys(trained: Trained) -> None
         assert page["items"][0]["id"] == got[0]["id"] and page["next_cursor"]
         nxt = alerts(trained, model, limit=1, cursor=page["next_cursor"])
         assert nxt["items"][0]["id"] == got[1]["id"]
+    # the dashboard's models page lists them with the keys involved
+    token = re.search(r'name="csrf" value="([^"]+)"', trained.client.get("/login").text).group(1)
+    owner_key = trained.headers["Authorization"].split()[1]
+    signed_in = trained.client.post(
+        "/login", data={"csrf": token, "key": owner_key}, headers={"Origin": "http://testserver"}
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    page = trained.client.get("/models", params={"id": model})
+    trained.client.cookies.clear()
+    assert page.status_code == 200 and 'id="alerts"' in page.text
+    assert got[0]["keys"][0]["key_id"] in page.text
     # the alert is also an event of the model's job
     r = trained.client.get(f"/api/v1/jobs/{model}/events", headers=trained.headers, params={"after": 0})
     assert r.status_code == 200, r.text
