@@ -2,10 +2,9 @@
 
 `--compare`: one seed of the paper benchmark's audit (the unlimited phase's 56 students, and the
 4,000-query budget phase's 14 attackers), trained by the audit as it is and by the audit as it was
-before its students ran as a chain of batched matmuls and its teachers answered in chunks (`vmap`
-over `functional_call` in training and evaluation, kept here only, and each teacher on a whole batch
-at once: the baseline), alternated in one process so that the machine's load hits both; prints
-seconds per epoch, the speed-up per phase and whether both give the same numbers.
+before its students ran as a chain of batched matmuls (`vmap` over `functional_call` in training and
+evaluation, kept here only, as the baseline), alternated in one process so that the machine's load
+hits both; prints seconds per epoch, the speed-up per phase and whether both give the same numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from torch import Tensor
 from torch.func import vmap
 
 import ml.audit.lockstep as lockstep
-import ml.audit.sources as sources
 from ml.audit.batches import Batch
 from ml.audit.groups import EVAL_CHUNK, StackedGroup
 from ml.bench import PaperSeed, paper_seed, speed
@@ -49,16 +47,14 @@ class VmapGroup(StackedGroup):
         return torch.cat(preds, dim=1)
 
 
-def timed_phase(seed: PaperSeed, baseline: bool, epochs: int, phase: int | None) -> tuple[float, list[Any]]:
+def timed_phase(seed: PaperSeed, group: type, epochs: int, phase: int | None) -> tuple[float, list[Any]]:
     """Median seconds per epoch after the first, and every run's accuracies and fidelity."""
-    chunk = sources.TEACHER_CHUNK
-    if baseline:
-        lockstep.StackedGroup, sources.TEACHER_CHUNK = VmapGroup, 2**31  # type: ignore[misc]
+    lockstep.StackedGroup = group  # type: ignore[misc]
     stamps: list[float] = []
     try:
         runs = seed.train(epochs, phase, on_epoch=lambda e, n: stamps.append(time.perf_counter()))
     finally:
-        lockstep.StackedGroup, sources.TEACHER_CHUNK = StackedGroup, chunk  # type: ignore[misc]
+        lockstep.StackedGroup = StackedGroup  # type: ignore[misc]
     per_epoch = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
     return per_epoch, [(r.name, r.teacher, r.acc, r.fidelity) for r in runs]
 
@@ -71,9 +67,9 @@ def compare(epochs: int, rounds: int) -> dict[str, Any]:
         times: dict[str, list[float]] = {"before": [], "after": []}
         figures: dict[str, list[Any]] = {}
         for r in range(rounds):  # alternate the order so drift hits both sides
-            order = [("before", True), ("after", False)]
-            for label, baseline in order if r % 2 == 0 else reversed(order):
-                s, figures[label] = timed_phase(seed, baseline, epochs, phase)
+            order = [("before", VmapGroup), ("after", StackedGroup)]
+            for label, group in order if r % 2 == 0 else reversed(order):
+                s, figures[label] = timed_phase(seed, group, epochs, phase)
                 times[label].append(s)
         before, after = statistics.median(times["before"]), statistics.median(times["after"])
         students = len(figures["after"])
