@@ -282,6 +282,10 @@ class StoreResults:
     def save(self, key: str, result: TaskResult) -> None:
         self.store.write_named(f"{self.prefix}/{key}.json", json.dumps(result).encode())
 
+    def clear(self) -> None:
+        """Delete the job's results: once the report holds them, or once the job ended without one."""
+        self.store.delete_named(self.prefix)
+
 
 def _policy_files(store: ArtifactStore, result: AuditResult, directory: Path) -> list[FileRow]:
     """The serving policy the audit fitted to the published teacher and served it through (none: no files).
@@ -422,6 +426,7 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
     if fan_out is None:
         result = assemble(p, run_in_process(p, on_progress=ctx.on_progress, results=results))
         publish_audit(ctx, store, result, files, extra)
+        results.clear()  # the report holds them now
         return True
     stored = None
     if control is not None:

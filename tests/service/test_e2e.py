@@ -307,3 +307,4 @@ def test_embedded_serve_runs_a_job_without_redis_or_postgresql(embedded: Stack) 
     events = follow(embedded, job_id)
     assert statuses(events) == ["queued", "training", "auditing", "succeeded"], embedded.logs()
     check_succeeded_job(embedded, job_id)
+    assert not (embedded.tmp / "artifacts" / "audit-results" / job_id).exists()  # the report holds them
