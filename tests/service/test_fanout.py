@@ -48,8 +48,9 @@ def task_lines(proc: Proc, job_id: str) -> list[str]:
 
 
 def figures(report: dict[str, Any]) -> dict[str, Any]:
-    """Everything the audit measured: the report without the job's id, times and training metadata."""
-    out = {k: v for k, v in report.items() if k not in {"job_id", "wall_s"}}
+    """Everything the audit measured: the report without the job's id, times (and the time estimates
+    made from them) and training metadata."""
+    out = {k: v for k, v in report.items() if k not in {"job_id", "wall_s", "timing", "findings"}}
     out["teacher"] = {k: v for k, v in report["teacher"].items() if k != "meta"}
     return out
 

@@ -11,7 +11,7 @@ from typing import Any
 from audit_reports import BELOW, COPIED, report_of, rows
 
 from app.api.report_html import render_report
-from app.api.schemas import JobOut
+from app.api.schemas import JobOut, Progress
 from ml.audit.advice import findings
 
 LINKS = ("self", "events", "report", "report_html", "artifacts", "model")
@@ -23,6 +23,7 @@ def page(report: dict[str, Any], spec: dict[str, Any] | None = None) -> str:
         id=uuid.uuid4(), status="succeeded", attempts=1, max_attempts=3, error=None, cancel_requested=False,
         dataset_id=None, created_at=now, updated_at=now, started_at=now, finished_at=now,
         links=dict.fromkeys(LINKS, "/x"), spec=spec or {},
+        progress=Progress(stage="succeeded", fraction=1.0),
     )  # fmt: skip
     epochs = [
         {"stage": "teacher", "epoch": e, "test_acc": 90.0 + e, "train_acc": 91.0 + e, "losses": {"ce": 1 / e}}
