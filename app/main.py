@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,19 +13,22 @@ from fastapi_offline import FastAPIOffline
 
 from app.api.inference import HistoryCache, ModelCache
 from app.api.job_service import EventWatch
-from app.api.routes import catalog, datasets, evidence, health, jobs, keys, models, uploads
+from app.api.monitor import Monitor
+from app.api.routes import alerts, catalog, datasets, evidence, health, jobs, keys, models, uploads
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.keys import KeyCache
 from app.core.limits import Background, make_limits
 from app.core.storage import ArtifactStore
 from app.problems import BodyLimit, document_problems, install_problem_handlers
+from app.web import routes as web
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
 serve it exactly as audited.
 
-1. `POST /api/v1/jobs` with the example body (a demo on MNIST-1D that finishes in minutes on a CPU).
+1. `POST /api/v1/jobs` with the example body, `{"preset": "quick"}` (a demo on MNIST-1D that finishes in
+   minutes on a CPU; `GET /api/v1/presets` lists the presets).
 2. Follow `GET /api/v1/jobs/{id}/events` (Server-Sent Events) until `succeeded`.
 3. Read `GET /api/v1/jobs/{id}/report.html`, download the checkpoint from `/artifacts`, and query
    the model at `POST /v2/models/{id}/infer`.
@@ -40,12 +44,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     sessions = session_factory(settings.database_url)
     key_cache = KeyCache(sessions, settings.key_cache_seconds)
     limits = make_limits(settings.broker_url, settings.redis_prefix, sessions)
+    monitor = Monitor(sessions, settings.broker_url, settings.redis_prefix)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Revocations reach this process's key cache, and usage counters reach the database, from here.
         background = Background(
-            [(settings.key_poll_seconds, key_cache.poll), (settings.usage_flush_seconds, limits.flush)]
+            [
+                (settings.key_poll_seconds, key_cache.poll),
+                (settings.usage_flush_seconds, limits.flush),
+                (settings.usage_flush_seconds, monitor.flush),
+            ]
         )
         background.start()
         try:
@@ -59,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="cmim", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, static_url="/static/docs"
     )
     app.state.settings = settings
+    secret = settings.session_secret
+    app.state.session_secret = secret.encode() if secret else secrets.token_bytes(32)
     app.state.sessions = sessions
     app.state.events = EventWatch(sessions, settings.stream_poll_seconds, settings.max_streams_per_key)
     app.state.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
@@ -66,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = ModelCache(settings.model_cache_size)
     app.state.keys = key_cache
     app.state.limits = limits
+    app.state.monitor = monitor
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
     install_problem_handlers(app)
     document_problems(app)
@@ -76,11 +88,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
     api.include_router(models.simple)
-    for module in (jobs, datasets, uploads, evidence, keys, catalog):
+    for module in (jobs, datasets, uploads, evidence, keys, catalog, alerts):
         api.include_router(module.router)
+    api.include_router(jobs.presets)
     app.include_router(api)
     app.include_router(health.router)
     app.include_router(health.v2)
+    web.mount(app)
     openapi = app.openapi
 
     def documented() -> dict[str, Any]:

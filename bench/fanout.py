@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -117,8 +118,16 @@ class Service:
         r.raise_for_status()
         return r.json()
 
-    def audit_seconds(self) -> float:
-        """Submit the job, wait for it, and return the time from `auditing` to `succeeded`."""
+    def task_seconds(self, job: str) -> dict[str, list[float]]:
+        """Per worker, the seconds each of the job's audit tasks computed (from the workers' logs)."""
+        pattern = re.compile(rf"job {job}: audit task \d+/\d+ \(attempt \d+\) computed in ([\d.]+) s")
+        return {
+            log.stem: [float(x) for x in pattern.findall(log.read_text(errors="replace"))]
+            for log in sorted(self.tmp.glob("worker-*.log"))
+        }
+
+    def audit_seconds(self) -> tuple[float, str]:
+        """Submit the job, wait for it; (the time from `auditing` to `succeeded`, the job's id)."""
         job = self.call("POST", "/api/v1/jobs", json=JOB)["id"]
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
@@ -130,9 +139,8 @@ class Service:
             time.sleep(0.5)
         events = self.call("GET", f"/api/v1/jobs/{job}/events", params={"after": 0})
         at = {e["data"]["status"]: e["created_at"] for e in events if e["kind"] == "status"}
-        return (
-            datetime.fromisoformat(at["succeeded"]) - datetime.fromisoformat(at["auditing"])
-        ).total_seconds()
+        wall = datetime.fromisoformat(at["succeeded"]) - datetime.fromisoformat(at["auditing"])
+        return wall.total_seconds(), job
 
     def close(self) -> None:
         for p in self.procs:
@@ -141,16 +149,29 @@ class Service:
                 p.wait(timeout=30)
 
 
+def report(service: Service, label: str, wall: float, job: str) -> None:
+    """The audit's wall time, each worker's task times, and what the wall time holds beyond the busiest
+    worker's tasks (plan, hand-off, queueing, the callback's assembly)."""
+    tasks = service.task_seconds(job)
+    busiest = max((sum(t) for t in tasks.values()), default=0.0)
+    per_worker = "; ".join(f"{w} {' + '.join(f'{t:.1f}' for t in ts) or '-'}" for w, ts in tasks.items())
+    print(
+        f"{label} 4-task audit in {wall:.1f} s; tasks computed ({per_worker}) s; "
+        f"beyond the busiest worker's tasks {wall - busiest:.1f} s",
+        flush=True,
+    )
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cmim-fanout-") as tmp:
         service = Service(Path(tmp))
         try:
             service.start("worker-1", "-m", "worker.cli", "worker", "--pool", "solo")
-            one = service.audit_seconds()
-            print(f"1 worker:  4-task audit in {one:.1f} s", flush=True)
+            one, job_one = service.audit_seconds()
+            report(service, "1 worker: ", one, job_one)
             service.start("worker-2", "-m", "worker.cli", "worker", "--pool", "solo")
-            two = service.audit_seconds()
-            print(f"2 workers: 4-task audit in {two:.1f} s", flush=True)
+            two, job_two = service.audit_seconds()
+            report(service, "2 workers:", two, job_two)
             print(f"ratio 2 workers / 1 worker: {two / one:.3f} (target <= 0.65)")
             print(json.dumps({"one_worker_s": one, "two_workers_s": two, "ratio": two / one}))
         finally:

@@ -30,6 +30,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
@@ -188,6 +189,26 @@ def binary_body(x: np.ndarray) -> tuple[bytes, int]:
     return head + x.tobytes(), len(head)
 
 
+def unmonitored_copy(database_url: str, job_id: Any) -> str:
+    """Another model id for the same checkpoint without the extraction monitor (no monitor.json): the
+    baseline of the monitor's overhead, served by the same process."""
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.core.models import MONITOR_NAME, Artifact, Job
+
+    with session_scope(database_url) as s:
+        job = s.get(Job, job_id)
+        fields = ("owner_id", "status", "spec", "request_hash", "max_attempts")
+        copy = Job(**{f: getattr(job, f) for f in fields})
+        s.add(copy)
+        s.flush()
+        for a in s.scalars(select(Artifact).where(Artifact.job_id == job.id, Artifact.name != MONITOR_NAME)):
+            names = ("owner_id", "name", "kind", "media_type", "sha256", "size_bytes", "storage_key")
+            s.add(Artifact(job_id=copy.id, **{f: getattr(a, f) for f in names}))
+        return str(copy.id)
+
+
 def train(tmp: Path, database_url: str) -> tuple[str, str, Path, Path]:
     """A tiny model trained through the job pipeline; returns (model id, key, weights, config)."""
     from sqlalchemy import select
@@ -248,7 +269,9 @@ def start(args: list[str], env: dict[str, str], log: Path, port: int) -> subproc
     sys.exit(f"server never came up:\n{log.read_text()}")
 
 
-async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_port: int) -> list[dict]:
+async def matrix(
+    args: argparse.Namespace, ours: tuple[int, str, str], plain_port: int, unmonitored: str
+) -> list[dict]:
     port, model, key = ours
     rows = []
     for batch in args.batches:
@@ -263,6 +286,8 @@ async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_por
         targets = {
             "ours": (port, http_request(f"/v2/models/{model}/infer", body, key)),
             "plain": (plain_port, http_request("/infer", body, None)),
+            # the same checkpoint in the same server, without the extraction monitor
+            "unmonitored": (port, http_request(f"/v2/models/{unmonitored}/infer", body, key)),
         }
         if args.binary:  # the binary tensor extension, as tritonclient sends it by default
             raw, header = binary_body(x)
@@ -285,13 +310,16 @@ async def matrix(args: argparse.Namespace, ours: tuple[int, str, str], plain_por
                 if not cell[name]["ok"]:
                     sys.exit(f"{name} answered no request: {cell[name]['statuses']}")
             cell["ratio"] = round(cell["ours"]["throughput_rps"] / cell["plain"]["throughput_rps"], 3)
+            cell["monitor_ratio"] = round(
+                cell["ours"]["throughput_rps"] / cell["unmonitored"]["throughput_rps"], 3
+            )
             rows.append(cell)
             o, q = cell["ours"], cell["plain"]
             print(
                 f"batch {batch:3d} clients {clients}: ours p50 {o['p50_ms']} ms p99 {o['p99_ms']} ms "
                 f"{o['throughput_rps']} req/s | plain p50 {q['p50_ms']} ms p99 {q['p99_ms']} ms "
-                f"{q['throughput_rps']} req/s | ours/plain {cell['ratio']}"
-                + ("" if o["ok"] == o["sent"] else f"  errors {o['statuses']}"),
+                f"{q['throughput_rps']} req/s | ours/plain {cell['ratio']} | monitored/unmonitored "
+                f"{cell['monitor_ratio']}" + ("" if o["ok"] == o["sent"] else f"  errors {o['statuses']}"),
                 flush=True,
             )
             if args.binary:
@@ -312,6 +340,7 @@ def main(args: argparse.Namespace) -> dict:
         url = f"sqlite:///{tmp / 'cmim.db'}"
         print("training the benchmark's model ...", flush=True)
         model, key, weights, config = train(tmp, url)
+        unmonitored = unmonitored_copy(url, uuid.UUID(model))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CMIM_")} | {
             "OMP_NUM_THREADS": str(args.threads),
             "CMIM_DATABASE_URL": url,
@@ -336,7 +365,7 @@ def main(args: argparse.Namespace) -> dict:
             ),
         ]
         try:
-            rows = asyncio.run(matrix(args, (ports[0], model, key), ports[1]))
+            rows = asyncio.run(matrix(args, (ports[0], model, key), ports[1], unmonitored))
         except SystemExit:
             for log in ("ours.log", "plain.log"):
                 print(f"--- {log}\n{(tmp / log).read_text()[-3000:]}", file=sys.stderr)
@@ -356,6 +385,7 @@ def main(args: argparse.Namespace) -> dict:
     if (1, 8) in cell:
         summary["batch1_clients8_ours_rps"] = cell[1, 8]["ours"]["throughput_rps"]
         summary["batch1_clients8_ratio"] = cell[1, 8]["ratio"]
+        summary["batch1_clients8_monitor_ratio"] = cell[1, 8]["monitor_ratio"]
     if (1, 1) in cell:
         summary["batch1_clients1_ours_p50_ms"] = cell[1, 1]["ours"]["p50_ms"]
     print("summary:", json.dumps(summary))

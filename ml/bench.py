@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,16 +64,42 @@ def matmul_flops(n: int = 1024, seconds: float = 1.0) -> float:
     return reps * 2 * n**3 / (time.perf_counter() - t0)
 
 
-def audit_throughput(epochs: int = 4, log: Callable[..., Any] = print) -> dict[str, float]:
-    """Student epochs per second of one seed of the paper benchmark (all 56 students, unlimited phase),
-    and their fraction of the arithmetic bound: measured matmul FLOP/s / FLOPs per student epoch.
+@dataclass
+class PaperSeed:
+    """One seed of the paper benchmark's audit, with untrained teachers (speed only): fresh runs and
+    oracles per call, so the same lockstep can be trained again."""
 
-    Epoch 1 warms up, epoch 2 is counted (torch's FLOP counter: student training and test evaluation,
-    the teachers' answers), the later epochs are timed. Teachers are untrained (speed only).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
+    plan: Any  # ml.audit.AuditPlan
+    student: str
 
-    from ml.audit import AuditConfig, Run, plan, serve_box, train_lockstep
+    def runs(self, phase: int | None = None) -> list[Any]:
+        """The unlimited phase's 56 students, or a budget phase's attackers."""
+        from ml.audit import Run
+
+        p = self.plan
+        if phase is not None:
+            return p.attack_runs(p.budget_teachers)
+        ls = [Run(name, self.student, eps=e, mixup=m) for name, e, m in p.ls_rows]
+        return ls + p.attack_runs(list(p.teachers))
+
+    def oracles(self) -> dict[str, Any]:
+        return {t: box.oracle(0, torch.device("cpu")) for t, box in self.plan.teachers.items()}
+
+    def train(
+        self, epochs: int, phase: int | None = None, on_epoch: Callable[[int, int], None] | None = None
+    ):
+        """Train one phase for `epochs` epochs of the unlimited schedule; returns its runs."""
+        from ml.audit import train_lockstep
+
+        runs, cfg = self.runs(phase), self.plan.cfg.model_copy(update={"epochs": epochs})
+        train_lockstep(runs, self.plan.data, self.oracles(), cfg, 0, on_epoch=on_epoch, budget=phase)
+        return runs
+
+
+def paper_seed() -> PaperSeed:
+    """Seed 0 of the `mnist1d` paper benchmark: its data, attacks, LS rows, six black boxes (untrained
+    CMIM and CE teachers served as the benchmark serves them) and its budget black boxes."""
+    from ml.audit import AuditConfig, plan, serve_box
     from ml.data import load_dataset
     from ml.oracle import OutputMode
     from ml.paper import BENCHMARKS
@@ -86,17 +113,27 @@ def audit_throughput(epochs: int = 4, log: Callable[..., Any] = print) -> dict[s
     ]
     cfg = AuditConfig(
         students=[bench.student], attacks=bench.attacks, attack_params=bench.attack_params, seeds=1,
-        epochs=max(epochs, 3), ls_eps=bench.ls_eps, query_budgets=[], output_mode=OutputMode(), device="cpu",
+        epochs=bench.epochs, ls_eps=bench.ls_eps, query_budgets=bench.query_budgets,
+        output_mode=OutputMode(), device="cpu",
     )  # fmt: skip
     boxes = {
         n: serve_box([cnn[p.objective == "ce"]], p.output_mode, p.policy, data)
         for n, p in bench.protections.items()
     }
-    p = plan(cfg, cnn[0], data, control=cnn[1], protections=boxes)
-    runs = [Run(name, bench.student, eps=e, mixup=m) for name, e, m in p.ls_rows] + p.attack_runs(
-        list(p.teachers)
-    )
-    oracles = {t: box.oracle(0, torch.device("cpu")) for t, box in p.teachers.items()}
+    p = plan(cfg, cnn[0], data, control=cnn[1], protections=boxes, budget_for=bench.budget_for)
+    return PaperSeed(p, bench.student)
+
+
+def audit_throughput(epochs: int = 4, log: Callable[..., Any] = print) -> dict[str, float]:
+    """Student epochs per second of one seed of the paper benchmark (all 56 students, unlimited phase),
+    and their fraction of the arithmetic bound: measured matmul FLOP/s / FLOPs per student epoch.
+
+    Epoch 1 warms up, epoch 2 is counted (torch's FLOP counter: student training and test evaluation,
+    the teachers' answers), the later epochs are timed. Teachers are untrained (speed only).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seed = paper_seed()
     counter = FlopCounterMode(display=False)
     stamps: list[float] = []
 
@@ -107,7 +144,7 @@ def audit_throughput(epochs: int = 4, log: Callable[..., Any] = print) -> dict[s
             counter.__exit__(None, None, None)
         stamps.append(time.perf_counter())
 
-    train_lockstep(runs, p.data, oracles, p.cfg, 0, on_epoch=on_epoch)
+    runs = seed.train(max(epochs, 3), on_epoch=on_epoch)
     flops_per_student_epoch = counter.get_total_flops() / len(runs)
     epoch_s = (
         statistics.median(b - a for a, b in zip(stamps[2:], stamps[3:], strict=False))
@@ -125,7 +162,7 @@ def audit_throughput(epochs: int = 4, log: Callable[..., Any] = print) -> dict[s
         "fraction_of_bound": rate * flops_per_student_epoch / bound,
     }
     log(
-        f"audit throughput ({len(runs)} {bench.student} students of one paper seed, "
+        f"audit throughput ({len(runs)} {seed.student} students of one paper seed, "
         f"{torch.get_num_threads()} threads): {rate:.2f} student epochs/s; "
         f"{out['gflop_per_student_epoch']:.3f} GFLOP per student epoch, "
         f"matmul {out['matmul_gflops']:.1f} GFLOP/s -> bound {out['bound_student_epochs_per_s']:.2f} student "

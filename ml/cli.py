@@ -269,6 +269,43 @@ def attacks() -> None:
     print_table("attacks", ["key", "paper", "views", "defaults"], rows)
 
 
+@app.command()
+def presets() -> None:
+    """List the job presets (`cmim audit --preset NAME`, or `{"preset": NAME}` in a job)."""
+    from ml.presets import PRESETS
+
+    rows = [
+        [p.name, p.expected_time, "yes" if p.indicative else "no", p.description] for _, p in PRESETS.items()
+    ]
+    print_table("presets", ["name", "expected time", "indicative", "description"], rows)
+
+
+class PresetOptions:
+    """A preset's values for the options a command was not given on its command line."""
+
+    def __init__(self, ctx: typer.Context, name: str | None, trains_teacher: bool = True) -> None:
+        from ml.presets import PRESETS
+
+        self.ctx = ctx
+        self.job = PRESETS.get(name).job() if name else {"teacher": {}, "audit": {}}
+        if not trains_teacher:  # a given teacher keeps its own data set and recipe
+            self.job["teacher"] = {}
+
+    def pick(self, option: str, value: Any, section: str, field: str) -> Any:
+        """The option's value when given on the command line, else the preset's (if any), else its default."""
+        preset = self.job[section].get(field)
+        source = self.ctx.get_parameter_source(option)
+        if preset is None or getattr(source, "name", None) == "COMMANDLINE":  # typer vendors its own click
+            return value
+        return preset
+
+    def params(self, given: dict[str, Any], section: str, field: str) -> dict[str, Any]:
+        """The preset's parameters with the command line's laid over them."""
+        from ml.presets import merge
+
+        return merge(self.job[section].get(field) or {}, given)
+
+
 def _train_stage(cfg: Any, label: str, data: Any) -> Any:
     from ml.train import train_model
 
@@ -282,6 +319,13 @@ def _train_stage(cfg: Any, label: str, data: Any) -> Any:
 
 @app.command()
 def audit(
+    ctx: typer.Context,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="start from a job preset (`cmim presets`): quick | standard; options given override it"
+        ),
+    ] = None,
     teacher: Annotated[
         Path | None,
         typer.Option(
@@ -344,6 +388,31 @@ def audit(
             if not dot:
                 raise ValueError(f"--attack-param takes attack.name=value, got {key!r}")
             per_attack.setdefault(name, {})[field] = value
+        pre = PresetOptions(ctx, preset, trains_teacher=teacher is None)
+        student, attack = (
+            pre.pick("student", student, "audit", "students"),
+            pre.pick("attack", attack, "audit", "attacks"),
+        )
+        seeds, epochs = (
+            pre.pick("seeds", seeds, "audit", "seeds"),
+            pre.pick("epochs", epochs, "audit", "epochs"),
+        )
+        ls_eps, control = (
+            pre.pick("ls_eps", ls_eps, "audit", "ls_eps"),
+            pre.pick("control", control, "audit", "control"),
+        )
+        output_mode = pre.pick("output_mode", output_mode, "audit", "output_mode")
+        output_mode = output_mode["kind"] if isinstance(output_mode, dict) else output_mode
+        budget = pre.pick("budget", budget, "audit", "query_budgets")
+        per_attack = pre.params(per_attack, "audit", "attack_params")
+        dataset, arch = (
+            pre.pick("dataset", dataset, "teacher", "dataset"),
+            pre.pick("arch", arch, "teacher", "arch"),
+        )
+        objective = pre.pick("objective", objective, "teacher", "objective")
+        teacher_epochs = pre.pick("teacher_epochs", teacher_epochs, "teacher", "epochs")
+        dataset_params = pre.params(parse_params(dataset_param), "teacher", "dataset_params")
+        objective_params = pre.params(parse_params(param), "teacher", "objective_params")
         cfg = AuditConfig(
             students=student or ["mlp"],
             **({"attacks": attack} if attack else {}),
@@ -370,7 +439,7 @@ def audit(
                 raise ValueError("--teacher model.onnx needs --dataset: the data set the model answers for")
             recipe = TrainConfig(
                 dataset=dataset,
-                dataset_params=parse_params(dataset_param),
+                dataset_params=dataset_params,
                 arch=control_arch or "mlp",
                 epochs=teacher_epochs,
                 device=device,
@@ -381,17 +450,17 @@ def audit(
             ds = dataset or meta.dataset
             ds_params = (
                 meta.train_config.get("dataset_params", {}) if ds == meta.dataset else {}
-            ) | parse_params(dataset_param)
+            ) | dataset_params
             recipe = recipe.model_copy(
                 update={"dataset": ds, "dataset_params": ds_params, "device": device, "arch": meta.arch}
             )
         else:
             recipe = TrainConfig(
                 dataset=dataset or "mnist1d",
-                dataset_params=parse_params(dataset_param),
+                dataset_params=dataset_params,
                 arch=arch,
                 objective=objective,
-                objective_params=parse_params(param),
+                objective_params=objective_params,
                 epochs=teacher_epochs,
                 device=device,
             )
@@ -437,6 +506,7 @@ def audit(
 
 def print_report(report: dict[str, Any]) -> None:
     """The audit as readable tables: per student, LS and every attack with margins and verdicts."""
+    from ml.audit import findings
 
     def pm(stats: dict[str, Any]) -> str:
         se = stats["se"]
@@ -461,12 +531,16 @@ def print_report(report: dict[str, Any]) -> None:
                 )
             acc = section["teacher"]["accuracy"] if label == "teacher" else section["accuracy"]
             title = f"{label} (acc {acc:.2f}%) -> {arch}: {s['verdict']}"
-            print_table(
-                title, ["row", "best acc", "last acc", "fidelity", "margin vs LS", "sig."], rows
-            )
+            print_table(title, ["row", "best acc", "last acc", "fidelity", "margin vs LS", "sig."], rows)
     for t, per_student in report.get("safe_budget", {}).items():
         console.print(f"safe query budget ({t}): " + ", ".join(f"{a} {b}" for a, b in per_student.items()))
     console.print(f"verdict: [bold]{report['verdict']}[/bold] — {report['verdict_reason']}")
+    advice = report.get("findings") or findings(report)
+    console.print(advice["headline"])
+    for line in advice["why"] + advice["to_conclude"]:
+        console.print(f"  {line}")
+    for step in advice["next_steps"]:
+        console.print(f"  next: {step}")
 
 
 @bench_app.command("paper")

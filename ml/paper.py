@@ -19,6 +19,7 @@ from torch import nn
 from ml.audit import AuditConfig, AuditProgress, BlackBox, run_audit, serve_box
 from ml.data import Dataset, load_dataset
 from ml.evidence import DEFAULT_MECHANISM, Secret
+from ml.monitor_sim import monitor_markdown, simulate_seeds
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.registry import Registry
@@ -215,6 +216,9 @@ def run_paper(
         on_progress=on_progress,
     )
     report["benchmark"] = bench.model_dump(mode="json")
+    # the monitor across keys against the unlimited fm_edge attacker of this benchmark (200k queries at most)
+    attack = min(bench.epochs * len(data.x_train), 200_000)
+    report["monitor"] = simulate_seeds(data, bench.seeds, queries=attack)
     report["summary"] = summarise_paper(report, bench, time.perf_counter() - t0)
     return report
 
@@ -313,6 +317,11 @@ def summarise_paper(report: dict[str, Any], bench: Benchmark, wall_s: float) -> 
         "safe_budget": safe.get("protected", {}).get(st),
         "ce_safe_budget": safe.get("control", {}).get(st),
         **evidence_summary(report, st),
+        "monitor_queries_to_alert": report.get("monitor", {})
+        .get("splits", {})
+        .get("16", {})
+        .get("queries_to_alert", {})
+        .get("mean"),
         "wall_s": wall_s,
     }
 
@@ -460,6 +469,8 @@ def paper_markdown(report: dict[str, Any], student: str) -> str:
         ]
         lines += ["| " + " | ".join(map(str, r)) + " |" for r in budget_rows(report, student)]
     lines += evidence_markdown(report, student)
+    if report.get("monitor"):
+        lines += ["", monitor_markdown(report["monitor"])]
     return "\n".join(lines) + "\n"
 
 

@@ -45,6 +45,8 @@ def tiny(command: str) -> list[str]:
             "--budget",
             "500",
         ]
+    if "--preset" in argv:  # the preset's schedule, shrunk by explicit options (which override it)
+        argv += ["--teacher-epochs", "1", "--seeds", "1", "--epochs", "1"]
     if argv[3:5] == ["bench", "speed"]:
         argv += ["--steps", "2", "--rounds", "1", "--students", "2"]
     if argv[3:5] == ["bench", "paper"]:

@@ -141,6 +141,13 @@ def _stop_sweeping(**_: object) -> None:
     _stop_sweep.set()
 
 
+@signals.worker_init.connect
+def _import_the_pipeline(**_: object) -> None:
+    # torch, the model zoo and the audit (seconds of imports) load before the worker takes a task, not
+    # inside the first task a worker runs: a fanned-out audit's second worker starts at full speed.
+    import worker.fanout  # noqa: F401
+
+
 @signals.worker_process_init.connect
 def _fresh_connections(**_: object) -> None:
     # A forked child must not share the parent's pooled database connections.

@@ -170,7 +170,7 @@ def serve(
     if settings.embedded and worker:
         proc, stop = start_local_worker()
     base = f"http://{host}:{port}"
-    console.print(f"cmim API on {base}  (docs: {base}/docs)", highlight=False)
+    console.print(f"cmim API on {base}  (dashboard: {base}/  docs: {base}/docs)", highlight=False)
     if first:
         console.print(f"API key (shown once): {first}", highlight=False)
     else:

@@ -19,7 +19,8 @@ import uuid
 from typing import Any
 
 from app.core.config import Settings
-from app.core.models import JobStatus
+from app.core.db import session_scope
+from app.core.models import Job, JobStatus
 from app.core.outage import is_outage
 from app.core.queue import Claim, LeaseLost
 from app.core.storage import ArtifactStore, StoredObject
@@ -62,6 +63,7 @@ def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str
         except LeaseLost:
             log.warning("%s: the claim is gone, a later attempt owns the job", name)
         except TrainingCancelled:
+            log.info("%s stopped: the job was cancelled", name)
             finish(ctx, JobStatus.cancelled)
         except Exception as e:
             if is_outage(e):
@@ -75,6 +77,8 @@ def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, setti
     """The chord callback: the report assembled from the stored results, stored and published."""
     claim = _claim(handoff)
     if not all(o.get("ok") for o in outcomes):
+        _clear_if_ended(handoff, settings)
+        log.info("job %s: report not published, a task did not finish", claim.job_id)
         return "not published: a task did not finish"
     with JobContext(settings, claim) as ctx:
         try:
@@ -89,6 +93,7 @@ def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, setti
                 return "incomplete"
             files = [(n, k, m, StoredObject(key, sha, size)) for n, k, m, key, sha, size in handoff["files"]]
             publish_audit(ctx, store, assemble(p, found), files, handoff["extra"])
+            results.clear()  # the report holds them now
         except LeaseLost:
             log.warning("job %s: not published, the claim of attempt %d is gone", claim.job_id, claim.attempt)
             return "lease lost"
@@ -101,3 +106,16 @@ def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, setti
     log.info("job %s: report of %d tasks published", claim.job_id, len(found))
     shutil.rmtree(ctx.work, ignore_errors=True)
     return "succeeded"
+
+
+def _clear_if_ended(handoff: Handoff, settings: Settings) -> None:
+    """A cancelled or failed job's stored task results, deleted: no later attempt will read them.
+
+    A job still running (a later attempt took it over) keeps them for that attempt.
+    """
+    claim = _claim(handoff)
+    with session_scope(settings.database_url) as s:
+        job = s.get(Job, claim.job_id)
+        ended = job is not None and JobStatus(job.status).terminal
+    if ended:
+        StoreResults(ArtifactStore.from_settings(settings), claim.job_id).clear()

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.models import (
+    MONITOR_NAME,
     POLICY_CONFIG_NAME,
     POLICY_NAME,
     REPORT_NAME,
@@ -51,6 +52,7 @@ from ml.audit import (
     AuditResult,
     TaskResult,
     assemble,
+    findings,
     plan,
     run_in_process,
 )
@@ -59,6 +61,7 @@ from ml.data import Dataset as Data
 from ml.data import load_dataset
 from ml.evidence import DEFAULT_MECHANISM, Secret
 from ml.evidence.verify import pack_challenge, store_names
+from ml.monitor import MonitorConfig, calibrate
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
 from ml.train import EpochReport, TrainConfig, TrainingCancelled, TrainResult, check_fits, train_model
 
@@ -229,12 +232,27 @@ def _uploaded_teacher(
     return model, meta, files
 
 
-def _publish(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -> None:
+def _publish(
+    ctx: JobContext, files: list[tuple[str, str, str, StoredObject]], summary: dict[str, Any]
+) -> None:
     """Artifact rows and `succeeded` in one fenced transaction: exactly one report per job."""
-    ctx.retrying(lambda: _publish_once(ctx, files), "publish")
+    ctx.retrying(lambda: _publish_once(ctx, files, summary), "publish")
 
 
-def _publish_once(ctx: JobContext, files: list[tuple[str, str, str, StoredObject]]) -> None:
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """What the job list shows of a report, recorded on the `succeeded` event: verdict, teacher accuracy and
+    the served model's per-key safe budget (the smallest over the audited students)."""
+    safe = (report.get("safe_budget") or {}).get("teacher") or {}
+    return {
+        "verdict": report.get("verdict"),
+        "teacher_accuracy": (report.get("teacher") or {}).get("accuracy"),
+        "safe_budget": min(safe.values()) if safe else None,
+    }
+
+
+def _publish_once(
+    ctx: JobContext, files: list[tuple[str, str, str, StoredObject]], summary: dict[str, Any]
+) -> None:
     with ctx.session() as s:
         owner_id = s.get(Job, ctx.claim.job_id).owner_id
         for name, kind, media_type, obj in files:
@@ -250,7 +268,7 @@ def _publish_once(ctx: JobContext, files: list[tuple[str, str, str, StoredObject
                     storage_key=obj.key,
                 )
             )
-        transition(s, ctx.claim, JobStatus.succeeded)
+        transition(s, ctx.claim, JobStatus.succeeded, **summary)
 
 
 class StoreResults:
@@ -265,6 +283,10 @@ class StoreResults:
 
     def save(self, key: str, result: TaskResult) -> None:
         self.store.write_named(f"{self.prefix}/{key}.json", json.dumps(result).encode())
+
+    def clear(self) -> None:
+        """Delete the job's results: once the report holds them, or once the job ended without one."""
+        self.store.delete_named(self.prefix)
 
 
 def _policy_files(store: ArtifactStore, result: AuditResult, directory: Path) -> list[FileRow]:
@@ -286,6 +308,17 @@ def _policy_files(store: ArtifactStore, result: AuditResult, directory: Path) ->
         (POLICY_NAME, "policy", "application/octet-stream", store.put_file(tensors)),
         (POLICY_CONFIG_NAME, "policy_config", "application/json", store.put_file(config)),
     ]
+
+
+def _monitor_file(
+    store: ArtifactStore, data: Data, directory: Path, seed: int
+) -> tuple[FileRow, dict[str, Any]]:
+    """The extraction monitor calibrated on the test split (`ml.monitor.calibrate`), and its report entry."""
+    ref = calibrate(data.x_test, MonitorConfig(), seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MONITOR_NAME
+    path.write_text(json.dumps(ref.to_json(), indent=1))
+    return (MONITOR_NAME, "monitor", "application/json", store.put_file(path)), ref.to_json()
 
 
 def _read_job(ctx: JobContext) -> Job:
@@ -361,12 +394,13 @@ def publish_audit(
     report["job_id"] = str(ctx.claim.job_id)
     report["teacher"] = report["teacher"] | extra["teacher"]
     report |= {k: v for k, v in extra.items() if k != "teacher"}
+    report["findings"] = findings(report, report.get("job"))  # the job's preset marks an audit indicative
     files = [
         *files,
         (REPORT_NAME, "report", "application/json", store.put_bytes(json.dumps(report, indent=1).encode())),
         *_policy_files(store, result, ctx.work / "policy"),
     ]
-    _publish(ctx, files)
+    _publish(ctx, files, headline(report))
 
 
 def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
@@ -402,7 +436,10 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
         control = _train(ctx, teacher_cfg.model_copy(update=update), data, "control")
 
     ctx.set_status(JobStatus.auditing)
-    extra: dict[str, Any] = {"teacher": {"meta": meta.model_dump(mode="json")}}
+    monitor_file, monitor = _monitor_file(store, data, ctx.work, teacher_cfg.seed)
+    files.append(monitor_file)
+    extra: dict[str, Any] = {"teacher": {"meta": meta.model_dump(mode="json")}, "monitor": monitor}
+    extra["job"] = {k: job.spec[k] for k in ("preset", "indicative") if k in job.spec}
     if model_id is not None:
         extra["teacher"]["uploaded_model_id"] = model_id
     if "fine_tune" in meta.metrics:
@@ -422,6 +459,7 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
     if fan_out is None:
         result = assemble(p, run_in_process(p, on_progress=ctx.on_progress, results=results))
         publish_audit(ctx, store, result, files, extra)
+        results.clear()  # the report holds them now
         return True
     stored = None
     if control is not None:

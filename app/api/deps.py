@@ -16,6 +16,7 @@ from app.core.config import Settings
 from app.core.keys import KeyCache, KeyInfo, hash_secret
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found
+from app.web.session import session_digest
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer cmim_...`")
 
@@ -43,29 +44,35 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
 async def authenticate(request: Request, token: str | None, scopes: list[str]) -> KeyInfo:
     """The live API key with this secret, holding every scope in `scopes`; 401 or 403 otherwise.
 
     Served from the process's key cache (`KeyCache`): the database is read only on a miss."""
-    challenge = {"WWW-Authenticate": "Bearer"}
     if token is None:
         raise Problem(
             401,
             "missing API key: send `Authorization: Bearer <key>`",
             slug="unauthenticated",
-            headers=challenge,
+            headers=CHALLENGE,
         )
+    return await authorize(request, hash_secret(token), scopes)
+
+
+async def authorize(request: Request, digest: str, scopes: list[str]) -> KeyInfo:
+    """The live API key with this secret hash, holding every scope in `scopes`; 401 or 403 otherwise."""
     cache: KeyCache = request.app.state.keys
-    digest = hash_secret(token)
     key = cache.cached(digest) or await run_in_threadpool(cache.load, digest)
     if key is None or key.revoked_at is not None:
-        raise Problem(401, "unknown or revoked API key", slug="unauthenticated", headers=challenge)
+        raise Problem(401, "unknown or revoked API key", slug="unauthenticated", headers=CHALLENGE)
     if not key.live():
         raise Problem(
             401,
             f"API key expired at {key.expires_at:%Y-%m-%dT%H:%M:%SZ}",
             slug="unauthenticated",
-            headers=challenge,
+            headers=CHALLENGE,
         )
     missing = [s for s in scopes if s not in key.scopes]
     if missing:
@@ -84,7 +91,14 @@ async def current_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> KeyInfo:
-    """The calling key, for routes that declare their scopes as a dependency (see `authenticate`)."""
+    """The calling key, for routes that declare their scopes as a dependency (see `authenticate`).
+
+    Without a Bearer header, a GET may be signed in by the dashboard's session cookie instead (a browser
+    opening a report, an artifact or an event stream); anything else needs the header (no CSRF by cookie)."""
+    if credentials is None and request.method in ("GET", "HEAD"):
+        digest = session_digest(request)
+        if digest is not None:
+            return await authorize(request, digest, scopes.scopes)
     return await authenticate(request, credentials.credentials if credentials else None, scopes.scopes)
 
 

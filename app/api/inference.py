@@ -25,10 +25,19 @@ from app.core.coalesce import Coalescer
 from app.core.config import Settings
 from app.core.keys import KeyInfo
 from app.core.limits import Cap, Limits, counters_for
-from app.core.models import POLICY_CONFIG_NAME, POLICY_NAME, REPORT_NAME, Artifact, Job, JobStatus
+from app.core.models import (
+    MONITOR_NAME,
+    POLICY_CONFIG_NAME,
+    POLICY_NAME,
+    REPORT_NAME,
+    Artifact,
+    Job,
+    JobStatus,
+)
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found, validation_problem
 from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint, load_meta
+from ml.monitor import QueryBank, Reference
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, OnnxModule
 from ml.oracle import OutputMode
 from ml.policy import FittedPolicy, PolicyConfig, QueryHistory, Served, serve
@@ -55,10 +64,15 @@ class ServedModel:
         default_factory=lambda: torch.Generator().manual_seed(secrets.randbits(63))
     )
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The extraction monitor calibrated at job end (None: an older job, not monitored) and this process's
+    # bank of the model's recent queries (`ml.monitor`).
+    monitor: Reference | None = None
     batcher: MicroBatcher = field(init=False, repr=False)
+    bank: QueryBank | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batcher", MicroBatcher(self.model))
+        object.__setattr__(self, "bank", None if self.monitor is None else QueryBank(self.monitor))
 
     @property
     def keeps_history(self) -> bool:
@@ -203,7 +217,9 @@ def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedM
     report = json.loads(store.read_bytes(job_artifact(session, job.id, REPORT_NAME).storage_key))
     safe = report.get("safe_budget", {}).get("teacher")
     policy = _load_policy(session, store, job, meta)
-    return ServedModel(job.id, job.owner_id, model, meta, mode, policy, safe)
+    found = session.scalars(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == MONITOR_NAME))
+    monitor = next((Reference.from_json(json.loads(store.read_bytes(a.storage_key))) for a in found), None)
+    return ServedModel(job.id, job.owner_id, model, meta, mode, policy, safe, monitor=monitor)
 
 
 def _load_policy(session: Session, store: ArtifactStore, job: Job, meta: ModelMeta) -> FittedPolicy | None:

@@ -18,13 +18,34 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import get_owned
-from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut, JobSummary, Links
+from app.api.schemas import (
+    ArtifactOut,
+    EventOut,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobResult,
+    JobSummary,
+    Links,
+    Progress,
+)
 from app.core.config import Settings
-from app.core.models import REPORT_NAME, ApiKey, Artifact, Dataset, Job, JobEvent, JobStatus, UploadedModel
+from app.core.models import (
+    REPORT_NAME,
+    ApiKey,
+    Artifact,
+    Dataset,
+    Job,
+    JobEvent,
+    JobStatus,
+    UploadedModel,
+    utcnow,
+)
 from app.core.queue import status_event
 from app.problems import Problem, validation_problem
 from ml.data import DATASETS
 from ml.data.augment import check_augmentation
+from ml.presets import PRESETS
 from ml.train import fine_tune_defaults
 
 API = "/api/v1"
@@ -49,7 +70,58 @@ def job_links(job_id: uuid.UUID) -> Links:
     )
 
 
-def job_summary(job: Job) -> JobSummary:
+PROGRESS_KINDS = ("status", "epoch", "progress")  # the events a job's progress is read from
+
+
+def _stage_weights(spec: dict[str, Any]) -> dict[str, float]:
+    """Each stage's share of the job's estimated cost (recorded at creation; equal shares before that)."""
+    cost = spec.get("cost") or {"teacher": 1.0, "control": 1.0, "audit": 1.0}
+    total = sum(cost.values()) or 1.0
+    return {stage: cost.get(stage, 0.0) / total for stage in ("teacher", "control", "audit")}
+
+
+def job_progress(job: Job, event: JobEvent | None) -> Progress:
+    """Where the job stands, from its latest progress event (`event`: a status, epoch or progress event)."""
+    status = JobStatus(job.status)
+    if status.terminal:
+        when = job.finished_at
+        return Progress(
+            stage=status.value, fraction=1.0 if status == JobStatus.succeeded else None, updated_at=when
+        )
+    if status == JobStatus.queued or event is None:
+        return Progress(stage="queued", fraction=0.0, updated_at=job.created_at)
+    w, data = _stage_weights(job.spec), event.data
+    fields: dict[str, Any] = {}
+    if event.kind == "epoch":
+        stage, epochs = data.get("stage", "teacher"), max(int(data.get("epochs") or 1), 1)
+        before = w["teacher"] if stage == "control" else 0.0
+        fraction = before + w.get(stage, 0.0) * min(int(data.get("epoch", 0)), epochs) / epochs
+        fields = {"epoch": data.get("epoch"), "epochs": data.get("epochs"), "test_acc": data.get("test_acc")}
+    elif event.kind == "progress":
+        stage, total = "audit", max(int(data.get("total") or 1), 1)
+        fraction = w["teacher"] + w["control"] + w["audit"] * min(int(data.get("done", 0)), total) / total
+        fields = {"done": data.get("done"), "total": data.get("total"), "message": data.get("message")}
+    elif status == JobStatus.auditing:
+        stage, fraction = "audit", w["teacher"] + w["control"]
+    else:
+        stage, fraction = "teacher", 0.0
+    fraction = min(max(fraction, 0.0), 1.0)
+    eta = None
+    if job.started_at is not None and fraction >= 0.01:
+        elapsed = (utcnow() - job.started_at).total_seconds()
+        eta = max(elapsed * (1 - fraction) / fraction, 0.0)
+    return Progress(stage=stage, fraction=fraction, eta_seconds=eta, updated_at=event.created_at, **fields)
+
+
+def job_result(job: Job, event: JobEvent | None) -> JobResult | None:
+    """A succeeded job's verdict, teacher accuracy and safe budget, as its final status event records them."""
+    if job.status != JobStatus.succeeded.value or event is None or event.kind != "status":
+        return None
+    return JobResult.model_validate({k: event.data.get(k) for k in JobResult.model_fields})
+
+
+def job_summary(job: Job, event: JobEvent | None = None) -> JobSummary:
+    """The job as listed; `event` is its latest progress event (see `progress_events`)."""
     return JobSummary(
         id=job.id,
         status=job.status,
@@ -62,12 +134,47 @@ def job_summary(job: Job) -> JobSummary:
         updated_at=job.updated_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        preset=job.spec.get("preset"),
+        indicative=bool(job.spec.get("indicative", False)),
+        progress=job_progress(job, event),
+        result=job_result(job, event),
         links=job_links(job.id),
     )
 
 
-def job_out(job: Job) -> JobOut:
-    return JobOut(**job_summary(job).model_dump(), spec=job.spec)
+def job_out(job: Job, event: JobEvent | None = None) -> JobOut:
+    return JobOut(**job_summary(job, event).model_dump(), spec=job.spec)
+
+
+def progress_events(session: Session, jobs: list[tuple[Job, JobEvent | None]]) -> dict[uuid.UUID, JobEvent]:
+    """Each job's latest progress event: its last event, or (rarely, after a warning) the latest before it."""
+    found = {job.id: e for job, e in jobs if e is not None and e.kind in PROGRESS_KINDS}
+    for job, e in jobs:
+        if e is not None and job.id not in found:  # one short indexed look back per such job
+            q = (
+                select(JobEvent)
+                .where(JobEvent.job_id == job.id, JobEvent.kind.in_(PROGRESS_KINDS))
+                .order_by(JobEvent.seq.desc())
+                .limit(1)
+            )
+            if (last := session.scalar(q)) is not None:
+                found[job.id] = last
+    return found
+
+
+def _with_last_event(q: Any) -> Any:
+    return q.add_columns(JobEvent).outerjoin(
+        JobEvent, and_(JobEvent.job_id == Job.id, JobEvent.seq == Job.last_event_seq)
+    )
+
+
+def read_job(session: Session, job_id: uuid.UUID, key: ApiKey) -> JobOut:
+    """The caller's job with its progress (one query for its latest event); 404 for another owner's."""
+    job = owned_job(session, job_id, key)
+    last = session.scalar(
+        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq == job.last_event_seq)
+    )
+    return job_out(job, progress_events(session, [(job, last)]).get(job.id))
 
 
 def event_out(event: JobEvent) -> EventOut:
@@ -142,10 +249,10 @@ def _train_size(session: Session, body: JobCreate, teacher: dict[str, Any]) -> i
     return int(teacher["dataset_params"].get("num_train", DEFAULT_TRAIN_SIZE))
 
 
-def job_cost(body: JobCreate, n_train: int) -> float:
-    """A job's estimated cost in sample-passes: training samples x epochs, summed over every model trained.
+def stage_costs(body: JobCreate, n_train: int) -> dict[str, float]:
+    """A job's estimated cost in sample-passes per stage: training samples x epochs of every model trained.
 
-    The teacher (and its CE control), then per seed and student: each LS row on the attacker's
+    The teacher, its CE control, then the audit: per seed and student, each LS row on the attacker's
     labelled data, and each attack row against each attacked black box, once plus once per query budget.
     """
     t, a = body.teacher, body.audit
@@ -162,11 +269,24 @@ def job_cost(body: JobCreate, n_train: int) -> float:
         ) from None
     phases = 1 + len(a.budgets(labelled))
     per_student = ls_rows * labelled + attack_rows * attacked * phases * queried
-    return float(n_train * t.epochs * teachers + a.epochs * a.seeds * len(a.students) * per_student)
+    return {
+        "teacher": float(n_train * t.epochs),
+        "control": float(n_train * t.epochs * (teachers - 1)),
+        "audit": float(a.epochs * a.seeds * len(a.students) * per_student),
+    }
 
 
-def _check_cost(session: Session, settings: Settings, body: JobCreate, teacher: dict[str, Any]) -> None:
-    cost = job_cost(body, _train_size(session, body, teacher))
+def job_cost(body: JobCreate, n_train: int) -> float:
+    """A job's estimated cost in sample-passes: training samples x epochs, summed over every model trained."""
+    return sum(stage_costs(body, n_train).values())
+
+
+def _check_cost(
+    session: Session, settings: Settings, body: JobCreate, teacher: dict[str, Any]
+) -> dict[str, float]:
+    """The job's cost per stage; 422 when their sum is over the server's ceiling."""
+    costs = stage_costs(body, _train_size(session, body, teacher))
+    cost = sum(costs.values())
     if cost > settings.max_job_cost:
         raise validation_problem(
             [
@@ -181,6 +301,7 @@ def _check_cost(session: Session, settings: Settings, body: JobCreate, teacher: 
                 }
             ]
         )
+    return costs
 
 
 def _field_error(loc: list[str], msg: str, kind: str = "value_error", **extra: Any) -> Problem:
@@ -276,7 +397,7 @@ def create_job(
         return job, False
     teacher = body.teacher.model_dump(mode="json") | _dataset_spec(session, key, body)
     teacher["device"] = "auto"  # the worker decides where to run
-    _check_cost(session, settings, body, teacher)
+    costs = _check_cost(session, settings, body, teacher)
     audit = body.audit.model_dump(mode="json")
     _check_augmentation(session, body, teacher)
     if body.teacher.model_id is not None:
@@ -285,10 +406,17 @@ def create_job(
         raise _field_error(
             ["teacher", "fine_tune"], "fine_tune needs teacher.model_id: the model to start from"
         )
+    spec: dict[str, Any] = {"teacher": teacher, "audit": audit}
+    if body.preset is not None:
+        spec |= {"preset": body.preset, "indicative": PRESETS.get(body.preset).indicative}
+    # What each stage weighs in the job's progress: a stage that trains nothing weighs nothing.
+    trained = body.teacher.model_id is None or body.teacher.fine_tune
+    spec["cost"] = costs | {"teacher": costs["teacher"] if trained else 0.0}
+    spec["cost"]["control"] = costs["control"] if audit["control"] else 0.0
     job = Job(
         owner_id=key.owner_id,
         status=JobStatus.queued.value,
-        spec={"teacher": teacher, "audit": audit},
+        spec=spec,
         dataset_id=body.dataset_id,
         idempotency_key=idempotency_key,
         request_hash=digest,
@@ -338,20 +466,31 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_jobs(
-    session: Session, key: ApiKey, limit: int, cursor: str | None, status: JobStatus | None
+    session: Session,
+    key: ApiKey,
+    limit: int,
+    cursor: str | None,
+    status: JobStatus | None,
+    verdict: str | None = None,
 ) -> JobList:
-    """Newest first; `next_cursor` continues after the last item."""
-    q = select(Job).where(Job.owner_id == key.owner_id)
+    """Newest first, each with its progress (read from its last event, joined); `next_cursor` continues
+    after the last item. `verdict` keeps succeeded jobs with that verdict."""
+    q = _with_last_event(select(Job)).where(Job.owner_id == key.owner_id)
     if status is not None:
         q = q.where(Job.status == status.value)
+    if verdict is not None:
+        q = q.where(Job.status == JobStatus.succeeded.value, JobEvent.data["verdict"].as_string() == verdict)
     if cursor:
         created, ident = _decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < ident)))
-    jobs = session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    items = [job_summary(j) for j in jobs]
-    return JobList(items=items, next_cursor=_encode_cursor(jobs[-1]) if more else None)
+    rows = [
+        tuple(r) for r in session.execute(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    ]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    events = progress_events(session, rows)
+    items = [job_summary(j, events.get(j.id)) for j, _ in rows]
+    return JobList(items=items, next_cursor=_encode_cursor(rows[-1][0]) if more else None)
 
 
 # ---------------------------------------------------------------- events

@@ -6,38 +6,18 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from app.core.config import ALL_SCOPES, Scope
 from ml.audit import AuditConfig
 from ml.data import DatasetInfo
+from ml.presets import PRESETS, apply_preset
 from ml.train import TrainConfig
 
 MAX_INT32 = 2**31 - 1  # the database stores counts and limits as 32-bit integers
 
-# A demo that finishes in a few minutes on a 2-core CPU: small MNIST-1D, short teacher and audit.
-DEMO_JOB: dict[str, Any] = {
-    "teacher": {
-        "dataset": "mnist1d",
-        "dataset_params": {"num_train": 2000, "num_test": 1000},
-        "arch": "cnn1d",
-        "objective": "cmim",
-        "objective_params": {"lam": 3.0},
-        "epochs": 15,
-        "batch_size": 128,
-        "seed": 0,
-    },
-    "audit": {
-        "students": ["mlp"],
-        "attacks": ["hard_label", "fm"],
-        "seeds": 2,
-        "epochs": 20,
-        "ls_eps": [0.0, 0.1],
-        "control": True,
-        "output_mode": {"kind": "probs"},
-        "query_budgets": [2000, 10000],
-    },
-}
+# The example body: the quick preset (a demo that finishes in a few minutes on a 2-core CPU).
+DEMO_JOB: dict[str, Any] = {"preset": "quick"}
 
 
 class TeacherSpec(TrainConfig):
@@ -53,11 +33,25 @@ class TeacherSpec(TrainConfig):
     fine_tune: bool = Field(False, description="fine-tune the uploaded checkpoint with `objective` first")
 
 
+def _teacher_optional(schema: dict[str, Any]) -> None:
+    """With a preset, `teacher` may be left out: the schema says so."""
+    schema["examples"] = [DEMO_JOB]
+    schema["required"] = [r for r in schema.get("required", []) if r != "teacher"]
+    if not schema["required"]:
+        del schema["required"]
+
+
 class JobCreate(BaseModel):
     """A protection job: train the teacher, audit it against black-box distillation, serve it as audited."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DEMO_JOB]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_teacher_optional)
 
+    preset: str | None = Field(
+        None,
+        max_length=64,
+        description="start from a preset (GET /api/v1/presets: quick, standard); the fields given here "
+        "override it, nested objects key by key",
+    )
     teacher: TeacherSpec = Field(
         description="how the teacher is trained: dataset and its parameters, architecture, objective and "
         "its parameters, budget (epochs, batch size, optimiser), seed. `device` is chosen by the worker."
@@ -74,6 +68,17 @@ class JobCreate(BaseModel):
         "25 passes over the labelled set) becomes the model's default per-key query budget",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """A preset's teacher and audit under the body's own fields; 422 naming the presets when unknown."""
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        name = data["preset"]
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS.names())}")
+        return apply_preset(name, data)
+
 
 class Links(BaseModel):
     self: str
@@ -82,6 +87,39 @@ class Links(BaseModel):
     report_html: str
     artifacts: str
     model: str
+
+
+class Progress(BaseModel):
+    """Where a job stands, from its latest progress event."""
+
+    stage: str = Field(
+        description="queued, teacher, control (training), audit, or the final status (succeeded, failed, "
+        "cancelled)"
+    )
+    fraction: float | None = Field(
+        description="share of the job's estimated work done, 0 to 1 (weighted by each stage's cost in "
+        "sample-passes); null for a failed or cancelled job"
+    )
+    epoch: int | None = Field(None, description="the training stage's last finished epoch")
+    epochs: int | None = Field(None, description="the training stage's epochs")
+    test_acc: float | None = Field(None, description="the training stage's last test accuracy, percent")
+    done: int | None = Field(None, description="audit work units done (student epochs)")
+    total: int | None = Field(None, description="audit work units in all")
+    message: str | None = Field(None, description="what the audit is doing")
+    eta_seconds: float | None = Field(
+        None, description="estimated seconds left, from the time spent so far; null when unknown"
+    )
+    updated_at: datetime | None = Field(None, description="when the event it comes from was written")
+
+
+class JobResult(BaseModel):
+    """A succeeded job's headline: its verdict, the teacher's accuracy and the audit's safe budget."""
+
+    verdict: str | None = None
+    teacher_accuracy: float | None = Field(None, description="percent on the test split")
+    safe_budget: int | None = Field(
+        None, description="the served model's per-key budget from the audit (smallest over its students)"
+    )
 
 
 class JobSummary(BaseModel):
@@ -100,11 +138,25 @@ class JobSummary(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    preset: str | None = Field(None, description="the preset the job started from, if any")
+    indicative: bool = Field(
+        False, description="the job is too small for its audit to discriminate (the quick preset)"
+    )
+    progress: Progress
+    result: JobResult | None = Field(None, description="once the job has succeeded")
     links: Links
 
 
 class JobOut(JobSummary):
     spec: dict[str, Any]
+
+
+class PresetOut(BaseModel):
+    name: str
+    description: str
+    expected_time: str
+    indicative: bool
+    job: dict[str, Any] = Field(description="the job body it stands for (teacher and audit)")
 
 
 class JobList(BaseModel):
@@ -344,6 +396,34 @@ class PredictResponse(BaseModel):
         None, description="the serving policy's config (as audited); null when served without one"
     )
     predictions: list[Prediction]
+
+
+class AlertKey(BaseModel):
+    key_id: str = Field(description="the API key's id")
+    statistic: float = Field(description="the key's CUSUM statistic (log-likelihood ratio) at the alert")
+    queries: int = Field(description="rows this key sent to the model while monitored")
+    hits: int = Field(description="of those, near-duplicates of recent queries")
+    p_value: float | None = Field(
+        None, description="model alerts: P(X >= hits) for an honest key (binomial at the honest hit rate)"
+    )
+
+
+class AlertOut(BaseModel):
+    id: uuid.UUID
+    model_id: uuid.UUID
+    kind: str = Field(
+        description="key: one key's test crossed its threshold; model: the test over all keys did"
+    )
+    statistic: float = Field(description="the CUSUM statistic that crossed the threshold")
+    threshold: float
+    queries: int = Field(description="queries the model's monitor had seen when the alert fired")
+    keys: list[AlertKey] = Field(description="the keys involved, most suspicious first")
+    created_at: datetime
+
+
+class AlertList(BaseModel):
+    items: list[AlertOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
 
 
 # --- evidence of theft: challenge and verification (app/api/routes/evidence.py) ---

@@ -16,6 +16,15 @@ class Series:
     ys: list[float]
 
 
+@dataclass
+class Rule:
+    """A dashed reference line across the plot: horizontal at y = value (axis "y") or vertical at x."""
+
+    value: float
+    label: str
+    axis: str = "y"
+
+
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     if hi <= lo:
         return [lo]
@@ -27,6 +36,10 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _fmt(v: float) -> str:
+    if abs(v) >= 1e6:
+        return f"{v / 1e6:g}M"
+    if abs(v) >= 1e4:
+        return f"{v / 1e3:g}k"
     return f"{v:g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
 
 
@@ -47,17 +60,21 @@ def line_chart(
     ylabel: str,
     *,
     log_x: bool = False,
+    rules: list[Rule] | None = None,
     width: int = 520,
     height: int = 300,
 ) -> str:
-    """Lines with markers and a legend; log_x for temperatures."""
+    """Lines with markers and a legend; log_x for temperatures and query budgets; dashed `rules`."""
     pts = [(x, y) for s in series for x, y in zip(s.xs, s.ys, strict=True) if math.isfinite(y)]
     if not pts:
         return _frame(width, 40, title, ['<text x="10" y="32">no data</text>'])
+    rules = [r for r in rules or [] if math.isfinite(r.value) and (r.axis == "y" or not log_x or r.value > 0)]
     left, right, top, bottom = 58, 130, 24, 40
     fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
-    x_lo, x_hi = min(fx(x) for x, _ in pts), max(fx(x) for x, _ in pts)
-    y_lo, y_hi = min(y for _, y in pts), max(y for _, y in pts)
+    x_lo = min([fx(x) for x, _ in pts] + [fx(r.value) for r in rules if r.axis == "x"])
+    x_hi = max([fx(x) for x, _ in pts] + [fx(r.value) for r in rules if r.axis == "x"])
+    y_lo = min([y for _, y in pts] + [r.value for r in rules if r.axis == "y"])
+    y_hi = max([y for _, y in pts] + [r.value for r in rules if r.axis == "y"])
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
     pad = (y_hi - y_lo) * 0.08 or abs(y_hi) * 0.1 or 1.0
@@ -86,6 +103,19 @@ def line_chart(
         f'<text transform="translate(12,{top + ph / 2}) rotate(-90)" text-anchor="middle">'
         f"{escape(ylabel)}</text>"
     )
+    for r in rules:
+        if r.axis == "y":
+            x1, x2, y1, y2, tx, ty = left, left + pw, sy(r.value), sy(r.value), left + 4, sy(r.value) - 4
+        else:
+            x1, x2, y1, y2, tx, ty = sx(r.value), sx(r.value), top, top + ph, sx(r.value) + 4, top + ph - 6
+        anchor = "start"
+        if tx > left + pw / 2:  # the label goes on the side of the line with room for it
+            tx, anchor = tx - 8, "end"
+        body.append(
+            f'<line x1="{x1:.1f}" x2="{x2:.1f}" y1="{y1:.1f}" y2="{y2:.1f}" stroke="#555" '
+            'stroke-dasharray="4 3"/>'
+            f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" fill="#555">{escape(r.label)}</text>'
+        )
     for i, s in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
         xy = [(sx(x), sy(y)) for x, y in zip(s.xs, s.ys, strict=True) if math.isfinite(y)]

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         60.0, gt=0, description="the longest a key lookup is cached (revocations are pushed sooner)"
     )
     redis_prefix: str = Field("cmim", description="prefix of the Redis keys holding rate limits and budgets")
+    session_secret: str | None = Field(
+        None,
+        min_length=32,
+        description="signs the dashboard's session cookies; set the same value on every API process (unset: "
+        "a random secret per process, so sessions end when it restarts)",
+    )
 
     @model_validator(mode="after")
     def _deployed_needs_real_parts(self) -> Settings:

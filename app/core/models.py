@@ -70,6 +70,7 @@ RUNNING = frozenset({JobStatus.training, JobStatus.auditing})
 REPORT_NAME = "report.json"  # the audit report artifact of a succeeded job
 # A job audited with a serving policy also publishes it, fitted to its teacher: tensors + config.
 POLICY_NAME, POLICY_CONFIG_NAME = "policy.safetensors", "policy.json"
+MONITOR_NAME = "monitor.json"  # the extraction monitor calibrated at job end (`ml.monitor.Reference`)
 
 
 class ApiKey(Base):
@@ -195,4 +196,22 @@ class UploadedModel(Base):
     num_classes: Mapped[int]
     class_names: Mapped[list[Any]]
     dataset_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("datasets.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MonitorAlert(Base):
+    """An extraction alert on a served model (`ml.monitor`): a key's test or the model's test over all keys
+    crossed its threshold. `model_id` is the job's id (the model's)."""
+
+    __tablename__ = "monitor_alerts"
+    __table_args__ = (Index("ix_monitor_alerts_model_created", "model_id", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    owner_id: Mapped[uuid.UUID]
+    kind: Mapped[str] = mapped_column(String(8))  # key | model
+    statistic: Mapped[float]
+    threshold: Mapped[float]
+    queries: Mapped[int] = mapped_column(BigInteger)  # queries the model's monitor had seen
+    keys: Mapped[list[Any]]  # [{"key_id", "statistic", "queries", "hits", ...}]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -110,6 +110,11 @@ class ArtifactStore:
         except FileNotFoundError:
             return None
 
+    def delete_named(self, name: str) -> None:
+        """Delete a named object, or every named object under `name/`; nothing there is no error."""
+        if self.fs.exists(self._path(name)):
+            self.fs.rm(self._path(name), recursive=True)
+
     def open(self, key: str) -> IO[bytes]:
         return self.fs.open(self._path(key), "rb")
 

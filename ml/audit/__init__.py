@@ -13,10 +13,11 @@ or a local process pool, and the service fans the same tasks out over Celery wor
 
 Modules, one concept each: config, batches (input views), students (one run and its loss), groups
 (stacked or module students), sources (live or cached queries), lockstep (one seed's training),
-stats, verdict, blackbox (served teachers and their summaries), statement, tasks (plan and run), report
-(assemble), executors.
+stats, verdict, blackbox (served teachers and their summaries), statement, advice (what a report tells
+its owner), tasks (plan and run), report (assemble), executors.
 """
 
+from ml.audit.advice import findings
 from ml.audit.batches import VIEWS, Batch
 from ml.audit.blackbox import BlackBox, serve_box, serving_summary, teacher_summary
 from ml.audit.config import (
@@ -35,15 +36,15 @@ from ml.audit.statement import protection_statement
 from ml.audit.stats import holm, summarise, welch_one_sided
 from ml.audit.students import Run
 from ml.audit.tasks import AuditPlan, AuditTask, DirectoryResults, ResultStore, TaskResult, plan, run
-from ml.audit.verdict import combine_verdicts, judge, safe_budget
+from ml.audit.verdict import audit_verdict, combine_verdicts, judge, judge_black_box, safe_budget
 from ml.train import TrainingCancelled
 
 __all__ = [
     "CMI_CURVE_TEMPERATURES", "DEFAULT_BUDGET_PASSES", "LOCKSTEP_MIXES", "REPORT_VERSION", "VIEWS",
     "AuditConfig", "AuditPlan", "AuditProgress", "AuditResult", "AuditTask", "Batch", "BlackBox",
     "CachedSource", "DirectoryResults", "LiveSource", "ModuleGroup", "ResultStore", "Run", "StackedGroup",
-    "TaskResult", "TrainingCancelled", "assemble", "combine_verdicts", "holm", "judge",
-    "lockstep_ratio", "plan", "protection_statement", "run", "run_audit", "run_in_pool", "run_in_process",
-    "safe_budget", "serve_box", "serving_summary", "summarise", "teacher_summary", "train_lockstep",
-    "welch_one_sided",
+    "TaskResult", "TrainingCancelled", "assemble", "audit_verdict", "combine_verdicts", "findings", "holm",
+    "judge", "judge_black_box", "lockstep_ratio", "plan", "protection_statement", "run", "run_audit",
+    "run_in_pool", "run_in_process", "safe_budget", "serve_box", "serving_summary", "summarise",
+    "teacher_summary", "train_lockstep", "welch_one_sided",
 ]  # fmt: skip

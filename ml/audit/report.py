@@ -10,12 +10,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ml.audit.advice import findings
 from ml.audit.blackbox import serving_summary, teacher_summary
 from ml.audit.config import REPORT_VERSION
 from ml.audit.statement import protection_statement
 from ml.audit.stats import row_stats
 from ml.audit.tasks import AuditPlan, TaskResult
-from ml.audit.verdict import combine_verdicts, judge, safe_budget
+from ml.audit.verdict import audit_verdict, combine_verdicts, judge_black_box, safe_budget
 from ml.evidence.audit import evidence_section, keyed_costs
 from ml.policy import FittedPolicy
 
@@ -72,13 +73,17 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
     ls_names, attack_names = [r[0] for r in plan.ls_rows], [r[0] for r in plan.attack_rows]
 
     def section(phase: int | None, t: str) -> dict[str, Any]:
-        per_student = {}
+        rows = {}
         for arch in cfg.students:
             ls = rows_for(None, None, arch, ls_names)
             attacks = rows_for(phase, t, arch, attack_names)
             if cfg.transfer:  # the baseline: the better of LS and hard-label copying on the same queries
                 ls = ls | {"hard_label_transfer": attacks.pop("hard_label")}
-            per_student[arch] = {"ls": ls, "attacks": attacks, **judge(ls, attacks, cfg.alpha)}
+            rows[arch] = (ls, attacks)
+        judged = judge_black_box(rows, cfg.alpha)  # Holm over every attack row of this black box
+        per_student = {
+            arch: {"ls": ls, "attacks": attacks, **judged[arch]} for arch, (ls, attacks) in rows.items()
+        }
         return {
             "students": per_student,
             "verdict": combine_verdicts([v["verdict"] for v in per_student.values()]),
@@ -128,21 +133,13 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
         bt = plan.budget_teachers
         report["budgets"] = {t: {str(b): section(b, t) for b in cfg.query_budgets} for t in bt}
         report["safe_budget"] = {t: safe_budget(report["budgets"][t], cfg.students) for t in bt}
-    report["verdict_reason"] = "; ".join(f"{a}: {v['reason']}" for a, v in report["students"].items())
-    if cfg.control and report["verdict"] == "undistillable" and report["control"]["verdict"] != "distillable":
-        report["verdict"] = "inconclusive"
-        report["verdict_reason"] += (
-            "; the CE control is not found distillable either, so this audit cannot discriminate"
-        )
-    elif not cfg.control:
+    if not cfg.control:
         report["control"] = None
-        report["verdict_reason"] += (
-            "; no CE control was run, so the audit's power to discriminate is unchecked"
-        )
-        if report["verdict"] == "undistillable":
-            # Without a control the audit cannot show it would have caught a copyable teacher.
-            report["verdict"] = "inconclusive"
-            report["verdict_reason"] += ", and the verdict cannot be undistillable"
+    reason = "; ".join(f"{a}: {v['reason']}" for a, v in report["students"].items())
+    report["verdict"], note = audit_verdict(
+        report["verdict"], report["control"] and report["control"]["verdict"]
+    )
+    report["verdict_reason"] = reason + note
     report["statement"] = protection_statement(report)
     # --- evidence of theft (ml.evidence): detection over knockoffs, false positives over LS students ---
     if plan.secret is not None and plan.challenges:
@@ -152,5 +149,21 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
         report["evidence"] = evidence_section(evidence, best, costs, plan.secret)
     # --- end of evidence ---
     report["wall_s"] = wall_s
+    report["timing"] = timing(plan, [by_task[(t.seed_index, t.phase)] for t in plan.tasks], wall_s)
+    report["findings"] = findings(report)
     policies = teachers["teacher"].policies
     return AuditResult(report, policies[0] if policies and len(policies) == 1 else None)
+
+
+def timing(plan: AuditPlan, results: list[TaskResult], wall_s: float | None) -> dict[str, Any]:
+    """What the audit's tasks (results in plan order) took: their summed seconds (one worker running them
+    one after another), the work in epochs of the unlimited schedule, and the seconds per such epoch."""
+    seconds = [r.get("seconds") for r in results]
+    task_s = None if any(s is None for s in seconds) else float(sum(seconds))  # type: ignore[arg-type]
+    units = plan.total_epochs
+    return {
+        "task_seconds": task_s,
+        "epoch_units": units,
+        "seconds_per_epoch_unit": None if task_s is None else task_s / units,
+        "wall_s": wall_s,
+    }

@@ -22,7 +22,7 @@ def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
             if row["margin"] <= 0:
                 stops.append(f"{name} ({arch})")
             else:
-                sig = "significant" if row["significant"] else "not significant"
+                sig = "significant after Holm" if row.get("significant_holm") else "within noise"
                 leaks.append(f"{name} ({arch}): {row['margin']:+.2f} ± {row['margin_se']:.2f}, {sig}")
     queries = max(
         (r["queries"] for s in report["students"].values() for r in s["attacks"].values()), default=0

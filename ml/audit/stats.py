@@ -1,4 +1,5 @@
-"""Statistics over seeds: mean and standard error, Welch's one-sided test, Holm's adjustment."""
+"""Statistics over seeds: mean and standard error, Welch's one-sided test, Holm's adjustment, and the
+seeds a gain needs to pass the test."""
 
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(order) - rank) * p))
         out[i] = running
     return out
+
+
+def seeds_to_resolve(margin: float, std_a: float, std_b: float, level: float, most: int = 100) -> int | None:
+    """The fewest seeds n (at most `most`) at which a gain `margin` of a over b, with these per-seed
+    standard deviations, would pass the one-sided Welch test at `level`:
+    t_{1-level, 2n-2} * sqrt((std_a^2 + std_b^2) / n) <= margin. None: no gain, or not within `most`."""
+    from scipy import stats
+
+    if not (margin > 0 and math.isfinite(std_a) and math.isfinite(std_b)):
+        return None
+    var = std_a**2 + std_b**2
+    for n in range(2, most + 1):
+        if stats.t.ppf(1 - level, 2 * n - 2) * math.sqrt(var / n) <= margin:
+            return n
+    return None
 
 
 def row_stats(

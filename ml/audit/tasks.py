@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from ml.evidence.secret import Secret
 from ml.policy import PolicyConfig
 from ml.train import resolve_device
 
-TaskResult = dict[str, Any]  # {"key", "seed_index", "phase", "records"}: JSON, storable as an artifact
+TaskResult = dict[
+    str, Any
+]  # {"key", "seed_index", "phase", "records", "seconds"}: JSON, storable as an artifact
 Tick = Callable[[int, str], None]  # (epochs done in this task, message)
 
 
@@ -230,6 +233,7 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
             if tick is not None:
                 tick(task.plan.task_epochs(task.phase), f"{task.describe()}: stored result")
             return stored
+    t0 = time.perf_counter()
     p, s, phase = task.plan, task.seed_index, task.phase
     cfg, data, done = p.cfg, p.data, 0
     seed, device = cfg.base_seed + s, resolve_device(cfg.device)
@@ -270,7 +274,16 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
             evidence += evidence_records(group, predict, p.challenges, s, phase)
             record(group, lambda r: phase // len(r.views) * len(r.views))
             done += cfg.epochs
-    result = {"key": task.key, "seed_index": s, "phase": phase, "records": records, "evidence": evidence}
+    # the seconds it took tell the report how long a longer audit would take on this worker
+    seconds = time.perf_counter() - t0
+    result = {
+        "key": task.key,
+        "seed_index": s,
+        "phase": phase,
+        "records": records,
+        "seconds": seconds,
+        "evidence": evidence,
+    }
     if results is not None:
         results.save(task.key, result)
     return result

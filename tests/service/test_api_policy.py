@@ -97,6 +97,7 @@ def test_the_policy_is_published_fitted_as_the_audit_fits_it(refusing: Trained, 
         "model.safetensors",
         "model.json",
         "report.json",
+        "monitor.json",
         "policy.safetensors",
         "policy.json",
     }

@@ -190,7 +190,7 @@ def check_succeeded_job(stack: Stack, job_id: str) -> None:
     html = stack.get(f"/api/v1/jobs/{job_id}/report.html")
     assert html.status_code == 200 and "<svg" in html.text
     artifacts = {a["name"]: a for a in stack.get(f"/api/v1/jobs/{job_id}/artifacts").json()}
-    assert set(artifacts) == {"model.safetensors", "model.json", "report.json"}
+    assert set(artifacts) == {"model.safetensors", "model.json", "report.json", "monitor.json"}
     files = {}
     for name in ("model.safetensors", "model.json"):
         r = stack.get(artifacts[name]["url"])
@@ -307,3 +307,4 @@ def test_embedded_serve_runs_a_job_without_redis_or_postgresql(embedded: Stack) 
     events = follow(embedded, job_id)
     assert statuses(events) == ["queued", "training", "auditing", "succeeded"], embedded.logs()
     check_succeeded_job(embedded, job_id)
+    assert not (embedded.tmp / "artifacts" / "audit-results" / job_id).exists()  # the report holds them

@@ -1,5 +1,6 @@
 """One audit across two real Celery workers: the tasks fan out, the report equals the one-worker
-report, and a worker SIGKILLed mid-task leaves one complete report with only its task redone."""
+report, a worker SIGKILLed mid-task leaves one complete report with only its task redone, a cancel
+mid fan-out stops every task, and the tasks' stored results are deleted once the job has ended."""
 
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ def task_lines(proc: Proc, job_id: str) -> list[str]:
 
 
 def figures(report: dict[str, Any]) -> dict[str, Any]:
-    """Everything the audit measured: the report without the job's id, times and training metadata."""
-    out = {k: v for k, v in report.items() if k not in {"job_id", "wall_s"}}
+    """Everything the audit measured: the report without the job's id, times (and the time estimates
+    made from them) and training metadata."""
+    out = {k: v for k, v in report.items() if k not in {"job_id", "wall_s", "timing", "findings"}}
     out["teacher"] = {k: v for k, v in report["teacher"].items() if k != "meta"}
     return out
 
@@ -67,6 +69,11 @@ def workers(stack: Stack) -> list[Proc]:
     return [p for p in stack.procs if p.name.startswith("worker") and p.popen.poll() is None]
 
 
+def stored_results(stack: Stack, job_id: str) -> list[str]:
+    """The job's audit task results left in the artifact store."""
+    return sorted(p.name for p in (stack.tmp / "artifacts" / "audit-results" / job_id).glob("*"))
+
+
 def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(stack: Stack) -> None:
     body = job_body(**AUDIT)
     one = submit(stack, body)  # one worker: both tasks run on it, one after the other
@@ -81,6 +88,7 @@ def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(st
     for w in workers(stack):
         assert [x for x in task_lines(w, two) if "computed" in x], f"{w.name} ran no task:\n{stack.logs()}"
     assert figures(stack.get(f"/api/v1/jobs/{two}/report").json()) == figures(single)
+    assert stored_results(stack, one) == [] and stored_results(stack, two) == []  # the report holds them
 
     three = submit(stack, body)
     deadline = time.monotonic() + 180
@@ -115,3 +123,45 @@ def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(st
     killed = started[-1]
     assert [x for x in lines if "computed" in x and f"task {killed}/" in x and "attempt 2" in x], lines
     assert [x for x in lines if "found stored" in x and f"task {killed}/" not in x], lines
+    assert stored_results(stack, three) == []
+
+
+def test_cancel_mid_fan_out_stops_every_task_and_deletes_their_results(stack: Stack) -> None:
+    while len(workers(stack)) < 2:
+        start_worker(stack, f"worker-{len(stack.procs)}")
+    job = submit(stack, job_body(**AUDIT | {"audit.seeds": 4, "audit.epochs": 100}))
+
+    def lines() -> list[str]:
+        return [x for w in workers(stack) for x in task_lines(w, job)]
+
+    def started(task: int) -> bool:
+        return any(f"audit task {task}/4" in x and "starts" in x for x in lines())
+
+    # tasks 1 and 2 done (their results stored), tasks 3 and 4 running on the two workers
+    deadline = time.monotonic() + 240
+    while not (len([x for x in lines() if "computed" in x]) == 2 and started(3) and started(4)):
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.2)
+    assert len(stored_results(stack, job)) == 2
+    r = stack.post(f"/api/v1/jobs/{job}/cancel")
+    assert r.status_code == 202 and r.json()["cancel_requested"], r.text
+    events = follow(stack, job, timeout=120)
+    assert statuses(events)[-1] == "cancelled", stack.logs()
+
+    def settled() -> bool:  # tasks 3 and 4 ended and the chord's callback ran
+        ended = [x for x in lines() if "stopped: the job was cancelled" in x or "claim is gone" in x]
+        out = "".join(w.output() for w in workers(stack))
+        return len(ended) == 2 and f"job {job}: report not published" in out
+
+    deadline = time.monotonic() + 120
+    while not settled():
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.2)
+    done = sorted(re.search(r"audit task (\d+)/", x).group(1) for x in lines() if "computed" in x)
+    assert done == ["1", "2"], lines()  # neither running task trained to its end
+    # a running task stops at its next progress check: on the cancel, or on the lease its sibling ended
+    # by recording the cancel first
+    assert [x for x in lines() if "stopped: the job was cancelled" in x], lines()
+    assert stack.get(f"/api/v1/jobs/{job}").json()["status"] == "cancelled"
+    assert stored_results(stack, job) == []  # the two finished tasks' results went with the job
+    assert stack.get(f"/api/v1/jobs/{job}/artifacts").json() == []

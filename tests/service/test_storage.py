@@ -75,6 +75,19 @@ def test_named_objects_are_whole_or_absent(store: ArtifactStore) -> None:
     assert not store.fs.exists(tmp_dir) or store.fs.ls(tmp_dir) == []
 
 
+def test_named_objects_are_deleted_by_name_or_prefix(store: ArtifactStore) -> None:
+    for job in ("a", "b"):
+        for task in ("s0-full", "s1-full"):
+            store.write_named(f"audit-results/{job}/{task}.json", b"{}")
+    store.delete_named("audit-results/a/s0-full.json")
+    assert store.read_named("audit-results/a/s0-full.json") is None
+    assert store.read_named("audit-results/a/s1-full.json") == b"{}"
+    store.delete_named("audit-results/a")  # a job's whole prefix
+    store.delete_named("audit-results/a")  # nothing there: no error
+    assert store.read_named("audit-results/a/s1-full.json") is None
+    assert [store.read_named(f"audit-results/b/{t}.json") for t in ("s0-full", "s1-full")] == [b"{}", b"{}"]
+
+
 def test_failed_write_leaves_nothing(store: ArtifactStore) -> None:
     def chunks() -> Iterator[bytes]:
         yield b"partial"

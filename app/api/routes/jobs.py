@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
@@ -22,16 +22,20 @@ from app.api.job_service import (
     job_out,
     list_jobs,
     owned_job,
+    read_job,
     report_artifact,
     sse_events,
 )
 from app.api.report_html import render_report
-from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut
+from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut, PresetOut
 from app.core.models import JobStatus
 from app.core.queue import enqueue, request_cancel
 from app.problems import Problem
+from ml.presets import PRESETS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+presets = APIRouter(prefix="/presets", tags=["jobs"])
+Verdict = Literal["distillable", "undistillable", "inconclusive"]
 JobId = Annotated[uuid.UUID, Path(description="the job's id")]
 
 
@@ -85,13 +89,16 @@ def get_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
     status: JobStatus | None = None,
+    verdict: Annotated[Verdict | None, Query(description="only succeeded jobs with this verdict")] = None,
 ) -> JobList:
-    return list_jobs(session, key, limit, cursor, status)
+    return list_jobs(session, key, limit, cursor, status, verdict)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="One job", responses={200: JOB_LINKS})
+@router.get(
+    "/{job_id}", response_model=JobOut, summary="One job, with its progress", responses={200: JOB_LINKS}
+)
 def get_job(job_id: JobId, key: JobsRead, session: SessionDep) -> JobOut:
-    return job_out(owned_job(session, job_id, key))
+    return read_job(session, job_id, key)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel a job")
@@ -102,7 +109,7 @@ def cancel_job(job_id: JobId, key: JobsWrite, session: SessionDep) -> JobOut:
     request_cancel(session, job_id)
     session.commit()
     session.refresh(job)
-    return job_out(job)
+    return read_job(session, job_id, key)
 
 
 @router.get(
@@ -190,3 +197,13 @@ def download_artifact(
         media_type=a.media_type,
         headers=headers | {"Content-Length": str(a.size_bytes)},
     )
+
+
+@presets.get(
+    "", response_model=list[PresetOut], summary='Job presets: POST /api/v1/jobs with {"preset": name}'
+)
+def list_presets() -> list[PresetOut]:
+    return [
+        PresetOut(**p.model_dump(include={"name", "description", "expected_time", "indicative"}), job=p.job())
+        for _, p in PRESETS.items()
+    ]

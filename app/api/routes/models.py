@@ -124,6 +124,7 @@ async def _answer(request: Request, key: KeyInfo, served: ServedModel, x: Any) -
     budget = budget_for(key, served, settings.model_query_budget)
     caps = caps_for(key, served, settings)
     headers = await charge(state.limits, key, caps, int(x.shape[0]), settings.rate_limit_per_minute, budget)
+    state.monitor.record(served, key.id, x)
     history = state.histories.get(key.id, served)
     if x.shape[0] <= INLINE_ROWS:
         return served.answer(x, await served.batcher.logits(x), history), headers
@@ -267,9 +268,16 @@ async def infer(model_id: ModelId, request: Request) -> Response:
 async def predict(model_id: ModelId, request: Request) -> Response:
     key = await authenticate(request, bearer_token(request), PREDICT_SCOPES)
     body = _parse(PredictRequest, await _read(request))
+    return _json(*await predict_rows(request, key, model_id, body.inputs))
+
+
+async def predict_rows(
+    request: Request, key: KeyInfo, model_id: uuid.UUID, inputs: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The simple route's answer to a batch of inputs, charged to the key, and its headers."""
     served = await _served(request, model_id, key)
     settings = request.app.state.settings
-    x = as_batch(body.inputs, None, served.meta, settings.predict_max_batch, ["body", "inputs"])
+    x = as_batch(inputs, None, served.meta, settings.predict_max_batch, ["body", "inputs"])
     out, headers = await _answer(request, key, served, x)
     names = served.meta.class_names
     rows = zip(out.answer.argmax(-1).tolist(), out.answer.tolist(), out.refused.tolist(), strict=True)
@@ -285,4 +293,4 @@ async def predict(model_id: ModelId, request: Request) -> Response:
         "policy": _policy(served),
         "predictions": predictions,
     }
-    return _json(answer, headers)
+    return answer, headers

@@ -1,0 +1,358 @@
+"""What a report tells the owner: the verdict in plain words, why, what would make it conclusive, the
+serving cost and budget, and the next steps. A pure function of the report JSON (old reports and
+extra sections are tolerated), used by the JSON report and by its HTML page alike."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ml.audit.stats import seeds_to_resolve
+from ml.audit.verdict import outcome
+
+# The setting that tells a copyable teacher from a protected one on our benchmark (docs/calibration.md:
+# mnist1d, MLP student): function matching copies a plain CE teacher at 300 epochs over 5 seeds.
+DISCRIMINATING_EPOCHS = 300
+VERDICT_SEEDS = 5
+# A schedule below this share of the discriminating one is indicative whatever the job says.
+INDICATIVE_SHARE = 1 / 3
+DISCRIMINATING_ATTACK = "fm"
+
+OUTCOME_LABELS = {
+    "copied": "copied beyond LS (significant after Holm)",
+    "within_noise": "ahead of LS within noise (not significant after Holm)",
+    "not_copied": "not copied beyond LS",
+}
+HEADLINES = {
+    "distillable": "Distillable: a thief can copy this model beyond what its own labelled data gives it.",
+    "undistillable": "Undistillable as served: no knockoff beat a student trained on the thief's own "
+    "labelled data, and the same audit did copy a plain CE control, so it would have caught a copyable "
+    "model.",
+    "inconclusive": "Inconclusive: this audit cannot say whether the model can be copied.",
+}
+
+
+def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report's verdict in plain words, why, what would make it conclusive, serving, next steps.
+
+    `spec` is the job's specification when known (a `preset` or `audit.indicative` there marks the
+    audit indicative); without it only the report's own config is read."""
+    cfg = report.get("config") or {}
+    verdict = report.get("verdict", "inconclusive")
+    epochs, seeds = int(cfg.get("epochs") or 0), int(cfg.get("seeds") or 0)
+    rows = _rows(report.get("students") or {})
+    control = report.get("control")
+    control_rows = _rows(control.get("students") or {}) if control else []
+    alpha = float(cfg.get("alpha", 0.05))
+    why: list[str] = []
+    to_conclude: list[str] = []
+    target_epochs, target_seeds = epochs, seeds
+    copied = [r for r in rows if r["outcome"] == "copied"]
+    ahead = sorted((r for r in rows if r["outcome"] == "within_noise"), key=lambda r: -r["margin"])
+    best = max(rows, key=lambda r: r["margin"]) if rows else None
+
+    if copied:
+        c = min(copied, key=lambda r: r["p_holm"])
+        why.append(
+            f"{c['row']} knockoffs ({c['student']} students) reach {c['acc']:.2f} % against "
+            f"{c['ls_acc']:.2f} % for the best label-smoothing student: {c['margin']:+.2f} ± "
+            f"{c['margin_se']:.2f} points, "
+            f"significant after Holm's adjustment over {len(rows)} attack rows (p = {c['p_holm']:.2g})."
+        )
+    if 0 < seeds < 2:
+        why.append(f"Only {seeds} seed was run: a difference between students cannot be tested.")
+        to_conclude.append(f"Run at least 2 seeds ({VERDICT_SEEDS} for a verdict: `audit.seeds`).")
+        target_seeds = max(target_seeds, VERDICT_SEEDS)
+    elif ahead and not copied:
+        a = ahead[0]
+        why.append(
+            f"{a['row']} ({a['student']} students) is ahead of the best label-smoothing student by "
+            f"{a['margin']:+.2f} ± {a['margin_se']:.2f} points, which is within the noise of {seeds} seeds "
+            f"after Holm's adjustment over {len(rows)} attack rows (p = {a['p_holm']:.2g})."
+        )
+        need = seeds_to_resolve(a["margin"], a["std"], a["ls_std"], alpha / max(len(rows), 1))
+        if need is None:
+            to_conclude.append(
+                f"Even 100 seeds would not resolve a gain of {a['margin']:.2f} points with this spread: "
+                "read it as a thief gaining at most about that much, or audit at a longer schedule."
+            )
+        else:
+            need = max(need, VERDICT_SEEDS, seeds + 1)
+            target_seeds = max(target_seeds, need)
+            to_conclude.append(
+                f"Run about {need} seeds (this audit ran {seeds}): a gain of {a['margin']:.2f} points with "
+                f"this spread needs that many to pass, or to be ruled out."
+            )
+    if verdict != "distillable" and seeds >= 2:
+        lead = "No knockoff beat the label-smoothing student, but " if not ahead else "Also, "
+        if control is None:
+            why.append(
+                f"{lead}no CE control was run, so nothing shows that this audit would have caught a "
+                "copyable model."
+            )
+            to_conclude.append(
+                "Name a zoo architecture for the CE control (`audit.control_arch`; an ONNX model has none of "
+                "its own)."
+            )
+        elif control.get("verdict") != "distillable":
+            fms = [a for a in cfg.get("attacks") or [] if a.startswith(DISCRIMINATING_ATTACK)]
+            why.append(
+                f"{lead}the plain CE control was not copied either at {epochs} epochs, so this audit could "
+                "not have caught a copyable model."
+            )
+            if epochs < DISCRIMINATING_EPOCHS:
+                target_epochs = DISCRIMINATING_EPOCHS
+                target_seeds = max(target_seeds, VERDICT_SEEDS)
+                to_conclude.append(
+                    f"The CE control was not copied at {epochs} epochs: the discriminating setting needs "
+                    f"about {DISCRIMINATING_EPOCHS} epochs and {VERDICT_SEEDS} seeds (`audit.epochs`, "
+                    "`audit.seeds`)."
+                )
+            if not fms:
+                to_conclude.append(
+                    f"Add the `{DISCRIMINATING_ATTACK}` attack (function matching on mixed inputs): the one "
+                    "that copied a CE teacher on our benchmark."
+                )
+            if epochs >= DISCRIMINATING_EPOCHS and fms:
+                to_conclude.append(
+                    "The control resists even the discriminating schedule: the student may match the teacher "
+                    "alone (try a weaker student, e.g. `mlp`), or the attacker holds so much labelled data "
+                    "that copying adds nothing (try `audit.labelled_fraction` 0.25)."
+                )
+    if verdict == "undistillable" and best is not None:
+        why.append(
+            "Every knockoff's mean is at or below the best label-smoothing student's (closest: "
+            f"{best['row']}, {best['margin']:+.2f} ± {best['margin_se']:.2f} points), and the CE control "
+            "was copied."
+        )
+    why_indicative = indicative(report, spec)
+    if why_indicative:
+        if verdict != "distillable" and target_epochs < DISCRIMINATING_EPOCHS:
+            to_conclude.append(
+                f"Run the standard audit ({DISCRIMINATING_EPOCHS} epochs, {VERDICT_SEEDS} seeds): this one "
+                "is indicative."
+            )
+        target_epochs = max(target_epochs, DISCRIMINATING_EPOCHS)
+        target_seeds = max(target_seeds, VERDICT_SEEDS)
+    suggested = None
+    if (target_epochs, target_seeds) != (epochs, seeds):
+        minutes = estimated_minutes(report, target_epochs, target_seeds)
+        suggested = {"epochs": target_epochs, "seeds": target_seeds, "estimated_minutes": minutes}
+        to_conclude.append(
+            f"Estimated time of the audit at {target_epochs} epochs and {target_seeds} seeds: "
+            + (
+                f"{_duration(minutes)} on this worker (scaled from this audit's own measured time; "
+                "n workers share it)."
+                if minutes is not None
+                else "unknown (this report holds no measured time)."
+            )
+        )
+    headline = HEADLINES.get(verdict, HEADLINES["inconclusive"])
+    if verdict == "inconclusive" and why:
+        headline = f"Inconclusive: {_lower_first(why[-1] if not ahead else why[0])}"
+    if why_indicative:
+        headline += f" Indicative only: {why_indicative} It cannot show that a model is undistillable."
+    control_copied = [r for r in control_rows if r["outcome"] == "copied"]
+    return {
+        "verdict": verdict,
+        "headline": headline,
+        "why": why,
+        "indicative": why_indicative,
+        "to_conclude": to_conclude if verdict != "distillable" else [],
+        "suggested_audit": suggested if verdict != "distillable" else None,
+        "control_check": _control_check(control, control_copied),
+        "serving": serving(report),
+        "safe_budget": _safe(report),
+        "next_steps": next_steps(
+            report, verdict, copied, ahead or ([best] if best and best["margin"] > 0 else [])
+        ),
+    }
+
+
+def indicative(report: dict[str, Any], spec: dict[str, Any] | None = None) -> str | None:
+    """Why the audit is only indicative (a quick preset, an `indicative` flag, or a schedule far below
+    the discriminating one), or None."""
+    cfg, spec = report.get("config") or {}, spec or {}
+    audit = spec.get("audit") or {}
+    epochs = int(cfg.get("epochs") or 0)
+    flagged = any(d.get("indicative") is True for d in (cfg, audit, report, spec)) or "quick" in (
+        d.get("preset") for d in (cfg, audit, report, spec)
+    )
+    if flagged:
+        return f"this is a quick audit ({epochs} epochs, {cfg.get('seeds', '?')} seeds), marked indicative."
+    if epochs and epochs < DISCRIMINATING_EPOCHS * INDICATIVE_SHARE:
+        return (
+            f"its schedule ({epochs} epochs) is far below the one that discriminates on our benchmark "
+            f"({DISCRIMINATING_EPOCHS})."
+        )
+    return None
+
+
+def estimated_minutes(report: dict[str, Any], epochs: int, seeds: int) -> float | None:
+    """Minutes the same audit would take at `epochs` and `seeds` on the worker that ran it: its measured
+    task time scaled by epochs x seeds (the audit's work is linear in both)."""
+    cfg = report.get("config") or {}
+    timing = report.get("timing") or {}
+    measured = timing.get("task_seconds") or report.get("wall_s")
+    done = int(cfg.get("epochs") or 0) * int(cfg.get("seeds") or 0)
+    if not measured or not done:
+        return None
+    return float(measured) * epochs * seeds / done / 60
+
+
+def serving(report: dict[str, Any]) -> dict[str, Any]:
+    """How the model is served and what that costs an honest user, in plain words."""
+    teacher = report.get("teacher") or {}
+    served = teacher.get("serving") or {}
+    cost = served.get("honest_cost")
+    served_as = (report.get("statement") or {}).get("served_as") or str(served.get("output_mode", "?"))
+    acc = teacher.get("accuracy")
+    if cost:
+        text = (
+            f"Honest users get {cost['accuracy']:.2f} % right answers"
+            + (f" (the model itself: {acc:.2f} %)" if isinstance(acc, int | float) else "")
+            + f", calibration error {cost.get('ece', float('nan')):.2f} %, "
+            f"{cost.get('refused', 0):.2f} % of clean queries refused and {cost.get('altered', 0):.2f} % "
+            "altered by the serving policy."
+        )
+    else:
+        text = "The honest-user cost was not measured (an older report)."
+    return {"served_as": served_as, "teacher_accuracy": acc, "honest_cost": cost, "text": text}
+
+
+def next_steps(
+    report: dict[str, Any], verdict: str, copied: list[dict[str, Any]], ahead: list[dict[str, Any]]
+) -> list[str]:
+    """What to do now, in order."""
+    served_as = serving(report)["served_as"]
+    mode = ((report.get("threat_model") or {}).get("output_mode") or {}).get("kind")
+    safe = _safe(report)
+    steps = []
+    if verdict == "distillable":
+        c = min(copied, key=lambda r: r["p_holm"]) if copied else None
+        steps.append(
+            f"Do not rely on this protection as served ({served_as})"
+            + (f": {c['row']} copies it." if c else ".")
+        )
+        if mode != "label":
+            steps.append(
+                'Serve labels only (`audit.output_mode: {"kind": "label"}`), the best protection our '
+                "benchmark found, and audit again."
+            )
+        else:
+            steps.append(
+                "It is already served labels only: a smaller per-key query budget (the budget curve) "
+                "and fewer keys per owner are what remains; audit again with `audit.query_budgets`."
+            )
+        return steps
+    if verdict == "undistillable":
+        steps.append(
+            f"Serve it as audited: {served_as}. The predict endpoints answer exactly this way; another "
+            "output mode or policy needs a new audit."
+        )
+    else:
+        steps.append("Do not read this audit as a pass: make it conclusive first (above).")
+    if safe is None:
+        steps.append(
+            "This audit tested no query budgets: run it with `audit.query_budgets` to learn a safe "
+            "per-key budget."
+        )
+    elif safe > 0:
+        steps.append(
+            f"Set the per-key query budget to the safe budget, {safe:,} queries: it is the served model's "
+            "default per-key budget (`CMIM_MODEL_QUERY_BUDGET` overrides it)."
+        )
+    else:
+        steps.append(
+            "No tested query budget was safe (a knockoff beat label smoothing at the smallest one): "
+            "serve with a smaller budget only after auditing it."
+        )
+    if safe and not _budget_discriminates(report):
+        steps[-1] += (
+            " The CE control was not copied at any tested budget either, so this curve does not show that "
+            "the budget is what protects the model."
+        )
+    per_key = f"{safe:,}" if safe else "the per-key budget"
+    limits = [
+        f"many keys (n keys hold n x {per_key} queries: keep `CMIM_OWNER_QUERY_BUDGET` at the per-key "
+        "budget, set `CMIM_GLOBAL_QUERY_BUDGET`, and control who gets keys)",
+        "label-only copying that comes within noise of the label-smoothing student (on our benchmark, with "
+        "twelve times the safe budget: +0.95 ± 0.70 points)",
+        "attacks outside the audited suite, and a thief holding more labelled data than the audit assumed",
+    ]
+    if ahead:
+        a = ahead[0]
+        limits.insert(
+            1, f"{a['row']}, ahead here by {a['margin']:+.2f} ± {a['margin_se']:.2f} points (within noise)"
+        )
+    steps.append("What the protection does not stop: " + "; ".join(limits) + ".")
+    return steps
+
+
+def _rows(students: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every attack row of a black box with what the advice reads, the outcome derived if missing."""
+    out = []
+    for arch, s in students.items():
+        best_ls = (s.get("ls") or {}).get(s.get("best_ls"), {}).get("acc_best", {})
+        for name, r in (s.get("attacks") or {}).items():
+            if "margin" not in r:
+                continue
+            out.append(
+                {
+                    "student": arch,
+                    "row": name,
+                    "outcome": r.get("outcome") or outcome(r),
+                    "margin": r["margin"],
+                    "margin_se": r.get("margin_se", float("nan")),
+                    "p_holm": r.get("p_holm", r.get("p_value", float("nan"))),
+                    "acc": r["acc_best"]["mean"],
+                    "std": r["acc_best"].get("std", float("nan")),
+                    "ls_acc": s.get("ls_acc", best_ls.get("mean", float("nan"))),
+                    "ls_std": best_ls.get("std", float("nan")),
+                }
+            )
+    return out
+
+
+def _control_check(control: dict[str, Any] | None, copied: list[dict[str, Any]]) -> dict[str, str]:
+    if control is None:
+        return {
+            "status": "not_run",
+            "text": "No CE control was run: the audit's power to discriminate is unchecked.",
+        }
+    if control.get("verdict") == "distillable":
+        rows = ", ".join(sorted({r["row"] for r in copied}))
+        return {
+            "status": "passed",
+            "text": f"The audit copied a plain CE teacher of the same architecture ({rows}): it can tell a "
+            "copyable model from a protected one.",
+        }
+    return {
+        "status": "failed",
+        "text": "The audit did not copy a plain CE teacher of the same architecture: it could not have "
+        "caught a copyable model.",
+    }
+
+
+def _budget_discriminates(report: dict[str, Any]) -> bool:
+    """Whether the budget curve copied the CE control at some tested budget (True when it has no control)."""
+    control = (report.get("safe_budget") or {}).get("control")
+    tested = [int(b) for b in ((report.get("budgets") or {}).get("control") or {})]
+    return not control or not tested or min(control.values()) < max(tested)
+
+
+def _safe(report: dict[str, Any]) -> int | None:
+    safe = (report.get("safe_budget") or {}).get("teacher")
+    return min(safe.values()) if safe else None
+
+
+def _duration(minutes: float) -> str:
+    if minutes < 1:
+        return "under a minute"
+    if minutes < 120:
+        return f"about {math.ceil(minutes)} minutes"
+    return f"about {minutes / 60:.1f} hours"
+
+
+def _lower_first(s: str) -> str:
+    return s[:1].lower() + s[1:] if s[:2] != s[:2].upper() else s

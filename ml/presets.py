@@ -1,0 +1,122 @@
+"""Job presets: named, complete jobs (teacher + audit) that explicit fields override.
+
+`quick` is a demo that finishes in minutes on a CPU and is marked indicative (too few seeds and epochs to
+discriminate); `standard` is the benchmark's discriminating schedule (`ml.paper`, benchmark `mnist1d`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from ml.paper import BENCHMARKS
+from ml.registry import Registry
+
+
+class Preset(BaseModel):
+    """A complete job: its teacher and audit fields, what it is for and how long it takes."""
+
+    name: str
+    description: str
+    expected_time: str = Field(description="how long the job takes, and on what")
+    indicative: bool = Field(description="too small to discriminate: its verdict is an indication only")
+    teacher: dict[str, Any]
+    audit: dict[str, Any]
+
+    def job(self) -> dict[str, Any]:
+        """The preset as a job body's `teacher` and `audit` (a fresh copy)."""
+        return copy.deepcopy({"teacher": self.teacher, "audit": self.audit})
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` laid over it, nested dicts merged key by key (lists and values replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_preset(name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A job body: the named preset's teacher and audit with `body`'s explicit fields laid over them."""
+    return merge(PRESETS.get(name).job(), body)
+
+
+PRESETS: Registry[Preset] = Registry("preset")
+
+PRESETS.register("quick")(
+    Preset(
+        name="quick",
+        description="a demo on MNIST-1D (2,000 training samples): a CMIM cnn1d teacher for 15 epochs and an "
+        "audit of 2 seeds x 20 epochs with hard_label and fm. Indicative only: too few seeds and epochs "
+        "for the audit to discriminate",
+        expected_time="a few minutes on a 2-core CPU",
+        indicative=True,
+        teacher={
+            "dataset": "mnist1d",
+            "dataset_params": {"num_train": 2000, "num_test": 1000},
+            "arch": "cnn1d",
+            "objective": "cmim",
+            "objective_params": {"lam": 3.0},
+            "epochs": 15,
+            "batch_size": 128,
+            "seed": 0,
+        },
+        audit={
+            "students": ["mlp"],
+            "attacks": ["hard_label", "fm"],
+            "seeds": 2,
+            "epochs": 20,
+            "ls_eps": [0.0, 0.1],
+            "control": True,
+            "output_mode": {"kind": "probs"},
+            "query_budgets": [2000, 10000],
+        },
+    )
+)
+
+
+def _standard() -> Preset:
+    """The benchmark's schedule and seeds (`ml.paper`, `mnist1d`), its teacher served label-only."""
+    bench = BENCHMARKS.get("mnist1d")
+    sizes = bench.dataset_params
+    return Preset(
+        name="standard",
+        description=f"the benchmark's discriminating schedule: MNIST-1D ({sizes['num_train']:,} "
+        f"train / {sizes['num_test']:,} test), a CMIM {bench.teacher} teacher for "
+        f"{bench.teacher_epochs} epochs, {bench.student} students for {bench.epochs} epochs over "
+        f"{bench.seeds} seeds, every attack of the benchmark, the LS sweep and a budget curve; served "
+        "label-only (the default protection)",
+        # From docs/performance.md's per-epoch figures (1 thread): per seed, the unlimited phase has 28
+        # students (14 LS rows, 7 attack rows x 2 black boxes), about half the benchmark's 56 at 2.9 s an
+        # epoch, so ~440 s for 300 epochs; each of the 3 budget phases has 14 students at ~0.9 s an epoch,
+        # ~270 s. 5 seeds: ~6,200 s, plus two 60-epoch teachers (~1 min): ~1.7 h in one process.
+        expected_time="about 1.5-2 hours on a 2-core CPU with the embedded worker, about 1 hour with two "
+        "Celery workers (estimated from docs/performance.md), minutes on a GPU",
+        indicative=False,
+        teacher={
+            "dataset": bench.dataset,
+            "dataset_params": dict(bench.dataset_params),
+            "arch": bench.teacher,
+            "objective": "cmim",
+            "objective_params": dict(bench.cmim_params),
+            "epochs": bench.teacher_epochs,
+            "seed": 0,
+        },
+        audit={
+            "students": [bench.student],
+            "attacks": list(bench.attacks),
+            "attack_params": copy.deepcopy(bench.attack_params),
+            "seeds": bench.seeds,
+            "base_seed": 0,
+            "epochs": bench.epochs,
+            "ls_eps": list(bench.ls_eps),
+            "control": True,
+            "output_mode": {"kind": "label"},
+            "query_budgets": list(bench.query_budgets),
+        },
+    )
+
+
+PRESETS.register("standard")(_standard())
