@@ -20,14 +20,14 @@ from ml.evidence.verify import store_names
 from ml.models import build_model
 
 DATA = {"num_train": 500, "num_test": 500}
-# Two seeds x (two eps x plain/mixup) = 8 independent LS students: the null the verdict tests against.
+# Three seeds x three eps = 9 independent LS students per family (plain, mixup): the verdict's null.
 EVIDENCE_JOB = job_body(
     **{
         "teacher.dataset_params": DATA,
         "teacher.epochs": 8,
         "audit.attacks": ["hard_label"],
-        "audit.seeds": 2,
-        "audit.ls_eps": [0.0, 0.1],
+        "audit.seeds": 3,
+        "audit.ls_eps": [0.0, 0.1, 0.2],
         "audit.ls_mixup": True,
         "audit.output_mode": {"kind": "label"},
     }
@@ -119,7 +119,7 @@ def test_challenge_answers_and_uploads_are_verified_and_the_secret_is_never_serv
         assert r.status_code == 200, r.text
         responses.append(r)
         verdicts[name] = r.json()
-    assert verdicts["knockoff"]["verdict"] == "copy", verdicts
+    assert verdicts["knockoff"]["verdict"] == "copy", json.dumps(verdicts)
     assert verdicts["knockoff"]["p_value"] < verdicts["knockoff"]["alpha"] == 0.01
     assert verdicts["independent"]["verdict"] == "not_shown", verdicts
     assert verdicts["knockoff"]["commitment"] == challenge["commitment"]
