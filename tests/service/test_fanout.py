@@ -49,8 +49,8 @@ def task_lines(proc: Proc, job_id: str) -> list[str]:
 
 def figures(report: dict[str, Any]) -> dict[str, Any]:
     """Everything the audit measured: the report without the job's id, times (and the time estimates
-    made from them) and training metadata."""
-    out = {k: v for k, v in report.items() if k not in {"job_id", "wall_s", "timing", "findings"}}
+    made from them), training metadata and the evidence (drawn from each job's own secret)."""
+    out = {k: v for k, v in report.items() if k not in {"job_id", "wall_s", "timing", "findings", "evidence"}}
     out["teacher"] = {k: v for k, v in report["teacher"].items() if k != "meta"}
     return out
 
