@@ -212,6 +212,56 @@ def _serving_section(report: dict[str, Any], found: dict[str, Any]) -> str:
     )
 
 
+EVIDENCE_LIMITS = (
+    "What the evidence can show: that a suspect agrees with this model on the secret challenge far more "
+    "than independently trained models do, as a model trained to match this model's answers does (the "
+    "function-matching attacks). What it cannot show: a copy made only from this model's labels on clean "
+    "inputs looks like an independent model, so \"not shown\" is no proof of innocence; a thief who "
+    "fine-tunes a copy on other data was not measured; the false-positive bound holds for suspects like the "
+    "audit's independent students (same data, same architecture)."
+)
+
+
+def _evidence_section(report: dict[str, Any], job_id: str) -> str:
+    """The evidence of theft the audit measured, the secret's commitment, and what it can and cannot show."""
+    ev = report.get("evidence")
+    if not ev:
+        return ""
+    rows = []
+    for mech, boxes in ev.get("mechanisms", {}).items():
+        for box, per_arch in boxes.items():
+            if box == "serving":
+                continue
+            for arch, sec in per_arch.items():
+                which = [escape(mech), escape(box), escape(arch)]
+                if sec.get("null") is None:
+                    rows.append([*which, escape(sec.get("reason", "")), "", "", ""])
+                    continue
+                families = sec["null"].items()
+                null = ", ".join(f"{escape(f)} {n['mean']:.3f} ± {n['std']:.3f}" for f, n in families)
+                near = sec.get("tpr_near_ls_unlimited")
+                rows.append([
+                    *which, null, _num(sec.get("fpr")),
+                    _num(sec.get("tpr_unlimited")),
+                    "–" if near is None else f"{near:.2f} ({sec.get('near_ls_unlimited', 0)})",
+                ])  # fmt: skip
+    commit = ev.get("commitment", {})
+    sha, at = escape(str(commit.get("sha256", ""))), escape(str(commit.get("committed_at", "")))
+    table = _table(
+        ["mechanism", "black box", "student", "independent models' agreement", "false positives",
+         "knockoffs detected", "near-LS knockoffs detected (n)"],
+        rows,
+    )  # fmt: skip
+    return (
+        f"<h2>Evidence of theft</h2><p>The evidence secret was committed before serving: sha256 "
+        f"<code>{sha}</code> at {at}. "
+        f"To test a suspect: <code>GET /api/v1/models/{escape(job_id)}/challenge</code>, then "
+        f"<code>POST /api/v1/models/{escape(job_id)}/verify</code> with its answers or an uploaded model "
+        f"(alpha {_num(ev.get('alpha'), 3)}, {escape(str(ev.get('points', '?')))} challenge points).</p>"
+        f"{table}<p>{escape(EVIDENCE_LIMITS)}</p>"
+    )
+
+
 def _cmi_chart(report: dict[str, Any]) -> str:
     series = []
     for who, part in (("teacher", report.get("teacher")), ("control (CE)", report.get("control"))):
@@ -283,6 +333,7 @@ def render_report(job: JobOut, report: dict[str, Any], epochs: list[dict[str, An
 {_list(found["next_steps"], ordered=True)}
 {_serving_section(report, found)}
 {_budget_section(report, found)}
+{_evidence_section(report, str(job.id))}
 <h2>Knockoff students against the teacher as served</h2>
 <p class=muted>Each attack row is a knockoff trained against the served model, compared with the best
 label-smoothing (LS) student trained on the attacker's labelled data alone. "Copied" needs the gain to

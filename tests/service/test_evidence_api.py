@@ -139,6 +139,9 @@ def test_challenge_answers_and_uploads_are_verified_and_the_secret_is_never_serv
         responses.append(owner.client.get(f"{job}/artifacts/{a['name']}", headers=h))
     assert all(r.is_success for r in responses), [r.status_code for r in responses]
     report = owner.client.get(f"{job}/report", headers=h).json()
+    page = owner.client.get(f"{job}/report.html", headers=h).text  # what the evidence can and cannot show
+    assert "Evidence of theft" in page and report["evidence"]["commitment"]["sha256"] in page
+    assert "no proof of innocence" in page
     store = ArtifactStore.from_settings(owner.settings)
     stored = json.loads(store.read_named(store_names(owner.job_id)[0]))
     secret = stored["secret"]
