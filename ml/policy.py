@@ -33,6 +33,13 @@ PER_QUERY_DETECTORS = ("confidence", "energy", "cluster_kl")
 PRADA_MIN_PER_CLASS, PRADA_OUTLIER_STD = 10, 3.0
 
 
+# The key would have to be served beside the model, and policy.safetensors is a downloadable artifact.
+KEYED_NOT_SERVED = (
+    "keyed answers (policy.keyed_fraction > 0) are measured by the audit and the benchmark; "
+    "the service does not serve them"
+)
+
+
 class PolicyConfig(BaseModel):
     """How a teacher is served beyond the output mode: snapping, an off-manifold detector, an action."""
 

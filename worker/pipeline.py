@@ -63,6 +63,7 @@ from ml.evidence import DEFAULT_MECHANISM, Secret
 from ml.evidence.verify import pack_challenge, store_names
 from ml.monitor import MonitorConfig, calibrate
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
+from ml.policy import KEYED_NOT_SERVED
 from ml.train import EpochReport, TrainConfig, TrainingCancelled, TrainResult, check_fits, train_model
 
 log = logging.getLogger(__name__)
@@ -410,10 +411,7 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
     job, teacher_cfg, audit_cfg, data = _inputs(ctx, store)
     if audit_cfg.policy.keyed_fraction > 0:
         # the key would have to be served beside the model (policy.safetensors is a downloadable artifact)
-        raise ValueError(
-            "keyed answers (policy.keyed_fraction > 0) are measured by the audit and the benchmark; "
-            "the service does not serve them"
-        )
+        raise ValueError(KEYED_NOT_SERVED)
     model_id, fine_tune = job.spec["teacher"].get("model_id"), job.spec["teacher"].get("fine_tune", False)
 
     if model_id is None:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 from app.core.config import ALL_SCOPES, Scope
 from ml.audit import AuditConfig
 from ml.data import DatasetInfo
+from ml.policy import KEYED_NOT_SERVED
 from ml.presets import PRESETS, apply_preset
 from ml.train import TrainConfig
 
@@ -78,6 +79,13 @@ class JobCreate(BaseModel):
         if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS.names())}")
         return apply_preset(name, data)
+
+    @model_validator(mode="after")
+    def _served_as_audited(self) -> JobCreate:
+        """A job's policy is how its model is served: keyed answers are measured by audits, not served."""
+        if self.audit.policy.keyed_fraction > 0:
+            raise ValueError(KEYED_NOT_SERVED)
+        return self
 
 
 class Links(BaseModel):

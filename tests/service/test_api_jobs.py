@@ -83,6 +83,7 @@ def test_unknown_names_are_422_listing_choices(client, caller, settings, change,
         {"audit.output_mode": {"kind": "telepathic"}},
         {"teacher.objective_params": {"lam": -1}},
         {"surprise": 1},
+        {"audit.policy": {"keyed_fraction": 0.005}},  # audited, never served
     ],
 )
 def test_invalid_job_fields_are_422_and_nothing_is_stored(client, caller, settings, change) -> None:
