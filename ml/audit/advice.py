@@ -129,8 +129,10 @@ def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict
     if why_indicative:
         if verdict != "distillable" and target_epochs < DISCRIMINATING_EPOCHS:
             to_conclude.append(
-                f"Run the standard audit ({DISCRIMINATING_EPOCHS} epochs, {VERDICT_SEEDS} seeds): this one "
-                "is indicative."
+                f"Run the standard audit ({DISCRIMINATING_EPOCHS} epochs, {VERDICT_SEEDS} seeds; the "
+                "`standard` preset, whose data, attacks and expected time `cmim presets` and "
+                "GET /api/v1/presets list): "
+                "this one is indicative."
             )
         target_epochs = max(target_epochs, DISCRIMINATING_EPOCHS)
         target_seeds = max(target_seeds, VERDICT_SEEDS)
@@ -139,7 +141,8 @@ def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict
         minutes = estimated_minutes(report, target_epochs, target_seeds)
         suggested = {"epochs": target_epochs, "seeds": target_seeds, "estimated_minutes": minutes}
         to_conclude.append(
-            f"Estimated time of the audit at {target_epochs} epochs and {target_seeds} seeds: "
+            f"Estimated time of this audit (its data and attacks) at {target_epochs} epochs and "
+            f"{target_seeds} seeds: "
             + (
                 f"{_duration(minutes)} on this worker (scaled from this audit's own measured time; "
                 "n workers share it)."
