@@ -11,6 +11,7 @@ from app.api.schemas import JobOut
 from app.api.svg import Bar, Rule, Series, bar_chart, line_chart
 from ml.audit.advice import OUTCOME_LABELS, findings
 from ml.audit.verdict import outcome
+from ml.evidence.audit import EVIDENCE_LIMITS
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -212,16 +213,6 @@ def _serving_section(report: dict[str, Any], found: dict[str, Any]) -> str:
     )
 
 
-EVIDENCE_LIMITS = (
-    "What the evidence can show: that a suspect agrees with this model on the secret challenge far more "
-    "than independently trained models do, as a model trained to match this model's answers does (the "
-    "function-matching attacks). What it cannot show: a copy made only from this model's labels on clean "
-    "inputs looks like an independent model, so \"not shown\" is no proof of innocence; a thief who "
-    "fine-tunes a copy on other data was not measured; the false-positive bound holds for suspects like the "
-    "audit's independent students (same data, same architecture)."
-)
-
-
 def _evidence_section(report: dict[str, Any], job_id: str) -> str:
     """The evidence of theft the audit measured, the secret's commitment, and what it can and cannot show."""
     ev = report.get("evidence")
@@ -258,7 +249,7 @@ def _evidence_section(report: dict[str, Any], job_id: str) -> str:
         f"To test a suspect: <code>GET /api/v1/models/{escape(job_id)}/challenge</code>, then "
         f"<code>POST /api/v1/models/{escape(job_id)}/verify</code> with its answers or an uploaded model "
         f"(alpha {_num(ev.get('alpha'), 3)}, {escape(str(ev.get('points', '?')))} challenge points).</p>"
-        f"{table}<p>{escape(EVIDENCE_LIMITS)}</p>"
+        f"{table}<p>{escape(ev.get('limits') or EVIDENCE_LIMITS)}</p>"
     )
 
 

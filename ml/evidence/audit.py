@@ -63,6 +63,17 @@ def evidence_records(
     return records
 
 
+# Stated in every report beside the figures (docs/evidence.md says more).
+EVIDENCE_LIMITS = (
+    "What the evidence can show: that a suspect agrees with this model on the secret challenge far more "
+    "than independently trained models do, as a model trained to match this model's answers does (the "
+    "function-matching attacks). What it cannot show: a copy made only from this model's labels on clean "
+    "inputs looks like an independent model, so \"not shown\" is no proof of innocence; a thief who "
+    "fine-tunes a copy on other data was not measured; the false-positive bound holds for suspects like the "
+    "audit's independent students (same data, same architecture)."
+)
+
+
 def evidence_section(
     records: list[list[Any]],
     accuracy: dict[tuple[Any, ...], list[float]],
@@ -79,6 +90,7 @@ def evidence_section(
         "alpha": ALPHA,
         "points": CHALLENGE_POINTS,
         "near_ls_points": NEAR_LS_POINTS,
+        "limits": EVIDENCE_LIMITS,
         "mechanisms": {},
     }
     for mech, box, arch in dict.fromkeys((k[0], k[1], k[2]) for k in agree):
