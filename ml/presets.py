@@ -40,7 +40,19 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 def apply_preset(name: str, body: dict[str, Any]) -> dict[str, Any]:
     """A job body: the named preset's teacher and audit with `body`'s explicit fields laid over them."""
-    return merge(PRESETS.get(name).job(), body)
+    job = PRESETS.get(name).job()
+    teacher = body.get("teacher")
+    if isinstance(teacher, dict):
+        job["teacher"] = own_objective(job["teacher"], teacher)
+    return merge(job, body)
+
+
+def own_objective(preset_teacher: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The preset's teacher without its objective's parameters when `given` names another objective:
+    they belong to the preset's objective (CE takes none of CMIM's `lam`); `given`'s own stay."""
+    if given.get("objective") not in (None, preset_teacher.get("objective")):
+        return {k: v for k, v in preset_teacher.items() if k != "objective_params"}
+    return preset_teacher
 
 
 PRESETS: Registry[Preset] = Registry("preset")

@@ -48,6 +48,18 @@ def test_preset_job_records_preset_and_explicit_fields_override(client, caller) 
     assert plain["preset"] is None and plain["indicative"] is False
 
 
+def test_another_objective_does_not_inherit_the_presets_objective_params(client, caller) -> None:
+    """CMIM's `lam` belongs to CMIM: a standard job with a CE teacher is a valid job, not a 422."""
+    body = {"preset": "standard", "teacher": {"objective": "ce"}}
+    r = client.post("/api/v1/jobs", json=body, headers=caller.headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["teacher"]["objective"] == "ce"
+    assert not r.json()["spec"]["teacher"]["objective_params"]
+    own = {"preset": "quick", "teacher": {"objective": "cmim", "objective_params": {"lam": 1.0}}}
+    r = client.post("/api/v1/jobs", json=own, headers=caller.headers)
+    assert r.status_code == 202 and r.json()["spec"]["teacher"]["objective_params"] == {"lam": 1.0}
+
+
 def test_unknown_preset_is_a_422_naming_the_choices(client, caller) -> None:
     problem = assert_problem(
         client.post("/api/v1/jobs", json={"preset": "fast"}, headers=caller.headers), 422
