@@ -80,7 +80,8 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20, what: str = "the
 
 
 def text(driver: WebDriver, css: str) -> str:
-    return driver.find_element(By.CSS_SELECTOR, css).text
+    """The element's text once the page that has it is loaded (a click may still be navigating)."""
+    return wait_for(lambda: (driver.find_element(By.CSS_SELECTOR, css).text,), what=css)[0]
 
 
 def shot(driver: WebDriver, name: str) -> None:
@@ -92,6 +93,9 @@ def sign_in(driver: WebDriver, base: str, key: str) -> None:
     driver.get(f"{base}/login")
     driver.find_element(By.ID, "key").send_keys(key)
     driver.find_element(By.ID, "sign-in").click()
+    wait_for(  # signed in (off the sign-in page) or refused (the error shown)
+        lambda: "/login" not in driver.current_url or driver.find_elements(By.ID, "error"), what="sign-in"
+    )
 
 
 def local_only(driver: WebDriver, base: str) -> None:
