@@ -12,7 +12,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app.api.inference import HistoryCache, ModelCache
-from app.api.job_service import EventWatch
+from app.api.job_events import EventWatch
 from app.api.monitor import Monitor
 from app.api.routes import alerts, catalog, datasets, evidence, health, jobs, keys, models, uploads
 from app.core.config import Settings, get_settings

@@ -280,32 +280,6 @@ def presets() -> None:
     print_table("presets", ["name", "expected time", "indicative", "description"], rows)
 
 
-class PresetOptions:
-    """A preset's values for the options a command was not given on its command line."""
-
-    def __init__(self, ctx: typer.Context, name: str | None, trains_teacher: bool = True) -> None:
-        from ml.presets import PRESETS
-
-        self.ctx = ctx
-        self.job = PRESETS.get(name).job() if name else {"teacher": {}, "audit": {}}
-        if not trains_teacher:  # a given teacher keeps its own data set and recipe
-            self.job["teacher"] = {}
-
-    def pick(self, option: str, value: Any, section: str, field: str) -> Any:
-        """The option's value when given on the command line, else the preset's (if any), else its default."""
-        preset = self.job[section].get(field)
-        source = self.ctx.get_parameter_source(option)
-        if preset is None or getattr(source, "name", None) == "COMMANDLINE":  # typer vendors its own click
-            return value
-        return preset
-
-    def params(self, given: dict[str, Any], section: str, field: str) -> dict[str, Any]:
-        """The preset's parameters with the command line's laid over them."""
-        from ml.presets import merge
-
-        return merge(self.job[section].get(field) or {}, given)
-
-
 def _train_stage(cfg: Any, label: str, data: Any) -> Any:
     from ml.train import train_model
 
@@ -390,7 +364,7 @@ def audit(
             per_attack.setdefault(name, {})[field] = value
         import ml.presets as presets_module
 
-        pre = PresetOptions(ctx, preset, trains_teacher=teacher is None)
+        pre = presets_module.PresetOptions(ctx, preset, trains_teacher=teacher is None)
         student, attack = (
             pre.pick("student", student, "audit", "students"),
             pre.pick("attack", attack, "audit", "attacks"),

@@ -132,3 +132,25 @@ def _standard() -> Preset:
 
 
 PRESETS.register("standard")(_standard())
+
+
+class PresetOptions:
+    """A preset's values for the options a command was not given on its command line."""
+
+    def __init__(self, ctx: Any, name: str | None, trains_teacher: bool = True) -> None:  # a typer.Context
+        self.ctx = ctx
+        self.job = PRESETS.get(name).job() if name else {"teacher": {}, "audit": {}}
+        if not trains_teacher:  # a given teacher keeps its own data set and recipe
+            self.job["teacher"] = {}
+
+    def pick(self, option: str, value: Any, section: str, field: str) -> Any:
+        """The option's value when given on the command line, else the preset's (if any), else its default."""
+        preset = self.job[section].get(field)
+        source = self.ctx.get_parameter_source(option)
+        if preset is None or getattr(source, "name", None) == "COMMANDLINE":  # typer vendors its own click
+            return value
+        return preset
+
+    def params(self, given: dict[str, Any], section: str, field: str) -> dict[str, Any]:
+        """The preset's parameters with the command line's laid over them."""
+        return merge(self.job[section].get(field) or {}, given)

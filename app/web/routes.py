@@ -25,9 +25,9 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StoreDep, authorize
+from app.api.job_events import events_after
 from app.api.job_service import (
     create_job,
-    events_after,
     list_jobs,
     owned_job,
     read_job,

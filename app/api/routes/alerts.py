@@ -10,7 +10,7 @@ from sqlalchemy import and_, or_, select
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, SessionDep, get_owned
-from app.api.job_service import _decode_cursor, _encode_cursor
+from app.api.job_service import decode_cursor, encode_cursor
 from app.api.schemas import AlertList, AlertOut
 from app.core.models import Job, MonitorAlert
 
@@ -24,7 +24,7 @@ def list_alerts(
     get_owned(session, Job, model_id, key, "model")
     q = select(MonitorAlert).where(MonitorAlert.model_id == model_id)
     if cursor:
-        created, ident = _decode_cursor(cursor)
+        created, ident = decode_cursor(cursor)
         q = q.where(
             or_(
                 MonitorAlert.created_at < created,
@@ -35,7 +35,7 @@ def list_alerts(
         q.order_by(MonitorAlert.created_at.desc(), MonitorAlert.id.desc()).limit(limit + 1)
     ).all()
     items = [AlertOut.model_validate(r, from_attributes=True) for r in rows[:limit]]
-    return AlertList(items=items, next_cursor=_encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
+    return AlertList(items=items, next_cursor=encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
 
 
 @router.get("/{model_id}/alerts", response_model=AlertList, summary="Extraction alerts of a model")

@@ -11,12 +11,10 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, SessionDep, SettingsDep, StoreDep
+from app.api.job_events import MAX_EVENT_ID, event_out, events_after, sse_events
 from app.api.job_service import (
-    MAX_EVENT_ID,
     artifact_out,
     create_job,
-    event_out,
-    events_after,
     job_artifact,
     job_artifacts,
     job_out,
@@ -24,7 +22,6 @@ from app.api.job_service import (
     owned_job,
     read_job,
     report_artifact,
-    sse_events,
 )
 from app.api.report_html import render_report
 from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut, PresetOut
