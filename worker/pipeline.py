@@ -72,6 +72,9 @@ FileRow = tuple[str, str, str, StoredObject]  # (name, kind, media type, stored 
 Handoff = dict[str, Any]  # JSON: what every audit task of a job needs to find its inputs on any worker
 FanOut = Callable[[Handoff], None]
 PROGRESS_EVERY_S = 2.0  # audit progress: at most one event (and lease renewal) per this many seconds
+# Prepared data up to this size travels to the other workers through the store (mnist1d: 0.8 MB);
+# larger data (CIFAR: 600 MB) is loaded by each worker from where the job loaded it.
+HANDOFF_DATA_BYTES = 64 * 1024**2
 T = TypeVar("T")
 
 
@@ -273,10 +276,23 @@ def _publish_once(
 
 
 class StoreResults:
-    """A job's audit task results in the artifact store, one named object per task key."""
+    """A job's audit task results in the artifact store, one named object per task key, beside the
+    prepared data the tasks share (handed to the other workers so that none regenerates it)."""
 
     def __init__(self, store: ArtifactStore, job_id: uuid.UUID) -> None:
         self.store, self.prefix = store, f"audit-results/{job_id}"
+
+    def save_data(self, data: Data) -> bool:
+        """Keep the prepared data for the other workers; False (nothing kept) above HANDOFF_DATA_BYTES,
+        where each worker loads its own copy as the job did."""
+        if data.nbytes > HANDOFF_DATA_BYTES:
+            return False
+        self.store.write_named(f"{self.prefix}/data.pt", data.to_bytes())
+        return True
+
+    def load_data(self) -> Data | None:
+        raw = self.store.read_named(f"{self.prefix}/data.pt")
+        return None if raw is None else Data.from_bytes(raw)
 
     def load(self, key: str) -> TaskResult | None:
         data = self.store.read_named(f"{self.prefix}/{key}.json")
@@ -355,7 +371,10 @@ def audit_plan(ctx: JobContext, store: ArtifactStore, handoff: Handoff) -> Audit
     """The job's audit plan rebuilt from what run_job stored: the same plan on every worker."""
     key = (ctx.claim.job_id, ctx.claim.attempt)
     if key not in _plans:
-        _, _, _, data = _inputs(ctx, store)
+        handed = StoreResults(store, ctx.claim.job_id).load_data() if handoff.get("data") else None
+        data = handed if handed is not None else _inputs(ctx, store)[3]
+        source = "the data the job handed over" if handed is not None else "data loaded again"
+        log.info("job %s: audit plan rebuilt from %s", ctx.claim.job_id, source)
         teacher = _stored_model(store, *handoff["teacher"], data)
         control = None if handoff["control"] is None else _stored_model(store, *handoff["control"], data)
         cfg, secret = AuditConfig.model_validate(handoff["audit_config"]), evidence_secret(store, ctx)
@@ -473,6 +492,7 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
         "files": [[name, kind, media, obj.key, obj.sha256, obj.size] for name, kind, media, obj in files],
         "extra": extra,
         "tasks": len(p.tasks),
+        "data": ctx.retrying(lambda: results.save_data(data), "store the prepared data"),
     }
     fan_out(handoff)
     return False

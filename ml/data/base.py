@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -120,6 +121,22 @@ class Dataset:
             subset={"fraction": fraction, "seed": seed},
         )
         return replace(self, x_train=x, y_train=y, fingerprint=fp)
+
+    def to_bytes(self) -> bytes:
+        """The whole record (tensors and metadata) as bytes that `from_bytes` reads back exactly."""
+        buf = io.BytesIO()
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Dataset:
+        """A record written by `to_bytes` (tensors and plain values only: nothing else is unpickled)."""
+        return cls(**torch.load(io.BytesIO(data), weights_only=True))
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes its four tensors hold."""
+        return sum(t.nbytes for t in (self.x_train, self.y_train, self.x_test, self.y_test))
 
 
 class DatasetInfo(BaseModel):

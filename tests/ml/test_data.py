@@ -134,6 +134,21 @@ def test_subset_train_is_stratified_and_keeps_test() -> None:
         d.subset_train(0.0, seed=0)
 
 
+def test_a_dataset_travels_as_bytes_exactly_and_unpickles_nothing_else() -> None:
+    d = load_dataset("mnist1d", num_train=300, num_test=100).with_augmentation("feature_noise")
+    back = type(d).from_bytes(d.to_bytes())
+    for f in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(back, f), getattr(d, f))
+    assert {**vars(back), "x_train": 0, "y_train": 0, "x_test": 0, "y_test": 0} == {
+        **vars(d), "x_train": 0, "y_train": 0, "x_test": 0, "y_test": 0
+    }
+    assert d.nbytes == 300 * 40 * 4 + 300 * 8 + 100 * 40 * 4 + 100 * 8
+    buf = io.BytesIO()
+    torch.save({"name": Path("x")}, buf)  # any other class is refused by the weights-only reader
+    with pytest.raises(pickle.UnpicklingError):
+        type(d).from_bytes(buf.getvalue())
+
+
 # --- augmentations -------------------------------------------------------------------------------
 
 
