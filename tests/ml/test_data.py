@@ -140,7 +140,11 @@ def test_a_dataset_travels_as_bytes_exactly_and_unpickles_nothing_else() -> None
     for f in ("x_train", "y_train", "x_test", "y_test"):
         assert torch.equal(getattr(back, f), getattr(d, f))
     assert {**vars(back), "x_train": 0, "y_train": 0, "x_test": 0, "y_test": 0} == {
-        **vars(d), "x_train": 0, "y_train": 0, "x_test": 0, "y_test": 0
+        **vars(d),
+        "x_train": 0,
+        "y_train": 0,
+        "x_test": 0,
+        "y_test": 0,
     }
     assert d.nbytes == 300 * 40 * 4 + 300 * 8 + 100 * 40 * 4 + 100 * 8
     buf = io.BytesIO()

@@ -25,6 +25,8 @@ from app.core.models import ApiKey
 from worker.pipeline import run_job
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+# Three LS students per family: the fewest independent models the evidence test compares a suspect with.
+EVIDENCE_READY = job_body(**{"audit.ls_eps": [0.0, 0.1, 0.2]})
 
 
 def readme_commands(heading: str) -> list[str]:
@@ -57,7 +59,7 @@ def served(tmp_path_factory) -> Iterator[tuple[Stack, str, Proc]]:
         owner = operator.owner_id
     with session_scope(url) as s:
         job, _ = create_job(
-            s, settings, s.get(ApiKey, operator.id), JobCreate.model_validate(job_body()), None
+            s, settings, s.get(ApiKey, operator.id), JobCreate.model_validate(EVIDENCE_READY), None
         )
     assert run_job(job.id, settings) == "succeeded"
     stack = Stack(base_env(tmp, CMIM_DATABASE_URL=url), tmp)
@@ -133,3 +135,29 @@ def test_the_readme_predict_and_keys_examples_work_as_written(served, stack: Sta
         ).status_code
         == 401
     )
+
+
+def test_the_readme_evidence_example_works_as_written(served, stack: Stack) -> None:
+    """The README's challenge and verify commands, as written; the suspect is the model's own teacher."""
+    job_id = served[1]
+    artifacts = stack.get(f"/api/v1/jobs/{job_id}/artifacts").json()
+    kinds = {a["kind"]: a["name"] for a in artifacts}
+    files = {
+        field: (kinds[kind], stack.get(f"/api/v1/jobs/{job_id}/artifacts/{kinds[kind]}").content)
+        for field, kind in (("file", "weights"), ("config", "config"))
+    }
+    up = httpx.post(f"{stack.base}/api/v1/models", files=files, headers=stack.headers, timeout=60)
+    assert up.status_code == 201, up.text
+    env = {"KEY": stack.key, "ID": job_id, "SUSPECT": up.json()["id"]}
+    commands = readme_commands("### When a copy is made anyway: evidence and monitoring")
+    assert len(commands) == 2, commands
+    run(commands[0], stack, env)
+    challenge = json.loads((stack.tmp / "challenge.json").read_text())
+    assert len(challenge["inputs"]) == challenge["points"] > 0 and "labels" not in challenge
+    verdict = json.loads(run(commands[1], stack, env))
+    # The teacher itself agrees on every point. Whether that is told apart from independent students
+    # needs a trained teacher (tests/service/test_evidence_api.py); this tiny one is not: its LS
+    # students agree on 99.6 % of the challenge.
+    assert verdict["agreement"] == 1.0 and verdict["verdict"] in {"copy", "not_shown"}, json.dumps(verdict)
+    assert verdict["commitment"]["sha256"] == challenge["commitment"]["sha256"]
+    assert 0 < verdict["p_value"] <= 1
