@@ -70,7 +70,7 @@ def workers(stack: Stack) -> list[Proc]:
 
 
 def stored_results(stack: Stack, job_id: str) -> list[str]:
-    """The job's audit task results left in the artifact store."""
+    """What the job left under its audit results in the artifact store: task results and handed data."""
     return sorted(p.name for p in (stack.tmp / "artifacts" / "audit-results" / job_id).glob("*"))
 
 
@@ -144,7 +144,8 @@ def test_cancel_mid_fan_out_stops_every_task_and_deletes_their_results(stack: St
     while not (len([x for x in lines() if "computed" in x]) == 2 and started(3) and started(4)):
         assert time.monotonic() < deadline, stack.logs()
         time.sleep(0.2)
-    assert len(stored_results(stack, job)) == 2
+    assert len([name for name in stored_results(stack, job) if name.endswith(".json")]) == 2
+    assert "data.pt" in stored_results(stack, job)  # the prepared data the job handed to the workers
     r = stack.post(f"/api/v1/jobs/{job}/cancel")
     assert r.status_code == 202 and r.json()["cancel_requested"], r.text
     events = follow(stack, job, timeout=120)
