@@ -3,8 +3,8 @@
 Starts its own API (uvicorn) and Celery workers (`--pool solo`, one CPU thread each) on a private
 SQLite database, a random queue on the Redis at CMIM_BENCH_REDIS (default redis://127.0.0.1:6379/0)
 and a private artifact store. Submits a 4-task audit (4 seeds, no budget phases) to one worker, then
-the same audit as a new job with a second worker started: the audit stage is timed from the job's
-`auditing` event to its `succeeded` event. Prints both, the ratio, and one JSON line.
+the same audit as a new job once a second worker is ready (takes tasks): the audit stage is timed
+from the job's `auditing` event to its `succeeded` event. Prints both, the ratio, and one JSON line.
 """
 
 from __future__ import annotations
@@ -97,6 +97,16 @@ class Service:
             )
         )
 
+    def start_worker(self, name: str) -> None:
+        """A Celery worker, once it takes tasks: a worker still booting is not part of the fan-out."""
+        self.start(name, "-m", "worker.cli", "worker", "--pool", "solo")
+        log = self.tmp / f"{name}.log"
+        deadline = time.monotonic() + 120
+        while not re.search(r"celery@\S+ ready\.", log.read_text(errors="replace")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} never became ready:\n{log.read_text(errors='replace')}")
+            time.sleep(0.2)
+
     def wait_ready(self) -> None:
         for _ in range(300):
             try:
@@ -166,10 +176,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cmim-fanout-") as tmp:
         service = Service(Path(tmp))
         try:
-            service.start("worker-1", "-m", "worker.cli", "worker", "--pool", "solo")
+            service.start_worker("worker-1")
             one, job_one = service.audit_seconds()
             report(service, "1 worker: ", one, job_one)
-            service.start("worker-2", "-m", "worker.cli", "worker", "--pool", "solo")
+            service.start_worker("worker-2")
             two, job_two = service.audit_seconds()
             report(service, "2 workers:", two, job_two)
             print(f"ratio 2 workers / 1 worker: {two / one:.3f} (target <= 0.65)")
