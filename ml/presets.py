@@ -100,12 +100,11 @@ def _standard() -> Preset:
         f"{bench.teacher_epochs} epochs, {bench.student} students for {bench.epochs} epochs over "
         f"{bench.seeds} seeds, every attack of the benchmark, the LS sweep and a budget curve; served "
         "label-only (the default protection)",
-        # From docs/performance.md's per-epoch figures (1 thread): per seed, the unlimited phase has 28
-        # students (14 LS rows, 7 attack rows x 2 black boxes), about half the benchmark's 56 at 2.9 s an
-        # epoch, so ~440 s for 300 epochs; each of the 3 budget phases has 14 students at ~0.9 s an epoch,
-        # ~270 s. 5 seeds: ~6,200 s, plus two 60-epoch teachers (~1 min): ~1.7 h in one process.
-        expected_time="about 1.5-2 hours on a 2-core CPU with the embedded worker, about 1 hour with two "
-        "Celery workers (estimated from docs/performance.md), minutes on a GPU",
+        # Measured: `cmim audit --preset standard --objective ce --output-mode probs --workers 2` took
+        # 2,017 s on a quiet 2-core CPU (teacher and control 2 min; audit tasks in two processes of one
+        # thread). One process does the same task time alone: about an hour.
+        expected_time="about 35 minutes on a 2-core CPU with two workers (measured), about an hour with "
+        "the embedded worker (one process), minutes on a GPU",
         indicative=False,
         teacher={
             "dataset": bench.dataset,
