@@ -88,8 +88,10 @@ def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(st
     for w in workers(stack):
         assert [x for x in task_lines(w, two) if "computed" in x], f"{w.name} ran no task:\n{stack.logs()}"
     assert figures(stack.get(f"/api/v1/jobs/{two}/report").json()) == figures(single)
-    # the second worker planned from the prepared data the job stored, without generating it again
-    assert f"job {two}: audit plan rebuilt from the data the job handed over" in workers(stack)[1].output()
+    # the worker that did not run the job planned from the prepared data the job stored, without
+    # generating it again (the one that ran it kept its plan)
+    handed = f"job {two}: audit plan rebuilt from the data the job handed over"
+    assert len([w for w in workers(stack) if handed in w.output()]) == 1, stack.logs()
     assert stored_results(stack, one) == [] and stored_results(stack, two) == []  # the report holds them
 
     three = submit(stack, body)
