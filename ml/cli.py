@@ -362,9 +362,9 @@ def audit(
             if not dot:
                 raise ValueError(f"--attack-param takes attack.name=value, got {key!r}")
             per_attack.setdefault(name, {})[field] = value
-        import ml.presets as presets_module
+        from ml.presets import PresetOptions, own_objective
 
-        pre = presets_module.PresetOptions(ctx, preset, trains_teacher=teacher is None)
+        pre = PresetOptions(ctx, preset, trains_teacher=teacher is None)
         student, attack = (
             pre.pick("student", student, "audit", "students"),
             pre.pick("attack", attack, "audit", "attacks"),
@@ -386,7 +386,7 @@ def audit(
             pre.pick("arch", arch, "teacher", "arch"),
         )
         objective = pre.pick("objective", objective, "teacher", "objective")
-        pre.job["teacher"] = presets_module.own_objective(pre.job["teacher"], {"objective": objective})
+        pre.job["teacher"] = own_objective(pre.job["teacher"], {"objective": objective})
         teacher_epochs = pre.pick("teacher_epochs", teacher_epochs, "teacher", "epochs")
         dataset_params = pre.params(parse_params(dataset_param), "teacher", "dataset_params")
         objective_params = pre.params(parse_params(param), "teacher", "objective_params")

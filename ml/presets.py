@@ -102,9 +102,9 @@ def _standard() -> Preset:
         "label-only (the default protection)",
         # Measured: `cmim audit --preset standard --objective ce --output-mode probs --workers 2` took
         # 2,017 s on a quiet 2-core CPU (teacher and control 2 min; audit tasks in two processes of one
-        # thread). One process does the same task time alone: about an hour.
+        # thread). One process doing the same task time alone: about an hour (estimated, not measured).
         expected_time="about 35 minutes on a 2-core CPU with two workers (measured), about an hour with "
-        "the embedded worker (one process), minutes on a GPU",
+        "the embedded worker (one process; estimated), minutes on a GPU",
         indicative=False,
         teacher={
             "dataset": bench.dataset,
