@@ -173,6 +173,94 @@ def audit_throughput(epochs: int = 4, log: Callable[..., Any] = print) -> dict[s
     return out
 
 
+class _Counted(Exception):
+    """Raised by the epoch callback once the epochs to count have been counted."""
+
+
+def phase_flops(train: Callable[[Callable[[int, int], None]], Any]) -> float:
+    """FLOPs of one lockstep phase, `train(on_epoch)`: counted by torch's FLOP counter up to the end of
+    its first epoch (set-up and cached answers included), plus its second epoch times the epochs left.
+
+    Exact when every epoch after the first does the same arithmetic (the same steps, an evaluation
+    each: `eval_every` 1, as in the paper benchmark); the phase is stopped after its second epoch.
+    What runs after the last epoch (fidelity, evidence) is not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    marks: list[tuple[int, int]] = []
+
+    def on_epoch(epoch: int, epochs: int) -> None:
+        marks.append((counter.get_total_flops(), epochs))
+        if epoch == 2:
+            raise _Counted
+
+    with counter:
+        try:
+            train(on_epoch)
+        except _Counted:
+            pass
+    (first, epochs), *rest = marks
+    return float(first + (epochs - 1) * (rest[0][0] - first) if rest else first)
+
+
+def paper_floor(workers: int = 2, log: Callable[..., Any] = print) -> dict[str, Any]:
+    """The arithmetic floor of `cmim bench paper --workers W` (the mnist1d benchmark) on this machine.
+
+    Its FLOPs, counted by torch's FLOP counter: one seed's unlimited and budget phases (`phase_flops`)
+    times the seeds, and one epoch of each teacher recipe times its epochs and seeds; at the measured
+    fp32 matmul rate of one thread, W threads at once (W at most the cores). No run of the same
+    arithmetic in fp32 can take less time: the floor leaves out everything but matmuls and
+    convolutions (data, element-wise ops, optimiser, monitor simulation) and assumes no contention.
+    """
+    import os
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ml.paper import BENCHMARKS, teacher_configs
+    from ml.train import train_model
+
+    bench = BENCHMARKS.get("mnist1d")
+    seed = paper_seed()
+    phases: dict[str, float] = {}
+    for phase in [None, *bench.query_budgets]:
+        name = "unlimited" if phase is None else f"budget_{phase}"
+        phases[name] = phase_flops(lambda cb, p=phase: seed.train(bench.epochs, p, on_epoch=cb))
+        log(f"{name}: {phases[name] / 1e12:.2f} TFLOP per seed")
+    per_epoch: dict[str, float] = {}  # one epoch of each recipe: the same arithmetic every epoch
+    teachers = 0.0
+    for key, _, cfg, _ in teacher_configs(bench, "cpu"):
+        if key not in per_epoch:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                train_model(cfg.model_copy(update={"epochs": 1}), seed.plan.dataset)
+            per_epoch[key] = float(counter.get_total_flops())
+        teachers += per_epoch[key] * cfg.epochs
+    log(f"teachers: {teachers / 1e12:.2f} TFLOP ({len(teacher_configs(bench))} teachers)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        peak = matmul_flops()
+    finally:
+        torch.set_num_threads(threads)
+    lanes = max(1, min(workers, os.cpu_count() or 1))
+    total = bench.seeds * sum(phases.values()) + teachers
+    floor = total / (peak * lanes)
+    log(
+        f"{bench.seeds} seeds: {total / 1e12:.1f} TFLOP; matmul {peak / 1e9:.1f} GFLOP/s per thread "
+        f"x {lanes} -> floor {floor:.0f} s ({floor / 60:.1f} min)"
+    )
+    return {
+        "seeds": bench.seeds,
+        "phase_tflop_per_seed": {k: v / 1e12 for k, v in phases.items()},
+        "teachers_tflop": teachers / 1e12,
+        "total_tflop": total / 1e12,
+        "matmul_gflops_per_thread": peak / 1e9,
+        "lanes": lanes,
+        "floor_s": floor,
+    }
+
+
 def speed(
     steps: int = 60, rounds: int = 5, students: int = 8, log: Callable[..., Any] = print
 ) -> dict[str, Any]:

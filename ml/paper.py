@@ -233,34 +233,47 @@ def _train_teachers(
 ) -> dict[str, list[nn.Module]]:
     """Every recipe's per-seed teachers (CE and the benchmark's CMIM first; fine-tuned ones after the CE
     teachers they start from), `workers` at a time in spawned processes."""
-    recipes = [("ce", {}, False), ("cmim", bench.cmim_params, False)]
-    recipes += [p.recipe(bench) for p in bench.protections.values()]
-    keys = {_recipe_key(bench, *r): r for r in recipes}  # one entry per distinct recipe, in order
     teachers: dict[str, list[nn.Module]] = {}
     for wave in (False, True):  # fine-tuning needs the CE teachers of the first wave
         jobs = []
-        for key, (objective, params, finetune) in keys.items():
+        for key, seed, cfg, finetune in teacher_configs(bench, device):
             if finetune != wave:
                 continue
-            for seed in range(bench.seeds):
-                cfg = TrainConfig(
-                    dataset=bench.dataset,
-                    dataset_params=bench.dataset_params,
-                    arch=bench.teacher,
-                    objective=objective,
-                    objective_params=params,
-                    epochs=bench.finetune_epochs if finetune else bench.teacher_epochs,
-                    seed=seed,
-                    device=device,
-                )
-                init = teachers[_recipe_key(bench, "ce", {}, False)][seed].state_dict() if finetune else None
-                jobs.append((key, seed, (cfg, data, init)))
+            init = teachers[_recipe_key(bench, "ce", {}, False)][seed].state_dict() if finetune else None
+            jobs.append((key, seed, (cfg, data, init)))
         for (key, seed, _), (model, acc) in zip(
             jobs, _map(_train_one, [j[2] for j in jobs], workers), strict=True
         ):
             log(f"teacher {key} seed {seed}: {acc:.2f}%")
             teachers.setdefault(key, []).append(model)
     return teachers
+
+
+def teacher_configs(bench: Benchmark, device: str = "auto") -> list[tuple[str, int, TrainConfig, bool]]:
+    """(recipe key, seed, training config, fine-tuned) of every teacher the benchmark trains: one per
+    distinct recipe and seed; a fine-tuned one starts from the CE teacher of its seed."""
+    recipes = [("ce", {}, False), ("cmim", bench.cmim_params, False)]
+    recipes += [p.recipe(bench) for p in bench.protections.values()]
+    keys = {_recipe_key(bench, *r): r for r in recipes}  # one entry per distinct recipe, in order
+    return [
+        (
+            key,
+            seed,
+            TrainConfig(
+                dataset=bench.dataset,
+                dataset_params=bench.dataset_params,
+                arch=bench.teacher,
+                objective=objective,
+                objective_params=params,
+                epochs=bench.finetune_epochs if finetune else bench.teacher_epochs,
+                seed=seed,
+                device=device,
+            ),
+            finetune,
+        )
+        for key, (objective, params, finetune) in keys.items()
+        for seed in range(bench.seeds)
+    ]
 
 
 def _map(fn: Callable[..., Any], args: list[tuple[Any, ...]], workers: int) -> Iterator[Any]:
