@@ -1,5 +1,8 @@
 """Speed benchmark: CMIM step / CE step and lockstep audit / sequential; same as `cmim bench speed`.
 
+`--heap`: the same two phases in fresh processes, with glibc's default malloc and with the memory of
+each step kept for the next (`ml.train.keep_freed_memory`, what audits and training do), alternated.
+
 `--compare`: one seed of the paper benchmark's audit (the unlimited phase's 56 students, and the
 4,000-query budget phase's 14 attackers), trained by the audit as it is and by the audit as it was
 before its students ran as a chain of batched matmuls (`vmap` over `functional_call` in training and
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -23,6 +28,7 @@ import ml.audit.lockstep as lockstep
 from ml.audit.batches import Batch
 from ml.audit.groups import EVAL_CHUNK, StackedGroup
 from ml.bench import PaperSeed, paper_seed, speed
+from ml.train import keep_freed_memory
 
 
 class VmapGroup(StackedGroup):
@@ -90,10 +96,48 @@ def compare(epochs: int, rounds: int) -> dict[str, Any]:
     return out
 
 
+def phase_times(epochs: int) -> dict[str, float]:
+    """Median seconds per epoch of one paper seed's unlimited and 4,000-query phases, in this process."""
+    seed = paper_seed()
+    return {
+        ("unlimited" if p is None else f"budget_{p}"): timed_phase(seed, StackedGroup, epochs, p)[0]
+        for p in (None, 4000)
+    }
+
+
+def heap(epochs: int, rounds: int) -> dict[str, Any]:
+    """phase_times with glibc's default malloc / with freed memory kept, each in a fresh process."""
+    times: dict[str, list[dict[str, float]]] = {"default": [], "kept": []}
+    for r in range(rounds):  # alternate the order so drift hits both sides
+        for mode in ("default", "kept") if r % 2 == 0 else ("kept", "default"):
+            cmd = [sys.executable, __file__, "--phase-times", "--epochs", str(epochs)]
+            cmd += ["--keep-heap"] if mode == "kept" else []
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            times[mode].append(json.loads(out.strip().splitlines()[-1]))
+            print(mode, times[mode][-1], flush=True)
+    out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "rounds": rounds}
+    for phase in times["default"][0]:
+        before = statistics.median(t[phase] for t in times["default"])
+        after = statistics.median(t[phase] for t in times["kept"])
+        out[phase] = {"default_s_per_epoch": before, "kept_s_per_epoch": after, "speedup": before / after}
+        print(f"{phase}: default {before:.3f} s/epoch, kept {after:.3f} s/epoch, {before / after:.2f}x")
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", action="store_true", help="the audit now against its vmap baseline")
+    parser.add_argument("--heap", action="store_true", help="malloc as it is against freed memory kept")
+    parser.add_argument("--phase-times", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keep-heap", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    print(json.dumps(compare(args.epochs, args.rounds) if args.compare else speed()))
+    if args.keep_heap:
+        keep_freed_memory()
+    if args.phase_times:
+        print(json.dumps(phase_times(args.epochs)))
+    elif args.heap:
+        print(json.dumps(heap(args.epochs, args.rounds)))
+    else:
+        print(json.dumps(compare(args.epochs, args.rounds) if args.compare else speed()))

@@ -29,7 +29,7 @@ from ml.data import Dataset, load_dataset
 from ml.evidence.audit import Challenges, build_challenges, evidence_records
 from ml.evidence.secret import Secret
 from ml.policy import PolicyConfig
-from ml.train import resolve_device
+from ml.train import keep_freed_memory, resolve_device
 
 TaskResult = dict[
     str, Any
@@ -233,6 +233,7 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
             if tick is not None:
                 tick(task.plan.task_epochs(task.phase), f"{task.describe()}: stored result")
             return stored
+    keep_freed_memory()
     t0 = time.perf_counter()
     p, s, phase = task.plan, task.seed_index, task.phase
     cfg, data, done = p.cfg, p.data, 0
