@@ -189,9 +189,10 @@ def keep_freed_memory() -> bool:
 
     A step allocates and frees the same tensors of a few MB every time. By default glibc maps large
     blocks fresh and trims its heap, so every step pays page faults again for memory it just freed:
-    here 3x as many page faults, and audit epochs 1.07-1.10x slower (docs/performance.md). Blocks up
+    here 3x as many page faults, and audit epochs 1.03-1.05x slower (docs/performance.md). Blocks up
     to 32 MiB stay on the heap and up to 1 GiB of freed heap is kept. The numbers are the same; once
-    per process; nothing where the C library is not glibc.
+    per process (the embedded service's worker shares the API's); nothing where the C library is not
+    glibc.
     """
     global _HEAP_KEPT
     if _HEAP_KEPT is None:
