@@ -2,7 +2,7 @@
 
 Counts the benchmark's FLOPs (torch's FLOP counter on one seed's phases and one epoch of each teacher
 recipe, scaled by the schedule) and divides them by the measured fp32 matmul rate of one thread times
-W: no run of the same arithmetic can be faster. `--wall` compares a measured run with the floor,
+W: no fp32 run of the same arithmetic can be faster. `--wall` compares a measured run with the floor,
 `--target` says what fraction of the bound a target wall time would need.
 """
 

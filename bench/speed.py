@@ -27,7 +27,7 @@ from torch.func import vmap
 import ml.audit.lockstep as lockstep
 from ml.audit.batches import Batch
 from ml.audit.groups import EVAL_CHUNK, StackedGroup
-from ml.bench import PaperSeed, paper_seed, speed
+from ml.bench import PaperSeed, paper_seed, phase_name, speed
 from ml.train import keep_freed_memory
 
 
@@ -69,7 +69,7 @@ def compare(epochs: int, rounds: int) -> dict[str, Any]:
     seed = paper_seed()
     out: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     for phase in (None, 4000):
-        name = "unlimited" if phase is None else f"budget_{phase}"
+        name = phase_name(phase)
         times: dict[str, list[float]] = {"before": [], "after": []}
         figures: dict[str, list[Any]] = {}
         for r in range(rounds):  # alternate the order so drift hits both sides
@@ -99,10 +99,7 @@ def compare(epochs: int, rounds: int) -> dict[str, Any]:
 def phase_times(epochs: int) -> dict[str, float]:
     """Median seconds per epoch of one paper seed's unlimited and 4,000-query phases, in this process."""
     seed = paper_seed()
-    return {
-        ("unlimited" if p is None else f"budget_{p}"): timed_phase(seed, StackedGroup, epochs, p)[0]
-        for p in (None, 4000)
-    }
+    return {phase_name(p): timed_phase(seed, StackedGroup, epochs, p)[0] for p in (None, 4000)}
 
 
 def heap(epochs: int, rounds: int) -> dict[str, Any]:

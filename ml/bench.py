@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -94,6 +95,11 @@ class PaperSeed:
         runs, cfg = self.runs(phase), self.plan.cfg.model_copy(update={"epochs": epochs})
         train_lockstep(runs, self.plan.data, self.oracles(), cfg, 0, on_epoch=on_epoch, budget=phase)
         return runs
+
+
+def phase_name(phase: int | None) -> str:
+    """A phase's name in the speed benchmarks: "unlimited", or "budget_B" for a budget of B queries."""
+    return "unlimited" if phase is None else f"budget_{phase}"
 
 
 def paper_seed() -> PaperSeed:
@@ -213,8 +219,6 @@ def paper_floor(workers: int = 2, log: Callable[..., Any] = print) -> dict[str, 
     arithmetic in fp32 can take less time: the floor leaves out everything but matmuls and
     convolutions (data, element-wise ops, optimiser, monitor simulation) and assumes no contention.
     """
-    import os
-
     from torch.utils.flop_counter import FlopCounterMode
 
     from ml.paper import BENCHMARKS, teacher_configs
@@ -224,19 +228,19 @@ def paper_floor(workers: int = 2, log: Callable[..., Any] = print) -> dict[str, 
     seed = paper_seed()
     phases: dict[str, float] = {}
     for phase in [None, *bench.query_budgets]:
-        name = "unlimited" if phase is None else f"budget_{phase}"
+        name = phase_name(phase)
         phases[name] = phase_flops(lambda cb, p=phase: seed.train(bench.epochs, p, on_epoch=cb))
         log(f"{name}: {phases[name] / 1e12:.2f} TFLOP per seed")
     per_epoch: dict[str, float] = {}  # one epoch of each recipe: the same arithmetic every epoch
-    teachers = 0.0
-    for key, _, cfg, _ in teacher_configs(bench, "cpu"):
+    teachers, configs = 0.0, teacher_configs(bench, "cpu")
+    for key, _, cfg, _ in configs:
         if key not in per_epoch:
             counter = FlopCounterMode(display=False)
             with counter:
                 train_model(cfg.model_copy(update={"epochs": 1}), seed.plan.dataset)
             per_epoch[key] = float(counter.get_total_flops())
         teachers += per_epoch[key] * cfg.epochs
-    log(f"teachers: {teachers / 1e12:.2f} TFLOP ({len(teacher_configs(bench))} teachers)")
+    log(f"teachers: {teachers / 1e12:.2f} TFLOP ({len(configs)} teachers)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
