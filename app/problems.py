@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.outage import OUTAGE_ERRORS, is_outage
+from app.core.storage import CorruptObjectError
 from ml.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,26 @@ def unavailable(exc: BaseException) -> Problem:
     )
 
 
+def corrupt_object(exc: CorruptObjectError) -> Problem:
+    """502: a stored object the answer needs no longer matches its sha256; none of it was served.
+
+    Not the request's fault and not transient: the store returned bad bytes (the server log names the
+    object), and the answer stays 502 until an operator puts the object back."""
+    return Problem(
+        502,
+        f"the stored object with sha256 {exc.expected} failed its integrity check (its bytes changed after "
+        "they were stored); nothing of it was served and the operator is alerted in the server log",
+        slug="artifact-corrupt",
+        title="Stored artifact failed its integrity check",
+        sha256=exc.expected,
+    )
+
+
+async def _on_corrupt(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CorruptObjectError)
+    return problem_response(corrupt_object(exc))
+
+
 async def _on_outage(request: Request, exc: Exception) -> JSONResponse:
     log.warning("outage on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
     return problem_response(unavailable(exc))
@@ -133,6 +154,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(CorruptObjectError, _on_corrupt)
     for outage in OUTAGE_ERRORS:
         app.add_exception_handler(outage, _on_outage)
     app.add_exception_handler(Exception, _on_error)

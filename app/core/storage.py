@@ -2,12 +2,17 @@
 
 Bytes are written to a temporary name while they are hashed, then moved to their address, so a
 reader never sees a half-written object and the same content is stored once.
+
+Every read of an object is checked against the sha256 its address names: bytes changed after they
+were written (a failing disk, a tamperer with access to the store) raise `CorruptObjectError` and log
+an error naming the object; they are never returned.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
+import logging
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -19,7 +24,21 @@ from fsspec.implementations.local import LocalFileSystem
 
 from app.core.config import Settings
 
+log = logging.getLogger(__name__)
+
 CHUNK = 1024 * 1024
+_ADDRESS = re.compile(r"objects/sha256/([0-9a-f]{2})/([0-9a-f]{62})")
+
+
+class CorruptObjectError(Exception):
+    """A stored object whose bytes do not hash to its address: changed or damaged after it was written."""
+
+    def __init__(self, key: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"stored object {key} failed its integrity check: its bytes hash to sha256 {actual}, "
+            f"not to the {expected} they were stored as"
+        )
+        self.key, self.expected, self.actual = key, expected, actual
 
 
 @dataclass(frozen=True)
@@ -31,6 +50,27 @@ class StoredObject:
 
 def object_key(sha256: str) -> str:
     return f"objects/sha256/{sha256[:2]}/{sha256[2:]}"
+
+
+def object_sha256(key: str) -> str:
+    """The sha256 an object's key names (the inverse of `object_key`)."""
+    match = _ADDRESS.fullmatch(key)
+    if match is None:
+        raise ValueError(f"{key!r} is not the key of a content-addressed object")
+    return match[1] + match[2]
+
+
+def _check_object(key: str, actual: str) -> None:
+    """Raise CorruptObjectError, and log it for the operator, unless `actual` is the sha256 key names."""
+    expected = object_sha256(key)
+    if actual != expected:
+        log.error(
+            "integrity: stored object %s hashes to sha256 %s, not %s: changed since written",
+            key,
+            actual,
+            expected,
+        )
+        raise CorruptObjectError(key, expected, actual)
 
 
 def read_chunks(f: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
@@ -77,9 +117,9 @@ class ArtifactStore:
                     out.write(chunk)
             digest = h.hexdigest()
             key = object_key(digest)
-            if self.fs.exists(self._path(key)):
+            if self.fs.exists(self._path(key)) and self._intact(key):
                 self.fs.rm(tmp)
-            else:
+            else:  # absent, or changed since it was written: these bytes put it right
                 self.fs.makedirs(self._path(key).rsplit("/", 1)[0], exist_ok=True)
                 self.fs.mv(tmp, self._path(key))
         except BaseException:
@@ -115,16 +155,38 @@ class ArtifactStore:
         if self.fs.exists(self._path(name)):
             self.fs.rm(self._path(name), recursive=True)
 
-    def open(self, key: str) -> IO[bytes]:
-        return self.fs.open(self._path(key), "rb")
-
     def iter_chunks(self, key: str) -> Iterator[bytes]:
-        with self.open(key) as f:
-            yield from read_chunks(f)
+        """The object's bytes in chunks, hashed as they go: the last chunk is held back until the whole
+        has matched its address, so a reader never gets all of a changed object (CorruptObjectError)."""
+        h, held = hashlib.sha256(), b""
+        with self.fs.open(self._path(key), "rb") as f:
+            for chunk in read_chunks(f):
+                h.update(chunk)
+                if held:
+                    yield held
+                held = chunk
+        _check_object(key, h.hexdigest())
+        if held:
+            yield held
 
     def read_bytes(self, key: str) -> bytes:
-        with self.open(key) as f:
-            return f.read()
+        """The object's bytes, checked against its address (CorruptObjectError)."""
+        data = self.fs.cat_file(self._path(key))
+        _check_object(key, hashlib.sha256(data).hexdigest())
+        return data
+
+    def verify(self, key: str) -> None:
+        """Hash the whole object now (CorruptObjectError): before a response streaming it has begun."""
+        for _ in self.iter_chunks(key):
+            pass
+
+    def _intact(self, key: str) -> bool:
+        """Whether the stored object matches its address (a changed one is logged)."""
+        try:
+            self.verify(key)
+        except CorruptObjectError:
+            return False
+        return True
 
     def exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
@@ -133,14 +195,30 @@ class ArtifactStore:
         self.fs.rm(self._path(key))
 
     def local_path(self, key: str) -> Path:
-        """A local file with the object's bytes: the object itself on file://, else a cached copy."""
+        """A local file with the object's bytes, checked on every call (CorruptObjectError): the object itself
+        on file://, else a cached copy, checked as it is fetched and again whenever it is handed out."""
         if isinstance(self.fs, LocalFileSystem):
+            self.verify(key)
             return Path(self._path(key))
-        local = self.cache_dir / key
-        if not local.exists():  # objects are immutable, so a cached copy never goes stale
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}")
-            with self.open(key) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, CHUNK)
+        local, expected = self.cache_dir / key, object_sha256(key)
+        if local.exists():  # objects are immutable, so an intact cached copy never goes stale
+            actual = sha256_file(local)
+            if actual == expected:
+                return local
+            log.error(
+                "integrity: the cached copy %s of %s hashes to sha256 %s, not %s; fetched again",
+                local,
+                key,
+                actual,
+                expected,
+            )
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as dst:
+                for chunk in self.iter_chunks(key):
+                    dst.write(chunk)
             tmp.replace(local)
+        finally:
+            tmp.unlink(missing_ok=True)
         return local

@@ -42,7 +42,8 @@ from app.api.svg import Bar, Series, bar_chart, line_chart
 from app.core.keys import KeyInfo, hash_secret
 from app.core.models import JobStatus
 from app.core.queue import enqueue
-from app.problems import Problem
+from app.core.storage import CorruptObjectError
+from app.problems import Problem, corrupt_object
 from app.web import session as web_session
 from ml.policy import PolicyConfig
 from ml.presets import PRESETS, merge
@@ -78,6 +79,9 @@ class PageRoute(APIRoute):
             except Problem as p:
                 if p.status == 401:
                     raise SignIn(p.detail) from None
+                return error_page(request, p.status, p.title, p.detail)
+            except CorruptObjectError as e:
+                p = corrupt_object(e)
                 return error_page(request, p.status, p.title, p.detail)
             except RequestValidationError as e:
                 detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())

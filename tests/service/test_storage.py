@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from s3_server import CREDENTIALS, s3_server
 from service_helpers import Trained, job_body, service_settings
 
-from app.core.storage import ArtifactStore, object_key
+from app.core.storage import CHUNK, ArtifactStore, CorruptObjectError, object_key
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,20 @@ def make_store(kind: str, tmp: Path, s3_endpoint: str) -> ArtifactStore:
     return store
 
 
+@contextmanager
+def changed(store: ArtifactStore, key: str) -> Iterator[None]:
+    """One byte of the stored object flipped in place (its size kept), as a bad disk or a tamperer would;
+    put back at the end."""
+    path = store._path(key)
+    original = store.fs.cat_file(path)
+    i = len(original) // 2
+    store.fs.pipe_file(path, original[:i] + bytes([original[i] ^ 1]) + original[i + 1 :])
+    try:
+        yield
+    finally:
+        store.fs.pipe_file(path, original)
+
+
 @pytest.fixture(params=["file", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
     endpoint = request.getfixturevalue("s3_endpoint") if request.param == "s3" else ""
@@ -62,6 +78,48 @@ def test_store_is_content_addressed(store: ArtifactStore) -> None:
     assert store.exists(obj.key) and not store.exists(object_key("0" * 64))
     tmp_dir = store._path("tmp")
     assert not store.fs.exists(tmp_dir) or store.fs.ls(tmp_dir) == []  # no temporary left behind
+
+
+def test_a_changed_object_is_refused_by_every_read(
+    store: ArtifactStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = bytes(range(256)) * (CHUNK // 256 * 2 + 7)  # three chunks, the last one short
+    obj, other = store.put_bytes(data), store.put_bytes(b"untouched")
+    with changed(store, obj.key):
+        with pytest.raises(CorruptObjectError) as refused:
+            store.read_bytes(obj.key)
+        assert (refused.value.key, refused.value.expected) == (obj.key, obj.sha256)
+        assert refused.value.actual != obj.sha256
+        streamed: list[bytes] = []
+        with pytest.raises(CorruptObjectError):
+            streamed.extend(store.iter_chunks(obj.key))
+        assert len(b"".join(streamed)) < len(data)  # the stream never ends as if whole
+        for read in (store.verify, store.local_path):
+            with pytest.raises(CorruptObjectError):
+                read(obj.key)
+        assert not (store.cache_dir / obj.key).exists()  # no cached copy of the changed bytes
+        assert store.read_bytes(other.key) == b"untouched"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 4 and all(obj.key in e and obj.sha256 in e for e in errors), errors
+    assert store.read_bytes(obj.key) == data and store.local_path(obj.key).read_bytes() == data
+
+
+def test_a_changed_cached_copy_is_fetched_again(
+    s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = make_store("s3", tmp_path, s3_endpoint)
+    obj = store.put_bytes(b"weights" * 1000)
+    cached = store.local_path(obj.key)
+    cached.write_bytes(b"Weights" + cached.read_bytes()[7:])
+    assert store.local_path(obj.key) == cached and cached.read_bytes() == b"weights" * 1000
+    assert any(str(cached) in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+def test_writing_the_same_bytes_again_repairs_a_changed_object(store: ArtifactStore) -> None:
+    obj = store.put_bytes(b"report")
+    store.fs.pipe_file(store._path(obj.key), b"rePort")
+    assert store.put_bytes(b"report") == obj
+    assert store.read_bytes(obj.key) == b"report"
 
 
 def test_named_objects_are_whole_or_absent(store: ArtifactStore) -> None:

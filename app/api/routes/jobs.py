@@ -189,6 +189,9 @@ def download_artifact(
     }
     if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
         return Response(status_code=304, headers=headers)
+    # Checked whole before the first byte goes out, so a changed object is a clear 502 problem, not a
+    # cut-off download (the stream is checked again as it goes: iter_chunks withholds a bad ending).
+    store.verify(a.storage_key)
     return StreamingResponse(
         store.iter_chunks(a.storage_key),
         media_type=a.media_type,
