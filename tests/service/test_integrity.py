@@ -14,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from service_helpers import Trained, assert_problem, job_body, service_settings
 from test_api_datasets import good_arrays, npz_bytes
+from test_dashboard_session import sign_in
 from test_storage import changed, s3_endpoint  # noqa: F401 - s3_endpoint: a fixture
 
 from app.core.storage import ArtifactStore, object_key
@@ -65,12 +66,19 @@ def assert_refused(response: object, key: str, caplog: pytest.LogCaptureFixture)
     caplog.clear()
 
 
-def test_a_changed_report_is_refused_and_logged(owner: Trained, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_changed_report_is_refused_and_logged(
+    owner: Trained, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store, keys = store_and_keys(owner)
     c, h, job = owner.client, owner.headers, owner.job_id
+    page = fresh_client(owner, tmp_path)
+    sign_in(page, owner.secret)
     with changed(store, keys["report.json"]):
         for url in ("artifacts/report.json", "report", "report.html"):
             assert_refused(c.get(f"/api/v1/jobs/{job}/{url}", headers=h), keys["report.json"], caplog)
+        compare = page.get(f"/compare?a={job}")  # the dashboard answers with its error page
+        assert compare.status_code == 502 and compare.headers["content-type"].startswith("text/html")
+        assert "failed its integrity check" in compare.text
         owner.download(job, "model.json")  # an untouched artifact is served as before
     assert c.get(f"/api/v1/jobs/{job}/report", headers=h).json()["job_id"] == job  # put back: served
 
