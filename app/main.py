@@ -9,12 +9,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi_offline import FastAPIOffline
 
+from app.api import docs_pages
 from app.api.inference import HistoryCache, ModelCache
 from app.api.job_events import EventWatch
 from app.api.monitor import Monitor
+from app.api.report_html import CSS as REPORT_CSS
 from app.api.routes import alerts, catalog, datasets, evidence, health, jobs, keys, models, uploads
+from app.api.security_headers import SecurityHeaders, inline_style, policy
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
 from app.core.keys import KeyCache
@@ -22,6 +24,7 @@ from app.core.limits import Background, make_limits
 from app.core.storage import ArtifactStore
 from app.problems import BodyLimit, document_problems, install_problem_handlers
 from app.web import routes as web
+from app.web.session import SessionStore
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
@@ -62,14 +65,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             background.stop()
 
-    # /docs and /redoc from assets packaged with fastapi-offline: a deployment without internet access
-    # still shows its API documentation.
-    app = FastAPIOffline(
-        title="cmim", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, static_url="/static/docs"
+    app = FastAPI(
+        title="cmim",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: app.api.docs_pages
+        redoc_url=None,
     )
     app.state.settings = settings
-    secret = settings.session_secret
-    app.state.session_secret = secret.encode() if secret else secrets.token_bytes(32)
+    # Unset (never in production: see Settings), a secret of this process's own: fine for one process.
+    secret = settings.session_secret.encode() if settings.session_secret else secrets.token_bytes(32)
+    app.state.web_sessions = SessionStore(secret, sessions)
     app.state.sessions = sessions
     app.state.events = EventWatch(sessions, settings.stream_poll_seconds, settings.max_streams_per_key)
     app.state.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
@@ -84,6 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_json_body_bytes, max_upload_bytes=settings.upload_max_bytes
     )
+    # Outside BodyLimit, so that its refusals carry the headers too. The report page is one self-contained
+    # file (its stylesheet inline), so that it can be saved: that stylesheet, and no other, may be inline.
+    app.add_middleware(SecurityHeaders, csp=policy(styles=[inline_style(REPORT_CSS)]))
 
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
@@ -95,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(health.v2)
     web.mount(app)
+    docs_pages.mount(app)  # /docs and /redoc: offline, no inline script
     openapi = app.openapi
 
     def documented() -> dict[str, Any]:

@@ -94,9 +94,10 @@ async def current_key(
     """The calling key, for routes that declare their scopes as a dependency (see `authenticate`).
 
     Without a Bearer header, a GET may be signed in by the dashboard's session cookie instead (a browser
-    opening a report, an artifact or an event stream); anything else needs the header (no CSRF by cookie)."""
+    opening a report, an artifact or an event stream), while that session lasts (`app.web.session`: one
+    database read); anything else needs the header (no CSRF by cookie)."""
     if credentials is None and request.method in ("GET", "HEAD"):
-        digest = session_digest(request)
+        digest = await session_digest(request)
         if digest is not None:
             return await authorize(request, digest, scopes.scopes)
     return await authenticate(request, credentials.credentials if credentials else None, scopes.scopes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Scope = Literal["jobs:read", "jobs:write", "datasets:read", "datasets:write", "models:predict", "keys:admin"]
@@ -108,14 +108,19 @@ class Settings(BaseSettings):
     session_secret: str | None = Field(
         None,
         min_length=32,
-        description="signs the dashboard's session cookies; set the same value on every API process (unset: "
-        "a random secret per process, so sessions end when it restarts)",
+        description="signs the dashboard's session cookies; the same value on every API process, required in "
+        "production (unset elsewhere: a random secret per process, so sessions end when it restarts)",
     )
 
     @model_validator(mode="after")
     def _deployed_needs_real_parts(self) -> Settings:
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("CMIM_DATABASE_URL must name a server database (PostgreSQL) in production")
+        if self.environment == "production" and not self.session_secret:
+            raise ValueError(
+                "CMIM_SESSION_SECRET must be set in production: 32 or more random characters, the same on "
+                "every API process (else each signs dashboard sessions its own way)"
+            )
         if self.heartbeat_seconds * 2 >= self.lease_seconds:
             raise ValueError("CMIM_HEARTBEAT_SECONDS must be under half of CMIM_LEASE_SECONDS")
         return self
@@ -135,5 +140,14 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """Settings read once from the environment."""
-    return Settings()
+    """Settings read once from the environment; invalid ones stop the process with one line that names each
+    problem (pydantic's own message would also print every setting given, the database password included)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        problems = "; ".join(
+            (f"CMIM_{'_'.join(map(str, err['loc'])).upper()}: " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        )
+        raise SystemExit(f"cmim: invalid settings: {problems}") from None

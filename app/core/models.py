@@ -1,5 +1,5 @@
-"""ORM: API keys and their query usage, datasets, jobs, job events, artifacts, uploaded models; each
-carries its owner_id."""
+"""ORM: API keys and their query usage, the dashboard's sessions, datasets, jobs, job events, artifacts,
+uploaded models; each owned object carries its owner_id."""
 
 from __future__ import annotations
 
@@ -87,6 +87,19 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class DashboardSession(Base):
+    """A signed-in dashboard session (`app.web.session`), kept server-side so that it can end everywhere at
+    once. Keyed by the sha256 of the session id, which only the browser's signed cookie holds."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))  # the signed-in key (`ApiKey.key_hash`)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    revoked_at: Mapped[datetime | None]  # signed out
 
 
 class QueryUsage(Base):

@@ -12,7 +12,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -53,18 +53,19 @@ templates = Jinja2Templates(directory=HERE / "templates")
 VERDICTS = ("distillable", "undistillable", "inconclusive")
 STATUSES = [s.value for s in JobStatus]
 MAX_PREDICT_ROWS = 64  # a page is for trying a model on a few inputs
-# Scripts only from this server's files (no inline script), forms only to it, never framed elsewhere.
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-    "form-action 'self'; frame-ancestors 'self'; base-uri 'none'"
-)
+# Why the sign-in page was shown instead of the page asked for: a code in its link (`?reason=`) and the
+# words the page shows for it. Only these: a link from elsewhere cannot put its own words on the page.
+SIGN_IN_REASONS = {
+    "ended": "Your session has ended (signed out, or 12 hours old): sign in again.",
+    "key": "The API key of this session has been revoked or has expired: sign in with a live key.",
+}
 
 
 class SignIn(Exception):
     """Raised by a page whose visitor is not (or no longer) signed in: answered by the sign-in page."""
 
-    def __init__(self, message: str | None = None) -> None:
-        self.message = message
+    def __init__(self, reason: Literal["ended", "key"] | None = None) -> None:
+        self.reason = reason  # a key of SIGN_IN_REASONS
 
 
 class PageRoute(APIRoute):
@@ -74,11 +75,12 @@ class PageRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def page(request: Request) -> Response:
+            await web_session.resolve(request)  # what every page and form check reads
             try:
                 return await handler(request)
             except Problem as p:
-                if p.status == 401:
-                    raise SignIn(p.detail) from None
+                if p.status == 401:  # the session's key was revoked or has expired
+                    raise SignIn("key") from None
                 return error_page(request, p.status, p.title, p.detail)
             except CorruptObjectError as e:
                 p = corrupt_object(e)
@@ -101,8 +103,8 @@ def mount(app: FastAPI) -> None:
     async def to_sign_in(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, SignIn)
         target = f"/login?next={quote(request.url.path)}"
-        if exc.message:
-            target += f"&reason={quote(exc.message)}"
+        if exc.reason:
+            target += f"&reason={exc.reason}"
         response = RedirectResponse(target, status_code=303)
         web_session.clear_cookie(response)
         return response
@@ -121,11 +123,10 @@ def render(
     **context: Any,
 ) -> HTMLResponse:
     session = session or web_session.current(request)
-    csrf = session.csrf(web_session.secret_of(request)) if session else ""
+    csrf = web_session.csrf_token(request, session)
     context |= {"request": request, "csrf": csrf, "signed_in": bool(session and session.digest)}
-    response = templates.TemplateResponse(request, name, context, status_code=status_code)
-    response.headers["Content-Security-Policy"] = CSP
-    return response
+    # Its headers (content security policy, no framing elsewhere) are set by `SecurityHeaders`.
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
 def error_page(request: Request, status: int, title: str, detail: str) -> HTMLResponse:
@@ -156,7 +157,7 @@ def page_key(*scopes: str) -> Callable[[Request], Awaitable[KeyInfo]]:
     async def signed_in(request: Request) -> KeyInfo:
         session = web_session.current(request)
         if session is None or session.digest is None:
-            raise SignIn()
+            raise SignIn("ended" if web_session.ended(request) else None)
         return await authorize(request, session.digest, list(scopes))
 
     return signed_in
@@ -196,8 +197,9 @@ def _safe_next(target: str | None) -> str:
 @router.get("/login")
 def login_page(request: Request, next: str = "/jobs", reason: str | None = None) -> Response:
     session = web_session.current(request)
-    fresh = web_session.new_session() if session is None else None  # its nonce makes the form's CSRF token
-    response = render(request, "login.html", session=session or fresh, next=_safe_next(next), error=reason)
+    fresh = web_session.SessionStore.anonymous() if session is None else None  # for the form's CSRF token
+    error = SIGN_IN_REASONS.get(reason or "")  # an unknown code shows nothing
+    response = render(request, "login.html", session=session or fresh, next=_safe_next(next), error=error)
     if fresh is not None:
         web_session.set_cookie(request, response, fresh)
     return response
@@ -211,13 +213,19 @@ async def login(request: Request, fields: Form) -> Response:
         await authorize(request, digest, [])
     except Problem as p:
         return render(request, "login.html", status_code=401, next=target, error=p.detail)
+    store, previous = web_session.store_of(request), web_session.current(request)
+    if previous is not None and previous.digest is not None:  # signing in again ends the former session
+        await run_in_threadpool(store.end, previous)
     response = RedirectResponse(target, status_code=303)
-    web_session.set_cookie(request, response, web_session.new_session(digest))  # a new nonce: no fixation
+    web_session.set_cookie(request, response, await run_in_threadpool(store.sign_in, digest))
     return response
 
 
 @router.post("/logout")
-def logout(fields: Form) -> Response:
+def logout(request: Request, fields: Form) -> Response:
+    session = web_session.current(request)
+    if session is not None and session.digest is not None:
+        web_session.store_of(request).end(session)  # on every API process: a copied cookie signs in nobody
     response = RedirectResponse("/login", status_code=303)
     web_session.clear_cookie(response)
     return response

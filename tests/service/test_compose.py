@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,18 +12,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def compose(*args: str) -> subprocess.CompletedProcess[str]:
+def compose(*args: str, session_secret: str | None = "s" * 32) -> subprocess.CompletedProcess[str]:
+    """docker-compose on the file, with the session secret an operator must give it (None: not given)."""
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.fail("docker-compose is not installed (.ci/run installs Debian's docker-compose)")
-    return subprocess.run(
-        [binary, "-f", "docker-compose.yml", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    env = {k: v for k, v in os.environ.items() if k != "CMIM_SESSION_SECRET"}
+    if session_secret is not None:
+        env["CMIM_SESSION_SECRET"] = session_secret
+    command = [binary, "-f", "docker-compose.yml", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_compose_file_is_valid() -> None:
     r = compose("config", "-q")
     assert r.returncode == 0, r.stderr
+    # Without a session secret it refuses at once, saying which (the services would refuse it too).
+    r = compose("config", "-q", session_secret=None)
+    assert r.returncode != 0 and "set CMIM_SESSION_SECRET" in r.stderr
 
 
 def test_compose_runs_the_deployed_split() -> None:
