@@ -34,6 +34,15 @@ class OutputMode(BaseModel):
         2, ge=0, le=6, description="rounded: decimals kept (float32 holds about 7 significant digits)"
     )
 
+    def words(self) -> str:
+        """The mode as a user would say it, e.g. 'labels only' or 'top-3 probabilities'."""
+        return {
+            "probs": "full probabilities",
+            "topk": f"top-{self.k} probabilities",
+            "label": "labels only",
+            "rounded": f"probabilities rounded to {self.decimals} decimals",
+        }[self.kind]
+
 
 class QueryBudgetExceeded(RuntimeError):
     """A batch would take the oracle past its query budget; nothing of that batch was answered."""

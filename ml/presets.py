@@ -61,8 +61,8 @@ PRESETS.register("quick")(
     Preset(
         name="quick",
         description="a demo on MNIST-1D (2,000 training samples): a CMIM cnn1d teacher for 15 epochs and an "
-        "audit of 2 seeds x 20 epochs with hard_label and fm. Indicative only: too few seeds and epochs "
-        "for the audit to discriminate",
+        "audit of 2 seeds x 20 epochs with hard_label and fm; served label-only (the default protection). "
+        "Indicative only: too few seeds and epochs for the audit to discriminate",
         expected_time="a few minutes on a 2-core CPU",
         indicative=True,
         teacher={
@@ -82,7 +82,7 @@ PRESETS.register("quick")(
             "epochs": 20,
             "ls_eps": [0.0, 0.1],
             "control": True,
-            "output_mode": {"kind": "probs"},
+            "output_mode": {"kind": "label"},  # served as every job is by default (docs/serving.md)
             "query_budgets": [2000, 10000],
         },
     )

@@ -48,11 +48,14 @@ def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str
             task = p.tasks[index]
             results = StoreResults(store, claim.job_id)
             stored, t0 = results.load(task.key) is not None, time.perf_counter()
+            # Progress counts the whole audit's units, as an audit in one process does (the job's progress
+            # and time left read it so): the tasks before this one in plan order, the order they are queued.
+            before = sum(p.task_epochs(t.phase) for t in p.tasks[:index])
 
             def tick(done: int, message: str) -> None:
                 text = f"task {index + 1}/{len(p.tasks)}: {message}"
                 ctx.on_progress(
-                    AuditProgress(stage="audit", done=done, total=p.task_epochs(task.phase), message=text)
+                    AuditProgress(stage="audit", done=before + done, total=p.total_epochs, message=text)
                 )
 
             run(task, results=results, tick=tick)

@@ -36,6 +36,7 @@ from app.core.models import (
 )
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found, validation_problem
+from ml.audit import DEFAULT_BUDGET_PASSES
 from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint, load_meta
 from ml.monitor import QueryBank, Reference
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, OnnxModule
@@ -58,6 +59,8 @@ class ServedModel:
     # report["safe_budget"]["teacher"]: per audited student, the largest tested per-key query budget at
     # which no knockoff beat label smoothing; None when the audit ran no query budgets.
     safe_budget: dict[str, int] | None = None
+    # Which budgets the audit tested and where they came from, in words (`budget_curve`).
+    budget_curve: str | None = None
     # The perturb action's noise: one generator per loaded model, seeded from the OS so that no client
     # can replay the draws (the model id is public), shared by all keys under `lock`.
     generator: torch.Generator = field(
@@ -105,7 +108,8 @@ class ServedModel:
             return low, (
                 f"the audit's safe budget: the smallest over the audited students of the largest tested "
                 f"query budget at which no knockoff beat label smoothing ({', '.join(at)}: {low}; "
-                f"all: {json.dumps(self.safe_budget, sort_keys=True)})"
+                f"all: {json.dumps(self.safe_budget, sort_keys=True)}"
+                + (f"; {self.budget_curve})" if self.budget_curve else ")")
                 + (
                     "; 0 means a knockoff beat label smoothing even at the smallest tested budget, so "
                     "the model answers no queries until the operator sets CMIM_MODEL_QUERY_BUDGET"
@@ -113,7 +117,28 @@ class ServedModel:
                     else ""
                 )
             )
-        return None, "none: the audit ran no query budgets and the operator configured none"
+        return None, (
+            "none: the audit ran no query budgets (audit.query_budgets: []) and the operator configured "
+            "none (CMIM_MODEL_QUERY_BUDGET)"
+        )
+
+
+def budget_curve(audit_spec: dict[str, Any], report: dict[str, Any]) -> str | None:
+    """The query budgets an audit tested and where they came from: the job's own `audit.query_budgets`, or
+    (null, the default) the curve of passes over the attacker's labelled set; None when it tested none."""
+    threat = report.get("threat_model") or {}
+    tested = threat.get("query_budgets") or []
+    if not tested:
+        return None
+    listed = ", ".join(f"{b:,}" for b in tested)
+    if audit_spec.get("query_budgets") is not None:
+        return f"tested budgets {listed}, the job's audit.query_budgets"
+    passes = ", ".join(str(p) for p in DEFAULT_BUDGET_PASSES)
+    return (
+        f"tested budgets {listed}: the job's audit.query_budgets was null, which audits the default curve "
+        f"of {passes} passes over the attacker's {threat.get('labelled_samples', 0):,} labelled samples; "
+        "[] audits none"
+    )
 
 
 class MicroBatcher:
@@ -219,7 +244,8 @@ def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedM
     policy = _load_policy(session, store, job, meta)
     found = session.scalars(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == MONITOR_NAME))
     monitor = next((Reference.from_json(json.loads(store.read_bytes(a.storage_key))) for a in found), None)
-    return ServedModel(job.id, job.owner_id, model, meta, mode, policy, safe, monitor=monitor)
+    curve = budget_curve(job.spec["audit"], report)
+    return ServedModel(job.id, job.owner_id, model, meta, mode, policy, safe, curve, monitor=monitor)
 
 
 def _load_policy(session: Session, store: ArtifactStore, job: Job, meta: ModelMeta) -> FittedPolicy | None:

@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,6 +65,9 @@ def job_links(job_id: uuid.UUID) -> Links:
 
 
 PROGRESS_KINDS = ("status", "epoch", "progress")  # the events a job's progress is read from
+# The share of the audit's work units done before its own pace is trusted to estimate the time left: the
+# first units carry the audit's set-up, and their pace alone misleads by more than the wait costs.
+AUDIT_MEASURED = 0.05
 
 
 def _stage_weights(spec: dict[str, Any]) -> dict[str, float]:
@@ -74,8 +77,9 @@ def _stage_weights(spec: dict[str, Any]) -> dict[str, float]:
     return {stage: cost.get(stage, 0.0) / total for stage in ("teacher", "control", "audit")}
 
 
-def job_progress(job: Job, event: JobEvent | None) -> Progress:
-    """Where the job stands, from its latest progress event (`event`: a status, epoch or progress event)."""
+def job_progress(job: Job, event: JobEvent | None, audit_started: datetime | None = None) -> Progress:
+    """Where the job stands, from its latest progress event (`event`: a status, epoch or progress event)
+    and, while it audits, when its audit began (`audit_starts`)."""
     status = JobStatus(job.status)
     if status.terminal:
         when = job.finished_at
@@ -100,11 +104,31 @@ def job_progress(job: Job, event: JobEvent | None) -> Progress:
     else:
         stage, fraction = "teacher", 0.0
     fraction = min(max(fraction, 0.0), 1.0)
-    eta = None
-    if job.started_at is not None and fraction >= 0.01:
-        elapsed = (utcnow() - job.started_at).total_seconds()
-        eta = max(elapsed * (1 - fraction) / fraction, 0.0)
-    return Progress(stage=stage, fraction=fraction, eta_seconds=eta, updated_at=event.created_at, **fields)
+    return Progress(
+        stage=stage,
+        fraction=fraction,
+        eta_seconds=_audit_time_left(event, audit_started),
+        updated_at=event.created_at,
+        **fields,
+    )
+
+
+def _audit_time_left(event: JobEvent, audit_started: datetime | None) -> float | None:
+    """Seconds left, from the audit's own pace once it has done AUDIT_MEASURED of its work; else None.
+
+    Only the audit's pace predicts the time left: it is the last stage and most of the job, and a student's
+    sample-pass takes another time than the teacher's (another architecture, students trained side by side),
+    so the teacher's pace scaled by the stages' costs was off by 10x and more (a quick job was shown 35
+    minutes for 3). No number is better than a wrong one.
+    """
+    if event.kind != "progress" or audit_started is None:
+        return None
+    total = max(int(event.data.get("total") or 1), 1)
+    done = min(max(int(event.data.get("done") or 0), 0), total)
+    if done / total < AUDIT_MEASURED:
+        return None
+    elapsed = (utcnow() - audit_started).total_seconds()
+    return max(elapsed * (total - done) / done, 0.0)
 
 
 def job_result(job: Job, event: JobEvent | None) -> JobResult | None:
@@ -114,8 +138,9 @@ def job_result(job: Job, event: JobEvent | None) -> JobResult | None:
     return JobResult.model_validate({k: event.data.get(k) for k in JobResult.model_fields})
 
 
-def job_summary(job: Job, event: JobEvent | None = None) -> JobSummary:
-    """The job as listed; `event` is its latest progress event (see `progress_events`)."""
+def job_summary(job: Job, event: JobEvent | None = None, audit_started: datetime | None = None) -> JobSummary:
+    """The job as listed; `event` is its latest progress event (see `progress_events`), `audit_started`
+    when its audit began (see `audit_starts`)."""
     return JobSummary(
         id=job.id,
         status=job.status,
@@ -130,14 +155,14 @@ def job_summary(job: Job, event: JobEvent | None = None) -> JobSummary:
         finished_at=job.finished_at,
         preset=job.spec.get("preset"),
         indicative=bool(job.spec.get("indicative", False)),
-        progress=job_progress(job, event),
+        progress=job_progress(job, event, audit_started),
         result=job_result(job, event),
         links=job_links(job.id),
     )
 
 
-def job_out(job: Job, event: JobEvent | None = None) -> JobOut:
-    return JobOut(**job_summary(job, event).model_dump(), spec=job.spec)
+def job_out(job: Job, event: JobEvent | None = None, audit_started: datetime | None = None) -> JobOut:
+    return JobOut(**job_summary(job, event, audit_started).model_dump(), spec=job.spec)
 
 
 def progress_events(session: Session, jobs: list[tuple[Job, JobEvent | None]]) -> dict[uuid.UUID, JobEvent]:
@@ -156,6 +181,23 @@ def progress_events(session: Session, jobs: list[tuple[Job, JobEvent | None]]) -
     return found
 
 
+def audit_starts(session: Session, jobs: list[Job]) -> dict[uuid.UUID, datetime]:
+    """When each auditing job's audit began (its latest `auditing` status event), in one query for all."""
+    auditing = [j.id for j in jobs if j.status == JobStatus.auditing.value]
+    if not auditing:
+        return {}
+    q = (
+        select(JobEvent.job_id, func.max(JobEvent.created_at))
+        .where(
+            JobEvent.job_id.in_(auditing),
+            JobEvent.kind == "status",
+            JobEvent.data["status"].as_string() == JobStatus.auditing.value,
+        )
+        .group_by(JobEvent.job_id)
+    )
+    return {job_id: when for job_id, when in session.execute(q)}
+
+
 def _with_last_event(q: Any) -> Any:
     return q.add_columns(JobEvent).outerjoin(
         JobEvent, and_(JobEvent.job_id == Job.id, JobEvent.seq == Job.last_event_seq)
@@ -168,7 +210,9 @@ def read_job(session: Session, job_id: uuid.UUID, key: ApiKey) -> JobOut:
     last = session.scalar(
         select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq == job.last_event_seq)
     )
-    return job_out(job, progress_events(session, [(job, last)]).get(job.id))
+    return job_out(
+        job, progress_events(session, [(job, last)]).get(job.id), audit_starts(session, [job]).get(job.id)
+    )
 
 
 def artifact_out(a: Artifact) -> ArtifactOut:
@@ -479,7 +523,8 @@ def list_jobs(
     more = len(rows) > limit
     rows = rows[:limit]
     events = progress_events(session, rows)
-    items = [job_summary(j, events.get(j.id)) for j, _ in rows]
+    starts = audit_starts(session, [j for j, _ in rows])
+    items = [job_summary(j, events.get(j.id), starts.get(j.id)) for j, _ in rows]
     return JobList(items=items, next_cursor=encode_cursor(rows[-1][0]) if more else None)
 
 

@@ -115,7 +115,10 @@ class Progress(BaseModel):
     total: int | None = Field(None, description="audit work units in all")
     message: str | None = Field(None, description="what the audit is doing")
     eta_seconds: float | None = Field(
-        None, description="estimated seconds left, from the time spent so far; null when unknown"
+        None,
+        description="estimated seconds left, from the audit's own pace once it has done 5% of its work "
+        "units; null before that (training, the audit's first units: no pace measured yet) and once the "
+        "job has ended",
     )
     updated_at: datetime | None = Field(None, description="when the event it comes from was written")
 

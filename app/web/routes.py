@@ -45,6 +45,7 @@ from app.core.queue import enqueue
 from app.core.storage import CorruptObjectError
 from app.problems import Problem, corrupt_object
 from app.web import session as web_session
+from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.presets import PRESETS, merge
 
@@ -53,6 +54,7 @@ templates = Jinja2Templates(directory=HERE / "templates")
 VERDICTS = ("distillable", "undistillable", "inconclusive")
 STATUSES = [s.value for s in JobStatus]
 MAX_PREDICT_ROWS = 64  # a page is for trying a model on a few inputs
+SCORES_SHOWN = 10  # a predict answer's highest served scores on the page (a model may have 1,000 classes)
 # Why the sign-in page was shown instead of the page asked for: a code in its link (`?reason=`) and the
 # words the page shows for it. Only these: a link from elsewhere cannot put its own words on the page.
 SIGN_IN_REASONS = {
@@ -144,8 +146,23 @@ def _eta(seconds: Any) -> str:
     return f"{minutes} min {s:02d} s" if minutes else f"{s} s"
 
 
+def _output_mode(mode: dict[str, Any]) -> str:
+    """A job's or model's output mode in words ('labels only', 'top-3 probabilities'), not as JSON."""
+    return OutputMode.model_validate(mode).words()
+
+
+def _served_scores(scores: list[float] | None, names: list[str]) -> list[tuple[str, float]]:
+    """A served answer's classes with a score, highest first (at most SCORES_SHOWN): what the key was told."""
+    if scores is None:  # a refused query was told nothing
+        return []
+    ranked = sorted(zip(names, scores, strict=True), key=lambda c: -c[1])
+    return [(name, s) for name, s in ranked if s > 0][:SCORES_SHOWN]
+
+
 templates.env.filters["pct"] = _pct
 templates.env.filters["eta"] = _eta
+templates.env.filters["output_mode"] = _output_mode
+templates.env.filters["served_scores"] = _served_scores
 
 
 # ---------------------------------------------------------------- who is signed in
@@ -480,7 +497,7 @@ def _side(session: SessionDep, store: StoreDep, key: KeyInfo, job_id: uuid.UUID)
     return {
         "job": job,
         "report": report,
-        "output_mode": audit.get("output_mode"),
+        "output_mode": audit.get("output_mode", {}),  # as the model is served (`app.api.inference`)
         "policy": None if policy == PolicyConfig() else policy.model_dump(),  # the default serves without one
         "margins": margins,
     }

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ml.oracle import OutputMode
+
 
 def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
     """What the protection as served stops and what it does not, in plain words, from the measurements."""
-    mode = report["threat_model"]["output_mode"]["kind"]
+    served = OutputMode.model_validate(report["threat_model"]["output_mode"]).words()
     policy = report["teacher"]["serving"]["policy"]
-    served = {"probs": "full probabilities", "topk": "top-k probabilities", "label": "labels only"}.get(
-        mode, "rounded probabilities"
-    )
     if policy.get("snap"):
         served += ", snapped to class centroids"
     if policy.get("detector", "none") != "none":

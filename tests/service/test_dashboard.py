@@ -153,7 +153,7 @@ def test_dashboard_sign_in_submit_watch_report_keys_sign_out(server: Stack, brow
 
     # The model: serving, budgets per key, and a prediction on two rows.
     d.get(f"{base}/models?id={job_id}")
-    assert "probs" in text(d, "#output-mode")
+    assert text(d, "#output-mode") == "labels only"  # the quick preset serves as every job does by default
     assert d.find_elements(By.CSS_SELECTOR, "#budgets tbody tr")
     d.find_element(By.ID, "inputs").send_keys(json.dumps([[[0.1] * 40], [[-0.3] * 40]]))
     d.find_element(By.ID, "predict").click()

@@ -81,6 +81,11 @@ def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(st
     single = stack.get(f"/api/v1/jobs/{one}/report").json()
     (w1,) = workers(stack)
     assert len([x for x in task_lines(w1, one) if "computed" in x]) == 2
+    # Its progress counts the whole audit's units over both tasks, as an audit in one process does.
+    events = stack.get(f"/api/v1/jobs/{one}/events?after=0").json()
+    done = [x["data"]["done"] for x in events if x["kind"] == "progress"]
+    assert {x["data"]["total"] for x in events if x["kind"] == "progress"} == {30}
+    assert done == sorted(done) and done[-1] == 30, done
 
     start_worker(stack, "worker-2")
     two = submit(stack, body)  # the same audit again: a new job computes it afresh, on both workers

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from app.api.deps import AnyKey, KeysAdmin, SessionDep, SettingsDep
 from app.api.schemas import KeyCreate, KeyCreated, KeyList, KeyOut
 from app.core.keys import PREDICT_ONLY, create_api_key, revoke_api_key
-from app.core.models import ApiKey
+from app.core.models import ApiKey, utcnow
 from app.problems import Problem, not_found, validation_problem
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -54,6 +54,15 @@ def create_key(body: KeyCreate, key: KeysAdmin, session: SessionDep, settings: S
         raise Problem(403, f"a key cannot grant scopes it lacks: {', '.join(extra)}", slug="forbidden")
     if body.expires_at is not None and body.expires_at.tzinfo is None:
         error = {"loc": ["body", "expires_at"], "msg": "give a time zone (e.g. Z)", "type": "value_error"}
+        raise validation_problem([error])
+    if body.expires_at is not None and body.expires_at <= utcnow():
+        # A key that is dead when made is a typo (a wrong year, local time read as UTC), never an intent.
+        error = {
+            "loc": ["body", "expires_at"],
+            "msg": f"{body.expires_at.isoformat()} is not in the future: the key would never work; give a "
+            "later time, or null for a key that does not expire",
+            "type": "value_error",
+        }
         raise validation_problem([error])
     budget = body.query_budget if "query_budget" in body.model_fields_set else settings.default_query_budget
     new, secret = create_api_key(
