@@ -9,6 +9,8 @@ persistence), and sends them again: the database row, not the message, is the tr
 A job's audit fans out: `run_job` hands its tasks to `dispatch_audit`, a chord of one task per seed
 and budget phase on the same queue (`worker/fanout.py`), whose callback publishes the report. The
 chord's bookkeeping lives in the result backend (the broker's Redis); the job row stays the truth.
+The sweep renews the lease of a job whose audit messages wait in the queue, and sends an audit the
+broker lost again from the hand-off its job stored (`app.core.queue.settle_audits`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ from celery.exceptions import Reject
 from app.core.config import get_settings
 from app.core.db import dispose_engines, session_scope
 from app.core.outage import is_outage
-from app.core.queue import ASSEMBLE_TASK, AUDIT_TASK, RUN_JOB_TASK, broker_pending_jobs, enqueue, sweep
+from app.core.queue import (
+    ASSEMBLE_TASK,
+    AUDIT_TASK,
+    RUN_JOB_TASK,
+    Claim,
+    broker_view,
+    enqueue,
+    handoff_claim,
+    settle_audits,
+    sweep,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,14 +112,37 @@ def assemble_task(outcomes: list[dict[str, Any]], handoff: dict[str, Any]) -> st
 
 
 def sweep_once(settle_expired: bool = True) -> int:
-    """Settle lost jobs and re-send every queued job whose message may be gone; returns how many were sent."""
+    """Keep the claims of audits waiting in the broker, settle lost jobs, and send again every queued job
+    and handed-off audit whose messages may be gone; returns how many were sent."""
+    view = broker_view(settings)
+    # Unread, the broker may hold any job's audit tasks: no lease is taken back until it answers (nothing
+    # could be sent to it meanwhile anyway).
+    settle = settle_expired and view is not None
     with session_scope(settings.database_url) as s:
-        ids = sweep(s, broker=True, resend_seconds=settings.resend_seconds, settle_expired=settle_expired)
-    pending = broker_pending_jobs(settings) or set()
-    lost = [job_id for job_id in ids if job_id not in pending]
+        audits = [] if view is None else settle_audits(s, view, settings.lease_seconds, resend=settle)
+        # Sent before the transaction commits: if sending fails, the audits stay as they were, for the
+        # next sweep (a commit that fails after sending leaves a duplicate chord: harmless, fenced).
+        for claim in audits:
+            _resend_audit(claim)
+        ids = sweep(s, broker=True, resend_seconds=settings.resend_seconds, settle_expired=settle)
+    lost = [job_id for job_id in ids if view is None or job_id not in view.jobs]
     for job_id in lost:
         enqueue(settings, job_id)
-    return len(lost)
+    return len(lost) + len(audits)
+
+
+def _resend_audit(claim: Claim) -> None:
+    """The audit's chord sent again from the hand-off its job stored when it sent it first."""
+    from app.core.storage import ArtifactStore
+    from worker.pipeline import StoreResults
+
+    handoff = StoreResults(ArtifactStore.from_settings(settings), claim.job_id).load_handoff()
+    what = f"job {claim.job_id} (attempt {claim.attempt})"
+    if handoff is None or handoff_claim(handoff) != claim:  # its lease runs out again and the sweep decides
+        log.warning("%s: no hand-off stored; its audit is not sent again", what)
+        return
+    log.info("%s: the broker lost its audit's messages; the audit is sent again", what)
+    dispatch_audit(handoff)
 
 
 def _sweep_forever(stop: threading.Event) -> None:

@@ -5,9 +5,11 @@
 and a chord callback assembles, stores and publishes the report. Every task carries the job's claim:
 while it runs it renews the job's lease, sends progress events and stops on cancel; its result is
 written to the artifact store under the task's key, so a retried or duplicated task is never
-recomputed. A worker killed mid-task leaves its task undone and the lease runs out: the sweep
-re-queues the job, whose next attempt plans the same audit, finds every other result stored and
-redoes only the lost task.
+recomputed. While a task or the callback waits its turn in the broker, the sweep renews the job's
+lease: waiting is not being lost (`app.core.queue.settle_audits`; an audit the broker lost is sent
+again from the stored hand-off, on the same attempt). A worker killed mid-task leaves its task undone
+and, once nothing of the job waits, the lease runs out: the sweep re-queues the job, whose next
+attempt plans the same audit, finds every other result stored and redoes only the lost task.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import uuid
 from typing import Any
 
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.models import Job, JobStatus
 from app.core.outage import is_outage
-from app.core.queue import Claim, LeaseLost
+from app.core.queue import LeaseLost, handoff_claim
 from app.core.storage import ArtifactStore, StoredObject
 from ml.audit import AuditProgress, assemble, run
 from ml.train import TrainingCancelled
@@ -31,13 +32,9 @@ from worker.pipeline import Handoff, JobContext, StoreResults, audit_plan, finis
 log = logging.getLogger(__name__)
 
 
-def _claim(handoff: Handoff) -> Claim:
-    return Claim(uuid.UUID(handoff["job_id"]), handoff["worker_id"], int(handoff["attempt"]))
-
-
 def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str, Any]:
     """Task `index` of the job's audit, or its stored result; returns {"index", "ok"} for the callback."""
-    claim = _claim(handoff)
+    claim = handoff_claim(handoff)
     name = f"job {claim.job_id}: audit task {index + 1}/{handoff['tasks']} (attempt {claim.attempt})"
     log.info("%s starts", name)
     with JobContext(settings, claim) as ctx:
@@ -78,7 +75,7 @@ def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str
 
 def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, settings: Settings) -> str:
     """The chord callback: the report assembled from the stored results, stored and published."""
-    claim = _claim(handoff)
+    claim = handoff_claim(handoff)
     if not all(o.get("ok") for o in outcomes):
         _clear_if_ended(handoff, settings)
         log.info("job %s: report not published, a task did not finish", claim.job_id)
@@ -98,6 +95,8 @@ def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, setti
             publish_audit(ctx, store, assemble(p, found), files, handoff["extra"])
             results.clear()  # the report holds them now
         except LeaseLost:
+            # Its worker stalled past the lease: the results stay stored, the attempt holding the job
+            # finds them all and only assembles and publishes the report.
             log.warning("job %s: not published, the claim of attempt %d is gone", claim.job_id, claim.attempt)
             return "lease lost"
         except Exception as e:
@@ -116,7 +115,7 @@ def _clear_if_ended(handoff: Handoff, settings: Settings) -> None:
 
     A job still running (a later attempt took it over) keeps them for that attempt.
     """
-    claim = _claim(handoff)
+    claim = handoff_claim(handoff)
     with session_scope(settings.database_url) as s:
         job = s.get(Job, claim.job_id)
         ended = job is not None and JobStatus(job.status).terminal

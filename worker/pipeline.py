@@ -43,7 +43,16 @@ from app.core.models import (
     UploadedModel,
 )
 from app.core.outage import is_outage, retry_outage
-from app.core.queue import Claim, LeaseLost, append_event, claim_job, release_claim, renew_lease, transition
+from app.core.queue import (
+    Claim,
+    LeaseLost,
+    append_event,
+    claim_job,
+    mark_handed_off,
+    release_claim,
+    renew_lease,
+    transition,
+)
 from app.core.storage import ArtifactStore, StoredObject
 from ml.audit import (
     AuditConfig,
@@ -76,6 +85,7 @@ PROGRESS_EVERY_S = 2.0  # audit progress: at most one event (and lease renewal) 
 # 4,000 / 10,000: 2.4 MB); larger data (CIFAR-10 as float32: 738 MB) is loaded by each worker from
 # where the job loaded it.
 HANDOFF_DATA_BYTES = 64 * 1024**2
+HANDOFF_NAME = "handoff.json"  # beside the task results: what the sweep sends the audit again from
 T = TypeVar("T")
 
 
@@ -278,7 +288,8 @@ def _publish_once(
 
 class StoreResults:
     """A job's audit task results in the artifact store, one named object per task key, beside the
-    prepared data the tasks share (handed to the other workers so that none regenerates it)."""
+    prepared data the tasks share (handed to the other workers so that none regenerates it) and the
+    hand-off they were sent with."""
 
     def __init__(self, store: ArtifactStore, job_id: uuid.UUID) -> None:
         self.store, self.prefix = store, f"audit-results/{job_id}"
@@ -294,6 +305,14 @@ class StoreResults:
     def load_data(self) -> Data | None:
         raw = self.store.read_named(f"{self.prefix}/data.pt")
         return None if raw is None else Data.from_bytes(raw)
+
+    def save_handoff(self, handoff: Handoff) -> None:
+        """Keep the hand-off: the sweep sends the audit again from it if the broker loses its messages."""
+        self.store.write_named(f"{self.prefix}/{HANDOFF_NAME}", json.dumps(handoff).encode())
+
+    def load_handoff(self) -> Handoff | None:
+        raw = self.store.read_named(f"{self.prefix}/{HANDOFF_NAME}")
+        return None if raw is None else json.loads(raw)
 
     def load(self, key: str) -> TaskResult | None:
         data = self.store.read_named(f"{self.prefix}/{key}.json")
@@ -495,8 +514,22 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
         "tasks": len(p.tasks),
         "data": ctx.retrying(lambda: results.save_data(data), "store the prepared data"),
     }
-    fan_out(handoff)
+    _hand_off(ctx, results, handoff, fan_out)
     return False
+
+
+def _hand_off(ctx: JobContext, results: StoreResults, handoff: Handoff, fan_out: FanOut) -> None:
+    """The audit to `fan_out`, kept in the store and marked on the job first: from then on the sweep keeps
+    the job's claim while the audit's messages wait in the broker, and sends the audit again from the
+    stored hand-off if the broker loses them (`app.core.queue.settle_audits`)."""
+    ctx.retrying(lambda: results.save_handoff(handoff), "store the hand-off")
+
+    def mark() -> None:
+        with ctx.session() as s:
+            mark_handed_off(s, ctx.claim, ctx.settings.lease_seconds)
+
+    ctx.retrying(mark, "record the hand-off")
+    fan_out(handoff)
 
 
 def _claim(settings: Settings, job_id: uuid.UUID, worker_id: str) -> Claim | None:

@@ -151,7 +151,8 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer)
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
-    enqueued_at: Mapped[datetime | None]  # last time a broker message was sent; None: none in flight
+    # last time a broker message was sent (a running job: its audit, `mark_handed_off`); None: none in flight
+    enqueued_at: Mapped[datetime | None]
     cancel_requested_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     last_event_seq: Mapped[int] = mapped_column(Integer, default=0)

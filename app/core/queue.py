@@ -12,7 +12,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -90,33 +90,55 @@ def enqueue(settings: Settings, job_id: uuid.UUID) -> bool:
     return sent
 
 
-def broker_pending_jobs(settings: Settings) -> set[uuid.UUID] | None:
-    """Job ids whose message waits in the broker's queue now; None when that cannot be read.
+def handoff_claim(handoff: dict[str, Any]) -> Claim:
+    """The claim an audit's hand-off carries (every one of its tasks and its chord callback carry it)."""
+    return Claim(uuid.UUID(handoff["job_id"]), handoff["worker_id"], int(handoff["attempt"]))
+
+
+@dataclass(frozen=True)
+class BrokerView:
+    """The broker's queue as a sweep reads it: whose messages wait there, and since when it holds them."""
+
+    jobs: frozenset[uuid.UUID]  # jobs whose run_job message waits
+    audits: frozenset[Claim]  # claims whose audit task or chord callback waits
+    since: datetime  # when a sweep found the broker without its marker: it lost its data then
+
+
+def broker_view(settings: Settings) -> BrokerView | None:
+    """What waits in the broker's queue now; None when that cannot be read.
 
     Only the waiting list counts: a message a worker has taken but not acked may belong to a dead
-    worker, and re-sending such a job is harmless (the duplicate finds nothing to claim).
+    worker (re-sending such a job is harmless: the duplicate finds nothing to claim; a live worker's
+    audit task renews its job's lease itself). `since` is kept in a marker key that the first sweep
+    after the broker lost its data writes again: a message sent before it may be gone.
     """
     if settings.embedded or not settings.broker_url.startswith(("redis://", "rediss://")):
         return None
     import redis
 
+    marker = f"{settings.redis_prefix}:broker-since"
     try:
         client = redis.Redis.from_url(settings.broker_url, socket_timeout=3, socket_connect_timeout=3)
         with client:
-            raw = client.lrange(settings.queue_name, 0, -1)
+            pipe = client.pipeline(transaction=False)
+            pipe.set(marker, utcnow().timestamp(), nx=True).get(marker).lrange(settings.queue_name, 0, -1)
+            _, since, raw = pipe.execute()
     except redis.RedisError:
         return None
-    pending: set[uuid.UUID] = set()
+    jobs: set[uuid.UUID] = set()
+    audits: set[Claim] = set()
     for item in raw:
         try:
             message = json.loads(item)
-            if message["headers"].get("task") != RUN_JOB_TASK:
-                continue
+            task = message["headers"].get("task")
             args = json.loads(base64.b64decode(message["body"]))[0]
-            pending.add(uuid.UUID(args[0]))
+            if task == RUN_JOB_TASK:
+                jobs.add(uuid.UUID(args[0]))
+            elif task in (AUDIT_TASK, ASSEMBLE_TASK):  # args: [handoff, index] or [outcomes, handoff]
+                audits.add(handoff_claim(args[0] if task == AUDIT_TASK else args[1]))
         except (ValueError, KeyError, IndexError, TypeError):
             continue  # not one of ours
-    return pending
+    return BrokerView(frozenset(jobs), frozenset(audits), datetime.fromtimestamp(float(since), UTC))
 
 
 def broker_reachable(settings: Settings) -> bool:
@@ -247,6 +269,21 @@ def transition(
     status_event(session, claim.job_id, status, **({"error": error} if error else {}), **extra)
 
 
+def mark_handed_off(session: Session, claim: Claim, lease_seconds: int) -> None:
+    """Record that the job's audit goes to the broker now, under this claim (`enqueued_at` of a running
+    job): while its messages wait there, or once the broker lost them, the sweep keeps the claim
+    (`settle_audits`). Renews the lease; raises LeaseLost."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(_fenced(claim))
+        .values(enqueued_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        raise LeaseLost(f"job {claim.job_id}: lease of attempt {claim.attempt} is gone")
+
+
 def next_claimable_job(session: Session) -> uuid.UUID | None:
     """The oldest job a worker could claim now (embedded mode polls this)."""
     return session.scalar(select(Job.id).where(_claimable(utcnow())).order_by(Job.created_at).limit(1))
@@ -314,16 +351,62 @@ def _settle_expired(session: Session, now: datetime) -> None:
         status_event(session, job_id, JobStatus.queued, reason="the worker's lease expired; re-queued")
 
 
+def settle_audits(
+    session: Session, view: BrokerView, lease_seconds: int, *, resend: bool = True
+) -> list[Claim]:
+    """Keep the claim of every job whose audit waits its turn in the broker; returns those it lost.
+
+    A handed-off audit runs on no worker while its tasks wait behind other jobs' work: waiting for its
+    own tasks is not being lost, so its lease is renewed while one of its tasks or its chord callback
+    waits in the queue (a task a worker runs renews it itself). Not for a job whose cancel was
+    requested: its lease runs out and the sweep cancels it without waiting for its turn. A lease that
+    ran out with nothing of the audit waiting was lost with a dead worker (`sweep` takes the job back,
+    spending the attempt) unless the audit went to the broker before the broker last lost its data:
+    then the job keeps its claim and attempt, is stamped as handed off now (a second loss without
+    another broker restart is a dead worker's again) and is returned for the caller to send again
+    (`resend=False`: none is, right after a database outage, as `sweep`'s settle_expired).
+    """
+    now = utcnow()
+    lease = now + timedelta(seconds=lease_seconds)
+    for claim in view.audits:
+        session.execute(
+            update(Job)
+            .where(_fenced(claim), Job.cancel_requested_at.is_(None))
+            .values(lease_expires_at=lease)
+            .execution_options(synchronize_session=False)
+        )
+    if not resend:
+        return []
+    lost = session.execute(
+        update(Job)
+        .where(
+            Job.status == JobStatus.auditing.value,
+            Job.lease_expires_at < now,
+            Job.enqueued_at < view.since,
+            Job.cancel_requested_at.is_(None),
+        )
+        .values(lease_expires_at=lease, enqueued_at=now)
+        .returning(Job.id, Job.worker_id, Job.attempts)
+        .execution_options(synchronize_session=False)
+    ).all()
+    message = "the broker lost the audit's queued tasks; they are sent again, on the same attempt"
+    for job_id, _, attempt in lost:
+        append_event(session, job_id, "warning", {"stage": "audit", "message": message, "attempt": attempt})
+    return [Claim(job_id, worker_id, attempt) for job_id, worker_id, attempt in lost]
+
+
 def sweep(
     session: Session, *, broker: bool, resend_seconds: float = 30.0, settle_expired: bool = True
 ) -> list[uuid.UUID]:
     """Settle jobs whose worker vanished; returns ids that may need a (new) broker message.
 
     Lease expired and attempts exhausted -> failed; lease expired with cancel requested -> cancelled;
-    otherwise the job goes back to `queued`. With a broker, every queued job whose message may be
-    gone (none sent, or the last one sent over resend_seconds ago and still unclaimed: a broker that
-    restarted without persistence, or a worker that dropped it) is stamped as sent now and
-    returned; the caller sends it with `enqueue`, which clears the stamp again if the broker refuses.
+    otherwise the job goes back to `queued` (with a broker, `settle_audits` runs first: an audit
+    waiting in the broker, or lost by it, has its lease renewed). With a broker, every queued job
+    whose message may be gone (none sent, or the last one sent over resend_seconds ago and still
+    unclaimed: a broker that restarted without persistence, or a worker that dropped it) is stamped
+    as sent now and returned; the caller sends it with `enqueue`, which clears the stamp again if
+    the broker refuses.
     A duplicate message is harmless: it finds nothing to claim. `settle_expired=False` leaves expired
     leases alone (right after a database outage, when live workers could not renew theirs either).
     """

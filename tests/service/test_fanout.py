@@ -1,6 +1,8 @@
 """One audit across two real Celery workers: the tasks fan out, the report equals the one-worker
 report, a worker SIGKILLed mid-task leaves one complete report with only its task redone, a cancel
-mid fan-out stops every task, and the tasks' stored results are deleted once the job has ended."""
+mid fan-out stops every task, and the tasks' stored results are deleted once the job has ended. And
+the sweep's part, on SQLite and PostgreSQL: an audit waiting in the broker keeps its claim, one the
+broker lost is sent again on the same attempt, one whose worker died is taken back."""
 
 from __future__ import annotations
 
@@ -9,13 +11,27 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from service_helpers import job_body
+from sqlalchemy import update
 from test_e2e import Proc, Stack, base_env, follow, make_key, statuses, submit
 
+from app.core.db import session_scope
 from app.core.migrate import upgrade
+from app.core.models import Job, JobEvent, JobStatus, utcnow
+from app.core.queue import (
+    BrokerView,
+    Claim,
+    claim_job,
+    mark_handed_off,
+    request_cancel,
+    settle_audits,
+    sweep,
+    transition,
+)
 
 # Two seeds, no budget phases: two tasks of several seconds each on one CPU thread.
 AUDIT = {"audit.seeds": 2, "audit.epochs": 15, "teacher.dataset_params": {"num_train": 1000, "num_test": 500}}
@@ -151,8 +167,10 @@ def test_cancel_mid_fan_out_stops_every_task_and_deletes_their_results(stack: St
     while not (len([x for x in lines() if "computed" in x]) == 2 and started(3) and started(4)):
         assert time.monotonic() < deadline, stack.logs()
         time.sleep(0.2)
-    assert len([name for name in stored_results(stack, job) if name.endswith(".json")]) == 2
-    assert "data.pt" in stored_results(stack, job)  # the prepared data the job handed to the workers
+    stored = stored_results(stack, job)
+    assert len([name for name in stored if name.endswith(".json") and name != "handoff.json"]) == 2
+    assert "data.pt" in stored  # the prepared data the job handed to the workers
+    assert "handoff.json" in stored  # what the sweep sends the audit again from if the broker loses it
     r = stack.post(f"/api/v1/jobs/{job}/cancel")
     assert r.status_code == 202 and r.json()["cancel_requested"], r.text
     events = follow(stack, job, timeout=120)
@@ -175,3 +193,70 @@ def test_cancel_mid_fan_out_stops_every_task_and_deletes_their_results(stack: St
     assert stack.get(f"/api/v1/jobs/{job}").json()["status"] == "cancelled"
     assert stored_results(stack, job) == []  # the two finished tasks' results went with the job
     assert stack.get(f"/api/v1/jobs/{job}/artifacts").json() == []
+
+
+def handed_off(database_url: str, max_attempts: int = 1) -> Claim:
+    """A job (by default on its last attempt) whose audit went to the broker, its lease since run out."""
+    with session_scope(database_url) as s:
+        row = Job(
+            owner_id=uuid.uuid4(), spec={}, request_hash="x", max_attempts=max_attempts, last_event_seq=0
+        )
+        s.add(row)
+        s.flush()
+        claim = claim_job(s, row.id, "w", 60)
+        transition(s, claim, JobStatus.auditing)
+        mark_handed_off(s, claim, 60)
+    expire(database_url, claim)
+    return claim
+
+
+def expire(database_url: str, claim: Claim) -> None:
+    with session_scope(database_url) as s:
+        s.execute(
+            update(Job).where(Job.id == claim.job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def settle(database_url: str, audits: set[Claim], since: datetime) -> list[Claim]:
+    """One sweep with the broker holding these audits' messages, and its data since `since`."""
+    with session_scope(database_url) as s:
+        lost = settle_audits(s, BrokerView(frozenset(), frozenset(audits), since), 60)
+        sweep(s, broker=True)
+    return lost
+
+
+def test_the_sweep_keeps_waiting_audits_resends_lost_ones_and_takes_back_dead_ones(settings) -> None:
+    url, long_ago = settings.database_url, utcnow() - timedelta(hours=1)
+
+    def row(claim: Claim) -> Job:
+        with session_scope(url) as s:
+            return s.get(Job, claim.job_id)
+
+    waits = handed_off(url)  # its tasks wait their turn: the claim stays, however often the lease runs out
+    for _ in range(2):
+        assert settle(url, {waits}, long_ago) == []
+        assert (row(waits).status, row(waits).attempts) == ("auditing", 1)
+        assert row(waits).lease_expires_at > utcnow()
+        expire(url, waits)
+
+    lost = handed_off(url)  # nothing waits, and the broker lost its data after the hand-off
+    assert lost in settle(url, set(), utcnow())
+    assert (row(lost).status, row(lost).attempts) == ("auditing", 1)
+    with session_scope(url) as s:
+        (warning,) = s.query(JobEvent).filter(JobEvent.job_id == lost.job_id, JobEvent.kind == "warning")
+        assert "broker lost" in warning.data["message"] and warning.data["attempt"] == 1
+    # sent again now: lost again without another broker restart, it is a dead worker's (below)
+    expire(url, lost)
+    assert settle(url, set(), long_ago) == []
+    assert row(lost).status == "failed" and "worker was lost" in row(lost).error
+
+    dead = handed_off(url)  # a worker died with its task; what still waits belongs to an older attempt
+    assert settle(url, {Claim(dead.job_id, "w", 0)}, long_ago) == []
+    assert row(dead).status == "failed" and "worker was lost" in row(dead).error
+
+    cancelled = handed_off(url, max_attempts=2)  # a cancel does not wait for the audit's turn
+    with session_scope(url) as s:
+        request_cancel(s, cancelled.job_id)
+    expire(url, cancelled)
+    assert settle(url, {cancelled}, utcnow()) == []
+    assert row(cancelled).status == "cancelled"

@@ -7,11 +7,13 @@ outage never spends one of its attempts.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.migrate import upgrade
 from app.core.models import Job
-from app.core.queue import broker_pending_jobs
+from app.core.queue import BrokerView, broker_view
 
 # Long enough to be running while a fault is injected; a few seconds of CPU.
 SLOW = {"teacher.dataset_params": {"num_train": 1000, "num_test": 500}, "teacher.epochs": 20}
@@ -59,17 +61,17 @@ def epoch_at_least(n: int) -> Callable[[dict[str, Any]], bool]:
     return lambda e: e["kind"] == "epoch" and e["data"]["epoch"] >= n
 
 
-def waiting_jobs(stack: Stack) -> set[uuid.UUID]:
-    """The job ids whose message waits in the broker's queue (duplicates of taken jobs may be there too)."""
+def waiting(stack: Stack) -> BrokerView:
+    """What waits in the broker's queue: jobs (duplicates of taken jobs may be there too) and audits."""
     env = stack.env
     cfg = Settings(
         database_url=env["CMIM_DATABASE_URL"],
         broker_url=env["CMIM_BROKER_URL"],
         queue_name=env["CMIM_QUEUE_NAME"],
     )
-    pending = broker_pending_jobs(cfg)
-    assert pending is not None
-    return pending
+    view = broker_view(cfg)
+    assert view is not None
+    return view
 
 
 def wait_for(condition: Callable[[], bool], what: str, stack: Stack, timeout: float = 60) -> None:
@@ -116,11 +118,11 @@ def test_redis_restarted_without_persistence_loses_neither_queued_nor_running_jo
     running = submit(stack, job_body(**SLOW))
     follow(stack, running, until=epoch_at_least(1))
     queued = submit(stack, job_body())  # waits behind the running job: one worker, one job at a time
-    assert job(stack, queued)["status"] == "queued" and uuid.UUID(queued) in waiting_jobs(stack)
+    assert job(stack, queued)["status"] == "queued" and uuid.UUID(queued) in waiting(stack).jobs
 
     broker.restart()
     restarted = time.monotonic()
-    assert waiting_jobs(stack) == set()  # the queued job's message is gone with the broker
+    assert waiting(stack).jobs == set()  # the queued job's message is gone with the broker
 
     assert_succeeded_once(stack, running)
     assert_succeeded_once(stack, queued)
@@ -152,6 +154,55 @@ def test_a_job_submitted_while_the_broker_is_down_runs_once_it_is_back(broker_st
     finally:
         broker.start()
     assert_succeeded_once(stack, r.json()["id"])
+
+
+# Two seeds: each job's audit is two tasks of a few seconds and a chord callback, queued behind whatever
+# the one worker runs (longer together than the broker stack's 5 s lease).
+FANNED = {
+    "teacher.dataset_params": {"num_train": 1000, "num_test": 500},
+    "teacher.epochs": 10,
+    "audit.seeds": 2,
+    "audit.epochs": 25,
+}
+
+
+def longest_silence(events: list[dict[str, Any]]) -> float:
+    """The longest the job went without an event once its audit was handed over: nothing of it running."""
+    audit = [e for e in events if e["kind"] == "status" and e["data"]["status"] == "auditing"][0]
+    times = [datetime.fromisoformat(e["created_at"]) for e in events if e["id"] >= audit["id"]]
+    return max((b - a).total_seconds() for a, b in itertools.pairwise(times))
+
+
+def test_audits_queued_behind_each_other_keep_their_claims_through_a_redis_restart(broker_stack) -> None:
+    stack, broker = broker_stack
+    first, second = submit(stack, job_body(**FANNED)), submit(stack, job_body(**FANNED))
+
+    def first_waits() -> bool:  # the one worker trains the second job: the first's audit waits in the queue
+        return job(stack, second)["status"] == "training" and job(stack, first)["status"] == "auditing"
+
+    wait_for(first_waits, "the first job's audit waiting behind the second job", stack)
+    assert uuid.UUID(first) in {claim.job_id for claim in waiting(stack).audits}
+    broker.restart()
+    restarted = time.monotonic()
+    # the first job's audit tasks are gone with the broker
+    assert uuid.UUID(first) not in {claim.job_id for claim in waiting(stack).audits}
+
+    events = {}
+    for job_id in (first, second):  # nobody died: neither job is taken back, run again or failed
+        assert_succeeded_once(stack, job_id, attempts=1)
+        events[job_id] = follow(stack, job_id)
+        assert statuses(events[job_id]) == ["queued", "training", "auditing", "succeeded"]
+    took = time.monotonic() - restarted
+    warnings = [e["data"]["message"] for e in events[first] if e["kind"] == "warning"]
+    assert any("broker lost" in w for w in warnings), stack.logs()  # the sweep sent it again, same attempt
+    # nothing of the second job's audit was lost: only its waiting, behind the first's, outlasted a lease
+    lease = float(stack.env["CMIM_LEASE_SECONDS"])
+    silence = longest_silence(events[second])
+    assert silence > lease, (silence, stack.logs())
+    print(
+        f"\nredis restart with two audits queued: both succeeded at attempt 1, {took:.1f} s later; "
+        f"the second audit waited {silence:.1f} s with a {lease:.0f} s lease"
+    )
 
 
 # ------------------------------------------------------------- database fault: a private PostgreSQL

@@ -152,11 +152,11 @@ def test_sweep_resends_a_queued_job_whose_message_may_be_gone(settings, job_id) 
         assert job_id not in sweep(s, broker=True, resend_seconds=60)  # claimed: nothing to re-send
 
 
-def test_broker_pending_jobs_reads_the_waiting_messages(redis_url, tmp_path) -> None:
+def test_broker_view_reads_the_waiting_messages(redis_url, tmp_path) -> None:
     import redis
 
     from app.core.config import Settings
-    from app.core.queue import broker_pending_jobs, enqueue
+    from app.core.queue import broker_view, enqueue
 
     queue = f"gpu-pending-{uuid.uuid4().hex[:8]}"
     cfg = Settings(
@@ -172,10 +172,10 @@ def test_broker_pending_jobs_reads_the_waiting_messages(redis_url, tmp_path) -> 
     try:
         for i in ids:
             assert enqueue(cfg, i)
-        assert broker_pending_jobs(cfg) == set(ids)
+        assert broker_view(cfg).jobs == set(ids)
     finally:
         redis.Redis.from_url(redis_url).delete(queue)  # only this test's own queue
-    assert broker_pending_jobs(cfg) == set()
+    assert broker_view(cfg).jobs == set()
 
 
 def test_release_gives_the_attempt_back(settings, job_id) -> None:
