@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from app.api.schemas import text_field
 from app.core.models import ApiKey, UploadedModel
 from app.core.models import Dataset as DatasetRow
 from app.core.storage import ArtifactStore
@@ -66,7 +67,7 @@ def declared(
         raise invalid(f"input_shape must list positive integers, got {shape}")
     names = _json_list(class_names, "class_names")
     if names is not None:
-        names = [str(n) for n in names]
+        names = [text_field(str(n), ["body", "class_names", i]) for i, n in enumerate(names)]
     if not dataset_id:
         return Declared(tuple(shape) if shape else None, len(names) if names else None, names, None)
     try:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.core.config import ALL_SCOPES, Scope
+from app.problems import validation_problem
 from ml.audit import AuditConfig
 from ml.data import DatasetInfo
 from ml.policy import KEYED_NOT_SERVED
@@ -16,6 +19,76 @@ from ml.presets import PRESETS, apply_preset
 from ml.train import TrainConfig
 
 MAX_INT32 = 2**31 - 1  # the database stores counts and limits as 32-bit integers
+
+# What no text input takes: the C0 controls but tab (PostgreSQL refuses NUL outright; the others garble
+# logs, pages and exports), DEL and the C1 controls, lone surrogates (not text: no UTF-8 database, log or
+# JSON answer can hold one) and U+FFFD, what invalid UTF-8 in a query string or form is decoded into.
+REFUSED_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff\ufffd]")
+
+
+def refused_character(value: str) -> str | None:
+    """Why `value` is not text a field takes (its first refused character and where), or None."""
+    bad = REFUSED_TEXT.search(value)
+    if bad is None:
+        return None
+    code = ord(bad.group())
+    if 0xD800 <= code <= 0xDFFF:
+        what, why = "lone surrogate", " (not text: it has no UTF-8 encoding)"
+    elif code == 0xFFFD:
+        what, why = "replacement character", " (invalid UTF-8 decodes to it: the text sent was not UTF-8)"
+    else:
+        what, why = "control character", ""
+    return (
+        f"contains the {what} U+{code:04X} at position {bad.start()}{why}; text takes printable characters "
+        "and tabs only"
+    )
+
+
+def printable_text(value: Any) -> Any:
+    """A text input unchanged; a validation error (422 at the API) when it holds a refused character.
+    Anything but a string is left to the field's own type."""
+    reason = refused_character(value) if isinstance(value, str) else None
+    if reason is not None:
+        raise PydanticCustomError("text_character", "{reason}", {"reason": reason})
+    return value
+
+
+# Every free-text input (stored or used in a query) is one of these: checked before its length, its type
+# and anything else, so each gets the same clear 422 and no database ever sees the character.
+PRINTABLE = BeforeValidator(printable_text)
+PrintableText = Annotated[str, PRINTABLE]
+
+
+def text_field(value: str, loc: list[str | int]) -> str:
+    """A text input read by hand (a multipart form field) checked as PrintableText is: 422 at `loc`."""
+    reason = refused_character(value)
+    if reason is not None:
+        raise validation_problem([{"loc": loc, "msg": reason, "type": "text_character"}])
+    return value
+
+
+def _refuse_unprintable(value: Any, path: str) -> None:
+    """Every key and string in a JSON value is printable text; the error names where the first is not
+    (by the keys above it, which are checked first, so the message itself holds only printable text)."""
+    if isinstance(value, str):
+        reason = refused_character(value)
+        if reason is not None:
+            raise PydanticCustomError(
+                "text_character", "{field}: {reason}", {"field": path, "reason": reason}
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            reason = refused_character(str(key))
+            if reason is not None:
+                where = f"{path}: " if path else ""
+                raise PydanticCustomError(
+                    "text_character", "{where}a key {reason}", {"where": where, "reason": reason}
+                )
+            _refuse_unprintable(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_unprintable(item, f"{path}[{i}]")
+
 
 # The example body: the quick preset (a demo that finishes in a few minutes on a 2-core CPU).
 DEMO_JOB: dict[str, Any] = {"preset": "quick"}
@@ -79,6 +152,15 @@ class JobCreate(BaseModel):
         if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid choices: {', '.join(PRESETS.names())}")
         return apply_preset(name, data)
+
+    # Defined after `_preset` so that it runs first (pydantic runs the last "before" validator first).
+    @model_validator(mode="before")
+    @classmethod
+    def _printable(cls, data: Any) -> Any:
+        """The spec is stored and served back as given: no text in it, nested parameters included, may
+        hold what PrintableText refuses."""
+        _refuse_unprintable(data, "")
+        return data
 
     @model_validator(mode="after")
     def _served_as_audited(self) -> JobCreate:
@@ -248,7 +330,7 @@ class KeyCreate(BaseModel):
         },
     )
 
-    name: str = Field("key", min_length=1, max_length=200)
+    name: PrintableText = Field("key", min_length=1, max_length=200)
     scopes: list[Scope] | None = Field(
         None,
         max_length=len(ALL_SCOPES),

@@ -21,7 +21,7 @@ from app.api.deps import (
     get_owned,
     upload_slot,
 )
-from app.api.schemas import DatasetList, DatasetOut
+from app.api.schemas import DatasetList, DatasetOut, PrintableText
 from app.core.models import Dataset
 from app.problems import Problem
 from ml.data import DataValidationError, dataset_infos, validate_npz
@@ -99,7 +99,7 @@ async def upload_dataset(
     settings: SettingsDep,
     store: StoreDep,
     name: Annotated[
-        str, Query(min_length=1, max_length=200, description="a label for the dataset")
+        PrintableText, Query(min_length=1, max_length=200, description="a label for the dataset")
     ] = "upload",
 ) -> DatasetOut:
     with upload_slot(request):

@@ -24,7 +24,16 @@ from app.api.job_service import (
     report_artifact,
 )
 from app.api.report_html import render_report
-from app.api.schemas import ArtifactOut, EventOut, JobCreate, JobList, JobOut, PresetOut
+from app.api.schemas import (
+    PRINTABLE,
+    ArtifactOut,
+    EventOut,
+    JobCreate,
+    JobList,
+    JobOut,
+    PresetOut,
+    PrintableText,
+)
 from app.core.models import JobStatus
 from app.core.queue import enqueue, request_cancel
 from app.problems import Problem
@@ -69,6 +78,7 @@ async def submit_job(
     settings: SettingsDep,
     idempotency_key: Annotated[
         str | None,
+        PRINTABLE,
         Header(min_length=1, max_length=200, description="retries with the same key return the first job"),
     ] = None,
 ) -> JobOut:
@@ -173,7 +183,7 @@ def list_artifacts(job_id: JobId, key: JobsRead, session: SessionDep) -> list[Ar
 )
 def download_artifact(
     job_id: JobId,
-    name: str,
+    name: PrintableText,
     key: JobsRead,
     session: SessionDep,
     store: StoreDep,

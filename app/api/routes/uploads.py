@@ -26,7 +26,7 @@ from app.api.deps import (
     upload_slot,
 )
 from app.api.model_registry import declared, invalid, register_model
-from app.api.schemas import UploadedModelList, UploadedModelOut
+from app.api.schemas import UploadedModelList, UploadedModelOut, text_field
 from app.core.config import Settings
 from app.core.keys import KeyInfo
 from app.core.models import UploadedModel
@@ -98,6 +98,16 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _name(given: str | None, filename: str | None) -> str:
+    """The model's label: the `name` field, else the file's name, each checked as text; cut to the
+    column's 200 characters."""
+    if given:
+        return text_field(given, ["body", "name"])[:200]
+    if filename:
+        return text_field(filename, ["body", "file", "filename"])[:200]
+    return "model"
+
+
 @router.post(
     "",
     status_code=201,
@@ -165,7 +175,7 @@ async def _upload_model(
             session,
             store,
             key,
-            name=(_text(form.get("name")) or upload.filename or "model")[:200],
+            name=_name(_text(form.get("name")), upload.filename),
             model_file=path,
             config=config_bytes,
             output=_text(form.get("output")) or "logits",
