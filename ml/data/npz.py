@@ -16,6 +16,7 @@ from ml.data.base import Splits, register_dataset
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 OPTIONAL_KEYS = ("class_names",)
+MAX_CLASS_NAME = 200
 MAX_TOTAL_BYTES = 2 * 1024**3
 MAX_RATIO = 200
 # Below this size a member cannot be a bomb, and tiny constant arrays legitimately compress >200:1.
@@ -189,6 +190,11 @@ def _check_arrays(a: dict[str, np.ndarray], max_classes: int) -> NpzSummary:
             raise DataValidationError(
                 f"class_names has {len(names)} names but the labels name {num_classes} classes"
             )
+        for i, n in enumerate(names):  # names are stored and served back: text any JSON and database takes
+            if not n.isprintable() or not 0 < len(n) <= MAX_CLASS_NAME:
+                raise DataValidationError(
+                    f"class_names[{i}] {n[:40]!r} is not a name: 1 to {MAX_CLASS_NAME} printable characters"
+                )
     return NpzSummary(
         input_shape=a["x_train"].shape[1:],
         num_classes=num_classes,

@@ -328,6 +328,8 @@ def test_npz_class_names_key(tmp_path: Path) -> None:
     d = load_dataset("npz", path=_npz(tmp_path, **_arrays(), class_names=names))
     assert d.class_names == ["cat", "dog", "eel"]
     _invalid(tmp_path, "class_names has 2 names but the labels name 3 classes", class_names=names[:2])
+    for bad in ("a\x00b", "\ud800", "tab\there", "", "x" * 201):  # stored and served back as JSON text
+        _invalid(tmp_path, r"class_names\[1\] .* is not a name", class_names=np.array(["cat", bad, "eel"]))
 
 
 def test_npz_test_label_unseen_in_train(tmp_path: Path) -> None:
