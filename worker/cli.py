@@ -72,7 +72,12 @@ def keys_create(
     from app.core.db import session_scope
     from app.core.keys import create_api_key
     from app.core.models import ApiKey, utcnow
+    from app.core.text import refused_character
 
+    if (reason := refused_character(name)) is not None or not 1 <= len(name) <= 200:
+        raise typer.BadParameter(f"--name {reason or 'takes 1 to 200 characters'}")
+    if expires_in_days is not None and expires_in_days <= 0:
+        raise typer.BadParameter(f"--expires-in-days must be above 0, not {expires_in_days}")
     settings = get_settings()
     owner_id = _uuid(owner, "--owner")
     with session_scope(settings.database_url) as s:

@@ -103,8 +103,10 @@ def test_cli_keys_create_for_an_owner_list_and_revoke(cli, client, caller) -> No
         (["keys", "create", "--owner", "00000000-0000-0000-0000-000000000001"], "no key has owner"),
         (["keys", "create", "--scope", "jobs:everything"], "unknown scope"),
         (["keys", "revoke", "00000000-0000-0000-0000-000000000001"], "no key with id"),
+        (["keys", "create", "--expires-in-days", "0"], "--expires-in-days must be above 0"),
+        (["keys", "create", "--name", "a\x00b"], "--name contains the control character U+0000"),
     ],
-    ids=["owner-not-uuid", "unknown-owner", "unknown-scope", "unknown-key"],
+    ids=["owner-not-uuid", "unknown-owner", "unknown-scope", "unknown-key", "expires-now", "nul-name"],
 )
 def test_cli_keys_errors_are_one_line(cli, args: list[str], message: str) -> None:
     result = cli(*args)
