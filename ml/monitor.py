@@ -7,7 +7,8 @@ the data distribution. The monitor keeps, per model, a ring buffer ("bank") of t
 in a random projection to `dim` dimensions (SEAT, Zhang et al. AISec 2021, counts similar pairs per
 account; here the pairs are counted over all keys together). A query is a *hit* when its nearest
 neighbour in the bank is closer than `tau`, calibrated on the model's held-out test inputs so that an
-honest query hits with probability about p0.
+honest query hits with probability about p0. A query far closer still (a *repeat*: the same input sent
+again, or with a sensor's jitter) is no evidence either way and is not counted at all.
 
 Hits feed two CUSUM tests (Page 1954) of the hit rate p0 against p1 (log-likelihood ratio per query,
 batches aggregated): one per key and one per model over every key. A key whose statistic reaches
@@ -54,6 +55,14 @@ class MonitorConfig(BaseModel):
         "(binomial tail P(X >= hits | queries, p0))",
     )
     max_keys: int = Field(10_000, ge=1, le=10_000_000, description="keys tracked per model")
+    repeat_radius: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="a query closer than this fraction of tau to an earlier query is a repeat (a retry, "
+        "a sensor's jitter): it is not evidence either way, so it is neither a hit nor counted, and it "
+        "does not enter the bank",
+    )
 
 
 @dataclass(frozen=True)
@@ -141,8 +150,26 @@ def calibrate(
     return Reference(config, flat.shape[1], seed, tau, p0, stats)
 
 
+@dataclass(frozen=True)
+class Tested:
+    """A batch tested against the bank: per row, whether it is a hit, and whether it is a repeat."""
+
+    hits: np.ndarray  # (B,) bool: nearest earlier query within tau, and not a repeat
+    repeats: np.ndarray  # (B,) bool: nearest earlier query within repeat_radius * tau
+
+    @property
+    def counted(self) -> int:
+        """The rows that count as queries (every row but the repeats)."""
+        return int(np.count_nonzero(~self.repeats))
+
+
 class QueryBank:
-    """One model's ring buffer of recent projected queries; `hits` tests a batch, then adds it."""
+    """One model's ring buffer of recent projected queries; `test` tests a batch, then adds it.
+
+    A repeat (within `repeat_radius` of tau of an earlier query) tells its sender nothing it could not
+    have kept from the first answer, and a thief gains nothing by sending it: it is neither a hit nor a
+    counted query, and it is kept out of the bank, so a client resending one input never fills the bank
+    with it (which would push the thief's earlier queries out)."""
 
     def __init__(self, ref: Reference) -> None:
         self.ref = ref
@@ -152,22 +179,27 @@ class QueryBank:
         self.filled = self.next = 0
         self._lock = threading.Lock()
 
-    def hits(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """(B,) bool: is each query's nearest earlier query (bank, or this batch's earlier rows) within tau"""
+    def test(self, x: torch.Tensor | np.ndarray) -> Tested:
+        """Each query's nearest earlier query (the bank, or this batch's earlier rows): a hit when within
+        tau, a repeat when within repeat_radius * tau; then the batch's other rows enter the bank."""
         z = _flat(x) @ self.proj
         zsq = (z * z).sum(1)
-        tau2 = self.ref.tau**2
+        nearest = np.full(len(z), np.inf, np.float32)  # squared distances
         with self._lock:
             n = self.filled
-            out = np.zeros(len(z), bool)
             if n:
-                d2 = zsq[:, None] + self.sq[None, :n] - 2 * (z @ self.items[:n].T)
-                out = d2.min(1) < tau2
+                nearest = (zsq[:, None] + self.sq[None, :n] - 2 * (z @ self.items[:n].T)).min(1)
             if len(z) > 1:  # duplicates inside one batch count too
                 within = zsq[:, None] + zsq[None, :] - 2 * (z @ z.T)
-                out |= np.tril(within < tau2, -1).any(1)
-            self._add(z, zsq)
-        return out
+                within[np.triu_indices(len(z))] = np.inf
+                nearest = np.minimum(nearest, within.min(1))
+            repeats = nearest < (self.ref.config.repeat_radius * self.ref.tau) ** 2
+            self._add(z[~repeats], zsq[~repeats])
+        return Tested(hits=(nearest < self.ref.tau**2) & ~repeats, repeats=repeats)
+
+    def hits(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(B,) bool: `test`'s hits."""
+        return self.test(x).hits
 
     def _add(self, z: np.ndarray, zsq: np.ndarray) -> None:
         size = len(self.items)

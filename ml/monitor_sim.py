@@ -46,33 +46,36 @@ def fm_edge_stream(data: Dataset, queries: int, seed: int, batch_size: int = 128
 
 def _events(
     data: Dataset, bank: QueryBank, seed: int, queries: int, honest_keys: int
-) -> list[tuple[int, int, int]]:
-    """(sender, rows, hits) in arrival order; sender >= 0: attack batch index, < 0: honest key -1 - k."""
+) -> list[tuple[int, int, int, int]]:
+    """(sender, rows sent, rows counted, hits) in arrival order (repeats are sent but not counted);
+    sender >= 0: attack batch index, < 0: honest key -1 - k."""
     half = len(data.x_test) // 2
     honest = data.x_test[half:][
         torch.from_numpy(np.random.default_rng(seed).permutation(len(data.x_test) - half))
     ]
     events, h, sent = [], 0, 0
     for j, x in enumerate(fm_edge_stream(data, queries, seed)):
-        events.append((j, len(x), int(bank.hits(x).sum())))
+        tested = bank.test(x)
+        events.append((j, len(x), tested.counted, int(tested.hits.sum())))
         sent += len(x)
         upto = round(len(honest) * sent / queries)
         for i in range(h, upto):
-            events.append((-1 - i % honest_keys, 1, int(bank.hits(honest[i : i + 1]).sum())))
+            tested = bank.test(honest[i : i + 1])
+            events.append((-1 - i % honest_keys, 1, tested.counted, int(tested.hits.sum())))
         h = upto
     return events
 
 
-def _replay(events: list[tuple[int, int, int]], ref: Reference, keys: int) -> dict[str, Any]:
+def _replay(events: list[tuple[int, int, int, int]], ref: Reference, keys: int) -> dict[str, Any]:
     """CUSUMs over the events with the attack split over `keys` keys (0: honest traffic only)."""
     llr = ref.llr
     monitor, sent, first, flagged, alerts = ModelMonitor(ref.config, ref.p0), 0, None, set(), 0
-    for sender, rows, hits in events:
+    for sender, rows, counted, hits in events:
         if sender >= 0 and keys == 0:
             continue
         key = f"attacker-{sender % keys}" if sender >= 0 else f"honest-{-1 - sender}"
         sent += rows if sender >= 0 else 0
-        for alert in monitor.record(key, rows, hits, llr(rows, hits)):
+        for alert in monitor.record(key, counted, hits, llr(counted, hits)):
             alerts += 1
             named = {k["key_id"] for k in alert.keys}
             flagged |= {k for k in named if k.startswith("honest-")}

@@ -140,15 +140,18 @@ class Monitor:
         self._flushing = threading.Lock()
 
     def record(self, served: ServedModel, key: uuid.UUID, x: torch.Tensor) -> None:
-        """Test a request's rows against the model's bank and count them for the key (no I/O)."""
+        """Test a request's rows against the model's bank and count them for the key (no I/O); repeats
+        count for nothing (`ml.monitor.QueryBank`)."""
         if served.monitor is None or served.bank is None:
             return
-        hits = int(np.count_nonzero(served.bank.hits(x)))
+        tested = served.bank.test(x)
+        if not tested.counted:
+            return
         with self._lock:
             pending = self._pending.setdefault(served.model_id, _Pending(served.owner_id, served.monitor))
             count = pending.counts.setdefault(key, [0, 0])
-            count[0] += len(x)
-            count[1] += hits
+            count[0] += tested.counted
+            count[1] += int(np.count_nonzero(tested.hits))
 
     def flush(self) -> None:
         """Apply the pending counts to the statistics and store the alerts they raised."""

@@ -43,9 +43,9 @@ def test_a_bank_holds_at_most_its_size_and_tests_duplicates_within_a_batch() -> 
     x = torch.randn(40, 8) * 10
     assert not bank.hits(x[:20]).any()
     assert bank.filled == 16
-    assert bank.hits(x[19:20]).all()  # still in the bank
-    assert not bank.hits(x[:1]).any()  # pushed out
-    assert bank.hits(torch.cat([x[30:31], x[30:31]])).tolist() == [False, True]
+    assert bank.test(x[19:20]).repeats.all()  # still in the bank: found again
+    assert not bank.test(x[:1]).repeats.any()  # pushed out
+    assert bank.test(torch.cat([x[30:31], x[30:31]])).repeats.tolist() == [False, True]
 
 
 def test_cusum_alerts_on_a_key_splitting_attacker_and_names_no_honest_key() -> None:
@@ -90,3 +90,19 @@ def test_simulation_alerts_on_the_16_key_attacker_and_flags_no_honest_key(data) 
     assert honest_only["keys"] == 0 and honest_only["alerts"] == 0
     assert split16["queries_to_alert"] is not None and split16["queries_to_alert"] < 3000
     assert split16["honest_keys_flagged"] == 0
+
+
+def test_a_repeat_is_neither_a_hit_nor_counted_nor_kept() -> None:
+    ref = Reference(MonitorConfig(bank=16, dim=8, repeat_radius=0.1), input_size=8, seed=0, tau=1.0, p0=0.01)
+    bank = QueryBank(ref)
+    x = torch.randn(1, 8) * 10
+    v = torch.randn(1, 8)
+    v /= float(np.linalg.norm(v.numpy() @ bank.proj))  # a step of projected length 1 (= tau)
+    first = bank.test(x)
+    assert first.counted == 1 and not first.hits.any() and bank.filled == 1
+    # the same input again, and with a jitter inside the repeat radius: no evidence, and not kept
+    again = bank.test(torch.cat([x, x + 0.05 * v, x - 0.05 * v]))
+    assert again.repeats.all() and not again.hits.any() and again.counted == 0 and bank.filled == 1
+    # a variation beyond the radius but within tau is a hit, as a thief's mixed query is
+    near = bank.test(x + 0.5 * v)
+    assert near.hits.all() and not near.repeats.any() and near.counted == 1 and bank.filled == 2
