@@ -15,13 +15,27 @@ from app.api.inference import HistoryCache, ModelCache
 from app.api.job_events import EventWatch
 from app.api.monitor import Monitor
 from app.api.report_html import CSS as REPORT_CSS
-from app.api.routes import alerts, catalog, datasets, evidence, health, jobs, keys, models, uploads
+from app.api.routes import (
+    alerts,
+    catalog,
+    datasets,
+    enforcement,
+    evidence,
+    health,
+    jobs,
+    keys,
+    models,
+    uploads,
+    webhooks,
+)
 from app.api.security_headers import SecurityHeaders, inline_style, policy
 from app.core.config import Settings, get_settings
 from app.core.db import session_factory
+from app.core.enforcement import Enforcement
 from app.core.keys import KeyCache
 from app.core.limits import Background, make_limits
 from app.core.storage import ArtifactStore
+from app.core.webhooks import Deliverer
 from app.problems import BodyLimit, document_problems, install_problem_handlers
 from app.web import routes as web
 from app.web.session import SessionStore
@@ -47,23 +61,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     sessions = session_factory(settings.database_url)
     key_cache = KeyCache(sessions, settings.key_cache_seconds)
     limits = make_limits(settings.broker_url, settings.redis_prefix, sessions)
-    monitor = Monitor(sessions, settings.broker_url, settings.redis_prefix)
+    deliverer = Deliverer(sessions, settings)
+    guard = Enforcement(sessions, deliverer)
+    monitor = Monitor(sessions, settings.broker_url, settings.redis_prefix, guard)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        # Revocations reach this process's key cache, and usage counters reach the database, from here.
+        # Revocations and enforcement reach this process's memory, and usage counters and alerts reach
+        # the database, from here.
+        guard.start()
         background = Background(
             [
                 (settings.key_poll_seconds, key_cache.poll),
+                (settings.key_poll_seconds, guard.poll),
                 (settings.usage_flush_seconds, limits.flush),
                 (settings.usage_flush_seconds, monitor.flush),
             ]
         )
-        background.start()
+        threads = [background]
+        if settings.embedded:
+            # Webhooks are delivered by a thread of their own (a slow receiver must not hold the counters
+            # back); deployed, by `cmim notifier`.
+            threads.append(Background([(settings.webhook_poll_seconds, deliverer.pump)], last_run=False))
+        for thread in threads:
+            thread.start()
         try:
             yield
         finally:
-            background.stop()
+            for thread in threads:
+                thread.stop()
 
     app = FastAPI(
         title="cmim",
@@ -85,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = key_cache
     app.state.limits = limits
     app.state.monitor = monitor
+    app.state.enforcement = guard
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
     install_problem_handlers(app)
     document_problems(app)
@@ -98,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
     api.include_router(models.simple)
-    for module in (jobs, datasets, uploads, evidence, keys, catalog, alerts):
+    for module in (jobs, datasets, uploads, evidence, keys, catalog, alerts, enforcement, webhooks):
         api.include_router(module.router)
     api.include_router(jobs.presets)
     app.include_router(api)

@@ -226,5 +226,36 @@ def worker_cmd(
     )
 
 
+@cli.command("notifier")
+def notifier_cmd(
+    concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="deliveries at once")] = 4,
+) -> None:
+    """Deliver owner webhooks (deployed): a Celery worker on CMIM_WEBHOOK_QUEUE. Embedded, the API does."""
+    from app.core.config import get_settings
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    settings = get_settings()
+    if settings.embedded:
+        console.print("embedded mode (no CMIM_BROKER_URL): `cmim serve` delivers webhooks itself")
+        raise typer.Exit(1)
+    from worker.webhooks import celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "-Q",
+            settings.webhook_queue,
+            "-c",
+            str(concurrency),
+            "--pool",
+            "threads",
+            "-n",
+            "notifier@%h",
+            "--loglevel",
+            "INFO",
+        ]
+    )
+
+
 if __name__ == "__main__":
     cli()

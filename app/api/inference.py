@@ -23,6 +23,7 @@ from torch import nn
 from app.api.job_service import job_artifact
 from app.core.coalesce import Coalescer
 from app.core.config import Settings
+from app.core.enforcement import spec_policy
 from app.core.keys import KeyInfo
 from app.core.limits import Cap, Limits, counters_for
 from app.core.models import (
@@ -38,6 +39,7 @@ from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found, validation_problem
 from ml.audit import DEFAULT_BUDGET_PASSES
 from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint, load_meta
+from ml.enforcement import EnforcementPolicy, Standing
 from ml.monitor import QueryBank, Reference
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, OnnxModule
 from ml.oracle import OutputMode
@@ -70,6 +72,9 @@ class ServedModel:
     # The extraction monitor calibrated at job end (None: an older job, not monitored) and this process's
     # bank of the model's recent queries (`ml.monitor`).
     monitor: Reference | None = None
+    # What alerts do to its keys as its job's spec set it (`serving.enforcement`); an owner's later
+    # change is the process's `Enforcement.policy`.
+    enforcement: EnforcementPolicy = field(default_factory=EnforcementPolicy)
     batcher: MicroBatcher = field(init=False, repr=False)
     bank: QueryBank | None = field(init=False, repr=False)
 
@@ -245,7 +250,18 @@ def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedM
     found = session.scalars(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == MONITOR_NAME))
     monitor = next((Reference.from_json(json.loads(store.read_bytes(a.storage_key))) for a in found), None)
     curve = budget_curve(job.spec["audit"], report)
-    return ServedModel(job.id, job.owner_id, model, meta, mode, policy, safe, curve, monitor=monitor)
+    return ServedModel(
+        job.id,
+        job.owner_id,
+        model,
+        meta,
+        mode,
+        policy,
+        safe,
+        curve,
+        monitor=monitor,
+        enforcement=spec_policy(job.spec),
+    )
 
 
 def _load_policy(session: Session, store: ArtifactStore, job: Job, meta: ModelMeta) -> FittedPolicy | None:
@@ -365,21 +381,40 @@ def budget_for(key: KeyInfo, served: ServedModel, operator_budget: int | None) -
     return Budget(None, "none", "neither the key nor the model has a query budget", None, None, model_reason)
 
 
-def caps_for(key: KeyInfo, served: ServedModel, settings: Settings) -> list[Cap]:
-    """What a request's rows count against: the key's budget on this model, the owner's, the global one."""
+def caps_for(
+    key: KeyInfo,
+    served: ServedModel,
+    settings: Settings,
+    policy: EnforcementPolicy,
+    standing: Standing | None = None,
+) -> list[Cap]:
+    """What a request's rows count against: the key's budget on this model (cut while the key is on
+    probation), the owner's (the model's enforcement policy's, else the operator's), the global one."""
     budget = budget_for(key, served, settings.model_query_budget)
-    if settings.owner_query_budget is not None:
+    key_cap: tuple[int | None, str] = (budget.limit, budget.reason)
+    if standing is not None and standing.budget_limit is not None:
+        key_cap = (
+            standing.limit(budget.limit),
+            f"probation after extraction alert {standing.alert_id} (the model's enforcement policy), "
+            f"at most {standing.budget_limit} rows in all; before it, {budget.reason}",
+        )
+    owner: tuple[int | None, str]
+    if policy.owner_query_budget is not None:
+        owner = (
+            policy.owner_query_budget,
+            "the owner's cap over all its keys on this model, set in the model's enforcement policy",
+        )
+    elif settings.owner_query_budget is not None:
         owner = (
             settings.owner_query_budget,
             "the owner's budget per model, configured by the operator (CMIM_OWNER_QUERY_BUDGET)",
         )
-    elif budget.model_budget is not None:
-        owner = (
-            budget.model_budget,
-            "the model's per-key budget, shared by all the owner's keys (more keys buy no more queries)",
-        )
     else:
-        owner = None, "none: the model has no per-key budget and the operator configured no owner budget"
+        owner = (
+            None,
+            "none: neither the model's enforcement policy nor the operator (CMIM_OWNER_QUERY_BUDGET) sets "
+            "an owner cap; the per-key budget holds each key, the enforcement policy a thief with many keys",
+        )
     glob = settings.global_query_budget
     glob_reason = (
         "the model's global budget over every key, configured by the operator (CMIM_GLOBAL_QUERY_BUDGET)"
@@ -387,7 +422,7 @@ def caps_for(key: KeyInfo, served: ServedModel, settings: Settings) -> list[Cap]
         else "none configured (CMIM_GLOBAL_QUERY_BUDGET)"
     )
     k, o, g = counters_for(key.id, key.owner_id, served.model_id)
-    return [Cap(k, budget.limit, budget.reason), Cap(o, *owner), Cap(g, glob, glob_reason)]
+    return [Cap(k, *key_cap), Cap(o, *owner), Cap(g, glob, glob_reason)]
 
 
 def describe_budget(budget: Budget, caps: list[Cap], used: list[int] | tuple[int, ...]) -> dict[str, Any]:
@@ -411,6 +446,19 @@ def describe_budget(budget: Budget, caps: list[Cap], used: list[int] | tuple[int
     }
 
 
+def describe_standing(standing: Standing | None) -> dict[str, Any]:
+    """The key's standing on a model, as `GET /v2/models/{id}` reports it (docs/enforcement.md)."""
+    if standing is None:
+        return {"state": "good"}
+    return {
+        "state": standing.state,
+        "alert_id": standing.alert_id,
+        "since": standing.since.isoformat(),
+        "rate_fraction": standing.rate_fraction,
+        "budget_limit": standing.budget_limit,
+    }
+
+
 SCOPE_NAMES = {
     "key": "this key's budget on this model",
     "owner": "the owner's budget on this model (all the owner's keys together)",
@@ -418,12 +466,34 @@ SCOPE_NAMES = {
 }
 
 
+def refuse_suspended(model_id: uuid.UUID, standing: Standing | None) -> None:
+    """403 of its own type when the key is suspended on the model, naming the alert."""
+    if standing is None or not standing.suspended:
+        return
+    raise Problem(
+        403,
+        f"this key is suspended on model {model_id} after extraction alert {standing.alert_id} (its "
+        "queries looked like a copy being made); the model's owner can reinstate it",
+        slug="key-suspended",
+        title="Key suspended",
+        alert_id=standing.alert_id,
+        suspended_at=standing.since.isoformat(),
+    )
+
+
 async def charge(
-    limits: Limits, key: KeyInfo, caps: list[Cap], rows: int, default_rate: int, budget: Budget
+    limits: Limits,
+    key: KeyInfo,
+    caps: list[Cap],
+    rows: int,
+    default_rate: int,
+    budget: Budget,
+    standing: Standing | None = None,
 ) -> dict[str, str]:
-    """Count one request against the key's rate limit and reserve its rows on every cap, atomically;
-    returns the headers to send. 429 saying which limit or budget ran out."""
-    rate = key.rate_limit_per_minute or default_rate
+    """Count one request against the key's rate limit (cut while the key is throttled) and reserve its rows
+    on every cap, atomically; returns the headers to send. 429 saying which limit or budget ran out."""
+    own = key.rate_limit_per_minute or default_rate
+    rate = own if standing is None else standing.rate(own)
     got = await limits.admit(key.id, rate, caps, rows)
     headers = {
         "X-RateLimit-Limit": str(rate),
@@ -431,9 +501,13 @@ async def charge(
         "X-RateLimit-Reset": str(got.rate_reset),
     }
     if not got.rate_ok:
+        throttled = ""
+        if standing is not None and rate != own:
+            throttled = f" (throttled from {own} after extraction alert {standing.alert_id})"
         raise Problem(
             429,
-            f"rate limit of {rate} requests per minute reached; a slot frees in {got.rate_reset} s",
+            f"rate limit of {rate} requests per minute{throttled} reached; a slot frees in "
+            f"{got.rate_reset} s",
             slug="rate-limited",
             headers=headers | {"Retry-After": str(got.rate_reset)},
             limit={"scope": "rate", "limit": rate, "window_seconds": 60, "resets_in_seconds": got.rate_reset},
@@ -443,6 +517,8 @@ async def charge(
         # The headers name the cap closest to running out (the key's on a tie).
         c, u = min(capped, key=lambda cu: cu[0].limit - cu[1])  # type: ignore[operator]
         source = budget.source if c.counter.scope == "key" else c.counter.scope
+        if c.counter.scope == "key" and standing is not None and standing.budget_limit is not None:
+            source = "probation"
         assert c.limit is not None
         headers |= {
             "X-Query-Budget-Limit": str(c.limit),

@@ -440,7 +440,8 @@ def create_job(
         raise _field_error(
             ["teacher", "fine_tune"], "fine_tune needs teacher.model_id: the model to start from"
         )
-    spec: dict[str, Any] = {"teacher": teacher, "audit": audit}
+    serving = body.serving.model_dump(mode="json")
+    spec: dict[str, Any] = {"teacher": teacher, "audit": audit, "serving": serving}
     if body.preset is not None:
         spec |= {"preset": body.preset, "indicative": PRESETS.get(body.preset).indicative}
     # What each stage weighs in the job's progress: a stage that trains nothing weighs nothing.

@@ -1,5 +1,5 @@
 """The extraction monitor in the service: hits counted on the predict path, statistics kept per key and per
-model, alerts stored (`ml.monitor` has the statistic).
+model, alerts stored and acted on (`ml.monitor` has the statistic, `app.core.enforcement` the actions).
 
 The hot path only tests a request's rows against the model's bank of recent queries (in this process) and
 adds (rows, hits) to a pending count per (model, key): no network, no database. The app's background
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core.enforcement import Enforcement, Outcome
 from app.core.models import MonitorAlert
 from app.core.queue import append_event
 from ml.monitor import Alert, ModelMonitor, Reference, suspect_keys
@@ -129,10 +130,13 @@ class RedisStats:
 
 
 class Monitor:
-    """Counts hits on the predict path; `flush` (the background thread) updates statistics, stores alerts."""
+    """Counts hits on the predict path; `flush` (the background thread) updates statistics, stores alerts,
+    and has `enforcement` act on them in the same transaction."""
 
-    def __init__(self, sessions: sessionmaker[Session], broker_url: str | None, prefix: str) -> None:
-        self.sessions = sessions
+    def __init__(
+        self, sessions: sessionmaker[Session], broker_url: str | None, prefix: str, enforcement: Enforcement
+    ) -> None:
+        self.sessions, self.enforcement = sessions, enforcement
         self.stats = RedisStats(broker_url, prefix) if broker_url else MemoryStats()
         self._pending: dict[uuid.UUID, _Pending] = {}
         self._unsaved: list[tuple[uuid.UUID, uuid.UUID, Alert]] = []  # alerts a database outage held back
@@ -173,6 +177,7 @@ class Monitor:
                 raise
 
     def _store(self, alerts: list[tuple[uuid.UUID, uuid.UUID, Alert]]) -> None:
+        acted = Outcome()
         with self.sessions() as session, session.begin():
             for model, owner, a in alerts:
                 row = MonitorAlert(
@@ -193,3 +198,5 @@ class Monitor:
                     "queries": a.queries,
                 }
                 append_event(session, model, "alert", data | {"keys": [k["key_id"] for k in a.keys]})
+                acted += self.enforcement.act(session, row)
+        self.enforcement.committed(acted)

@@ -88,8 +88,10 @@ class Settings(BaseSettings):
     owner_query_budget: int | None = Field(
         None,
         ge=0,
-        description="rows per owner and model across all the owner's keys; None = the model's per-key "
-        "budget, so that minting more keys under one owner cannot multiply it",
+        description="rows per owner and model across all the owner's keys, where the model's enforcement "
+        "policy sets none (its owner's choice); None = no owner cap: the per-key budget and the enforcement "
+        "policy hold a thief with many keys, and honest traffic over many keys is not capped by one key's "
+        "budget",
     )
     global_query_budget: int | None = Field(
         None, ge=0, description="rows per model across every key and owner; None = no global cap"
@@ -105,6 +107,27 @@ class Settings(BaseSettings):
         60.0, gt=0, description="the longest a key lookup is cached (revocations are pushed sooner)"
     )
     redis_prefix: str = Field("cmim", description="prefix of the Redis keys holding rate limits and budgets")
+    webhook_queue: str = Field("webhooks", description="the Celery queue `cmim notifier` delivers from")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="the longest one delivery attempt takes")
+    webhook_max_attempts: int = Field(12, ge=1, description="attempts per delivery before it is failed")
+    webhook_backoff_seconds: float = Field(
+        30.0, gt=0, description="the wait after a delivery's first failed attempt; it doubles after each"
+    )
+    webhook_backoff_max_seconds: float = Field(
+        6 * 3600.0, gt=0, description="the longest wait between two attempts of a delivery"
+    )
+    webhook_poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="how often due deliveries are looked for: by the API process (embedded) or by the "
+        "notifier's sweep (deployed: deliveries whose message the broker lost)",
+    )
+    webhook_private_targets: bool = Field(
+        False,
+        description="allow webhook URLs that resolve to loopback, private or link-local addresses (a "
+        "receiver on the same host or network); off, a webhook cannot make the service post to its own "
+        "backends",
+    )
     session_secret: str | None = Field(
         None,
         min_length=32,

@@ -333,8 +333,8 @@ def make_limits(broker_url: str | None, prefix: str, sessions: sessionmaker[Sess
 class Background:
     """A daemon thread running `tasks` (interval seconds, function) until `stop`; errors are logged."""
 
-    def __init__(self, tasks: list[tuple[float, Any]]) -> None:
-        self.tasks = tasks
+    def __init__(self, tasks: list[tuple[float, Any]], last_run: bool = True) -> None:
+        self.tasks, self.last_run = tasks, last_run
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cmim-background", daemon=True)
 
@@ -352,10 +352,10 @@ class Background:
                     _logged(fn)
 
     def stop(self) -> None:
-        """Stop the thread, then run every task once more (the last counts reach the database)."""
+        """Stop the thread, then (`last_run`) run every task once more: the last counts reach the database."""
         self._stop.set()
         self._thread.join(timeout=10)
-        for _, fn in self.tasks:
+        for _, fn in self.tasks if self.last_run else []:
             _logged(fn)
 
 

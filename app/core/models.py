@@ -229,3 +229,94 @@ class MonitorAlert(Base):
     queries: Mapped[int] = mapped_column(BigInteger)  # queries the model's monitor had seen
     keys: Mapped[list[Any]]  # [{"key_id", "statistic", "queries", "hits", ...}]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EnforcementPolicyRow(Base):
+    """A served model's enforcement policy as its owner last set it (`ml.enforcement.EnforcementPolicy`);
+    a model without a row follows its job's `serving.enforcement`."""
+
+    __tablename__ = "enforcement_policies"
+
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    owner_id: Mapped[uuid.UUID]
+    policy: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class KeyStanding(Base):
+    """A key's standing on a model now (`ml.enforcement.Standing`): `state` throttled, probation or
+    suspended, or `active` once the owner reinstated it (the row stays, so that every API process sees the
+    change by `updated_at`)."""
+
+    __tablename__ = "key_standings"
+
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    owner_id: Mapped[uuid.UUID]
+    state: Mapped[str] = mapped_column(String(16), index=True)  # throttled | probation | suspended | active
+    alert_id: Mapped[uuid.UUID | None]
+    rate_fraction: Mapped[float | None]
+    budget_limit: Mapped[int | None] = mapped_column(BigInteger)
+    since: Mapped[datetime] = mapped_column(default=utcnow)
+    reviewed_at: Mapped[datetime | None]  # the owner looked and kept the key held
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class EnforcementAction(Base):
+    """One enforcement action, append-only: what was done to which key on which model, after which alert,
+    when, and by whom (the monitor, or the owner through one of its keys)."""
+
+    __tablename__ = "enforcement_actions"
+    __table_args__ = (Index("ix_enforcement_actions_model_created", "model_id", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    owner_id: Mapped[uuid.UUID]
+    key_id: Mapped[uuid.UUID]
+    # notify | throttle | probation | suspend (the monitor); reinstate | keep | revoke (the owner)
+    action: Mapped[str] = mapped_column(String(16))
+    alert_id: Mapped[uuid.UUID | None]
+    actor: Mapped[str] = mapped_column(String(8))  # monitor | owner
+    actor_key_id: Mapped[uuid.UUID | None]  # the owner's key that acted
+    detail: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Webhook(Base):
+    """An owner's webhook: alerts and enforcement actions on its models are POSTed to `url`, signed with
+    `secret` (HMAC-SHA256; the secret is kept to sign with, and shown once). Deleting sets deleted_at, so
+    that its delivery log stays."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_owner_created", "owner_id", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[uuid.UUID]
+    url: Mapped[str] = mapped_column(String(2000))
+    secret: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None]
+
+
+class WebhookDelivery(Base):
+    """One event to one webhook and every attempt to deliver it: `status` pending (next try at
+    `next_attempt_at`), delivered, or failed (attempts used up, or the webhook was deleted)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_hook_created", "webhook_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    webhook_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    owner_id: Mapped[uuid.UUID]
+    event: Mapped[str] = mapped_column(String(32))  # alert | enforcement
+    payload: Mapped[dict[str, Any]]  # the body sent, as JSON
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    log: Mapped[list[Any]]  # per attempt: {"at", "status_code", "error", "ms"}
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]

@@ -34,10 +34,11 @@ from app.api.job_service import (
     report_artifact,
 )
 from app.api.routes import alerts as alerts_routes
+from app.api.routes import enforcement as enforcement_routes
 from app.api.routes import jobs as jobs_routes
 from app.api.routes import keys as keys_routes
 from app.api.routes import models as models_routes
-from app.api.schemas import JobCreate, KeyCreate
+from app.api.schemas import JobCreate, KeyCreate, Review
 from app.api.svg import Bar, Series, bar_chart, line_chart
 from app.core.keys import KeyInfo, hash_secret
 from app.core.models import JobStatus
@@ -45,6 +46,7 @@ from app.core.queue import enqueue
 from app.core.storage import CorruptObjectError
 from app.problems import Problem, corrupt_object
 from app.web import session as web_session
+from ml.enforcement import ACTIONS
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.presets import PRESETS, merge
@@ -475,6 +477,78 @@ def revoke_key(
 ) -> Response:
     keys_routes.revoke_key(key_id, key, session, request)
     return RedirectResponse("/keys", status_code=303)
+
+
+# ---------------------------------------------------------------- enforcement
+
+
+def _enforcement_page(
+    request: Request,
+    session: SessionDep,
+    key: KeyInfo,
+    model_id: uuid.UUID,
+    status_code: int = 200,
+    error: str | None = None,
+) -> HTMLResponse:
+    """A model's enforcement: the keys it holds (the review list), its policy, its latest actions."""
+    return render(
+        request,
+        "enforcement.html",
+        status_code=status_code,
+        model_id=model_id,
+        enforcement=enforcement_routes.read_policy(session, key, model_id),
+        held=enforcement_routes.held_keys(session, key, model_id, 200, None).items,
+        actions=enforcement_routes.list_actions(session, key, model_id, 50, None).items,
+        choices=ACTIONS,
+        error=error,
+    )
+
+
+@router.get("/models/{model_id}/enforcement")
+def enforcement_page(
+    request: Request, model_id: uuid.UUID, session: SessionDep, key: JobsReader
+) -> HTMLResponse:
+    return _enforcement_page(request, session, key, model_id)
+
+
+@router.post("/models/{model_id}/enforcement/keys/{key_id}")
+def review_held_key(
+    request: Request,
+    model_id: uuid.UUID,
+    key_id: uuid.UUID,
+    fields: Form,
+    session: SessionDep,
+    key: KeysAdmin,
+) -> Response:
+    try:
+        review = Review.model_validate({"decision": fields.get("decision")})
+        enforcement_routes.review_key(request, session, key, model_id, key_id, review)
+    except ValidationError:
+        error = "choose reinstate, keep or revoke"
+        return _enforcement_page(request, session, key, model_id, 422, error)
+    except Problem as p:
+        if p.status != 409:
+            raise
+        return _enforcement_page(request, session, key, model_id, 409, p.detail)
+    return RedirectResponse(f"/models/{model_id}/enforcement", status_code=303)
+
+
+@router.post("/models/{model_id}/enforcement")
+def save_enforcement(
+    request: Request, model_id: uuid.UUID, fields: Form, session: SessionDep, key: JobsWriter
+) -> Response:
+    names = ("on_key_alert", "on_model_alert", "throttle_fraction", "probation_queries", "owner_query_budget")
+    changes: dict[str, Any] = {n: fields[n].strip() for n in names if n in fields}
+    if "owner_query_budget" in changes:
+        changes["owner_query_budget"] = changes["owner_query_budget"] or None  # empty: no owner cap
+    enforcement = request.app.state.enforcement
+    try:
+        enforcement_routes.set_policy(session, enforcement, key, model_id, changes)
+    except Problem as p:
+        if p.status != 422:
+            raise
+        return _enforcement_page(request, session, key, model_id, 422, p.detail)
+    return RedirectResponse(f"/models/{model_id}/enforcement", status_code=303)
 
 
 # ---------------------------------------------------------------- compare

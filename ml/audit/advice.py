@@ -277,8 +277,9 @@ def next_steps(
         )
     per_key = f"{safe:,}" if safe else "the per-key budget"
     limits = [
-        f"many keys (n keys hold n x {per_key} queries: keep `CMIM_OWNER_QUERY_BUDGET` at the per-key "
-        "budget, set `CMIM_GLOBAL_QUERY_BUDGET`, and control who gets keys)",
+        f"many keys (n keys hold n x {per_key} queries: the monitor's alerts suspend the keys they name, "
+        "docs/enforcement.md; set an owner budget in the model's enforcement policy or "
+        "`CMIM_GLOBAL_QUERY_BUDGET`, and control who gets keys)",
         "label-only copying that comes within noise of the label-smoothing student (on our benchmark, with "
         "twelve times the safe budget: +0.95 ± 0.70 points)",
         "attacks outside the audited suite, and a thief holding more labelled data than the audit assumed",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import http.server
+import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -152,3 +155,38 @@ def copy_job(
             fields = ("name", "kind", "media_type", "sha256", "size_bytes", "storage_key")
             s.add(Artifact(job_id=copy.id, owner_id=owner, **{f: getattr(a, f) for f in fields}))
         return copy.id
+
+
+class Receiver:
+    """A webhook receiver: a real HTTP server on 127.0.0.1 that records every POST (headers, body) and
+    answers 204. `stop` takes it down (connections are refused), `start` brings it back on the same port."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self._server: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        received = self.received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -35,7 +35,8 @@ def test_compose_file_is_valid() -> None:
 def test_compose_runs_the_deployed_split() -> None:
     r = compose("config", "--services")
     assert r.returncode == 0, r.stderr
-    assert set(r.stdout.split()) == {"api", "migrate", "worker", "redis", "postgres", "s3", "s3-bucket"}
+    services = {"api", "migrate", "worker", "notifier", "redis", "postgres", "s3", "s3-bucket"}
+    assert set(r.stdout.split()) == services
     full = compose("config").stdout
     assert "driver: nvidia" in full and "capabilities:" in full  # the worker reserves a GPU
     assert "CMIM_BROKER_URL: redis://redis:6379/0" in full

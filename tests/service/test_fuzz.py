@@ -154,6 +154,9 @@ class Fuzzed:
             "dataset_id": dataset_id,
             "key_id": self.spare_key(),
             "name": "report.json",
+            "hook_id": trained.client.post(
+                "/api/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=trained.headers
+            ).json()["id"],
         }
         self.uploads = 0
 
@@ -232,7 +235,11 @@ def _coin(value: object) -> bool:
 @pytest.fixture(scope="module")
 def fuzzed(postgresql_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    trained = Trained(service_settings(postgresql_url, tmp, upload_max_bytes=256 * 1024), tmp)
+    # Webhook URLs are taken without resolving their host: the generated ones name hosts no resolver knows.
+    settings = service_settings(
+        postgresql_url, tmp, upload_max_bytes=256 * 1024, webhook_private_targets=True
+    )
+    trained = Trained(settings, tmp)
     trained.job_id = trained.submit(job_body())
     r = trained.client.post(
         "/api/v1/datasets",

@@ -28,6 +28,8 @@ from app.api.inference import (
     charge,
     check_datatype,
     describe_budget,
+    describe_standing,
+    refuse_suspended,
 )
 from app.api.schemas import (
     InferInput,
@@ -40,7 +42,9 @@ from app.api.schemas import (
     TensorMeta,
 )
 from app.core.keys import KeyInfo
+from app.core.limits import Cap
 from app.problems import Problem, validation_problem
+from ml.enforcement import Standing
 from ml.onnx_model import ONNX_ARCH
 from ml.policy import Served
 
@@ -117,13 +121,24 @@ async def _served(request: Request, model_id: uuid.UUID, key: KeyInfo) -> Served
     return served
 
 
+def _enforced(request: Request, key: KeyInfo, served: ServedModel) -> tuple[Standing | None, list[Cap]]:
+    """The key's standing on the model and the caps its rows count against (from this process's memory)."""
+    enforcement = request.app.state.enforcement
+    standing = enforcement.standing(served.model_id, key.id)
+    policy = enforcement.policy(served.model_id, served.enforcement)
+    return standing, caps_for(key, served, request.app.state.settings, policy, standing)
+
+
 async def _answer(request: Request, key: KeyInfo, served: ServedModel, x: Any) -> tuple[Served, dict]:
-    """Charge the rows (429 when a limit or budget ran out), then answer them as audited."""
+    """Refuse a suspended key (403), charge the rows (429 when a limit or budget ran out), then answer
+    them as audited. The key's standing and the model's policy are read from this process's memory."""
     state = request.app.state
     settings = state.settings
+    standing, caps = _enforced(request, key, served)
+    refuse_suspended(served.model_id, standing)
     budget = budget_for(key, served, settings.model_query_budget)
-    caps = caps_for(key, served, settings)
-    headers = await charge(state.limits, key, caps, int(x.shape[0]), settings.rate_limit_per_minute, budget)
+    rows, rate = int(x.shape[0]), settings.rate_limit_per_minute
+    headers = await charge(state.limits, key, caps, rows, rate, budget, standing)
     state.monitor.record(served, key.id, x)
     history = state.histories.get(key.id, served)
     if x.shape[0] <= INLINE_ROWS:
@@ -145,7 +160,7 @@ async def metadata(model_id: ModelId, request: Request, key: Predict) -> ModelMe
     served = await _served(request, model_id, key)
     settings = request.app.state.settings
     meta = served.meta
-    caps = caps_for(key, served, settings)
+    standing, caps = _enforced(request, key, served)
     used = await request.app.state.limits.usage([c.counter for c in caps])
     outputs = [
         TensorMeta(name="probabilities", datatype="FP32", shape=[-1, meta.num_classes]),
@@ -163,6 +178,7 @@ async def metadata(model_id: ModelId, request: Request, key: Predict) -> ModelMe
             "output_mode": served.mode.model_dump(),
             "policy": _policy(served),
             "query_budget": describe_budget(budget_for(key, served, settings.model_query_budget), caps, used),
+            "standing": describe_standing(standing),
             "class_names": meta.class_names,
             "arch": meta.arch,
         },
