@@ -25,6 +25,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from test_e2e import Stack, embedded, free_port, make_key  # noqa: F401 - embedded: a fixture
+from test_enforcement import attack, replay
+from test_predict_scale import v2_body
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path(__file__).parents[2] / "docs" / "screenshots"
@@ -160,6 +162,28 @@ def test_dashboard_sign_in_submit_watch_report_keys_sign_out(server: Stack, brow
     labels = [e.text for e in wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#predictions .label"))]
     assert len(labels) == 2 and all(label.isdigit() for label in labels), labels
     shot(d, "models")
+
+    # Enforcement: an extraction replayed over four keys is suspended; the review list shows it, and
+    # reinstating a key there lets it answer again.
+    made = [server.post("/api/v1/keys", json={"name": f"client {i}"}).json() for i in range(4)]
+    keys = [{"Authorization": f"Bearer {k['key']}"} for k in made]
+    refused: dict[int, dict[str, Any]] = {}
+
+    def infer(_: int, k: int, x: Any) -> httpx.Response:
+        return httpx.post(f"{base}/v2/models/{job_id}/infer", json=v2_body(x), headers=keys[k], timeout=30)
+
+    replay(infer, 4, attack(4000), lambda: any(p["status"] == 403 for p in refused.values()), refused)
+    k = next(k for k, p in refused.items() if p["status"] == 403)
+    d.get(f"{base}/models/{job_id}/enforcement")
+    row = f"tr[data-key='{made[k]['id']}']"
+    assert text(d, f"{row} .standing") == "suspended" and refused[k]["alert_id"] in text(d, row)
+    shot(d, "enforcement")
+    d.find_element(By.CSS_SELECTOR, f"{row} button.reinstate").click()
+    wait_for(lambda: "reinstate" in text(d, "#actions") and not d.find_elements(By.CSS_SELECTOR, row))
+    again = httpx.post(
+        f"{base}/api/v1/models/{job_id}/predict", json={"inputs": [[[0.2] * 40]]}, headers=keys[k]
+    )
+    assert again.status_code == 200, again.text
 
     # Keys: create a predict-only key with a budget (its secret shown once), then revoke it.
     d.get(f"{base}/keys")
