@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.deps import get_owned
+from app.api.pagination import newest_first
 from app.api.schemas import (
     ArtifactOut,
     JobCreate,
@@ -476,30 +476,6 @@ def create_job(
 # ---------------------------------------------------------------- list
 
 
-def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), str(job.id)]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        created, ident = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        when, job_id = datetime.fromisoformat(created), uuid.UUID(ident)
-        if when.tzinfo is None:
-            raise ValueError("its time has no time zone")
-        return when, job_id
-    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as e:
-        raise validation_problem(
-            [
-                {
-                    "loc": ["query", "cursor"],
-                    "msg": f"invalid cursor ({e}): pass `next_cursor` of the previous page unchanged",
-                    "type": "value_error",
-                }
-            ]
-        ) from None
-
-
 def list_jobs(
     session: Session,
     key: ApiKey,
@@ -515,18 +491,12 @@ def list_jobs(
         q = q.where(Job.status == status.value)
     if verdict is not None:
         q = q.where(Job.status == JobStatus.succeeded.value, JobEvent.data["verdict"].as_string() == verdict)
-    if cursor:
-        created, ident = decode_cursor(cursor)
-        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < ident)))
-    rows = [
-        tuple(r) for r in session.execute(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    ]
-    more = len(rows) > limit
-    rows = rows[:limit]
+    page, next_cursor = newest_first(session, q, Job.created_at, Job.id, limit, cursor)
+    rows = [tuple(r) for r in page]
     events = progress_events(session, rows)
     starts = audit_starts(session, [j for j, _ in rows])
     items = [job_summary(j, events.get(j.id), starts.get(j.id)) for j, _ in rows]
-    return JobList(items=items, next_cursor=encode_cursor(rows[-1][0]) if more else None)
+    return JobList(items=items, next_cursor=next_cursor)
 
 
 def job_artifacts(session: Session, job_id: uuid.UUID) -> list[Artifact]:

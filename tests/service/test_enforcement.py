@@ -338,6 +338,12 @@ def test_throttle_and_probation_follow_the_owners_policy(embedded: Trained, acti
     assert {p["status"] for p in refused.values()} == (set() if action == "throttle" else {429}), refused
     held = t.client.get(f"/api/v1/models/{model}/enforcement/keys", headers=t.headers).json()["items"]
     assert held and {h["state"] for h in held} == {"throttled" if action == "throttle" else "probation"}
+    paged, cursor = [], None  # one key a page, through every cursor: the same keys in the same order
+    while cursor or not paged:
+        params = {"limit": 1} | ({"cursor": cursor} if cursor else {})
+        page = t.client.get(f"/api/v1/models/{model}/enforcement/keys", params=params, headers=t.headers)
+        paged, cursor = paged + page.json()["items"], page.json()["next_cursor"]
+    assert paged == held and len(held) > 1
     infer = f"/v2/models/{model}/infer"
     for h in held:
         headers = keys[[key_id(t.settings.database_url, k) for k in keys].index(h["key_id"])]

@@ -6,11 +6,11 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, SessionDep, get_owned
-from app.api.job_service import decode_cursor, encode_cursor
+from app.api.pagination import newest_first
 from app.api.schemas import AlertList, AlertOut
 from app.core.models import Job, MonitorAlert
 
@@ -23,19 +23,9 @@ def list_alerts(
     """Newest first; 404 unless the caller's owner owns the model."""
     get_owned(session, Job, model_id, key, "model")
     q = select(MonitorAlert).where(MonitorAlert.model_id == model_id)
-    if cursor:
-        created, ident = decode_cursor(cursor)
-        q = q.where(
-            or_(
-                MonitorAlert.created_at < created,
-                and_(MonitorAlert.created_at == created, MonitorAlert.id < ident),
-            )
-        )
-    rows = session.scalars(
-        q.order_by(MonitorAlert.created_at.desc(), MonitorAlert.id.desc()).limit(limit + 1)
-    ).all()
-    items = [AlertOut.model_validate(r, from_attributes=True) for r in rows[:limit]]
-    return AlertList(items=items, next_cursor=encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
+    rows, next_cursor = newest_first(session, q, MonitorAlert.created_at, MonitorAlert.id, limit, cursor)
+    items = [AlertOut.model_validate(r, from_attributes=True) for (r,) in rows]
+    return AlertList(items=items, next_cursor=next_cursor)
 
 
 @router.get("/{model_id}/alerts", response_model=AlertList, summary="Extraction alerts of a model")

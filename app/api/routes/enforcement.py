@@ -4,17 +4,16 @@ list) and the append-only log of actions. Only the model's owner sees or changes
 from __future__ import annotations
 
 import uuid
-from types import SimpleNamespace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, KeysAdmin, SessionDep, get_owned
-from app.api.job_service import decode_cursor, encode_cursor
+from app.api.pagination import newest_first
 from app.api.schemas import (
     ActionList,
     ActionOut,
@@ -77,14 +76,7 @@ def held_keys(
         .join(ApiKey, ApiKey.id == KeyStanding.key_id)
         .where(KeyStanding.model_id == model_id, KeyStanding.state != ACTIVE)
     )
-    if cursor:
-        since, ident = decode_cursor(cursor)
-        q = q.where(
-            or_(KeyStanding.since < since, and_(KeyStanding.since == since, KeyStanding.key_id < ident))
-        )
-    rows = session.execute(
-        q.order_by(KeyStanding.since.desc(), KeyStanding.key_id.desc()).limit(limit + 1)
-    ).all()
+    rows, next_cursor = newest_first(session, q, KeyStanding.since, KeyStanding.key_id, limit, cursor)
     items = [
         StandingOut(
             key_id=s.key_id,
@@ -98,11 +90,9 @@ def held_keys(
             budget_limit=s.budget_limit,
             reviewed_at=s.reviewed_at,
         )
-        for s, k in rows[:limit]
+        for s, k in rows
     ]
-    last = rows[limit - 1][0] if len(rows) > limit else None
-    cursor_out = encode_cursor(SimpleNamespace(created_at=last.since, id=last.key_id)) if last else None
-    return StandingList(items=items, next_cursor=cursor_out)
+    return StandingList(items=items, next_cursor=next_cursor)
 
 
 def review_key(
@@ -128,19 +118,10 @@ def list_actions(
     """The model's enforcement actions, newest first."""
     get_owned(session, Job, model_id, key, "model")
     q = select(EnforcementAction).where(EnforcementAction.model_id == model_id)
-    if cursor:
-        created, ident = decode_cursor(cursor)
-        q = q.where(
-            or_(
-                EnforcementAction.created_at < created,
-                and_(EnforcementAction.created_at == created, EnforcementAction.id < ident),
-            )
-        )
-    rows = session.scalars(
-        q.order_by(EnforcementAction.created_at.desc(), EnforcementAction.id.desc()).limit(limit + 1)
-    ).all()
-    items = [ActionOut.model_validate(r) for r in rows[:limit]]
-    return ActionList(items=items, next_cursor=encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
+    rows, next_cursor = newest_first(
+        session, q, EnforcementAction.created_at, EnforcementAction.id, limit, cursor
+    )
+    return ActionList(items=[ActionOut.model_validate(r) for (r,) in rows], next_cursor=next_cursor)
 
 
 @router.get("/{model_id}/enforcement", response_model=EnforcementOut, summary="A model's enforcement policy")

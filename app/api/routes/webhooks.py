@@ -7,12 +7,12 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import KeysAdmin, SessionDep, SettingsDep, get_owned
-from app.api.job_service import decode_cursor, encode_cursor
+from app.api.pagination import newest_first
 from app.api.schemas import (
     DeliveryList,
     DeliveryOut,
@@ -60,14 +60,8 @@ def create_webhook(session: Session, settings: Settings, key: KeyInfo, body: Web
 def list_webhooks(session: Session, key: KeyInfo, limit: int, cursor: str | None) -> WebhookList:
     """The owner's live webhooks, newest first."""
     q = select(Webhook).where(Webhook.owner_id == key.owner_id, Webhook.deleted_at.is_(None))
-    if cursor:
-        created, ident = decode_cursor(cursor)
-        q = q.where(
-            or_(Webhook.created_at < created, and_(Webhook.created_at == created, Webhook.id < ident))
-        )
-    rows = session.scalars(q.order_by(Webhook.created_at.desc(), Webhook.id.desc()).limit(limit + 1)).all()
-    items = [WebhookOut.model_validate(r) for r in rows[:limit]]
-    return WebhookList(items=items, next_cursor=encode_cursor(rows[limit - 1]) if len(rows) > limit else None)
+    rows, next_cursor = newest_first(session, q, Webhook.created_at, Webhook.id, limit, cursor)
+    return WebhookList(items=[WebhookOut.model_validate(r) for (r,) in rows], next_cursor=next_cursor)
 
 
 def delete_webhook(session: Session, key: KeyInfo, hook_id: uuid.UUID) -> None:
@@ -84,21 +78,10 @@ def list_deliveries(
     """The webhook's deliveries, newest first, each with its attempts."""
     get_owned(session, Webhook, hook_id, key, "webhook")
     q = select(WebhookDelivery).where(WebhookDelivery.webhook_id == hook_id)
-    if cursor:
-        created, ident = decode_cursor(cursor)
-        q = q.where(
-            or_(
-                WebhookDelivery.created_at < created,
-                and_(WebhookDelivery.created_at == created, WebhookDelivery.id < ident),
-            )
-        )
-    rows = session.scalars(
-        q.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit + 1)
-    ).all()
-    items = [DeliveryOut.model_validate(r) for r in rows[:limit]]
-    return DeliveryList(
-        items=items, next_cursor=encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    rows, next_cursor = newest_first(
+        session, q, WebhookDelivery.created_at, WebhookDelivery.id, limit, cursor
     )
+    return DeliveryList(items=[DeliveryOut.model_validate(r) for (r,) in rows], next_cursor=next_cursor)
 
 
 @router.post(
