@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
@@ -120,6 +120,16 @@ def escalate(
     return replace(
         base, state=state, alert_id=alert_id, since=now, rate_fraction=fraction, budget_limit=limit
     )
+
+
+def first_exhausted(limits: Sequence[int | None], used: Sequence[int], rows: int) -> int | None:
+    """The index of the first budget (None: uncapped) that `rows` more rows would overrun, None when they
+    fit in all: a request is answered whole or refused whole (the API's reservation and the benchmark's
+    enforced black box both decide with this)."""
+    for i, (limit, u) in enumerate(zip(limits, used, strict=True)):
+        if limit is not None and u + rows > limit:
+            return i
+    return None
 
 
 class StandingBook:

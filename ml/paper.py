@@ -18,6 +18,7 @@ from torch import nn
 
 from ml.audit import AuditConfig, AuditProgress, BlackBox, run_audit, serve_box
 from ml.data import Dataset, load_dataset
+from ml.enforced_sim import KEYS, enforced_markdown, enforced_phase, enforced_summary
 from ml.evidence import DEFAULT_MECHANISM, Secret
 from ml.monitor_sim import monitor_markdown, simulate_seeds
 from ml.oracle import OutputMode
@@ -73,6 +74,10 @@ class Benchmark(BaseModel):
     query_budgets: list[int] = Field(default_factory=lambda: [4000, 20000, 100000])
     # the black boxes attacked under each budget: the safe budget of the default protection and of CE
     budget_for: list[str] = Field(default_factory=lambda: ["control", "protected"])
+    # the enforced black box (ml.enforced_sim): this protection at its safe budget behind the serving gate,
+    # attacked with K keys each; "" runs none (it needs the protection's budget curve)
+    enforced: str = "protected"
+    enforced_keys: list[int] = Field(default_factory=lambda: list(KEYS))
     # "ce" (the control, full probabilities) and "cmim" (full probabilities) are always audited;
     # "protected" is the product's default protection.
     protections: dict[str, Protection] = Field(
@@ -219,6 +224,17 @@ def run_paper(
     # the monitor across keys against the unlimited fm_edge attacker of this benchmark (200k queries at most)
     attack = min(bench.epochs * len(data.x_train), 200_000)
     report["monitor"] = simulate_seeds(data, bench.seeds, queries=attack)
+    safe = report.get("safe_budget", {}).get(bench.enforced, {}).get(bench.student)
+    if bench.enforced and safe:  # a safe budget of 0 serves nothing: there is nothing to enforce
+        report["enforced"] = enforced_phase(
+            cfg,
+            data,
+            boxes[bench.enforced],
+            safe,
+            report["students"][bench.student]["ls"],
+            keys=tuple(bench.enforced_keys),
+            log=log,
+        )
     report["summary"] = summarise_paper(report, bench, time.perf_counter() - t0)
     return report
 
@@ -335,6 +351,7 @@ def summarise_paper(report: dict[str, Any], bench: Benchmark, wall_s: float) -> 
         .get("16", {})
         .get("queries_to_alert", {})
         .get("mean"),
+        **enforced_summary(report.get("enforced")),
         "wall_s": wall_s,
     }
 
@@ -484,6 +501,8 @@ def paper_markdown(report: dict[str, Any], student: str) -> str:
     lines += evidence_markdown(report, student)
     if report.get("monitor"):
         lines += ["", monitor_markdown(report["monitor"])]
+    if report.get("enforced"):
+        lines += enforced_markdown(report["enforced"], report["config"]["seeds"])
     return "\n".join(lines) + "\n"
 
 

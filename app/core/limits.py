@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.coalesce import Coalescer
 from app.core.models import QueryUsage, utcnow
+from ml.enforcement import first_exhausted
 
 log = logging.getLogger(__name__)
 Scope = Literal["key", "owner", "global"]
@@ -155,9 +156,9 @@ class MemoryLimits:
                 return Admission(False, 0, max(math.ceil(hits[0] + WINDOW_SECONDS - now), 1), used)
             hits.append(now)
             remaining, reset = rate - len(hits), max(math.ceil(hits[0] + WINDOW_SECONDS - now), 1)
-            for i, (cap, u) in enumerate(zip(caps, used, strict=True)):
-                if cap.limit is not None and u + rows > cap.limit:
-                    return Admission(True, remaining, reset, used, exhausted=i)
+            exhausted = first_exhausted([cap.limit for cap in caps], used, rows)
+            if exhausted is not None:
+                return Admission(True, remaining, reset, used, exhausted=exhausted)
             for cap in caps:
                 self._used[cap.counter] += rows
                 self._dirty.add(cap.counter)

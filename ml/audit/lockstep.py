@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ml.attacks import ATTACKS, AttackContext
+from ml.audit.batches import Batch
 from ml.audit.config import AuditConfig
 from ml.audit.groups import ModuleGroup, StackedGroup, vmappable
 from ml.audit.losses import StackedLoss
@@ -32,15 +33,17 @@ def train_lockstep(
     on_epoch: Callable[[int, int], None] | None = None,
     budget: int | None = None,
     transfer: Tensor | None = None,
+    reshape: Callable[[Batch], Batch] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """Train every run of one seed on shared batches; fills each run's per-epoch accuracies and returns
     `predict(x)`: the trained runs' (runs, N) predicted labels, in run order.
 
     With a budget, the runs train on `budget // views` cached samples for as many optimiser steps as
-    the unlimited schedule takes (cfg.epochs passes over the labelled data).
+    the unlimited schedule takes (cfg.epochs passes over the labelled data). `reshape` changes each
+    batch's queries before they are sent (an attacker that knows the monitor).
     """
     device = resolve_device(cfg.device)
-    source: LiveSource | CachedSource = LiveSource(runs, data, oracles, cfg, seed, transfer)
+    source: LiveSource | CachedSource = LiveSource(runs, data, oracles, cfg, seed, transfer, reshape)
     if budget is not None:
         views = max(len(r.views) for r in runs)
         total_steps = cfg.epochs * source.steps_per_epoch

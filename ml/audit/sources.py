@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,11 @@ class LiveSource:
         cfg: AuditConfig,
         seed: int,
         transfer: Tensor | None = None,
+        reshape: Callable[[Batch], Batch] | None = None,
     ) -> None:
         self.data, self.oracles, self.cfg = data, oracles, cfg
+        # an attacker that knows a monitor changes its queries before sending them (ml.enforced_sim)
+        self.reshape = reshape
         self.transfer = transfer.to(resolve_device(cfg.device)) if transfer is not None else None
         self.transfer_gen = torch.Generator().manual_seed(seed * 3 + 2**20)
         self.transfer_order: list[Tensor] = []
@@ -48,6 +51,8 @@ class LiveSource:
                 t = self._transfer_batch(len(idx))
                 x, y = torch.cat([x, t]), torch.cat([y, torch.full((len(t),), -1, device=y.device)])
             batch = make_batch(self.data, x, y, self.needed, self.cfg, self.gens)
+            if self.reshape is not None:
+                batch = self.reshape(batch)
             # one forward per model and view, however many black boxes serve that model
             logits: dict[tuple[int, str], Tensor] = {}
             served = {t: {v: self._ask(t, v, batch, logits) for v in vs} for t, vs in self.queried.items()}

@@ -23,6 +23,11 @@ SUMMARY_KEYS = {
     "evidence_tpr",
     "evidence_fpr",
     "evidence_cost",
+    "enforced_margin",
+    "enforced_margin_se",
+    "enforced_queries",
+    "honest_suspended",
+    "honest_limited",
     "wall_s",
 }
 
@@ -56,6 +61,16 @@ def test_tiny_paper_benchmark() -> None:
     assert summary["ce_margin"] == report["control"]["students"]["mlp"]["margin"]
     assert summary["protected_margin"] == report["protections"]["protected"]["students"]["mlp"]["margin"]
     assert summary["safe_budget"] in (0, 100)
+    # the enforced black box: the default protection at its safe budget, attacked with 1, 16, 256 keys
+    if summary["safe_budget"]:
+        rows = report["enforced"]["rows"]
+        assert {name.rsplit(" K=", 1)[1] for name in rows} == {"1", "16", "256"}
+        assert {"hard_label K=1", "jitter K=256", "fresh_mix K=16", "slow K=256"} <= set(rows)
+        assert summary["enforced_margin"] == max(r["margin"] for r in rows.values())
+        assert rows["hard_label K=1"]["queries"]["mean"] <= 100
+        assert summary["honest_suspended"] == 0 and "| jitter | 256 |" in "\n".join(table)
+    else:
+        assert "enforced" not in report and summary["enforced_margin"] is None
     names = {row[0] for row in paper_rows(report, "mlp")}
     assert names == {"ce", "cmim", "protected", "ce_label"}
     # budget curves only for the boxes the benchmark names: the control and the default protection

@@ -1,0 +1,132 @@
+"""The enforced black box of `cmim bench paper` (ml.enforced_sim): the serving gate, the thief's keys, the
+students' answers and the honest clients, on a tiny data set."""
+
+from datetime import UTC, datetime
+
+import pytest
+import torch
+
+from ml.attacks import ATTACKS
+from ml.audit.batches import Batch
+from ml.audit.config import AuditConfig
+from ml.audit.sources import CachedSource, LiveSource
+from ml.audit.students import Run
+from ml.data import Dataset, load_dataset
+from ml.enforced_sim import (
+    HONEST_KEYS,
+    MODEL,
+    RESENDERS,
+    SENSORS,
+    Attacker,
+    Gate,
+    Jitter,
+    enforced_summary,
+    honest_requests,
+    honest_standing,
+    simulate,
+)
+from ml.enforcement import Standing, first_exhausted
+from ml.monitor import MonitorConfig, calibrate
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    return load_dataset("mnist1d", num_train=200, num_test=400)
+
+
+def _attacker(epochs: int = 1) -> Attacker:
+    cfg = AuditConfig(epochs=epochs, seeds=1, students=["mlp"], attacks=["hard_label"], device="cpu")
+    return Attacker(
+        "hard_label", lambda: Run("hard_label", "mlp", "enforced", ATTACKS.get("hard_label")(10, None)), cfg
+    )
+
+
+def _ref(data: Dataset):  # noqa: ANN202
+    return calibrate(data.x_test[:200], MonitorConfig(), 0)
+
+
+def test_a_request_is_answered_whole_or_refused_whole() -> None:
+    assert first_exhausted([None, 10], [5, 4], 6) is None
+    assert first_exhausted([None, 10], [5, 4], 7) == 1
+    assert first_exhausted([3, 10], [3, 0], 1) == 0
+
+
+def test_a_keys_successor_starts_when_it_is_out_of_budget(data: Dataset) -> None:
+    a = _attacker()
+    one = simulate(Gate(_ref(data), 64), a, data, 0, 1, [])
+    assert one == {"samples": 64, "queries": 64, "keys_stopped": 1}
+    # two keys: the second takes over the batch the first could not finish
+    two = simulate(Gate(_ref(data), 64), a, data, 0, 2, [])
+    assert two["samples"] == 128 and two["keys_stopped"] == 2
+    # more keys than the stream needs: the whole schedule (200 samples), the last key still admitted
+    many = simulate(Gate(_ref(data), 64), a, data, 0, 16, [])
+    assert many["samples"] == 200 and many["keys_stopped"] == 3
+
+
+def test_a_suspended_key_gets_no_answers_and_its_successor_does(data: Dataset) -> None:
+    gate = Gate(_ref(data), None)
+    x = data.x_test[:4]
+    assert gate.ask("attacker-0", x)
+    gate.book.put(MODEL, "attacker-0", Standing("suspended", "1", datetime.now(UTC)))
+    assert not gate.ask("attacker-0", x) and gate.room("attacker-0") == 0
+    assert gate.used["attacker-0"] == 4  # the refused request was not counted
+    # the monitor itself suspends a key sending near-duplicates (hits, not repeats)
+    base = data.x_test[:1]
+    tau = gate.ref.tau
+    answered = 0
+    for i in range(200):
+        noise = torch.randn(base.shape, generator=torch.Generator().manual_seed(i))
+        x = base + 0.3 * tau * noise / noise.norm()
+        answered += gate.ask("attacker-1", x)
+    assert gate.standing("attacker-1") is not None and gate.standing("attacker-1").suspended
+    assert answered < 200 and gate.acted["attacker-1"].suspended
+
+
+def test_students_train_only_on_the_answered_queries(data: Dataset) -> None:
+    a = _attacker()
+    gate = Gate(_ref(data), 50)
+    sent: list[torch.Tensor] = []
+    ask = gate.ask
+
+    def recording(key: str, x: torch.Tensor) -> bool:
+        ok = ask(key, x)
+        if ok and key.startswith("attacker-"):
+            sent.append(x)
+        return ok
+
+    gate.ask = recording  # type: ignore[method-assign]
+    got = simulate(gate, a, data, 3, 3, [])
+    assert got["samples"] == 150
+    # the student's training set (the audit's budget phase with the answered count) is what was answered
+    run = a.run()
+    cached = CachedSource(LiveSource([run], data, {}, a.cfg, 3), got["samples"], 3)
+    assert torch.equal(cached.views["plain"], torch.cat(sent))
+
+
+def test_honest_resenders_and_sensors_are_not_held(data: Dataset) -> None:
+    requests = honest_requests(data, 0)
+    keys = {k for k, _ in requests}
+    assert len(keys) == HONEST_KEYS
+    gate = Gate(_ref(data), None)
+    for key, x in requests:
+        assert gate.ask(key, x)
+    held = honest_standing(gate)
+    assert held == {"suspended": 0, "limited": 0}
+    # the resenders' second and third sends are repeats: not counted by the monitor
+    resender = f"honest-{HONEST_KEYS - RESENDERS - SENSORS}"
+    sends = sum(k == resender for k, _ in requests)
+    assert gate.monitor.keys[resender].queries == sends // 3
+
+
+def test_jitter_keeps_each_query_past_the_radius(data: Dataset) -> None:
+    jitter = Jitter(tau=1.0, bank=64)
+    x = data.x_train[:8].repeat(4, 1, 1)  # every input four times: all near-duplicates
+    out = jitter(Batch(y=torch.zeros(len(x)), views={"mixup_edge": x.clone()})).views["mixup_edge"]
+    flat = out.reshape(len(out), -1)
+    for i in range(1, len(flat)):
+        nearest = torch.linalg.vector_norm(flat[:i] - flat[i], dim=1).min()
+        assert nearest >= 1.25 - 1e-4
+
+
+def test_enforced_summary_without_a_phase_is_empty() -> None:
+    assert set(enforced_summary(None).values()) == {None}
