@@ -403,3 +403,24 @@ def enforced_markdown(enforced: dict[str, Any], seeds: int) -> list[str]:
 def _se(summary: dict[str, Any]) -> float:
     se = summary["se"]
     return 0.0 if se is None or math.isnan(se) else se
+
+
+def enforced_record(report: dict[str, Any], command: str, revision: str, indicative: bool) -> dict[str, Any]:
+    """What a benchmark run measured of the enforced black box, as the protection statement reads it."""
+    enforced = report.get("enforced")
+    if not enforced:
+        raise ValueError('the report has no enforced black box (no safe budget, or enforced: "")')
+    rows = enforced["rows"]
+    worst = max(rows, key=lambda r: rows[r]["margin"])
+    return {
+        "benchmark": report["benchmark"]["dataset"],
+        "seeds": report["config"]["seeds"],
+        "keys": max(enforced["keys"]),
+        "per_key_budget": enforced["budget"],
+        "worst": worst,
+        "significant_holm": bool(rows[worst].get("significant_holm")),
+        **enforced_summary(enforced),
+        "revision": revision,
+        "command": command,
+        "indicative": indicative,
+    }

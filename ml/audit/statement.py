@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from ml.oracle import OutputMode
+
+# What `cmim bench paper` measured of the enforced black box (ml.enforced_sim), recorded from a run by
+# bench/record_enforced.py with its revision and command; absent until a run has measured it.
+ENFORCED_MEASURED = Path(__file__).with_name("enforced_measured.json")
 
 
 def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
@@ -46,4 +52,42 @@ def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
             if low
             else "No tested query budget was safe: a knockoff beat label smoothing at the smallest one."
         )
-    return {"served_as": served, "stops": stops, "does_not_stop": leaks, "text": " ".join(lines)}
+    enforced = enforcement_statement()
+    lines.append(enforced)
+    return {
+        "served_as": served,
+        "stops": stops,
+        "does_not_stop": leaks,
+        "enforcement": enforced,
+        "text": " ".join(lines),
+    }
+
+
+def enforcement_statement(path: Path = ENFORCED_MEASURED) -> str:
+    """What the default enforcement policy adds, as the benchmark measured it (or that it has not)."""
+    if not path.exists():
+        return (
+            "What the default enforcement policy adds against a thief holding many keys is not yet measured "
+            "(cmim bench paper, the enforced black box)."
+        )
+    m = json.loads(path.read_text())
+    where = (
+        f"({m['benchmark']}, {m['seeds']} seeds, revision {m['revision']}"
+        + (", indicative: a small configuration" if m.get("indicative") else "")
+        + f"; `{m['command']}`)"
+    )
+    keys, margin, se = m["keys"], m["enforced_margin"], m["enforced_margin_se"]
+    honest = f"{m['honest_suspended']} honest keys suspended, {m['honest_limited']:.2f} % throttled or on "
+    honest += "probation"
+    if margin <= 0:
+        return (
+            f"With the default enforcement policy, the benchmark's attackers holding up to {keys} keys, "
+            f"those that know the monitor included, stayed below the LS student (largest margin "
+            f"{margin:+.2f} ± {se:.2f}; {honest}) {where}."
+        )
+    how = "significantly after Holm" if m["significant_holm"] else "not significantly after Holm"
+    return (
+        f"With the default enforcement policy, the benchmark's attackers holding up to {keys} keys did not "
+        f"all stay below the LS student: {m['worst']} came {margin:+.2f} ± {se:.2f} points above it, {how} "
+        f"({honest}) {where}."
+    )

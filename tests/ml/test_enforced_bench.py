@@ -1,7 +1,9 @@
 """The enforced black box of `cmim bench paper` (ml.enforced_sim): the serving gate, the thief's keys, the
 students' answers and the honest clients, on a tiny data set."""
 
+import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from ml.attacks import ATTACKS
 from ml.audit.batches import Batch
 from ml.audit.config import AuditConfig
 from ml.audit.sources import CachedSource, LiveSource
+from ml.audit.statement import enforcement_statement
 from ml.audit.students import Run
 from ml.data import Dataset, load_dataset
 from ml.enforced_sim import (
@@ -20,6 +23,7 @@ from ml.enforced_sim import (
     Attacker,
     Gate,
     Jitter,
+    enforced_record,
     enforced_summary,
     honest_requests,
     honest_standing,
@@ -130,3 +134,31 @@ def test_jitter_keeps_each_query_past_the_radius(data: Dataset) -> None:
 
 def test_enforced_summary_without_a_phase_is_empty() -> None:
     assert set(enforced_summary(None).values()) == {None}
+
+
+def test_every_report_says_what_the_policy_adds_from_the_recorded_measurement(tmp_path: Path) -> None:
+    missing = enforcement_statement(tmp_path / "none.json")
+    assert "not yet measured" in missing
+    row = {"margin": -1.5, "margin_se": 0.4, "significant_holm": False, "queries": {"mean": 900.0}}
+    report = {
+        "benchmark": {"dataset": "mnist1d"},
+        "config": {"seeds": 2},
+        "enforced": {
+            "keys": [1, 16, 256],
+            "budget": 1000,
+            "honest": {"suspended": 0, "limited": 1, "keys": 200},
+            "rows": {"fm_edge K=256": row, "kd K=1": row | {"margin": -3.0, "queries": {"mean": 1000.0}}},
+        },
+    }
+    record = enforced_record(report, "cmim bench paper --quick", "abc1234", indicative=True)
+    assert record["worst"] == "fm_edge K=256" and record["enforced_queries"] == 1000.0
+    assert record["honest_limited"] == 0.5 and record["keys"] == 256
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(record))
+    text = enforcement_statement(path)
+    assert "up to 256 keys" in text and "stayed below the LS student" in text and "abc1234" in text
+    assert "indicative" in text
+    row["margin"], row["significant_holm"] = 0.8, True
+    path.write_text(json.dumps(enforced_record(report, "cmim bench paper", "abc1234", indicative=False)))
+    text = enforcement_statement(path)
+    assert "did not all stay below" in text and "fm_edge K=256" in text and "significantly after Holm" in text
