@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, SessionDep, get_owned
-from app.api.pagination import newest_first
+from app.api.pagination import Cursor, Limit, newest_first
 from app.api.schemas import AlertList, AlertOut
 from app.core.models import Job, MonitorAlert
 
@@ -33,7 +33,7 @@ async def alerts(
     model_id: Annotated[uuid.UUID, Path(description="the model's id: the id of the job that trained it")],
     session: SessionDep,
     key: JobsRead,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
 ) -> AlertList:
     return await run_in_threadpool(list_alerts, session, key, model_id, limit, cursor)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Request
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, KeysAdmin, SessionDep, get_owned
-from app.api.pagination import newest_first
+from app.api.pagination import Cursor, Limit, newest_first
 from app.api.schemas import (
     ActionList,
     ActionOut,
@@ -31,8 +31,6 @@ from ml.enforcement import EnforcementPolicy
 
 router = APIRouter(prefix="/models", tags=["enforcement"])
 ModelId = Annotated[uuid.UUID, Path(description="the model's id: the id of the job that trained it")]
-Limit = Annotated[int, Query(ge=1, le=200)]
-Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page")]
 
 
 def read_policy(session: Session, key: KeyInfo, model_id: uuid.UUID) -> EnforcementOut:

@@ -23,6 +23,7 @@ from app.api.job_service import (
     read_job,
     report_artifact,
 )
+from app.api.pagination import Cursor, Limit
 from app.api.report_html import render_report
 from app.api.schemas import (
     PRINTABLE,
@@ -93,8 +94,8 @@ async def submit_job(
 def get_jobs(
     key: JobsRead,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
     status: JobStatus | None = None,
     verdict: Annotated[Verdict | None, Query(description="only succeeded jobs with this verdict")] = None,
 ) -> JobList:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import select
 
 from app.api.deps import AnyKey, KeysAdmin, SessionDep, SettingsDep
+from app.api.pagination import Cursor
 from app.api.schemas import KeyCreate, KeyCreated, KeyList, KeyOut
 from app.core.keys import PREDICT_ONLY, create_api_key, revoke_api_key
 from app.core.models import ApiKey, utcnow
@@ -27,7 +28,7 @@ def list_keys(
     key: KeysAdmin,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    cursor: Cursor = None,
 ) -> KeyList:
     q = select(ApiKey).where(ApiKey.owner_id == key.owner_id).order_by(ApiKey.id)
     if cursor:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import KeysAdmin, SessionDep, SettingsDep, get_owned
-from app.api.pagination import newest_first
+from app.api.pagination import Cursor, Limit, newest_first
 from app.api.schemas import (
     DeliveryList,
     DeliveryOut,
@@ -29,8 +29,6 @@ from app.problems import Problem, validation_problem
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 HookId = Annotated[uuid.UUID, Path(description="the webhook's id")]
-Limit = Annotated[int, Query(ge=1, le=200)]
-Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page")]
 MAX_WEBHOOKS = 10  # live webhooks per owner: each event is one delivery per webhook
 
 
