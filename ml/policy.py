@@ -86,6 +86,15 @@ class PolicyConfig(BaseModel):
         "slab of input space drawn from the job's secret, is answered with a secretly shifted label; 0: off",
     )
 
+    def words(self) -> list[str]:
+        """What the policy adds to the output mode, as a user would say it (empty: nothing)."""
+        parts = ["snapped to class centroids"] if self.snap else []
+        if self.detector != "none":
+            parts.append(f"{self.detector} detector -> {self.action}")
+        if self.keyed_fraction:
+            parts.append(f"keyed answers on {self.keyed_fraction:.0%} of inputs")
+        return parts
+
     @model_validator(mode="after")
     def _memory(self) -> PolicyConfig:
         if self.prada_memory < self.prada_min_history:

@@ -153,6 +153,11 @@ def _output_mode(mode: dict[str, Any]) -> str:
     return OutputMode.model_validate(mode).words()
 
 
+def _policy(policy: dict[str, Any] | None) -> str:
+    """A served policy in words ('prada detector -> refuse'), 'none' when it adds nothing."""
+    return ", ".join(PolicyConfig.model_validate(policy or {}).words()) or "none"
+
+
 def _served_scores(scores: list[float] | None, names: list[str]) -> list[tuple[str, float]]:
     """A served answer's classes with a score, highest first (at most SCORES_SHOWN): what the key was told."""
     if scores is None:  # a refused query was told nothing
@@ -164,6 +169,7 @@ def _served_scores(scores: list[float] | None, names: list[str]) -> list[tuple[s
 templates.env.filters["pct"] = _pct
 templates.env.filters["eta"] = _eta
 templates.env.filters["output_mode"] = _output_mode
+templates.env.filters["policy_words"] = _policy
 templates.env.filters["served_scores"] = _served_scores
 
 

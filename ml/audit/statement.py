@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ml.oracle import OutputMode
+from ml.policy import PolicyConfig
 
 # What `cmim bench paper` measured of the enforced black box (ml.enforced_sim), recorded from a run by
 # bench/record_enforced.py with its revision and command; absent until a run has measured it.
@@ -16,11 +17,7 @@ ENFORCED_MEASURED = Path(__file__).with_name("enforced_measured.json")
 def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
     """What the protection as served stops and what it does not, in plain words, from the measurements."""
     served = OutputMode.model_validate(report["threat_model"]["output_mode"]).words()
-    policy = report["teacher"]["serving"]["policy"]
-    if policy.get("snap"):
-        served += ", snapped to class centroids"
-    if policy.get("detector", "none") != "none":
-        served += f", {policy['detector']} detector -> {policy['action']}"
+    served = ", ".join([served, *PolicyConfig.model_validate(report["teacher"]["serving"]["policy"]).words()])
     stops, leaks = [], []
     for arch, s in report["students"].items():
         for name, row in s["attacks"].items():

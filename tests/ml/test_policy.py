@@ -392,3 +392,9 @@ def test_policy_config_validation() -> None:
         PolicyConfig(snapping=True)
     with pytest.raises(ValidationError):
         PolicyConfig(prada_min_history=200, prada_memory=100)
+
+
+def test_a_policy_in_words() -> None:
+    assert PolicyConfig().words() == []
+    words = PolicyConfig(snap=True, detector="prada", action="label", keyed_fraction=0.05).words()
+    assert words == ["snapped to class centroids", "prada detector -> label", "keyed answers on 5% of inputs"]

@@ -153,7 +153,8 @@ def test_the_models_and_compare_pages_say_the_output_mode_in_words(
     owner: Trained, web: tuple[TestClient, str]
 ) -> None:
     client, job = web[0], owner.job_id
-    assert '<td id="output-mode">top-3 probabilities</td>' in client.get(f"/models?id={job}").text
+    page = client.get(f"/models?id={job}").text
+    assert '<td id="output-mode">top-3 probabilities</td>' in page and '<td id="policy">none</td>' in page
     compare = client.get(f"/compare?a={job}&b={job}").text
     assert compare.count("<td>top-3 probabilities</td>") == 2 and '"kind"' not in compare
     labels = _respec(owner, output_mode={"kind": "label"})
