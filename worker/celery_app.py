@@ -134,7 +134,7 @@ def sweep_once(settle_expired: bool = True) -> int:
 def _resend_audit(claim: Claim) -> None:
     """The audit's chord sent again from the hand-off its job stored when it sent it first."""
     from app.core.storage import ArtifactStore
-    from worker.pipeline import StoreResults
+    from worker.results import StoreResults
 
     handoff = StoreResults(ArtifactStore.from_settings(settings), claim.job_id).load_handoff()
     what = f"job {claim.job_id} (attempt {claim.attempt})"

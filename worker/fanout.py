@@ -27,7 +27,8 @@ from app.core.queue import LeaseLost, handoff_claim
 from app.core.storage import ArtifactStore, StoredObject
 from ml.audit import AuditProgress, assemble, run
 from ml.train import TrainingCancelled
-from worker.pipeline import Handoff, JobContext, StoreResults, audit_plan, finish, publish_audit
+from worker.pipeline import JobContext, audit_plan, finish, publish_audit
+from worker.results import Handoff, StoreResults
 
 log = logging.getLogger(__name__)
 

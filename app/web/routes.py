@@ -8,7 +8,6 @@ session's CSRF token and must come from this server's own pages (Origin/Referer)
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StoreDep, authorize
+from app.api.enforcement_schemas import Review
 from app.api.job_events import events_after
 from app.api.job_service import (
     create_job,
@@ -38,7 +38,7 @@ from app.api.routes import enforcement as enforcement_routes
 from app.api.routes import jobs as jobs_routes
 from app.api.routes import keys as keys_routes
 from app.api.routes import models as models_routes
-from app.api.schemas import JobCreate, KeyCreate, Review
+from app.api.schemas import JobCreate, KeyCreate
 from app.api.svg import Bar, Series, bar_chart, line_chart
 from app.core.keys import KeyInfo, hash_secret
 from app.core.models import JobStatus
@@ -46,8 +46,8 @@ from app.core.queue import enqueue
 from app.core.storage import CorruptObjectError
 from app.problems import Problem, corrupt_object
 from app.web import session as web_session
+from app.web.filters import register_filters
 from ml.enforcement import ACTIONS
-from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.presets import PRESETS, merge
 
@@ -56,7 +56,6 @@ templates = Jinja2Templates(directory=HERE / "templates")
 VERDICTS = ("distillable", "undistillable", "inconclusive")
 STATUSES = [s.value for s in JobStatus]
 MAX_PREDICT_ROWS = 64  # a page is for trying a model on a few inputs
-SCORES_SHOWN = 10  # a predict answer's highest served scores on the page (a model may have 1,000 classes)
 # Why the sign-in page was shown instead of the page asked for: a code in its link (`?reason=`) and the
 # words the page shows for it. Only these: a link from elsewhere cannot put its own words on the page.
 SIGN_IN_REASONS = {
@@ -137,40 +136,7 @@ def error_page(request: Request, status: int, title: str, detail: str) -> HTMLRe
     return render(request, "error.html", status_code=status, status=status, title=title, detail=detail)
 
 
-def _pct(v: Any) -> str:
-    return f"{v:.2f}" if isinstance(v, int | float) and math.isfinite(v) else "–"
-
-
-def _eta(seconds: Any) -> str:
-    if not isinstance(seconds, int | float):
-        return "–"
-    minutes, s = divmod(int(seconds), 60)
-    return f"{minutes} min {s:02d} s" if minutes else f"{s} s"
-
-
-def _output_mode(mode: dict[str, Any]) -> str:
-    """A job's or model's output mode in words ('labels only', 'top-3 probabilities'), not as JSON."""
-    return OutputMode.model_validate(mode).words()
-
-
-def _policy(policy: dict[str, Any] | None) -> str:
-    """A served policy in words ('prada detector -> refuse'), 'none' when it adds nothing."""
-    return ", ".join(PolicyConfig.model_validate(policy or {}).words()) or "none"
-
-
-def _served_scores(scores: list[float] | None, names: list[str]) -> list[tuple[str, float]]:
-    """A served answer's classes with a score, highest first (at most SCORES_SHOWN): what the key was told."""
-    if scores is None:  # a refused query was told nothing
-        return []
-    ranked = sorted(zip(names, scores, strict=True), key=lambda c: -c[1])
-    return [(name, s) for name, s in ranked if s > 0][:SCORES_SHOWN]
-
-
-templates.env.filters["pct"] = _pct
-templates.env.filters["eta"] = _eta
-templates.env.filters["output_mode"] = _output_mode
-templates.env.filters["policy_words"] = _policy
-templates.env.filters["served_scores"] = _served_scores
+register_filters(templates.env)
 
 
 # ---------------------------------------------------------------- who is signed in

@@ -10,8 +10,8 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, SessionDep, get_owned
+from app.api.enforcement_schemas import AlertList, AlertOut
 from app.api.pagination import Cursor, Limit, newest_first
-from app.api.schemas import AlertList, AlertOut
 from app.core.models import Job, MonitorAlert
 
 router = APIRouter(prefix="/models", tags=["monitoring"])

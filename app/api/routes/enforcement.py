@@ -13,8 +13,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, KeysAdmin, SessionDep, get_owned
-from app.api.pagination import Cursor, Limit, newest_first
-from app.api.schemas import (
+from app.api.enforcement_schemas import (
     ActionList,
     ActionOut,
     EnforcementOut,
@@ -23,6 +22,7 @@ from app.api.schemas import (
     StandingList,
     StandingOut,
 )
+from app.api.pagination import Cursor, Limit, newest_first
 from app.core.enforcement import ACTIVE, Enforcement, NotHeld, policy_of
 from app.core.keys import KeyInfo
 from app.core.models import ApiKey, EnforcementAction, EnforcementPolicyRow, Job, KeyStanding

@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import KeysAdmin, SessionDep, SettingsDep, get_owned
-from app.api.pagination import Cursor, Limit, newest_first
-from app.api.schemas import (
+from app.api.enforcement_schemas import (
     DeliveryList,
     DeliveryOut,
     WebhookCreate,
@@ -21,6 +20,7 @@ from app.api.schemas import (
     WebhookList,
     WebhookOut,
 )
+from app.api.pagination import Cursor, Limit, newest_first
 from app.core.config import Settings
 from app.core.keys import KeyInfo
 from app.core.models import Webhook, WebhookDelivery, utcnow
