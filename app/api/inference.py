@@ -23,7 +23,6 @@ from torch import nn
 from app.api.job_service import job_artifact
 from app.core.coalesce import Coalescer
 from app.core.config import Settings
-from app.core.enforcement import spec_policy
 from app.core.keys import KeyInfo
 from app.core.limits import Cap, Limits, counters_for
 from app.core.models import (
@@ -31,19 +30,29 @@ from app.core.models import (
     POLICY_CONFIG_NAME,
     POLICY_NAME,
     REPORT_NAME,
+    SERVING_NAME,
     Artifact,
     Job,
     JobStatus,
 )
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found, validation_problem
-from ml.audit import DEFAULT_BUDGET_PASSES
 from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint, load_meta
-from ml.enforcement import EnforcementPolicy, Standing
-from ml.monitor import QueryBank, Reference
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, OnnxModule
-from ml.oracle import OutputMode
-from ml.policy import FittedPolicy, PolicyConfig, QueryHistory, Served, serve
+from ml.served import (
+    EnforcementPolicy,
+    FittedPolicy,
+    OutputMode,
+    PolicyConfig,
+    QueryBank,
+    QueryHistory,
+    Reference,
+    Served,
+    ServedSpec,
+    Standing,
+    serve,
+    served_spec,
+)
 
 WEIGHTS, CONFIG = WEIGHTS_NAME, CONFIG_NAME  # the artifact names a job publishes its checkpoint under
 
@@ -126,24 +135,6 @@ class ServedModel:
             "none: the audit ran no query budgets (audit.query_budgets: []) and the operator configured "
             "none (CMIM_MODEL_QUERY_BUDGET)"
         )
-
-
-def budget_curve(audit_spec: dict[str, Any], report: dict[str, Any]) -> str | None:
-    """The query budgets an audit tested and where they came from: the job's own `audit.query_budgets`, or
-    (null, the default) the curve of passes over the attacker's labelled set; None when it tested none."""
-    threat = report.get("threat_model") or {}
-    tested = threat.get("query_budgets") or []
-    if not tested:
-        return None
-    listed = ", ".join(f"{b:,}" for b in tested)
-    if audit_spec.get("query_budgets") is not None:
-        return f"tested budgets {listed}, the job's audit.query_budgets"
-    passes = ", ".join(str(p) for p in DEFAULT_BUDGET_PASSES)
-    return (
-        f"tested budgets {listed}: the job's audit.query_budgets was null, which audits the default curve "
-        f"of {passes} passes over the attacker's {threat.get('labelled_samples', 0):,} labelled samples; "
-        "[] audits none"
-    )
 
 
 class MicroBatcher:
@@ -243,30 +234,40 @@ def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedM
         model, meta = load_checkpoint(
             store.local_path(job_artifact(session, job.id, WEIGHTS).storage_key), config
         )
-    mode = OutputMode.model_validate(job.spec["audit"].get("output_mode", {}))
-    report = json.loads(store.read_bytes(job_artifact(session, job.id, REPORT_NAME).storage_key))
-    safe = report.get("safe_budget", {}).get("teacher")
-    policy = _load_policy(session, store, job, meta)
+    spec = _served_spec(session, store, job)
+    policy = _load_policy(session, store, job, meta, spec.policy)
     found = session.scalars(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == MONITOR_NAME))
     monitor = next((Reference.from_json(json.loads(store.read_bytes(a.storage_key))) for a in found), None)
-    curve = budget_curve(job.spec["audit"], report)
     return ServedModel(
         job.id,
         job.owner_id,
         model,
         meta,
-        mode,
+        spec.output_mode,
         policy,
-        safe,
-        curve,
+        spec.safe_budget,
+        spec.budget_curve,
         monitor=monitor,
-        enforcement=spec_policy(job.spec),
+        enforcement=spec.enforcement,
     )
 
 
-def _load_policy(session: Session, store: ArtifactStore, job: Job, meta: ModelMeta) -> FittedPolicy | None:
+def _served_spec(session: Session, store: ArtifactStore, job: Job) -> ServedSpec:
+    """What the job published to serve its model through (`serving.json`, read hash-checked). A job
+    published before that artifact existed has none: its spec is built once from the job's spec and
+    report, as publishing builds it today, and cached with the model."""
+    found = session.scalars(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == SERVING_NAME))
+    artifact = next(iter(found), None)
+    if artifact is not None:
+        return ServedSpec.model_validate_json(store.read_bytes(artifact.storage_key))
+    report = json.loads(store.read_bytes(job_artifact(session, job.id, REPORT_NAME).storage_key))
+    return served_spec(job.spec, report)
+
+
+def _load_policy(
+    session: Session, store: ArtifactStore, job: Job, meta: ModelMeta, spec: PolicyConfig
+) -> FittedPolicy | None:
     """The serving policy the job published, fitted to its teacher; None when it was audited without one."""
-    spec = PolicyConfig.model_validate(job.spec["audit"].get("policy", {}))
     names = {POLICY_NAME, POLICY_CONFIG_NAME}
     found = {
         a.name: a

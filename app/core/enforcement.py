@@ -37,7 +37,7 @@ from app.core.models import (
 )
 from app.core.queue import append_event
 from app.core.webhooks import Deliverer, queue_event
-from ml.enforcement import EnforcementPolicy, Standing, StandingBook, escalate
+from ml.served import EnforcementPolicy, Standing, StandingBook, escalate, spec_enforcement
 
 log = logging.getLogger(__name__)
 Decision = Literal["reinstate", "keep", "revoke"]
@@ -80,7 +80,7 @@ def standing_of(row: KeyStanding | None) -> Standing | None:
 
 def spec_policy(spec: dict[str, Any]) -> EnforcementPolicy:
     """The policy a job's spec sets (`serving.enforcement`), else the default."""
-    return EnforcementPolicy.model_validate((spec.get("serving") or {}).get("enforcement") or {})
+    return spec_enforcement(spec)
 
 
 def policy_of(session: Session, job: Job) -> EnforcementPolicy:

@@ -71,6 +71,7 @@ REPORT_NAME = "report.json"  # the audit report artifact of a succeeded job
 # A job audited with a serving policy also publishes it, fitted to its teacher: tensors + config.
 POLICY_NAME, POLICY_CONFIG_NAME = "policy.safetensors", "policy.json"
 MONITOR_NAME = "monitor.json"  # the extraction monitor calibrated at job end (`ml.monitor.Reference`)
+SERVING_NAME = "serving.json"  # what the model is served through (`ml.served.ServedSpec`), kind "serving"
 
 
 class ApiKey(Base):
