@@ -135,6 +135,29 @@ class Settings(BaseSettings):
         "production (unset elsewhere: a random secret per process, so sessions end when it restarts)",
     )
 
+    secret_key: str | None = Field(
+        None,
+        description="the Fernet key (32 url-safe base64 bytes) that encrypts stored secrets such as a remote "
+        "endpoint's headers; the same on every API process, required in production (unset elsewhere: one "
+        "is made once and kept in secret_key_file)",
+    )
+    secret_key_file: str = Field("var/secret.key", description="the embedded mode's generated key (0600)")
+
+    # Remote models (app/core/remote.py): a suspect's endpoint asked for the challenge.
+    remote_allowed_hosts: list[str] | None = Field(
+        None,
+        description="host names a remote endpoint may have (an operator's allow-list against requests to "
+        "internal services); None = any host",
+    )
+    remote_max_queries: int = Field(10_000, ge=1, description="rows one remote run may send (retries too)")
+    remote_batch: int = Field(64, ge=1, le=4096, description="rows per request to a remote model, at most")
+    remote_rate_per_second: float = Field(10.0, gt=0, description="requests per second to a remote model")
+    remote_time_limit_seconds: float = Field(300.0, gt=0, description="the longest one remote run takes")
+    remote_request_timeout_seconds: float = Field(30.0, gt=0, description="the longest one request waits")
+    remote_retries: int = Field(4, ge=0, description="retries of a request answered 429/503 or not reached")
+    remote_backoff_seconds: float = Field(0.5, ge=0, description="the first retry's wait; it doubles")
+    remote_verify_workers: int = Field(2, ge=1, description="remote verifications at once per API process")
+
     @model_validator(mode="after")
     def _deployed_needs_real_parts(self) -> Settings:
         if self.environment == "production" and self.database_url.startswith("sqlite"):
@@ -143,6 +166,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "CMIM_SESSION_SECRET must be set in production: 32 or more random characters, the same on "
                 "every API process (else each signs dashboard sessions its own way)"
+            )
+        if self.environment == "production" and not self.secret_key:
+            raise ValueError(
+                "CMIM_SECRET_KEY must be set in production: a Fernet key (cryptography.fernet.Fernet."
+                "generate_key()), the same on every API process (it encrypts stored secrets)"
             )
         if self.heartbeat_seconds * 2 >= self.lease_seconds:
             raise ValueError("CMIM_HEARTBEAT_SECONDS must be under half of CMIM_LEASE_SECONDS")

@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -321,3 +322,27 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None]
+
+
+class Verification(Base):
+    """One verification of a suspect against a model's committed challenge: the suspect (an uploaded model,
+    posted answers, or a remote endpoint whose headers are kept only in `headers_sealed`, encrypted), its
+    status (running | done | failed), the verdict, the suspect's answers and, for an endpoint, the log of
+    every request; `commitment` names the challenge generation it used."""
+
+    __tablename__ = "verifications"
+    __table_args__ = (Index("ix_verifications_model_created", "model_id", "created_at", "id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    owner_id: Mapped[uuid.UUID]
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # answers | model | endpoint
+    request: Mapped[dict[str, Any]]  # what was asked, without secrets (an endpoint's header names only)
+    headers_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16))  # running | done | failed
+    verdict: Mapped[dict[str, Any] | None]
+    answers: Mapped[list[Any] | None]
+    log: Mapped[list[Any] | None]
+    commitment: Mapped[dict[str, Any]]  # {sha256, committed_at, generation}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]

@@ -20,6 +20,7 @@ def compose(*args: str, session_secret: str | None = "s" * 32) -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if k != "CMIM_SESSION_SECRET"}
     if session_secret is not None:
         env["CMIM_SESSION_SECRET"] = session_secret
+    env.setdefault("CMIM_SECRET_KEY", "x" * 43 + "=")  # the stored secrets' key, also required
     command = [binary, "-f", "docker-compose.yml", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 

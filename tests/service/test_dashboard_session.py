@@ -169,6 +169,7 @@ def test_production_refuses_to_start_without_a_session_secret(monkeypatch: pytes
         with pytest.raises(SystemExit) as refused:
             create_app()
         monkeypatch.setenv("CMIM_SESSION_SECRET", SECRET)
+        monkeypatch.setenv("CMIM_SECRET_KEY", "x" * 43 + "=")  # the stored secrets' key, also required
         get_settings.cache_clear()
         assert get_settings().session_secret == SECRET
     finally:
