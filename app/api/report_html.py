@@ -8,9 +8,9 @@ from html import escape
 from typing import Any
 
 from app.api.schemas import JobOut
-from app.api.svg import Bar, Rule, Series, bar_chart, line_chart
 from ml.audit.advice import OUTCOME_LABELS, findings
 from ml.audit.verdict import outcome
+from ml.charts import Bar, Rule, Series, bar_chart, line_chart
 from ml.evidence.audit import EVIDENCE_LIMITS
 
 CSS = """

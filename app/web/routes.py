@@ -39,7 +39,6 @@ from app.api.routes import jobs as jobs_routes
 from app.api.routes import keys as keys_routes
 from app.api.routes import models as models_routes
 from app.api.schemas import JobCreate, KeyCreate
-from app.api.svg import Bar, Series, bar_chart, line_chart
 from app.core.keys import KeyInfo, hash_secret
 from app.core.models import JobStatus
 from app.core.queue import enqueue
@@ -47,6 +46,7 @@ from app.core.storage import CorruptObjectError
 from app.problems import Problem, corrupt_object
 from app.web import session as web_session
 from app.web.filters import register_filters
+from ml.charts import Bar, Series, bar_chart, line_chart
 from ml.enforcement import ACTIONS
 from ml.policy import PolicyConfig
 from ml.presets import PRESETS, merge
