@@ -526,7 +526,7 @@ def bench_paper(
     seeds: Annotated[int | None, typer.Option(help="default: the benchmark's (5)")] = None,
     epochs: Annotated[int | None, typer.Option(help="student epochs; default: the benchmark's")] = None,
     quick: Annotated[bool, typer.Option(help="the small, fast variant of the benchmark")] = False,
-    out: Annotated[Path, typer.Option(help="folder for paper.json, paper.md and paper.png")] = Path(
+    out: Annotated[Path, typer.Option(help="folder for paper.json, paper.md and paper.svg")] = Path(
         "runs/paper"
     ),
     device: str = "auto",
@@ -552,7 +552,7 @@ def bench_paper(
     out.mkdir(parents=True, exist_ok=True)
     (out / "paper.json").write_text(json.dumps(report, indent=2))
     (out / "paper.md").write_text(paper_markdown(report, bench.student))
-    plot_paper(report, bench.student, str(out / "paper.png"))
+    plot_paper(report, bench.student, str(out / "paper.svg"))
     columns = [
         "protection",
         "teacher acc",
@@ -574,5 +574,5 @@ def bench_paper(
             ["black box", "budget B", "best knockoff", "acc", "margin vs best LS", "verdict"],
             budget_rows(report, bench.student),
         )
-    console.print(f"report: {out / 'paper.json'}, table: {out / 'paper.md'}, plot: {out / 'paper.png'}")
+    console.print(f"report: {out / 'paper.json'}, table: {out / 'paper.md'}, plot: {out / 'paper.svg'}")
     console.print(json.dumps(report["summary"]), highlight=False, soft_wrap=True)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ml.audit import AuditConfig, AuditProgress, BlackBox, run_audit, serve_box
+from ml.charts import Bar, bar_chart, write_svg
 from ml.data import Dataset, load_dataset
 from ml.enforced_sim import KEYS, enforced_markdown, enforced_phase, enforced_summary
 from ml.evidence import DEFAULT_MECHANISM, Secret
@@ -528,32 +529,12 @@ def budget_rows(report: dict[str, Any], student: str) -> list[list[Any]]:
 
 
 def plot_paper(report: dict[str, Any], student: str, path: str) -> None:
-    """Margins (best attack per protection and each attack) with standard-error bars, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Margins (each attack against each protection) with standard-error bars, as an SVG figure."""
     sections = {"ce": report["control"], "cmim": report, **report["protections"]}
-    attacks = list(report["students"][student]["attacks"])
-    fig, ax = plt.subplots(figsize=(1.6 * len(sections) + 2, 4))
-    width = 0.8 / len(attacks)
-    for j, attack in enumerate(attacks):
-        xs = [i + j * width for i in range(len(sections))]
-        rows = [sec["students"][student]["attacks"][attack] for sec in sections.values()]
-        ax.bar(
-            xs,
-            [r["margin"] for r in rows],
-            width,
-            yerr=[r["margin_se"] for r in rows],
-            label=attack,
-            capsize=2,
-        )
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sections))], list(sections))
-    ax.set_ylabel("knockoff acc - best LS acc (points)")
-    ax.set_title(f"{report['dataset']['name']}, {student} student, {report['config']['seeds']} seeds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    bars = [
+        Bar(f"{name} · {attack}", row["margin"], row["margin_se"], highlight=name == "ce")
+        for name, sec in sections.items()
+        for attack, row in sec["students"][student]["attacks"].items()
+    ]
+    title = f"{report['dataset']['name']}, {student} student, {report['config']['seeds']} seeds"
+    write_svg(bar_chart(bars, title, "knockoff acc - best LS acc (points)", reference=0.0), path)
