@@ -214,12 +214,12 @@ def train(tmp: Path, database_url: str) -> tuple[str, str, Path, Path]:
     from sqlalchemy import select
 
     from app.api.job_service import create_job
-    from app.api.schemas import JobCreate
     from app.core.config import Settings
     from app.core.db import session_scope
     from app.core.keys import create_api_key
     from app.core.migrate import upgrade
     from app.core.models import ApiKey, Artifact
+    from app.services.schemas import JobCreate
     from worker.pipeline import run_job
 
     settings = Settings(

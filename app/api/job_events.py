@@ -12,9 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from app.api.schemas import EventOut
 from app.core.models import Job, JobEvent, JobStatus
 from app.problems import Problem
+from app.services.schemas import EventOut
 
 MAX_EVENT_ID = 2**31 - 1  # event ids are 32-bit integers in the database
 

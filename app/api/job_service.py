@@ -14,16 +14,6 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import get_owned
 from app.api.pagination import newest_first
-from app.api.schemas import (
-    ArtifactOut,
-    JobCreate,
-    JobList,
-    JobOut,
-    JobResult,
-    JobSummary,
-    Links,
-    Progress,
-)
 from app.core.config import Settings
 from app.core.models import (
     REPORT_NAME,
@@ -38,6 +28,16 @@ from app.core.models import (
 )
 from app.core.queue import status_event
 from app.problems import Problem, validation_problem
+from app.services.schemas import (
+    ArtifactOut,
+    JobCreate,
+    JobList,
+    JobOut,
+    JobResult,
+    JobSummary,
+    Links,
+    Progress,
+)
 from ml.data import DATASETS
 from ml.data.augment import check_augmentation
 from ml.presets import PRESETS

@@ -12,11 +12,11 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app.api.schemas import text_field
 from app.core.models import ApiKey, UploadedModel
 from app.core.models import Dataset as DatasetRow
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found
+from app.services.schemas import text_field
 from ml.checkpoint import ModelMeta, build_from_meta, check_state, read_weights
 from ml.data import validate_npz
 from ml.onnx_model import load_onnx

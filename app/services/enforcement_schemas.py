@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.api.schemas import PrintableText
+from app.services.schemas import PrintableText
 from ml.enforcement import Action, EnforcementPolicy
 
 

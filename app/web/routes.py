@@ -24,7 +24,6 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, SettingsDep, StoreDep, authorize
-from app.api.enforcement_schemas import Review
 from app.api.job_events import events_after
 from app.api.job_service import (
     create_job,
@@ -38,12 +37,13 @@ from app.api.routes import enforcement as enforcement_routes
 from app.api.routes import jobs as jobs_routes
 from app.api.routes import keys as keys_routes
 from app.api.routes import models as models_routes
-from app.api.schemas import JobCreate, KeyCreate
 from app.core.keys import KeyInfo, hash_secret
 from app.core.models import JobStatus
 from app.core.queue import enqueue
 from app.core.storage import CorruptObjectError
 from app.problems import Problem, corrupt_object
+from app.services.enforcement_schemas import Review
+from app.services.schemas import JobCreate, KeyCreate
 from app.web import session as web_session
 from app.web.filters import register_filters
 from ml.charts import Bar, Series, bar_chart, line_chart

@@ -8,9 +8,9 @@ import pytest
 from service_helpers import assert_problem, job_body
 from sqlalchemy import func, select
 
-from app.api.schemas import DEMO_JOB, JobCreate
 from app.core.db import session_scope
 from app.core.models import Job
+from app.services.schemas import DEMO_JOB, JobCreate
 
 
 def count_jobs(settings, owner_id: uuid.UUID) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 from audit_reports import BELOW, COPIED, report_of, rows
 
 from app.api.report_html import render_report
-from app.api.schemas import JobOut, Progress
+from app.services.schemas import JobOut, Progress
 from ml.audit.advice import findings
 
 LINKS = ("self", "events", "report", "report_html", "artifacts", "model")

@@ -10,9 +10,9 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, SessionDep, get_owned
-from app.api.enforcement_schemas import AlertList, AlertOut
 from app.api.pagination import Cursor, Limit, newest_first
 from app.core.models import Job, MonitorAlert
+from app.services.enforcement_schemas import AlertList, AlertOut
 
 router = APIRouter(prefix="/models", tags=["monitoring"])
 

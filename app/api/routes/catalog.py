@@ -6,8 +6,8 @@ from dataclasses import asdict
 
 from fastapi import APIRouter
 
-from app.api.schemas import Catalog
 from app.core.config import ALL_SCOPES
+from app.services.schemas import Catalog
 from ml.attacks import attack_infos
 from ml.data import dataset_infos
 from ml.models import model_infos

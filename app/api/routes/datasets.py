@@ -21,9 +21,9 @@ from app.api.deps import (
     get_owned,
     upload_slot,
 )
-from app.api.schemas import DatasetList, DatasetOut, PrintableText
 from app.core.models import Dataset
 from app.problems import Problem
+from app.services.schemas import DatasetList, DatasetOut, PrintableText
 from ml.data import DataValidationError, dataset_infos, validate_npz
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])

@@ -13,7 +13,12 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, KeysAdmin, SessionDep, get_owned
-from app.api.enforcement_schemas import (
+from app.api.pagination import Cursor, Limit, newest_first
+from app.core.enforcement import ACTIVE, Enforcement, NotHeld, policy_of
+from app.core.keys import KeyInfo
+from app.core.models import ApiKey, EnforcementAction, EnforcementPolicyRow, Job, KeyStanding
+from app.problems import Problem, validation_problem
+from app.services.enforcement_schemas import (
     ActionList,
     ActionOut,
     EnforcementOut,
@@ -22,11 +27,6 @@ from app.api.enforcement_schemas import (
     StandingList,
     StandingOut,
 )
-from app.api.pagination import Cursor, Limit, newest_first
-from app.core.enforcement import ACTIVE, Enforcement, NotHeld, policy_of
-from app.core.keys import KeyInfo
-from app.core.models import ApiKey, EnforcementAction, EnforcementPolicyRow, Job, KeyStanding
-from app.problems import Problem, validation_problem
 from ml.enforcement import EnforcementPolicy
 
 router = APIRouter(prefix="/models", tags=["enforcement"])

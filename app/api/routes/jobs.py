@@ -25,7 +25,10 @@ from app.api.job_service import (
 )
 from app.api.pagination import Cursor, Limit
 from app.api.report_html import render_report
-from app.api.schemas import (
+from app.core.models import JobStatus
+from app.core.queue import enqueue, request_cancel
+from app.problems import Problem
+from app.services.schemas import (
     PRINTABLE,
     ArtifactOut,
     EventOut,
@@ -35,9 +38,6 @@ from app.api.schemas import (
     PresetOut,
     PrintableText,
 )
-from app.core.models import JobStatus
-from app.core.queue import enqueue, request_cancel
-from app.problems import Problem
 from ml.presets import PRESETS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

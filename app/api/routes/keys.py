@@ -10,10 +10,10 @@ from sqlalchemy import select
 
 from app.api.deps import AnyKey, KeysAdmin, SessionDep, SettingsDep
 from app.api.pagination import Cursor
-from app.api.schemas import KeyCreate, KeyCreated, KeyList, KeyOut
 from app.core.keys import PREDICT_ONLY, create_api_key, revoke_api_key
 from app.core.models import ApiKey, utcnow
 from app.problems import Problem, not_found, validation_problem
+from app.services.schemas import KeyCreate, KeyCreated, KeyList, KeyOut
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 

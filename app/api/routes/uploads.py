@@ -26,12 +26,12 @@ from app.api.deps import (
     upload_slot,
 )
 from app.api.model_registry import declared, invalid, register_model
-from app.api.schemas import UploadedModelList, UploadedModelOut, text_field
 from app.core.config import Settings
 from app.core.keys import KeyInfo
 from app.core.models import UploadedModel
 from app.core.storage import ArtifactStore
 from app.problems import Problem
+from app.services.schemas import UploadedModelList, UploadedModelOut, text_field
 
 router = APIRouter(prefix="/models", tags=["models (yours)"])
 

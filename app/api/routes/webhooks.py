@@ -12,7 +12,13 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import KeysAdmin, SessionDep, SettingsDep, get_owned
-from app.api.enforcement_schemas import (
+from app.api.pagination import Cursor, Limit, newest_first
+from app.core.config import Settings
+from app.core.keys import KeyInfo
+from app.core.models import Webhook, WebhookDelivery, utcnow
+from app.core.webhooks import check_url, new_secret
+from app.problems import Problem, validation_problem
+from app.services.enforcement_schemas import (
     DeliveryList,
     DeliveryOut,
     WebhookCreate,
@@ -20,12 +26,6 @@ from app.api.enforcement_schemas import (
     WebhookList,
     WebhookOut,
 )
-from app.api.pagination import Cursor, Limit, newest_first
-from app.core.config import Settings
-from app.core.keys import KeyInfo
-from app.core.models import Webhook, WebhookDelivery, utcnow
-from app.core.webhooks import check_url, new_secret
-from app.problems import Problem, validation_problem
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 HookId = Annotated[uuid.UUID, Path(description="the webhook's id")]
