@@ -25,7 +25,7 @@ from ml.attacks.base import kl_rows
 from ml.cmi import class_centroids, model_logits
 from ml.evidence.keyed import KeyedRegion, fit_keyed
 from ml.evidence.secret import Secret
-from ml.oracle import Oracle, OutputMode, apply_output_mode, one_hot_argmax
+from ml.output_mode import OutputMode, apply_output_mode, one_hot_argmax
 
 PER_QUERY_DETECTORS = ("confidence", "energy", "cluster_kl")
 # PRADA only tests classes with this many distances, and drops distances beyond 3 std before the
@@ -361,6 +361,27 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, bins: int = 15) ->
 
 
 @torch.no_grad()
+def serve_model(
+    model: nn.Module,
+    x: Tensor,
+    mode: OutputMode,
+    policy: FittedPolicy | None,
+    history: QueryHistory | None = None,
+    generator: torch.Generator | None = None,
+    logits: Tensor | None = None,
+) -> Served:
+    """`serve` a batch of inputs through `model` as deployed: eval mode (no dropout, frozen batch-norm
+    statistics, even when the model object is shared with code that flips it to train mode), no gradient.
+
+    `logits`, when given, are this model's logits on `x` computed by the caller (the audit shares one
+    forward pass among the black boxes that serve the same model differently).
+    """
+    if model.training:
+        model.eval()
+    logits = (model(x) if logits is None else logits).float()
+    return serve(torch.softmax(logits, dim=-1), logits, mode, policy, history, x, generator)
+
+
 def honest_cost(
     model: nn.Module,
     mode: OutputMode,
@@ -374,19 +395,23 @@ def honest_cost(
 
     accuracy: share of ALL queries whose served argmax is right (refused count as wrong); ece: over
     the answered queries, of the served probabilities; refused and altered: shares of all queries.
+    The key's history and noise are an `ml.oracle.Oracle`'s with seed 0 and no budget.
     """
     device = next(model.parameters()).device
-    oracle = Oracle(model, mode, policy=policy)
-    answers, refused = [], []
-    for i in range(0, len(x_test), batch_size):
-        answers.append(oracle(x_test[i : i + batch_size].to(device)).cpu())
-        refused.append(oracle.last.refused.cpu())
-    answer, refused_mask, y = torch.cat(answers), torch.cat(refused), y_test.cpu()
+    history = policy.new_history() if policy is not None else None
+    generator = torch.Generator().manual_seed(0)
+    served = [
+        serve_model(model, x_test[i : i + batch_size].to(device), mode, policy, history, generator)
+        for i in range(0, len(x_test), batch_size)
+    ]
+    answer, y = torch.cat([s.answer.cpu() for s in served]), y_test.cpu()
+    refused_mask = torch.cat([s.refused.cpu() for s in served])
+    altered = sum(int(s.altered.sum()) for s in served)
     right = (answer.argmax(-1) == y) & ~refused_mask
     n = len(y)
     return {
         "accuracy": 100.0 * float(right.sum()) / n,
         "ece": expected_calibration_error(answer[~refused_mask], y[~refused_mask]),
-        "refused": 100.0 * oracle.refused_total / n,
-        "altered": 100.0 * oracle.altered_total / n,
+        "refused": 100.0 * float(refused_mask.sum()) / n,
+        "altered": 100.0 * altered / n,
     }

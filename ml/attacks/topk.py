@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ml.attacks.base import Attack, AttackContext, AttackParams, register
 from ml.attacks.kd import kd_loss
-from ml.oracle import topk_renormalise
+from ml.output_mode import topk_renormalise
 
 
 def topk_loss(
