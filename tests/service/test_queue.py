@@ -193,19 +193,30 @@ def test_release_gives_the_attempt_back(settings, job_id) -> None:
 def test_heartbeat_keeps_a_slow_job_and_its_end_lets_the_lease_run_out(settings, job_id) -> None:
     from worker.pipeline import JobContext
 
-    beat = settings.model_copy(update={"lease_seconds": 1, "heartbeat_seconds": 0.2})
+    # A lease of 3 s renewed every 0.2 s: the heartbeat thread would have to stall for 3 s to lose it.
+    beat = settings.model_copy(update={"lease_seconds": 3, "heartbeat_seconds": 0.2})
     with session_scope(settings.database_url) as s:
         claim = claim_job(s, job_id, "slow", beat.lease_seconds)
+    first = job(settings, job_id).lease_expires_at
+    deadline = time.monotonic() + 60
     with JobContext(beat, claim):
-        time.sleep(3)  # three leases without a single epoch: the heartbeat alone keeps the job
+        # Renewed after its first lease ran out, without a single epoch: the heartbeat alone keeps the job.
+        while job(settings, job_id).lease_expires_at <= first + timedelta(seconds=beat.lease_seconds):
+            assert time.monotonic() < deadline, "the heartbeat never renewed the lease past the first one"
+            time.sleep(0.05)
         with session_scope(settings.database_url) as s:
             sweep(s, broker=False)
             assert claim_job(s, job_id, "thief", 60) is None
         assert job(settings, job_id).status == "training"
-    time.sleep(1.5)  # the worker is gone: its lease runs out
-    with session_scope(settings.database_url) as s:
-        sweep(s, broker=False)
-        assert claim_job(s, job_id, "next", 60).attempt == 2
+    while True:  # the worker is gone: its lease runs out, and the next claim takes the job
+        with session_scope(settings.database_url) as s:
+            sweep(s, broker=False)
+            taken = claim_job(s, job_id, "next", 60)
+        if taken is not None:
+            break
+        assert time.monotonic() < deadline, "the lease never ran out once the heartbeat stopped"
+        time.sleep(0.1)
+    assert taken.attempt == 2
 
 
 def test_a_sweep_right_after_an_outage_leaves_expired_leases_to_their_heartbeats(settings, job_id) -> None:
