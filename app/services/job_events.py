@@ -145,6 +145,3 @@ async def sse_events(
                 yield ": keep-alive\n\n"  # keeps proxies from closing a quiet stream
     finally:
         watch.close(key_id)
-
-
-# ---------------------------------------------------------------- artifacts and report
