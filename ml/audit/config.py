@@ -106,13 +106,6 @@ class AuditConfig(OptimConfig):
             raise ValueError("edge_range must be (low, high) with 0 <= low <= high <= 1")
         return v
 
-    @field_validator("ls_eps")
-    @classmethod
-    def _eps(cls, v: list[float]) -> list[float]:
-        if any(not 0 <= e < 1 for e in v):
-            raise ValueError("label smoothing eps must lie in [0, 1)")
-        return v
-
     def budgets(self, labelled: int) -> list[int]:
         """The query budgets for an attacker holding `labelled` labelled samples."""
         if self.query_budgets is None:
