@@ -12,8 +12,30 @@ $(BIN)/cmim: pyproject.toml
 	$(BIN)/python -c "import sys, torch; torch.version.cuda and sys.exit('a CUDA build of torch was installed: ' + torch.__version__)"
 	touch $@
 
-.PHONY: install services run test lint bench
-install: $(BIN)/cmim
+# Third-party model servers the remote-verification tests start (KServe's ModelServer, MLServer), each in its
+# own environment: their pins conflict with each other and with the service's FastAPI. Built in parallel.
+SERVERS := .venv-servers
+SERVER_REQS := tests/service/remote_servers
+$(SERVERS)/ready: $(SERVER_REQS)/requirements-kserve.txt $(SERVER_REQS)/requirements-mlserver.txt
+	rm -rf $(SERVERS)/kserve $(SERVERS)/mlserver && mkdir -p $(SERVERS)
+	for s in kserve mlserver; do \
+	  ( $(PY) -m venv $(SERVERS)/$$s && $(SERVERS)/$$s/bin/pip install -q --upgrade pip && \
+	    $(SERVERS)/$$s/bin/pip install -q -r $(SERVER_REQS)/requirements-$$s.txt ) & \
+	done; wait
+	$(SERVERS)/kserve/bin/python -c "import kserve, onnxruntime"
+	$(SERVERS)/mlserver/bin/python -c "import mlserver, mlserver_sklearn, sklearn"
+	touch $@
+
+# numpy and nothing else: the evidence bundle's check script is run there, as an expert without cmim would.
+$(SERVERS)/numpy/ready:
+	rm -rf $(SERVERS)/numpy && $(PY) -m venv $(SERVERS)/numpy
+	$(SERVERS)/numpy/bin/pip install -q numpy
+	touch $@
+
+.PHONY: install servers services run test lint bench
+install: $(BIN)/cmim servers
+
+servers: $(SERVERS)/ready $(SERVERS)/numpy/ready
 
 run: install
 	$(BIN)/cmim serve

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
+from app.core.remote import EndpointSpec
+
 # ---------------------------------------------------------------- inference (KServe v2 + simple JSON)
 
 # Numbers, flat or nested up to 5 levels (a batch of images); booleans and strings are refused here.
@@ -133,6 +135,11 @@ class PredictResponse(BaseModel):
 class Commitment(BaseModel):
     sha256: str = Field(description="sha256 of the job's evidence secret (the secret itself is never served)")
     committed_at: str = Field(description="when the secret was made, before the model was served (UTC)")
+    generation: int = Field(
+        0,
+        description="which challenge: 0 is the audit's; downloading an evidence bundle retires one, and the "
+        "next is committed then",
+    )
 
 
 class ChallengeOut(BaseModel):
@@ -157,6 +164,11 @@ class VerifyRequest(BaseModel):
         None,
         max_length=4096,
         description="a black-box suspect's labels on the challenge inputs (GET .../challenge), in order",
+    )
+    suspect_endpoint: EndpointSpec | None = Field(
+        None,
+        description="a suspect served elsewhere (an Open Inference Protocol v2 server or a JSON route): the "
+        "service asks it the challenge in the background and answers 202 with the verification to poll",
     )
 
 
@@ -183,3 +195,6 @@ class VerifyOut(BaseModel):
         "std, n and the challenge's points"
     )
     commitment: Commitment
+    verification: uuid.UUID | None = Field(
+        None, description="the stored verification (GET .../verifications/{id}, and its evidence bundle)"
+    )

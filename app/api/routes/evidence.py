@@ -1,46 +1,33 @@
-"""Evidence of theft: the challenge a suspect is asked, and the verdict on its answers (or on an uploaded
-model). The secret, and the teacher's labels on the challenge, stay server-side (`ml.evidence`)."""
+"""Evidence of theft: the challenge a suspect is asked, the verdict on its answers (posted, an uploaded
+model's, or a remote endpoint's, asked in the background), the stored verifications and their evidence
+bundles. The work is `app.services.evidence`; the secret stays server-side until a bundle reveals it."""
 
 from __future__ import annotations
 
-import json
 import uuid
-from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
-from torch import Tensor, nn, tensor
+from torch import nn
 
-from app.api.deps import JobsRead, SessionDep, StoreDep, get_owned
-from app.api.job_service import job_artifact, owned_job, report_artifact
+from app.api.deps import JobsRead
+from app.services.access import SessionDep, SettingsDep, StoreDep
+from app.api.evidence_schemas import VerificationOut
 from app.api.model_registry import invalid
 from app.api.routes.models import ModelId
 from app.api.schemas import ChallengeOut, Commitment, VerifyOut, VerifyRequest
 from app.core.keys import KeyInfo
-from app.core.models import UploadedModel
+from app.core.models import UploadedModel, Verification
 from app.core.storage import ArtifactStore
-from app.problems import Problem
-from ml.checkpoint import CONFIG_NAME, ModelMeta, load_checkpoint, load_meta
-from ml.evidence import DEFAULT_MECHANISM, Challenge
-from ml.evidence.verify import null_from_report, predicted_labels, store_names, unpack_challenge, verdict
+from app.services import evidence as ev
+from app.services.tenancy import get_owned
+from ml.checkpoint import ModelMeta, load_checkpoint
+from ml.evidence import DEFAULT_MECHANISM
+from ml.evidence.verify import predicted_labels
 from ml.onnx_model import load_onnx
 
 router = APIRouter(prefix="/models", tags=["evidence of theft"])
-
-
-def _material(session: Session, store: ArtifactStore, model_id: uuid.UUID, key: KeyInfo) -> tuple[
-    Challenge, dict[str, Any], ModelMeta
-]:  # fmt: skip
-    """The job's stored challenge, its report and the teacher's meta; 409 when the job has no evidence."""
-    job = owned_job(session, model_id, key)
-    report = json.loads(store.read_bytes(report_artifact(session, job).storage_key))
-    raw = store.read_named(store_names(str(job.id))[1])
-    if raw is None or DEFAULT_MECHANISM not in report.get("evidence", {}).get("mechanisms", {}):
-        raise Problem(
-            409, f"model {job.id} has no evidence material (its job predates it)", slug="no-evidence"
-        )
-    meta = load_meta(store.local_path(job_artifact(session, job.id, CONFIG_NAME).storage_key))
-    return unpack_challenge(raw), report, meta
 
 
 @router.get(
@@ -49,14 +36,14 @@ def _material(session: Session, store: ArtifactStore, model_id: uuid.UUID, key: 
     summary="The challenge inputs to ask a black-box suspect (without the teacher's labels)",
 )
 def get_challenge(model_id: ModelId, key: JobsRead, session: SessionDep, store: StoreDep) -> ChallengeOut:
-    ch, report, meta = _material(session, store, model_id, key)
+    m = ev.material(session, store, model_id, key)
     return ChallengeOut(
         model=model_id,
         mechanism=DEFAULT_MECHANISM,
-        points=len(ch.labels),
-        input_shape=list(meta.input_shape),
-        inputs=ch.x.tolist(),
-        commitment=Commitment(**report["evidence"]["commitment"]),
+        points=len(m.challenge.labels),
+        input_shape=list(m.meta.input_shape),
+        inputs=m.challenge.x.tolist(),
+        commitment=Commitment(**m.commitment()),
     )
 
 
@@ -78,45 +65,99 @@ def _suspect(
     return load_checkpoint(store.local_path(row.storage_key), store.local_path(row.config_key))[0]
 
 
-def _answers(answers: list[int], ch: Challenge, classes: int) -> Tensor:
-    if len(answers) != len(ch.labels):
-        raise invalid(
-            f"answers must hold one label per challenge input: {len(ch.labels)}, got {len(answers)}"
-        )
-    bad = [a for a in answers if not 0 <= a < classes]
-    if bad:
-        raise invalid(f"answers must be class indices in 0..{classes - 1}; got {bad[0]}")
-    return tensor(answers)
+def _out(row: Verification) -> VerificationOut:
+    finished = row.status == "done"
+    return VerificationOut(
+        id=row.id,
+        model=row.model_id,
+        kind=row.kind,  # type: ignore[arg-type]
+        status=row.status,  # type: ignore[arg-type]
+        suspect=row.request,
+        result=row.verdict,
+        requests=len(row.log or []),
+        commitment=Commitment(**row.commitment),
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        bundle=f"/api/v1/models/{row.model_id}/verifications/{row.id}/bundle" if finished else None,
+    )
 
 
 @router.post(
     "/{model_id}/verify",
     response_model=VerifyOut,
-    summary="Was a suspect distilled from this model? Test an uploaded model or a black box's answers",
+    responses={202: {"model": VerificationOut, "description": "a suspect endpoint is being asked: poll it"}},
+    summary="Was a suspect distilled from this model? Test an uploaded model, a black box's answers, or an "
+    "endpoint",
 )
 def verify(
-    model_id: ModelId, body: VerifyRequest, key: JobsRead, session: SessionDep, store: StoreDep
-) -> VerifyOut:
-    if (body.suspect_model_id is None) == (body.answers is None):
-        raise invalid("give exactly one of suspect_model_id (an uploaded model) and answers (a black box's)")
-    ch, report, meta = _material(session, store, model_id, key)
+    model_id: ModelId, body: VerifyRequest, key: JobsRead, session: SessionDep, store: StoreDep,
+    settings: SettingsDep, request: Request,
+) -> VerifyOut | JSONResponse:  # fmt: skip
+    given = [x is not None for x in (body.suspect_model_id, body.answers, body.suspect_endpoint)]
+    if sum(given) != 1:
+        raise invalid(
+            "give exactly one of suspect_model_id (an uploaded model), answers (a black box's) and "
+            "suspect_endpoint (a model served elsewhere)"
+        )
+    if body.suspect_endpoint is not None and (why := ev.allowed(settings, body.suspect_endpoint)):
+        raise invalid(why)
+    m = ev.material(session, store, model_id, key)
+    m.null()  # 409 before anything is stored or asked when the audit gives no null
+    if body.suspect_endpoint is not None:
+        verifier = getattr(request.app.state, "verifier", None)
+        if verifier is None:
+            verifier = request.app.state.verifier = ev.Verifier(settings, store)
+        row = verifier.start(session, m, key, body.suspect_endpoint)
+        location = f"/api/v1/models/{model_id}/verifications/{row.id}"
+        content = _out(row).model_dump(mode="json")
+        return JSONResponse(content, status_code=202, headers={"Location": location})
     if body.answers is not None:
-        predicted, suspect = _answers(body.answers, ch, meta.num_classes), "answers"
+        if (why := ev.check_labels(body.answers, m)) is not None:
+            raise invalid(f"answers: {why}")
+        labels, kind, suspect, req = body.answers, "answers", "answers", {"answers": len(body.answers)}
     else:
         assert body.suspect_model_id is not None
-        model = _suspect(session, store, body.suspect_model_id, key, meta)
-        predicted, suspect = predicted_labels(model, ch), f"uploaded model {body.suspect_model_id}"
-    try:
-        null, fpr = null_from_report(report, DEFAULT_MECHANISM)
-    except ValueError as e:
-        raise Problem(409, f"model {model_id}: {e} (more seeds or LS rows)", slug="no-evidence") from None
-    out = verdict(ch, predicted, null, fpr)
-    commitment = Commitment(**report["evidence"]["commitment"])
+        model = _suspect(session, store, body.suspect_model_id, key, m.meta)
+        labels = [int(a) for a in predicted_labels(model, m.challenge)]
+        kind, suspect = "model", f"uploaded model {body.suspect_model_id}"
+        req = {"suspect_model_id": str(body.suspect_model_id)}
+    result = ev.decide(m, labels)
+    row = ev.record_done(session, m, key, kind, req, labels, result)
     return VerifyOut(
         model=model_id,
         suspect=suspect,
         mechanism=DEFAULT_MECHANISM,
-        points=len(ch.labels),
-        commitment=commitment,
-        **out,
+        points=len(m.challenge.labels),
+        commitment=Commitment(**m.commitment()),
+        verification=row.id,
+        **result,
+    )
+
+
+@router.get(
+    "/{model_id}/verifications/{verification_id}",
+    response_model=VerificationOut,
+    summary="A verification: running, done with its verdict, or failed (could not verify) with the reason",
+)
+def get_verification(
+    model_id: ModelId, verification_id: uuid.UUID, key: JobsRead, session: SessionDep, settings: SettingsDep
+) -> VerificationOut:
+    return _out(ev.verification(session, settings, model_id, verification_id, key))
+
+
+@router.get(
+    "/{model_id}/verifications/{verification_id}/bundle",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}, "description": "the evidence bundle"}},
+    summary="The evidence bundle (zip) with a numpy-only script that re-checks it; retires the challenge",
+)
+def get_bundle(
+    model_id: ModelId, verification_id: uuid.UUID, key: JobsRead, session: SessionDep, store: StoreDep,
+    settings: SettingsDep,
+) -> Response:  # fmt: skip
+    row = ev.verification(session, settings, model_id, verification_id, key)
+    data = ev.bundle(session, store, row)
+    name = f"cmim-evidence-{model_id}-{verification_id}.zip"
+    return Response(
+        data, media_type="application/zip", headers={"Content-Disposition": f'attachment; filename="{name}"'}
     )

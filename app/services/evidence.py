@@ -1,0 +1,323 @@
+"""Evidence of theft as a service: the model's current challenge (a generation: a secret committed to and
+the challenge drawn from it), verifications of suspects (posted answers, an uploaded model, or a remote
+endpoint asked in the background), their records, and the evidence bundle, whose download reveals the
+secret and so retires the challenge: the model gets a fresh one, committed the same way.
+
+Generation 0 is what the job's audit stored (`ml.evidence.verify.store_names`); generation g >= 1 is drawn
+here from a new secret by the same mechanism, with the teacher's forward pass on the job's training data.
+Its null is the audit's (measured on generation 0): the same selection from the same teacher and data
+with another secret, so independent models agree with it alike; it is not measured again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session
+
+from app.services.serving import load_served
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.keys import KeyInfo
+from app.core.models import Dataset, Job, Verification, utcnow
+from app.core.remote import EndpointSpec, Limits, RemoteError, RemoteModel
+from app.core.secrets import SecretBox
+from app.core.storage import ArtifactStore
+from app.problems import Problem, not_found
+from app.services.jobs import job_artifact, owned_job, report_artifact
+from ml.checkpoint import CONFIG_NAME, ModelMeta, load_meta
+from ml.data import load_dataset
+from ml.evidence import CHALLENGE_POINTS, DEFAULT_MECHANISM, MECHANISMS, Challenge, Secret
+from ml.evidence.bundle import build_bundle
+from ml.evidence.verify import null_from_report, pack_challenge, store_names, unpack_challenge, verdict
+
+log = logging.getLogger(__name__)
+COULD_NOT_VERIFY = "could_not_verify"
+STALE_MARGIN = timedelta(seconds=60)  # a run this much past its time limit died with its API process
+
+
+def generation_names(job_id: uuid.UUID, generation: int) -> tuple[str, str]:
+    """Named objects of one challenge generation: (secret, challenge)."""
+    if generation == 0:
+        return store_names(str(job_id))
+    return (
+        f"evidence/{job_id}/gen{generation}/secret.json",
+        f"evidence/{job_id}/gen{generation}/challenge.npz",
+    )
+
+
+def _current_name(job_id: uuid.UUID) -> str:
+    return f"evidence/{job_id}/current.json"
+
+
+@dataclass(frozen=True)
+class Material:
+    """What a verification of one model needs: its current challenge generation, the null, the meta."""
+
+    job_id: uuid.UUID
+    generation: int
+    secret: Secret
+    challenge: Challenge
+    report: dict[str, Any]
+    meta: ModelMeta
+
+    def commitment(self) -> dict[str, Any]:
+        return self.secret.commitment() | {"generation": self.generation}
+
+    def null(self) -> tuple[dict[str, list[float]], Any, float]:
+        """(each family's agreements, the fitted null, the measured false-positive rate); 409 without."""
+        try:
+            null, fpr = null_from_report(self.report, DEFAULT_MECHANISM)
+        except ValueError as e:
+            raise Problem(
+                409, f"model {self.job_id}: {e} (more seeds or LS rows)", slug="no-evidence"
+            ) from None
+        families: dict[str, list[float]] = {}
+        for sec in self.report["evidence"]["mechanisms"][DEFAULT_MECHANISM]["teacher"].values():
+            for f, values in sec["negatives"].items():
+                families.setdefault(f, []).extend(values)
+        return families, null, fpr
+
+
+def current_generation(store: ArtifactStore, job_id: uuid.UUID) -> int:
+    raw = store.read_named(_current_name(job_id))
+    return 0 if raw is None else int(json.loads(raw)["generation"])
+
+
+def load_generation(
+    store: ArtifactStore, job_id: uuid.UUID, generation: int
+) -> tuple[Secret, Challenge] | None:
+    secret_name, challenge_name = generation_names(job_id, generation)
+    raw_secret, raw_challenge = store.read_named(secret_name), store.read_named(challenge_name)
+    if raw_secret is None or raw_challenge is None:
+        return None
+    return Secret.from_json(json.loads(raw_secret)), unpack_challenge(raw_challenge)
+
+
+def material(session: Session, store: ArtifactStore, model_id: uuid.UUID, key: KeyInfo) -> Material:
+    """The model's current challenge, report and meta; 409 when it has no evidence material."""
+    job = owned_job(session, model_id, key)
+    report = json.loads(store.read_bytes(report_artifact(session, job).storage_key))
+    generation = current_generation(store, job.id)
+    loaded = load_generation(store, job.id, generation)
+    if loaded is None or DEFAULT_MECHANISM not in report.get("evidence", {}).get("mechanisms", {}):
+        detail = (
+            f"model {job.id} has no evidence material (its job predates it)"
+            if generation == 0
+            else f"model {job.id}: challenge {generation - 1} was revealed and no fresh one could be made"
+        )
+        raise Problem(409, detail, slug="no-evidence")
+    meta = load_meta(store.local_path(job_artifact(session, job.id, CONFIG_NAME).storage_key))
+    return Material(job.id, generation, loaded[0], loaded[1], report, meta)
+
+
+def decide(m: Material, labels: list[int]) -> dict[str, Any]:
+    """The verdict on a suspect's labels for the challenge (checked to be the right number and classes)."""
+    _, null, fpr = m.null()
+    return verdict(m.challenge, torch.tensor(labels), null, fpr)
+
+
+def check_labels(labels: list[int], m: Material) -> str | None:
+    """Why these labels cannot be a suspect's answers to the challenge (None: they can)."""
+    if len(labels) != len(m.challenge.labels):
+        return f"one label per challenge input is needed: {len(m.challenge.labels)}, got {len(labels)}"
+    bad = [a for a in labels if not 0 <= a < m.meta.num_classes]
+    return f"labels must be class indices in 0..{m.meta.num_classes - 1}; got {bad[0]}" if bad else None
+
+
+def record_done(
+    session: Session, m: Material, key: KeyInfo, kind: str, request: dict[str, Any], labels: list[int],
+    result: dict[str, Any],
+) -> Verification:  # fmt: skip
+    """A finished verification (posted answers or an uploaded model), stored in one transaction."""
+    row = Verification(
+        owner_id=key.owner_id, model_id=m.job_id, kind=kind, request=request, status="done",
+        verdict=result, answers=labels, commitment=m.commitment(), finished_at=utcnow(),
+    )  # fmt: skip
+    session.add(row)
+    session.commit()
+    return row
+
+
+# -- remote endpoints, asked in the background ------------------------------------------------------------
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(
+        batch=settings.remote_batch,
+        max_queries=settings.remote_max_queries,
+        rate_per_second=settings.remote_rate_per_second,
+        time_limit_seconds=settings.remote_time_limit_seconds,
+        request_timeout_seconds=settings.remote_request_timeout_seconds,
+        retries=settings.remote_retries,
+        backoff_seconds=settings.remote_backoff_seconds,
+    )
+
+
+def allowed(settings: Settings, spec: EndpointSpec) -> str | None:
+    """Why the operator's allow-list refuses this endpoint (None: allowed)."""
+    hosts = settings.remote_allowed_hosts
+    if hosts is not None and spec.host() not in {h.lower() for h in hosts}:
+        return f"the host {spec.host()!r} is not in this service's allowed hosts (CMIM_REMOTE_ALLOWED_HOSTS)"
+    return None
+
+
+class Verifier:
+    """Runs remote verifications on a few threads of the API process; each is bounded by the remote
+    client's time limit, and a full queue is refused rather than grown."""
+
+    def __init__(self, settings: Settings, store: ArtifactStore) -> None:
+        self.settings, self.store = settings, store
+        self._pool = ThreadPoolExecutor(settings.remote_verify_workers, thread_name_prefix="cmim-verify")
+        self._slots = threading.BoundedSemaphore(settings.remote_verify_workers * 4)
+
+    def start(self, session: Session, m: Material, key: KeyInfo, spec: EndpointSpec) -> Verification:
+        """Store the running verification (headers sealed) and start asking the endpoint; 503 when full."""
+        if not self._slots.acquire(blocking=False):
+            raise Problem(503, "too many remote verifications are running; try again later", slug="busy")
+        try:
+            sealed = SecretBox.from_settings(self.settings).seal(spec.headers) if spec.headers else None
+            row = Verification(
+                owner_id=key.owner_id, model_id=m.job_id, kind="endpoint", request=spec.public(),
+                headers_sealed=sealed, status="running", commitment=m.commitment(),
+            )  # fmt: skip
+            session.add(row)
+            session.commit()
+            self._pool.submit(self._run, row.id, m)
+        except BaseException:
+            self._slots.release()
+            raise
+        return row
+
+    def _run(self, vid: uuid.UUID, m: Material) -> None:
+        try:
+            with session_scope(self.settings.database_url) as s:
+                row = s.get(Verification, vid)
+                assert row is not None, "a running verification is never deleted"
+                spec = EndpointSpec.model_validate(
+                    {k: v for k, v in row.request.items() if k != "header_names"}
+                    | {"headers": self._headers(row)}
+                )
+            remote = RemoteModel(spec, limits(self.settings))
+            status, result, labels = "failed", {"verdict": COULD_NOT_VERIFY, "reason": ""}, None
+            try:
+                got = remote.labels(m.challenge.x.numpy())
+                answers = [int(a) for a in got]
+                problem = check_labels(answers, m)
+                if problem is not None:
+                    raise RemoteError(f"the endpoint answered the wrong shape: {problem}")
+                status, result, labels = "done", decide(m, answers) | {"queries": remote.sent}, answers
+            except RemoteError as e:
+                result = {"verdict": COULD_NOT_VERIFY, "reason": str(e), "queries": remote.sent}
+            except Exception as e:  # noqa: BLE001 (a bug must still end the run with a reason, not "running")
+                result = {"verdict": COULD_NOT_VERIFY, "reason": f"internal error: {type(e).__name__}"}
+            with session_scope(self.settings.database_url) as s:
+                row = s.get(Verification, vid)
+                assert row is not None
+                row.status, row.verdict, row.answers, row.log = status, result, labels, remote.log
+                row.finished_at = utcnow()
+        finally:
+            self._slots.release()
+
+    def _headers(self, row: Verification) -> dict[str, str]:
+        if row.headers_sealed is None:
+            return {}
+        headers = SecretBox.from_settings(self.settings).open(row.headers_sealed)
+        assert isinstance(headers, dict)
+        return headers
+
+
+def verification(
+    session: Session, settings: Settings, model_id: uuid.UUID, vid: uuid.UUID, key: KeyInfo
+) -> Verification:
+    """One of the caller's verifications of this model (404 otherwise); a run whose API process stopped
+    is ended as could-not-verify."""
+    owned_job(session, model_id, key)
+    row = session.get(Verification, vid)
+    if row is None or row.model_id != model_id or row.owner_id != key.owner_id:
+        raise not_found("verification", vid)
+    stale = utcnow() - timedelta(seconds=settings.remote_time_limit_seconds) - STALE_MARGIN
+    if row.status == "running" and row.created_at < stale:
+        row.status, row.finished_at = "failed", utcnow()
+        row.verdict = {"verdict": COULD_NOT_VERIFY, "reason": "the API process running it stopped"}
+        session.commit()
+    return row
+
+
+# -- the bundle, and the fresh challenge its download commits ----------------------------------------------
+
+_retire_lock = threading.Lock()
+
+
+def bundle(session: Session, store: ArtifactStore, row: Verification) -> bytes:
+    """The evidence bundle of a finished verification; its challenge is retired (a fresh one committed)."""
+    if row.status != "done" or row.answers is None or row.verdict is None:
+        raise Problem(
+            409, f"verification {row.id} is {row.status}: it has no evidence to bundle", slug="no-bundle"
+        )
+    generation = int(row.commitment["generation"])
+    loaded = load_generation(store, row.model_id, generation)
+    job = session.get(Job, row.model_id)
+    if loaded is None or job is None:
+        raise Problem(409, f"the challenge of verification {row.id} is no longer stored", slug="no-bundle")
+    report = json.loads(store.read_bytes(report_artifact(session, job).storage_key))
+    meta = load_meta(store.local_path(job_artifact(session, job.id, CONFIG_NAME).storage_key))
+    m = Material(job.id, generation, loaded[0], loaded[1], report, meta)
+    families, _, _ = m.null()
+    data = build_bundle(
+        secret=m.secret, generation=generation, challenge=m.challenge, answers=row.answers,
+        suspect=_suspect_words(row), null=families, alpha=float(row.verdict["alpha"]), verdict=row.verdict,
+        request_log=row.log if row.kind == "endpoint" else None,
+        context={
+            "model": str(job.id), "verification": str(row.id), "mechanism": DEFAULT_MECHANISM,
+            "null_measured_on_generation": 0, "suspect_request": row.request,
+        },
+    )  # fmt: skip
+    retire(session, store, job, generation)
+    return data
+
+
+def retire(session: Session, store: ArtifactStore, job: Job, generation: int) -> None:
+    """The challenge `generation` was revealed: commit generation + 1 (once) and make it current. When no
+    fresh challenge can be drawn (the data is gone), the model has no current challenge (409 on verify)."""
+    with _retire_lock:
+        if current_generation(store, job.id) != generation:
+            return  # already retired
+        nxt = generation + 1
+        try:
+            secret = Secret.new()
+            teacher = load_served(session, store, job.id, job.owner_id).model
+            data = _job_data(session, store, job)
+            ch = MECHANISMS.get(DEFAULT_MECHANISM).challenge(teacher, None, data, secret, CHALLENGE_POINTS)
+        except Exception:  # noqa: BLE001 (the old challenge is retired all the same; verify then says why)
+            log.exception("model %s: no fresh challenge could be drawn", job.id)
+            ch = None
+        if ch is not None:
+            secret_name, challenge_name = generation_names(job.id, nxt)
+            store.write_named(challenge_name, pack_challenge(ch))
+            store.write_named(secret_name, json.dumps(secret.to_json()).encode())
+        store.write_named(_current_name(job.id), json.dumps({"generation": nxt}).encode())
+
+
+def _job_data(session: Session, store: ArtifactStore, job: Job) -> Any:
+    """The job's training data as its teacher saw it (the built-in data set, or the owner's upload)."""
+    spec = job.spec["teacher"]
+    if job.dataset_id is None:
+        return load_dataset(spec["dataset"], **spec.get("dataset_params", {}))
+    upload = session.get(Dataset, job.dataset_id)
+    assert upload is not None, "uploaded datasets are never deleted while a job uses them"
+    return load_dataset(spec["dataset"], path=str(store.local_path(upload.storage_key)))
+
+
+def _suspect_words(row: Verification) -> str:
+    if row.kind == "endpoint":
+        return f"endpoint {row.request['url']} ({row.request['protocol']}, model {row.request.get('model')})"
+    return "answers" if row.kind == "answers" else f"uploaded model {row.request.get('suspect_model_id')}"
