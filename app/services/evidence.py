@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from sqlalchemy.orm import Session
 
-from app.services.serving import load_served
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.keys import KeyInfo
@@ -33,6 +32,7 @@ from app.core.secrets import SecretBox
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found
 from app.services.jobs import job_artifact, owned_job, report_artifact
+from app.services.serving import load_served
 from ml.checkpoint import CONFIG_NAME, ModelMeta, load_meta
 from ml.data import load_dataset
 from ml.evidence import CHALLENGE_POINTS, DEFAULT_MECHANISM, MECHANISMS, Challenge, Secret

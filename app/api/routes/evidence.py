@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 from torch import nn
 
 from app.api.deps import JobsRead
-from app.services.access import SessionDep, SettingsDep, StoreDep
 from app.api.evidence_schemas import VerificationOut
 from app.api.model_registry import invalid
 from app.api.routes.models import ModelId
@@ -21,6 +20,7 @@ from app.core.keys import KeyInfo
 from app.core.models import UploadedModel, Verification
 from app.core.storage import ArtifactStore
 from app.services import evidence as ev
+from app.services.access import SessionDep, SettingsDep, StoreDep
 from app.services.tenancy import get_owned
 from ml.checkpoint import ModelMeta, load_checkpoint
 from ml.evidence import DEFAULT_MECHANISM
