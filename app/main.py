@@ -11,12 +11,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from app.api import docs_pages
-from app.api.inference import HistoryCache, ModelCache
-from app.api.job_events import EventWatch
-from app.api.monitor import Monitor
 from app.api.report_html import CSS as REPORT_CSS
 from app.api.routes import (
-    alerts,
     catalog,
     datasets,
     enforcement,
@@ -37,8 +33,12 @@ from app.core.limits import Background, make_limits
 from app.core.storage import ArtifactStore
 from app.core.webhooks import Deliverer
 from app.problems import BodyLimit, document_problems, install_problem_handlers
+from app.services.job_events import EventWatch
+from app.services.monitor import Monitor
+from app.services.predictor import Predictor
+from app.services.serving import HistoryCache, ModelCache
+from app.services.sessions import SessionStore
 from app.web import routes as web
-from app.web.session import SessionStore
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
@@ -113,6 +113,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.monitor = monitor
     app.state.enforcement = guard
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
+    state = app.state
+    app.state.predictor = Predictor(
+        settings, sessions, state.store, state.models, state.histories, limits, monitor, guard
+    )
     install_problem_handlers(app)
     document_problems(app)
     app.add_middleware(
@@ -124,8 +128,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
-    api.include_router(models.simple)
-    for module in (jobs, datasets, uploads, evidence, keys, catalog, alerts, enforcement, webhooks):
+    for module in (uploads, enforcement):  # everything under /api/v1/models on one router
+        models.router.include_router(module.router)
+    for module in (models, jobs, datasets, evidence, keys, catalog, webhooks):
         api.include_router(module.router)
     api.include_router(jobs.presets)
     app.include_router(api)

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.outage import OUTAGE_ERRORS, is_outage
 from app.core.storage import CorruptObjectError
-from ml.registry import UnknownNameError
+from ml.catalog import UnknownNameError
 
 log = logging.getLogger(__name__)
 

@@ -213,12 +213,12 @@ def train(tmp: Path, database_url: str) -> tuple[str, str, Path, Path]:
     """A tiny model trained through the job pipeline; returns (model id, key, weights, config)."""
     from sqlalchemy import select
 
-    from app.api.job_service import create_job
     from app.core.config import Settings
     from app.core.db import session_scope
     from app.core.keys import create_api_key
     from app.core.migrate import upgrade
     from app.core.models import ApiKey, Artifact
+    from app.services.jobs import create_job
     from app.services.schemas import JobCreate
     from worker.pipeline import run_job
 

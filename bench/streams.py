@@ -27,11 +27,11 @@ import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from app.api.job_service import create_job
 from app.core.config import Settings
 from app.core.db import dispose_engines, session_scope
 from app.core.keys import create_api_key, find_api_key
 from app.core.migrate import upgrade
+from app.services.jobs import create_job
 from app.services.schemas import JobCreate
 from worker.pipeline import run_job
 

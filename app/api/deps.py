@@ -1,50 +1,22 @@
-"""FastAPI dependencies: settings, DB session, artifact store, the calling API key (cached) and its scopes."""
+"""FastAPI dependencies of the API: the calling API key (cached; a GET may also be signed in by the
+dashboard's session) and its scopes, and the upload slots. Settings, DB session and store are in
+`app.services.access`."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
-from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
-from app.core.config import Settings
-from app.core.keys import KeyCache, KeyInfo, hash_secret
-from app.core.storage import ArtifactStore
-from app.problems import Problem, not_found
-from app.web.session import session_digest
+from app.core.keys import KeyInfo, hash_secret
+from app.problems import Problem
+from app.services.access import CHALLENGE, authorize
+from app.services.sessions import session_digest
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer cmim_...`")
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    # Closed on the event loop, not in a worker thread: a request holding a connection must never
-    # wait for a thread to give it back (threads blocked on a full pool would wait for it forever).
-    session = request.app.state.sessions()
-    try:
-        yield session
-    finally:
-        session.close()
-
-
-def get_store(request: Request) -> ArtifactStore:
-    return request.app.state.store
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
-StoreDep = Annotated[ArtifactStore, Depends(get_store)]
-
-
-CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 async def authenticate(request: Request, token: str | None, scopes: list[str]) -> KeyInfo:
@@ -61,25 +33,6 @@ async def authenticate(request: Request, token: str | None, scopes: list[str]) -
     return await authorize(request, hash_secret(token), scopes)
 
 
-async def authorize(request: Request, digest: str, scopes: list[str]) -> KeyInfo:
-    """The live API key with this secret hash, holding every scope in `scopes`; 401 or 403 otherwise."""
-    cache: KeyCache = request.app.state.keys
-    key = cache.cached(digest) or await run_in_threadpool(cache.load, digest)
-    if key is None or key.revoked_at is not None:
-        raise Problem(401, "unknown or revoked API key", slug="unauthenticated", headers=CHALLENGE)
-    if not key.live():
-        raise Problem(
-            401,
-            f"API key expired at {key.expires_at:%Y-%m-%dT%H:%M:%SZ}",
-            slug="unauthenticated",
-            headers=CHALLENGE,
-        )
-    missing = [s for s in scopes if s not in key.scopes]
-    if missing:
-        raise Problem(403, f"this API key lacks the scope(s) {', '.join(missing)}", slug="forbidden")
-    return key
-
-
 def bearer_token(request: Request) -> str | None:
     """The token of an `Authorization: Bearer` header, if any (what `HTTPBearer` reads, without its cost)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -94,7 +47,7 @@ async def current_key(
     """The calling key, for routes that declare their scopes as a dependency (see `authenticate`).
 
     Without a Bearer header, a GET may be signed in by the dashboard's session cookie instead (a browser
-    opening a report, an artifact or an event stream), while that session lasts (`app.web.session`: one
+    opening a report, an artifact or an event stream), while that session lasts (`app.services.sessions`: one
     database read); anything else needs the header (no CSRF by cookie)."""
     if credentials is None and request.method in ("GET", "HEAD"):
         digest = await session_digest(request)
@@ -120,16 +73,6 @@ DatasetsWrite = Annotated[KeyInfo, _caller("datasets:write")]
 Predict = Annotated[KeyInfo, _caller("models:predict")]
 AnyKey = Annotated[KeyInfo, _caller()]
 KeysAdmin = Annotated[KeyInfo, _caller("keys:admin")]
-
-M = TypeVar("M")
-
-
-def get_owned(session: Session, model: type[M], ident: uuid.UUID, key: KeyInfo, kind: str) -> M:
-    """The object with this id if the caller's owner owns it; otherwise the same 404 as for a missing id."""
-    obj = session.get(model, ident)
-    if obj is None or obj.owner_id != key.owner_id:  # type: ignore[attr-defined]
-        raise not_found(kind, ident)
-    return obj
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.coalesce import Coalescer
 from app.core.models import QueryUsage, utcnow
-from ml.enforcement import first_exhausted
+from ml.served import first_exhausted
 
 log = logging.getLogger(__name__)
 Scope = Literal["key", "owner", "global"]

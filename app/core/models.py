@@ -92,8 +92,8 @@ class ApiKey(Base):
 
 
 class DashboardSession(Base):
-    """A signed-in dashboard session (`app.web.session`), kept server-side so that it can end everywhere at
-    once. Keyed by the sha256 of the session id, which only the browser's signed cookie holds."""
+    """A signed-in dashboard session (`app.services.sessions`), kept server-side so that it can end everywhere
+    at once. Keyed by the sha256 of the session id, which only the browser's signed cookie holds."""
 
     __tablename__ = "dashboard_sessions"
 

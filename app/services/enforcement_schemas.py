@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.services.schemas import PrintableText
-from ml.enforcement import Action, EnforcementPolicy
+from ml.served import Action, EnforcementPolicy
 
 
 class AlertKey(BaseModel):

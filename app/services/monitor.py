@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.enforcement import Enforcement, Outcome
 from app.core.models import MonitorAlert
 from app.core.queue import append_event
-from ml.monitor import Alert, ModelMonitor, Reference, suspect_keys
-
-if TYPE_CHECKING:
-    from app.api.inference import ServedModel
+from app.services.serving import ServedModel
+from ml.served import Alert, ModelMonitor, Reference, suspect_keys
 
 KEY_TTL_SECONDS = 90 * 86400  # a key's statistics in Redis outlive 90 idle days
 MODELS_KEPT = 1000  # embedded: models whose statistics stay in memory, least recently used dropped first

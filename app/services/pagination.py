@@ -7,17 +7,12 @@ import base64
 import json
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Query
 from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from app.problems import validation_problem
-
-# a list's query parameters: how many items a page holds, and where it starts
-Limit = Annotated[int, Query(ge=1, le=200, description="items on a page")]
-Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page")]
 
 
 def encode_cursor(when: datetime, ident: uuid.UUID) -> str:

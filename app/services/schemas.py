@@ -14,11 +14,8 @@ from app.core.config import ALL_SCOPES, Scope
 from app.core.text import refused_character
 from app.problems import validation_problem
 from ml.audit import AuditConfig
-from ml.data import DatasetInfo
-from ml.enforcement import EnforcementPolicy
-from ml.policy import KEYED_NOT_SERVED
-from ml.presets import PRESETS, apply_preset
-from ml.train import TrainConfig
+from ml.catalog import PRESETS, DatasetInfo, TrainConfig, apply_preset
+from ml.served import KEYED_NOT_SERVED, EnforcementPolicy
 
 MAX_INT32 = 2**31 - 1  # the database stores counts and limits as 32-bit integers
 
@@ -305,11 +302,17 @@ class UploadedModelOut(BaseModel):
 
 class UploadedModelList(BaseModel):
     items: list[UploadedModelOut]
+    next_cursor: str | None = Field(
+        None, description="pass as `cursor` for the next page; null on the last page"
+    )
 
 
 class DatasetList(BaseModel):
     builtin: list[DatasetInfo]
-    uploads: list[DatasetOut]
+    uploads: list[DatasetOut] = Field(description="your uploads, newest first, one page of them")
+    next_cursor: str | None = Field(
+        None, description="pass as `cursor` for the next page; null on the last page"
+    )
 
 
 class Catalog(BaseModel):

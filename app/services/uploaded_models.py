@@ -1,4 +1,4 @@
-"""Owners' own models: validated before anything is stored (ONNX through `ml.onnx_model`, zoo checkpoints
+"""Owners' uploaded models: validated before anything is stored (ONNX through `ml.onnx_model`, zoo checkpoints
 through `ml.checkpoint`), checked against the data set they answer for, then stored content-addressed."""
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.keys import KeyInfo
 from app.core.models import ApiKey, UploadedModel
 from app.core.models import Dataset as DatasetRow
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found
-from app.services.schemas import text_field
+from app.services.pagination import newest_first
+from app.services.schemas import UploadedModelList, UploadedModelOut, text_field
+from ml.catalog import UnknownNameError, validate_npz
 from ml.checkpoint import ModelMeta, build_from_meta, check_state, read_weights
-from ml.data import validate_npz
 from ml.onnx_model import load_onnx
-from ml.registry import UnknownNameError
 
 FORMATS = ("onnx", "checkpoint")
 OUTPUTS = ("logits", "probabilities")
@@ -178,3 +180,12 @@ def register_model(
     session.add(row)
     session.commit()
     return row
+
+
+def list_models(session: Session, key: KeyInfo, limit: int, cursor: str | None) -> UploadedModelList:
+    """The owner's uploaded models, newest first."""
+    q = select(UploadedModel).where(UploadedModel.owner_id == key.owner_id)
+    rows, next_cursor = newest_first(session, q, UploadedModel.created_at, UploadedModel.id, limit, cursor)
+    return UploadedModelList(
+        items=[UploadedModelOut.model_validate(r) for (r,) in rows], next_cursor=next_cursor
+    )

@@ -15,12 +15,12 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.api.job_service import create_job
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.keys import create_api_key, find_api_key
 from app.core.models import Artifact, Job
 from app.main import create_app
+from app.services.jobs import create_job
 from app.services.schemas import JobCreate
 from ml.checkpoint import load_checkpoint
 from worker.pipeline import run_job

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from service_helpers import assert_problem, job_body
 
-from app.api.job_events import MAX_EVENT_ID
+from app.services.job_events import MAX_EVENT_ID
 
 
 def submit(client, caller, body, **headers):  # noqa: ANN001, ANN201

@@ -19,7 +19,7 @@ from app.core.db import session_factory, session_scope
 from app.core.keys import hash_secret
 from app.core.models import DashboardSession, utcnow
 from app.main import create_app
-from app.web import session as web_session
+from app.services import sessions as web_session
 
 ORIGIN = {"Origin": "http://testserver"}
 SECRET = "a-session-secret-of-32-characters-or-more"

@@ -20,12 +20,12 @@ from service_helpers import assert_problem, copy_job, job_body, service_settings
 from sqlalchemy import select
 from test_e2e import Stack, base_env
 
-from app.api.job_service import create_job
 from app.core.db import session_scope
 from app.core.keys import create_api_key, find_api_key
 from app.core.limits import counters_for, read_usage
 from app.core.migrate import upgrade
 from app.core.models import Artifact
+from app.services.jobs import create_job
 from app.services.schemas import JobCreate
 from ml.checkpoint import load_checkpoint
 from ml.oracle import OutputMode, apply_output_mode

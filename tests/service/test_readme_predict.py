@@ -16,11 +16,11 @@ import pytest
 from service_helpers import job_body, service_settings
 from test_e2e import Proc, Stack, base_env
 
-from app.api.job_service import create_job
 from app.core.db import session_scope
 from app.core.keys import create_api_key
 from app.core.migrate import upgrade
 from app.core.models import ApiKey
+from app.services.jobs import create_job
 from app.services.schemas import JobCreate
 from worker.pipeline import run_job
 

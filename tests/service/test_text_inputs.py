@@ -19,10 +19,10 @@ from sqlalchemy import func, select, text
 from test_api_datasets import good_arrays, npz_bytes
 from test_dashboard_session import ORIGIN, sign_in
 
-from app.api.deps import SessionDep
 from app.core.db import session_scope
 from app.core.models import Dataset, Job
 from app.main import create_app
+from app.services.access import SessionDep
 
 KINDS = ("NUL", "control", "surrogate")
 # Each refused kind as a JSON string carries it (a lone surrogate as its escape), and the character named.

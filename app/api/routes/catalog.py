@@ -8,10 +8,7 @@ from fastapi import APIRouter
 
 from app.core.config import ALL_SCOPES
 from app.services.schemas import Catalog
-from ml.attacks import attack_infos
-from ml.data import dataset_infos
-from ml.models import model_infos
-from ml.objectives import OBJECTIVES
+from ml.catalog import OBJECTIVES, attack_infos, dataset_infos, model_infos
 
 router = APIRouter(tags=["catalog"])
 

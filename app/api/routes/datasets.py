@@ -1,30 +1,21 @@
-"""Datasets: streamed npz uploads (capped, hashed, validated before anything is stored) and the built-ins."""
+"""Datasets: streamed npz uploads (capped, hashed, validated before anything is stored) and the built-ins
+(`app.services.datasets`)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import (
-    DatasetsRead,
-    DatasetsWrite,
-    SessionDep,
-    SettingsDep,
-    StoreDep,
-    get_owned,
-    upload_slot,
-)
+from app.api.deps import DatasetsRead, DatasetsWrite, upload_slot
+from app.api.params import Cursor, Limit
 from app.core.models import Dataset
-from app.problems import Problem
+from app.services import datasets
+from app.services.access import SessionDep, SettingsDep, StoreDep
 from app.services.schemas import DatasetList, DatasetOut, PrintableText
-from ml.data import DataValidationError, dataset_infos, validate_npz
+from app.services.tenancy import get_owned
+from app.services.uploads import capped
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -38,49 +29,6 @@ UPLOAD_BODY = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-
-
-ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an npz is a zip: a local file header or an empty archive
-
-
-def _not_npz() -> Problem:
-    return Problem(
-        422, "not an .npz file (not a zip archive); save it with numpy.savez", slug="invalid-dataset"
-    )
-
-
-async def _receive_capped(request: Request, max_bytes: int, directory: Path) -> Path:
-    """Stream the body into a temporary file, refusing with 413 the moment it passes max_bytes.
-
-    The first bytes are checked as they arrive: a body that is not a zip archive is refused at once.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise Problem(413, f"upload of {declared} bytes is over the {max_bytes}-byte limit", slug="too-large")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=directory, suffix=".npz")
-    path, size = Path(name), 0
-    try:
-        with os.fdopen(fd, "wb") as out:
-            head = b""
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise Problem(413, f"upload is over the {max_bytes}-byte limit", slug="too-large")
-                if len(head) < 4:
-                    head += chunk[: 4 - len(head)]
-                    if len(head) == 4 and head not in ZIP_MAGIC:
-                        raise _not_npz()
-                out.write(chunk)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    if size == 0:
-        path.unlink(missing_ok=True)
-        raise Problem(
-            422, "empty upload: send the npz file's bytes as the request body", slug="invalid-dataset"
-        )
-    return path
 
 
 @router.post(
@@ -103,46 +51,20 @@ async def upload_dataset(
     ] = "upload",
 ) -> DatasetOut:
     with upload_slot(request):
-        path = await _receive_capped(request, settings.upload_max_bytes, Path(settings.work_dir) / "uploads")
-        try:
-            try:
-                summary = await run_in_threadpool(
-                    validate_npz, path, max_total_bytes=settings.upload_max_decompressed_bytes
-                )
-            except DataValidationError as e:
-                raise Problem(422, str(e), slug="invalid-dataset", title="Invalid dataset") from None
-            stored = await run_in_threadpool(store.put_file, path)
-        finally:
-            path.unlink(missing_ok=True)
-    existing = session.scalar(
-        select(Dataset).where(Dataset.owner_id == key.owner_id, Dataset.sha256 == stored.sha256)
-    )
-    if existing is not None:
+        chunks = capped(request.stream(), settings.upload_max_bytes, request.headers.get("content-length"))
+        ds, created = await datasets.upload_dataset(session, settings, store, key, name, chunks)
+    if not created:
         response.status_code = 200
-        return DatasetOut.model_validate(existing)
-    ds = Dataset(
-        owner_id=key.owner_id,
-        name=name,
-        sha256=stored.sha256,
-        size_bytes=stored.size,
-        storage_key=stored.key,
-        input_shape=list(summary.input_shape),
-        num_classes=summary.num_classes,
-        n_train=summary.n_train,
-        n_test=summary.n_test,
-    )
-    session.add(ds)
-    session.commit()
+        return ds
     response.headers["Location"] = f"/api/v1/datasets/{ds.id}"
-    return DatasetOut.model_validate(ds)
+    return ds
 
 
-@router.get("", response_model=DatasetList, summary="Built-in datasets and your uploads")
-def list_datasets(key: DatasetsRead, session: SessionDep) -> DatasetList:
-    uploads = session.scalars(
-        select(Dataset).where(Dataset.owner_id == key.owner_id).order_by(Dataset.created_at.desc())
-    ).all()
-    return DatasetList(builtin=dataset_infos(), uploads=[DatasetOut.model_validate(d) for d in uploads])
+@router.get("", response_model=DatasetList, summary="Built-in datasets and your uploads (newest first)")
+def list_datasets(
+    key: DatasetsRead, session: SessionDep, limit: Limit = 50, cursor: Cursor = None
+) -> DatasetList:
+    return datasets.list_datasets(session, key, limit, cursor)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One uploaded dataset")

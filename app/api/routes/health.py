@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, SettingsDep
 from app.core.queue import broker_reachable
 from app.problems import RETRY_AFTER_S, Problem
+from app.services.access import SessionDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 v2 = APIRouter(prefix="/v2", tags=["inference (KServe v2)"])

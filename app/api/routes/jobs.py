@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -10,11 +9,15 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import JobsRead, JobsWrite, SessionDep, SettingsDep, StoreDep
-from app.api.job_events import MAX_EVENT_ID, event_out, events_after, sse_events
-from app.api.job_service import (
-    artifact_out,
-    create_job,
+from app.api.deps import JobsRead, JobsWrite
+from app.api.params import Cursor, Limit
+from app.api.report_html import render_report
+from app.core.models import JobStatus
+from app.services import jobs
+from app.services.access import SessionDep, SettingsDep, StoreDep
+from app.services.job_events import MAX_EVENT_ID, event_out, events_after, sse_events
+from app.services.job_views import artifact_out
+from app.services.jobs import (
     job_artifact,
     job_artifacts,
     job_out,
@@ -23,11 +26,6 @@ from app.api.job_service import (
     read_job,
     report_artifact,
 )
-from app.api.pagination import Cursor, Limit
-from app.api.report_html import render_report
-from app.core.models import JobStatus
-from app.core.queue import enqueue, request_cancel
-from app.problems import Problem
 from app.services.schemas import (
     PRINTABLE,
     ArtifactOut,
@@ -38,7 +36,7 @@ from app.services.schemas import (
     PresetOut,
     PrintableText,
 )
-from ml.presets import PRESETS
+from ml.catalog import PRESETS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 presets = APIRouter(prefix="/presets", tags=["jobs"])
@@ -83,9 +81,7 @@ async def submit_job(
         Header(min_length=1, max_length=200, description="retries with the same key return the first job"),
     ] = None,
 ) -> JobOut:
-    job, created = await run_in_threadpool(create_job, session, settings, key, body, idempotency_key)
-    if created:
-        await run_in_threadpool(enqueue, settings, job.id)
+    job, _ = await run_in_threadpool(jobs.submit_job, session, settings, key, body, idempotency_key)
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     return job_out(job)
 
@@ -111,13 +107,7 @@ def get_job(job_id: JobId, key: JobsRead, session: SessionDep) -> JobOut:
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel a job")
 def cancel_job(job_id: JobId, key: JobsWrite, session: SessionDep) -> JobOut:
-    job = owned_job(session, job_id, key)
-    if JobStatus(job.status).terminal:
-        raise Problem(409, f"job {job_id} has already {job.status}", slug="job-finished")
-    request_cancel(session, job_id)
-    session.commit()
-    session.refresh(job)
-    return read_job(session, job_id, key)
+    return jobs.cancel_job(session, job_id, key)
 
 
 @router.get(
@@ -166,7 +156,7 @@ def job_report(job_id: JobId, key: JobsRead, session: SessionDep, store: StoreDe
 @router.get("/{job_id}/report.html", response_class=HTMLResponse, summary="The audit report as a page")
 def job_report_html(job_id: JobId, key: JobsRead, session: SessionDep, store: StoreDep) -> HTMLResponse:
     job = owned_job(session, job_id, key)
-    report = json.loads(store.read_bytes(report_artifact(session, job).storage_key))
+    report = jobs.read_report(session, store, job)
     epochs = [e.data for e in events_after(session, job_id, 0, limit=100_000) if e.kind == "epoch"]
     return HTMLResponse(render_report(job_out(job), report, epochs))
 

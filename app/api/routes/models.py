@@ -10,27 +10,15 @@ key, the model and the counters are cached or live in Redis.
 from __future__ import annotations
 
 import json
-import uuid
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
-from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import BEARER_DOC, PREDICT_SCOPES, Predict, authenticate, bearer_token
-from app.api.inference import (
-    ServedModel,
-    as_batch,
-    budget_for,
-    caps_for,
-    charge,
-    check_datatype,
-    describe_budget,
-    describe_standing,
-    refuse_suspended,
-)
+from app.api.params import ModelId
 from app.api.schemas import (
     InferInput,
     InferRequest,
@@ -39,21 +27,18 @@ from app.api.schemas import (
     ModelReady,
     PredictRequest,
     PredictResponse,
-    TensorMeta,
 )
-from app.core.keys import KeyInfo
-from app.core.limits import Cap
-from app.problems import Problem, validation_problem
-from ml.enforcement import Standing
-from ml.onnx_model import ONNX_ARCH
-from ml.policy import Served
+from app.problems import validation_problem
+from app.services.inputs import as_batch, check_datatype
+from app.services.predictor import Predictor
+from app.services.serving import ServedModel
+from app.services.uploads import capped, read_capped
+from ml.served import Served
 
 v2 = APIRouter(prefix="/v2/models", tags=["inference (KServe v2)"])
-simple = APIRouter(prefix="/models", tags=["inference"])
-ModelId = Annotated[uuid.UUID, Path(description="the model's id: the id of the job that trained it")]
-# Requests of up to this many rows are answered on the event loop, their forward passes micro-batched
-# (`MicroBatcher`); larger ones in a thread, alone (a thread hop costs less than their forward pass).
-INLINE_ROWS = 256
+# The one router under /api/v1/models: the predict route here, and (included by `app.main`) the routers of
+# uploaded models and of enforcement, which carry no prefix of their own.
+router = APIRouter(prefix="/models")
 BINARY_HEADER = "inference-header-content-length"
 WIRE = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 M = TypeVar("M", bound=BaseModel)
@@ -84,13 +69,7 @@ def document_bodies(spec: dict[str, Any]) -> None:
 async def _read(request: Request) -> bytes:
     """The request body, refused with 413 as soon as it exceeds CMIM_PREDICT_MAX_BYTES."""
     cap = request.app.state.settings.predict_max_bytes
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise Problem(413, f"request body over {cap} bytes (CMIM_PREDICT_MAX_BYTES)", slug="too-large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_capped(capped(request.stream(), cap, None, "request body", "CMIM_PREDICT_MAX_BYTES"))
 
 
 def _parse(model: type[M], raw: bytes) -> M:
@@ -108,86 +87,18 @@ def _parse(model: type[M], raw: bytes) -> M:
         raise validation_problem(errors[:1] if len(errors) > 1 else errors) from None
 
 
-async def _served(request: Request, model_id: uuid.UUID, key: KeyInfo) -> ServedModel:
-    state = request.app.state
-    served = state.models.cached(model_id, key.owner_id)
-    if served is None:
-
-        def load() -> ServedModel:
-            with state.sessions() as session:
-                return state.models.get(session, state.store, model_id, key.owner_id)
-
-        served = await run_in_threadpool(load)
-    return served
-
-
-def _enforced(request: Request, key: KeyInfo, served: ServedModel) -> tuple[Standing | None, list[Cap]]:
-    """The key's standing on the model and the caps its rows count against (from this process's memory)."""
-    enforcement = request.app.state.enforcement
-    standing = enforcement.standing(served.model_id, key.id)
-    policy = enforcement.policy(served.model_id, served.enforcement)
-    return standing, caps_for(key, served, request.app.state.settings, policy, standing)
-
-
-async def _answer(request: Request, key: KeyInfo, served: ServedModel, x: Any) -> tuple[Served, dict]:
-    """Refuse a suspended key (403), charge the rows (429 when a limit or budget ran out), then answer
-    them as audited. The key's standing and the model's policy are read from this process's memory."""
-    state = request.app.state
-    settings = state.settings
-    standing, caps = _enforced(request, key, served)
-    refuse_suspended(served.model_id, standing)
-    budget = budget_for(key, served, settings.model_query_budget)
-    rows, rate = int(x.shape[0]), settings.rate_limit_per_minute
-    headers = await charge(state.limits, key, caps, rows, rate, budget, standing)
-    state.monitor.record(served, key.id, x)
-    history = state.histories.get(key.id, served)
-    if x.shape[0] <= INLINE_ROWS:
-        return served.answer(x, await served.batcher.logits(x), history), headers
-    return await run_in_threadpool(served.serve, x, history), headers
-
-
-def _policy(served: ServedModel) -> dict[str, Any] | None:
-    """The serving policy's config as reported to clients (its fitted threshold stays private)."""
-    return None if served.policy is None else served.policy.config.model_dump()
-
-
 def _json(body: dict[str, Any], headers: dict[str, str]) -> Response:
     return Response(json.dumps(body), media_type="application/json", headers=headers)
 
 
 @v2.get("/{model_id}", response_model=ModelMetadata, summary="Model metadata")
 async def metadata(model_id: ModelId, request: Request, key: Predict) -> ModelMetadata:
-    served = await _served(request, model_id, key)
-    settings = request.app.state.settings
-    meta = served.meta
-    standing, caps = _enforced(request, key, served)
-    used = await request.app.state.limits.usage([c.counter for c in caps])
-    outputs = [
-        TensorMeta(name="probabilities", datatype="FP32", shape=[-1, meta.num_classes]),
-        TensorMeta(name="label", datatype="INT64", shape=[-1]),
-    ]
-    if served.policy is not None:
-        outputs.append(TensorMeta(name="refused", datatype="BOOL", shape=[-1]))
-    return ModelMetadata(
-        name=str(model_id),
-        versions=["1"],
-        platform="onnxruntime_onnx" if meta.arch == ONNX_ARCH else "pytorch_safetensors",
-        inputs=[TensorMeta(name="input", datatype="FP32", shape=[-1, *meta.input_shape])],
-        outputs=outputs,
-        parameters={
-            "output_mode": served.mode.model_dump(),
-            "policy": _policy(served),
-            "query_budget": describe_budget(budget_for(key, served, settings.model_query_budget), caps, used),
-            "standing": describe_standing(standing),
-            "class_names": meta.class_names,
-            "arch": meta.arch,
-        },
-    )
+    return ModelMetadata.model_validate(await request.app.state.predictor.metadata(key, model_id))
 
 
 @v2.get("/{model_id}/ready", response_model=ModelReady, summary="200 when the model can answer")
 async def ready(model_id: ModelId, request: Request, key: Predict) -> ModelReady:
-    await _served(request, model_id, key)
+    await request.app.state.predictor.served(model_id, key)
     return ModelReady(name=str(model_id), ready=True)
 
 
@@ -253,7 +164,8 @@ async def infer(model_id: ModelId, request: Request) -> Response:
     key = await authenticate(request, bearer_token(request), PREDICT_SCOPES)
     header, tail = _split_binary(request, await _read(request))
     body = _parse(InferRequest, header)
-    served = await _served(request, model_id, key)
+    predictor: Predictor = request.app.state.predictor
+    served = await predictor.served(model_id, key)
     tensor, loc = body.inputs[0], ["body", "inputs", 0, "data"]
     dtype = check_datatype(tensor.datatype, ["body", "inputs", 0, "datatype"])
     values = _input_values(tensor, tail, loc)
@@ -265,7 +177,7 @@ async def infer(model_id: ModelId, request: Request) -> Response:
     if unknown:
         msg = f"unknown output(s) {unknown}; this model has {names}"
         raise validation_problem([{"loc": ["body", "outputs"], "msg": msg, "type": "value_error"}])
-    out, headers = await _answer(request, key, served, x)
+    out, headers = await predictor.answer(key, served, x)
     outputs, blobs = _outputs(out, served, wanted, body.parameters.get("binary_data_output", False) is True)
     answer = {"model_name": str(model_id), "model_version": "1", "id": body.id, "outputs": outputs}
     if not blobs:
@@ -275,8 +187,9 @@ async def infer(model_id: ModelId, request: Request) -> Response:
     return Response(head + b"".join(blobs), media_type="application/octet-stream", headers=headers)
 
 
-@simple.post(
+@router.post(
     "/{model_id}/predict",
+    tags=["inference"],
     response_model=PredictResponse,
     summary="Predict (simple JSON)",
     openapi_extra=_body_doc(PredictRequest, binary=False),
@@ -284,29 +197,4 @@ async def infer(model_id: ModelId, request: Request) -> Response:
 async def predict(model_id: ModelId, request: Request) -> Response:
     key = await authenticate(request, bearer_token(request), PREDICT_SCOPES)
     body = _parse(PredictRequest, await _read(request))
-    return _json(*await predict_rows(request, key, model_id, body.inputs))
-
-
-async def predict_rows(
-    request: Request, key: KeyInfo, model_id: uuid.UUID, inputs: Any
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """The simple route's answer to a batch of inputs, charged to the key, and its headers."""
-    served = await _served(request, model_id, key)
-    settings = request.app.state.settings
-    x = as_batch(inputs, None, served.meta, settings.predict_max_batch, ["body", "inputs"])
-    out, headers = await _answer(request, key, served, x)
-    names = served.meta.class_names
-    rows = zip(out.answer.argmax(-1).tolist(), out.answer.tolist(), out.refused.tolist(), strict=True)
-    predictions = [
-        {"label": None, "class_name": None, "scores": None, "refused": True}
-        if refused
-        else {"label": y, "class_name": names[y], "scores": s, "refused": False}
-        for y, s, refused in rows
-    ]
-    answer = {
-        "model": str(model_id),
-        "output_mode": served.mode.model_dump(),
-        "policy": _policy(served),
-        "predictions": predictions,
-    }
-    return answer, headers
+    return _json(*await request.app.state.predictor.predict_rows(key, model_id, body.inputs))

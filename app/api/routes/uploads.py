@@ -6,34 +6,29 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.api.deps import (
-    DatasetsRead,
-    DatasetsWrite,
-    SessionDep,
-    SettingsDep,
-    StoreDep,
-    get_owned,
-    upload_slot,
-)
-from app.api.model_registry import declared, invalid, register_model
+from app.api.deps import DatasetsRead, DatasetsWrite, upload_slot
+from app.api.params import Cursor, Limit
 from app.core.config import Settings
 from app.core.keys import KeyInfo
 from app.core.models import UploadedModel
 from app.core.storage import ArtifactStore
 from app.problems import Problem
+from app.services import uploaded_models
+from app.services.access import SessionDep, SettingsDep, StoreDep
 from app.services.schemas import UploadedModelList, UploadedModelOut, text_field
+from app.services.tenancy import get_owned
+from app.services.uploaded_models import declared, invalid, register_model
+from app.services.uploads import capped
 
-router = APIRouter(prefix="/models", tags=["models (yours)"])
+router = APIRouter(tags=["models (yours)"])  # under `models.router` (/api/v1/models)
 
 FIELDS = {
     "file": "the model: an .onnx file, or a checkpoint's model.safetensors",
@@ -66,21 +61,6 @@ UPLOAD_BODY = {
         },
     }
 }
-
-
-async def _capped(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
-    """The request body, refused with 413 the moment it passes max_bytes."""
-    declared_size = request.headers.get("content-length")
-    if declared_size is not None and declared_size.isdigit() and int(declared_size) > max_bytes:
-        raise Problem(
-            413, f"upload of {declared_size} bytes is over the {max_bytes}-byte limit", slug="too-large"
-        )
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise Problem(413, f"upload is over the {max_bytes}-byte limit", slug="too-large")
-        yield chunk
 
 
 def _spill(upload: UploadFile, directory: Path) -> Path:
@@ -141,9 +121,8 @@ async def _upload_model(
             "send the model as multipart/form-data (fields: " + ", ".join(FIELDS) + ")",
             slug="unsupported",
         )
-    parser = MultiPartParser(
-        request.headers, _capped(request, settings.upload_max_bytes), max_files=2, max_fields=10
-    )
+    body = capped(request.stream(), settings.upload_max_bytes, request.headers.get("content-length"))
+    parser = MultiPartParser(request.headers, body, max_files=2, max_fields=10)
     try:
         form = await parser.parse()
     except MultiPartException as e:
@@ -188,14 +167,11 @@ async def _upload_model(
     return UploadedModelOut.model_validate(row)
 
 
-@router.get("", response_model=UploadedModelList, summary="Your uploaded models")
-def list_models(key: DatasetsRead, session: SessionDep) -> UploadedModelList:
-    rows = session.scalars(
-        select(UploadedModel)
-        .where(UploadedModel.owner_id == key.owner_id)
-        .order_by(UploadedModel.created_at.desc())
-    ).all()
-    return UploadedModelList(items=[UploadedModelOut.model_validate(r) for r in rows])
+@router.get("", response_model=UploadedModelList, summary="Your uploaded models, newest first")
+def list_models(
+    key: DatasetsRead, session: SessionDep, limit: Limit = 50, cursor: Cursor = None
+) -> UploadedModelList:
+    return uploaded_models.list_models(session, key, limit, cursor)
 
 
 @router.get("/{model_id}", response_model=UploadedModelOut, summary="One uploaded model")

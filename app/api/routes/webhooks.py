@@ -11,13 +11,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import KeysAdmin, SessionDep, SettingsDep, get_owned
-from app.api.pagination import Cursor, Limit, newest_first
+from app.api.deps import KeysAdmin
+from app.api.params import Cursor, Limit
 from app.core.config import Settings
 from app.core.keys import KeyInfo
 from app.core.models import Webhook, WebhookDelivery, utcnow
 from app.core.webhooks import check_url, new_secret
 from app.problems import Problem, validation_problem
+from app.services.access import SessionDep, SettingsDep
 from app.services.enforcement_schemas import (
     DeliveryList,
     DeliveryOut,
@@ -26,6 +27,8 @@ from app.services.enforcement_schemas import (
     WebhookList,
     WebhookOut,
 )
+from app.services.pagination import newest_first
+from app.services.tenancy import get_owned
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 HookId = Annotated[uuid.UUID, Path(description="the webhook's id")]
