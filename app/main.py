@@ -11,17 +11,15 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 
 from app.api import docs_pages
-from app.api.report_html import CSS as REPORT_CSS
 from app.api.routes import (
     catalog,
     datasets,
-    enforcement,
     evidence,
     health,
     jobs,
     keys,
+    model_router,
     models,
-    uploads,
     webhooks,
 )
 from app.api.security_headers import SecurityHeaders, inline_style, policy
@@ -39,6 +37,7 @@ from app.services.predictor import Predictor
 from app.services.serving import HistoryCache, ModelCache
 from app.services.sessions import SessionStore
 from app.web import routes as web
+from app.web.report import CSS as REPORT_CSS
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and
@@ -128,9 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
-    for module in (uploads, enforcement):  # everything under /api/v1/models on one router
-        models.router.include_router(module.router)
-    for module in (models, jobs, datasets, evidence, keys, catalog, webhooks):
+    # Everything under /api/v1/models is on one router (`model_router`: serving, uploads, enforcement).
+    for module in (model_router, jobs, datasets, evidence, keys, catalog, webhooks):
         api.include_router(module.router)
     api.include_router(jobs.presets)
     app.include_router(api)

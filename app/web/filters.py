@@ -1,21 +1,30 @@
-"""The dashboard templates' filters: numbers, times, output modes and policies in words, a model's served
-scores."""
+"""The templates of every HTML page (the dashboard's and the report page): one Jinja2 environment, which
+escapes every value unless it is marked safe, and its filters: numbers, times, output modes and policies in
+words, a model's served scores, text with `code` spans."""
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup, escape
 
-from ml.oracle import OutputMode
-from ml.policy import PolicyConfig
+from ml.served import OutputMode, PolicyConfig
 
 SCORES_SHOWN = 10  # a predict answer's highest served scores on the page (a model may have 1,000 classes)
 
 
-def _pct(v: Any) -> str:
-    return f"{v:.2f}" if isinstance(v, int | float) and math.isfinite(v) else "–"
+def _num(v: Any, digits: int = 2) -> str:
+    """A number with `digits` decimals ('–' when missing or not finite): percentages, p-values, seconds."""
+    return f"{v:.{digits}f}" if isinstance(v, int | float) and math.isfinite(v) else "–"
+
+
+def _code_spans(text: str) -> Markup:
+    """Plain text (the findings' sentences), escaped, with its `code` spans shown as code."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
 
 
 def _eta(seconds: Any) -> str:
@@ -43,7 +52,13 @@ def _served_scores(scores: list[float] | None, names: list[str]) -> list[tuple[s
     return [(name, s) for name, s in ranked if s > 0][:SCORES_SHOWN]
 
 
-def register_filters(env: Environment) -> None:
-    env.filters.update(
-        pct=_pct, eta=_eta, output_mode=_output_mode, policy_words=_policy, served_scores=_served_scores
-    )
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")  # autoescapes .html templates
+templates.env.filters.update(
+    pct=_num,
+    num=_num,
+    code_spans=_code_spans,
+    eta=_eta,
+    output_mode=_output_mode,
+    policy_words=_policy,
+    served_scores=_served_scores,
+)

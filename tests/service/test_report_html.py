@@ -3,16 +3,20 @@ inconclusive; the budget curve with the safe budget, the honest-user cost and th
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import pytest
 from audit_reports import BELOW, COPIED, report_of, rows
 
-from app.api.report_html import render_report
 from app.services.schemas import JobOut, Progress
-from ml.audit.advice import findings
+from app.web import report as report_page
+from app.web.report import render_report
+from ml.audit.findings import findings
 
 LINKS = ("self", "events", "report", "report_html", "artifacts", "model")
 
@@ -82,3 +86,51 @@ def test_rows_never_contradict_the_verdict() -> None:
         assert ("within_noise" in outcomes) == (teacher is ahead)
         if verdict != "distillable":
             assert "copied beyond LS (significant after Holm)" not in teacher_part
+
+
+HOSTILE = '<script>alert("x")</script>'
+
+
+def test_hostile_names_in_a_report_come_out_escaped() -> None:
+    """A dataset, attack row, student and mechanism named with markup are shown as text, in tables and
+    charts alike: the page runs nothing a report carries."""
+    report = report_of(rows(hard_label=[70.0, 71.0, 70.5, 69.5, 70.0], **{HOSTILE: [84.0] * 5}), COPIED)
+    report["students"] = {f"mlp{HOSTILE}": report["students"]["mlp"]}
+    report["dataset"] = {"name": f"mnist{HOSTILE}", "n_train": 10, "n_test": 10}
+    report["verdict_reason"] = f"because {HOSTILE}"
+    report["evidence"] = {
+        "mechanisms": {HOSTILE: {"teacher": {"mlp": {"null": None, "reason": HOSTILE}}}},
+        "commitment": {"sha256": HOSTILE, "committed_at": "2026-01-01"},
+        "limits": HOSTILE,
+    }
+    html = page(report)
+    assert "<script" not in html and "alert(" in html
+    escaped = html.count("&lt;script&gt;")
+    assert escaped >= 10, escaped  # tables, headings, facts, evidence, and the charts' labels and titles
+    assert re.search(r"<svg[^>]*><title>teacher: knockoff mlp&lt;script&gt;", html)
+
+
+def test_the_page_reads_the_findings_the_report_carries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker stores the findings with the report: the page shows them and computes none of its own."""
+    report = report_of(BELOW, COPIED)
+    report["findings"] = findings(report) | {"headline": "Stored headline with `code`."}
+
+    def recompute(*_: Any) -> None:
+        raise AssertionError("findings recomputed on render")
+
+    monkeypatch.setattr(report_page, "findings", recompute)
+    html = page(report)
+    assert "Stored headline with <code>code</code>." in html
+
+
+def test_charts_appear_inline_for_a_stored_report() -> None:
+    """A seeded job's published report (as stored): every chart is inline SVG with data, nothing fetched."""
+    report = json.loads((Path(__file__).parent / "seeded_report.json").read_text())
+    html = page(report)
+    titles = re.findall(r"<svg[^>]*><title>([^<]+)</title>", html)
+    assert {"Budget curve: best knockoff against the best LS student", "I_T vs temperature"} <= set(titles)
+    assert {"Training: accuracy", "Training: loss"} <= set(titles)
+    assert sum(t.endswith("vs the best LS student") for t in titles) == 2  # the teacher's and the control's
+    assert html.count("<polyline") >= 5 and "no data" not in html
+    assert f'class="headline {report["verdict"]}"' in html and "<h2>Evidence of theft</h2>" in html
+    assert "src=" not in html and "<link" not in html and "<script" not in html

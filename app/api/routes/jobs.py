@@ -11,7 +11,6 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite
 from app.api.params import Cursor, Limit
-from app.api.report_html import render_report
 from app.core.models import JobStatus
 from app.services import jobs
 from app.services.access import SessionDep, SettingsDep, StoreDep
@@ -36,6 +35,7 @@ from app.services.schemas import (
     PresetOut,
     PrintableText,
 )
+from app.web.report import render_report
 from ml.catalog import PRESETS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
