@@ -6,11 +6,13 @@ centroid Q_y^T is the one in the CMI definition).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, distill_kl, register, temper
+from ml.attacks.base import Attack, AttackContext, distill_kl, register, temper
+from ml.attacks.kd import KDParams
 
 
 def class_means(p: Tensor, targets: Tensor, num_classes: int) -> Tensor:
@@ -28,20 +30,9 @@ def avg_loss(
     return {"ce": (1 - a) * F.cross_entropy(logits, targets), "kd": a * distill_kl(target, logits, T)}
 
 
-class AvgParams(AttackParams):
-    T: float = Field(4.0, gt=0, description="temperature; answers are tempered before averaging")
-    a: float = Field(0.9, ge=0, le=1, description="weight of the KD term; CE gets 1 - a")
-
-
-@register
+@register("avg", KDParams, avg_loss)
 class Avg(Attack):
-    key = "avg"
     paper = "class-average KD (batch centroid of the served answers per label)"
-    Params = AvgParams
-    params: AvgParams
 
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
-        return avg_loss(student["plain"], teacher["plain"], targets, p.T, p.a, self.num_classes)
+    def hyper(self, ctx: AttackContext) -> dict[str, Any]:
+        return dict(self.params) | {"num_classes": self.num_classes}

@@ -8,6 +8,7 @@ serving) and the attacker's own labels. The attacker re-tempers served probabili
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -101,11 +102,16 @@ class Attack(nn.Module):
     runs the student on it, and calls forward(student, teacher, targets, ctx) with
     student[view] = student logits, teacher[view] = served answers on the same inputs, and
     targets = the attacker's labels. It sums every value of the returned dict.
+
+    Most attacks only name their pure `loss`: the default forward calls
+    loss(student["plain"], teacher["plain"], targets, **hyper(ctx)), where `hyper` gives the loss its
+    keyword arguments (by default the parameters by name; learned or scheduled ones are added there).
     """
 
-    key: ClassVar[str]
+    key: ClassVar[str]  # key, Params and loss are set by `register`
     paper: ClassVar[str]
     Params: ClassVar[type[AttackParams]]
+    loss: ClassVar[Callable[..., dict[str, Tensor]]]
     views: ClassVar[tuple[str, ...]] = ("plain",)
     # skeptical: the engine also passes student["features"], the input of the student's last layer on
     # the plain view, and calls setup(feature_dim) once before it collects the parameters and moves
@@ -130,19 +136,33 @@ class Attack(nn.Module):
     def setup(self, feature_dim: int) -> None:
         """Create parameters that depend on the student (only attacks with needs_features use it)."""
 
+    def hyper(self, ctx: AttackContext) -> dict[str, Any]:
+        """The loss's keyword arguments at this step: the parameters, by name (their values as given)."""
+        return dict(self.params)
+
     def forward(
         self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
     ) -> dict[str, Tensor]:
         """Named loss terms for one batch (0-d tensors); the engine sums them."""
-        raise NotImplementedError
+        return self.loss(student["plain"], teacher["plain"], targets, **self.hyper(ctx))
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
-def register(cls: type[Attack]) -> type[Attack]:
-    """Class decorator: register an attack under its `key`."""
-    return ATTACKS.register(cls.key)(cls)
+def register(
+    key: str, params: type[AttackParams], loss: Callable[..., dict[str, Tensor]] | None = None
+) -> Callable[[type[Attack]], type[Attack]]:
+    """Class decorator: the attack's key, its parameters and (for the default forward) its pure loss;
+    registers the class under `key`."""
+
+    def decorate(cls: type[Attack]) -> type[Attack]:
+        cls.key, cls.Params = key, params
+        if loss is not None:
+            cls.loss = staticmethod(loss)
+        return ATTACKS.register(key)(cls)
+
+    return decorate
 
 
 class AttackInfo(NamedTuple):

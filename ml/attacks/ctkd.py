@@ -53,11 +53,9 @@ class CTKDParams(AttackParams):
     kd_weight: float = Field(0.9, ge=0, description="weight of the KD term")
 
 
-@register
+@register("ctkd", CTKDParams, ctkd_loss)
 class CTKD(Attack):
-    key = "ctkd"
     paper = "Li et al., AAAI 2023"
-    Params = CTKDParams
     params: CTKDParams
 
     def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
@@ -79,9 +77,6 @@ class CTKD(Attack):
         with torch.no_grad():
             return float(self.temperature())
 
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
+    def hyper(self, ctx: AttackContext) -> dict[str, Any]:
         T = self.temperature(reverse_gradient(self.theta, self.reversal_strength(ctx)))
-        return ctkd_loss(student["plain"], teacher["plain"], targets, T, p.ce_weight, p.kd_weight)
+        return {"T": T, "ce_weight": self.params.ce_weight, "kd_weight": self.params.kd_weight}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, register, temper
+from ml.attacks.base import Attack, AttackParams, register, temper
 
 _EPS = 1e-8
 
@@ -42,15 +42,7 @@ class DISTParams(AttackParams):
     ce_weight: float = Field(1.0, ge=0, description="weight of CE with the attacker's labels")
 
 
-@register
+@register("dist", DISTParams, dist_loss)
 class DIST(Attack):
-    key = "dist"
     paper = "Huang et al., NeurIPS 2022"
-    Params = DISTParams
     params: DISTParams
-
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
-        return dist_loss(student["plain"], teacher["plain"], targets, p.tau, p.beta, p.gamma, p.ce_weight)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -44,18 +46,14 @@ class DKDParams(AttackParams):
     warmup: int = Field(20, ge=1, description="epochs over which the KD weight ramps linearly to 1")
 
 
-@register
+@register("dkd", DKDParams, dkd_loss)
 class DKD(Attack):
-    key = "dkd"
     paper = "Zhao et al., CVPR 2022"
-    Params = DKDParams
     row_separable = True
     params: DKDParams
 
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
+    def hyper(self, ctx: AttackContext) -> dict[str, Any]:
         p = self.params
         # (epoch + 1) so that the first epoch already distils, as with the paper's 1-based epochs.
         weight = min((ctx.epoch + 1) / p.warmup, 1.0)
-        return dkd_loss(student["plain"], teacher["plain"], targets, p.alpha, p.beta, p.T, weight)
+        return {"alpha": p.alpha, "beta": p.beta, "T": p.T, "weight": weight}

@@ -29,17 +29,10 @@ class FMParams(AttackParams):
     T: float = Field(4.0, gt=0, description="temperature (T 4 beat T 1 in our calibration)")
 
 
-@register
-class FM(Attack):
-    key = "fm"
-    paper = "Beyer et al., CVPR 2022"
-    Params = FMParams
+class FunctionMatching(Attack):
+    """fm and its adaptive variants: the student matches the tempered answers on `views[0]`, no CE."""
+
     row_separable = True
-    views = ("mixup",)
-    # T 4 copies soft answers best; on one-hot (label-only) or snapped answers T^2 KL at T 4 is a
-    # weakened CE (gradient 4 (softmax(z/4) - y)), and plain CE on the labels (T 1) copies them better:
-    # an honest audit keeps both rows (they share the mixup queries).
-    sweep = (("fm", {}), ("fm_t1", {"T": 1.0}))
     params: FMParams
 
     def forward(
@@ -49,25 +42,27 @@ class FM(Attack):
         return fm_loss(student[view], teacher[view], self.params.T)
 
 
-class FMAdaptiveParams(AttackParams):
+@register("fm", FMParams)
+class FM(FunctionMatching):
+    paper = "Beyer et al., CVPR 2022"
+    views = ("mixup",)
+    # T 4 copies soft answers best; on one-hot (label-only) or snapped answers T^2 KL at T 4 is a
+    # weakened CE (gradient 4 (softmax(z/4) - y)), and plain CE on the labels (T 1) copies them better:
+    # an honest audit keeps both rows (they share the mixup queries).
+    sweep = (("fm", {}), ("fm_t1", {"T": 1.0}))
+
+
+class FMAdaptiveParams(FMParams):
     T: float = Field(1.0, gt=0, description="temperature (T 1 copies one-hot answers best)")
 
 
-@register
-class FMEdge(FM):
-    key = "fm_edge"
+@register("fm_edge", FMAdaptiveParams)
+class FMEdge(FunctionMatching):
     paper = "adaptive fm: mixing ratios near 1, built to pass off-manifold detectors"
-    Params = FMAdaptiveParams
     views = ("mixup_edge",)
-    sweep = ()
-    params: FMAdaptiveParams
 
 
-@register
-class FMNoise(FM):
-    key = "fm_noise"
+@register("fm_noise", FMAdaptiveParams)
+class FMNoise(FunctionMatching):
     paper = "adaptive fm: Gaussian-noise queries around real inputs instead of mixup"
-    Params = FMAdaptiveParams
     views = ("noise",)
-    sweep = ()
-    params: FMAdaptiveParams

@@ -17,11 +17,9 @@ class HardLabelParams(AttackParams):
     """No hyper-parameters."""
 
 
-@register
+@register("hard_label", HardLabelParams)
 class HardLabel(Attack):
-    key = "hard_label"
     paper = "label copying (CE on the teacher's argmax)"
-    Params = HardLabelParams
     row_separable = True
 
     def forward(

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, register, tempered_kl
+from ml.attacks.base import Attack, AttackParams, register, tempered_kl
 
 
 def kd_loss(logits: Tensor, teacher: Tensor, targets: Tensor, T: float, a: float) -> dict[str, Tensor]:
@@ -15,22 +15,15 @@ def kd_loss(logits: Tensor, teacher: Tensor, targets: Tensor, T: float, a: float
 
 
 class KDParams(AttackParams):
+    """The Hinton weighting, shared by the attacks built on it (avg, topk, mkd, skeptical)."""
+
     T: float = Field(4.0, gt=0, description="temperature applied to both teacher and student")
     a: float = Field(0.9, ge=0, le=1, description="weight of the KD term; CE gets 1 - a")
 
 
-@register
+@register("kd", KDParams, kd_loss)
 class KD(Attack):
-    key = "kd"
     paper = "Hinton, Vinyals & Dean 2015"
-    Params = KDParams
     row_separable = True
     # SPEC: T swept over {1, 4, 10, 20}, each a separate audit row.
     sweep = tuple((f"kd_t{T}", {"T": float(T)}) for T in (1, 4, 10, 20))
-    params: KDParams
-
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
-        return kd_loss(student["plain"], teacher["plain"], targets, p.T, p.a)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, distill_kl, register
+from ml.attacks.base import Attack, AttackParams, distill_kl, register
 
 
 def zscore(z: Tensor) -> Tensor:
@@ -44,16 +44,8 @@ class LSKDParams(AttackParams):
     )
 
 
-@register
+@register("lskd", LSKDParams, lskd_loss)
 class LSKD(Attack):
-    key = "lskd"
     paper = "Sun et al., CVPR 2024"
-    Params = LSKDParams
     row_separable = True
     params: LSKDParams
-
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
-        return lskd_loss(student["plain"], teacher["plain"], targets, p.T, p.kd_weight, p.ce_weight, p.floor)

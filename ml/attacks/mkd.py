@@ -12,6 +12,7 @@ starts with `init_diag` of its mass on the diagonal, i.e. MKD starts close to pl
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ml.attacks.base import Attack, AttackContext, AttackParams, distill_kl, register, temper
+from ml.attacks.kd import KDParams
 
 
 def markov_matrix(u: Tensor, v: Tensor, d: Tensor) -> Tensor:
@@ -34,19 +36,15 @@ def mkd_loss(
     return {"ce": (1 - a) * F.cross_entropy(logits, targets), "kd": a * distill_kl(target, logits, T)}
 
 
-class MKDParams(AttackParams):
-    T: float = Field(4.0, gt=0, description="temperature (teacher tempered before the Markov map)")
-    a: float = Field(0.9, ge=0, le=1, description="weight of the KD term; CE gets 1 - a")
+class MKDParams(KDParams):
     rank: int = Field(3, ge=1, description="rank of the low-rank part of the matrix logits")
     init_diag: float = Field(0.9, gt=0, lt=1, description="initial diagonal mass of every row of M")
     init_scale: float = Field(0.01, ge=0, description="std of the random initial U")
 
 
-@register
+@register("mkd", MKDParams, mkd_loss)
 class MKD(Attack):
-    key = "mkd"
     paper = "Yang & Ye, ECCV 2024"
-    Params = MKDParams
     params: MKDParams
 
     def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
@@ -61,8 +59,5 @@ class MKD(Attack):
         """The current Markov matrix M (C x C, rows sum to 1)."""
         return markov_matrix(self.u, self.v, self.d)
 
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
-        return mkd_loss(student["plain"], teacher["plain"], targets, self.matrix(), p.T, p.a)
+    def hyper(self, ctx: AttackContext) -> dict[str, Any]:
+        return {"matrix": self.matrix(), "T": self.params.T, "a": self.params.a}

@@ -60,11 +60,9 @@ class MLKDParams(AttackParams):
     kd_weight: float = Field(0.9, ge=0, description="weight of every alignment term")
 
 
-@register
+@register("mlkd", MLKDParams)
 class MLKD(Attack):
-    key = "mlkd"
     paper = "Jin et al., CVPR 2023"
-    Params = MLKDParams
     views = ("plain", "strong")
     params: MLKDParams
 

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from ml.attacks.base import (
     Attack,
-    AttackContext,
     AttackParams,
     drop_target,
     register,
@@ -42,16 +41,8 @@ class NKDParams(AttackParams):
     ce_weight: float = Field(1.0, ge=0, description="weight of CE with the attacker's labels")
 
 
-@register
+@register("nkd", NKDParams, nkd_loss)
 class NKD(Attack):
-    key = "nkd"
     paper = "Yang et al., ICCV 2023"
-    Params = NKDParams
     row_separable = True
     params: NKDParams
-
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
-        return nkd_loss(student["plain"], teacher["plain"], targets, p.T, p.gamma, p.ce_weight)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from ml.attacks.base import Attack, AttackContext, AttackParams, distill_kl, register, tempered_kl
+from ml.attacks.kd import KDParams
 
 
 def skeptical_loss(
@@ -32,18 +32,11 @@ def skeptical_loss(
     }
 
 
-class SkepticalParams(AttackParams):
-    T: float = Field(4.0, gt=0, description="temperature of the teacher KD and of the self-distillation")
-    a: float = Field(0.9, ge=0, le=1, description="KD weight at each head; CE gets 1 - a")
-
-
-@register
+@register("skeptical", KDParams)
 class Skeptical(Attack):
-    key = "skeptical"
     paper = "Kundu et al., NeurIPS 2021"
-    Params = SkepticalParams
     needs_features = True
-    params: SkepticalParams
+    params: KDParams
 
     def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
         super().__init__(num_classes, params)

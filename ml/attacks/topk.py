@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 from torch import Tensor
 
 from ml.attacks.base import Attack, AttackContext, AttackParams, register
-from ml.attacks.kd import kd_loss
+from ml.attacks.kd import KDParams, kd_loss
 from ml.output_mode import topk_renormalise
 
 
@@ -22,17 +24,13 @@ def default_k(num_classes: int) -> int:
     return min(num_classes, max(5, num_classes // 10))
 
 
-class TopKParams(AttackParams):
+class TopKParams(KDParams):
     k: int | None = Field(None, ge=1, description="classes kept; None: 5, or C/10 when C >= 50")
-    T: float = Field(4.0, gt=0, description="temperature applied to both teacher and student")
-    a: float = Field(0.9, ge=0, le=1, description="weight of the KD term; CE gets 1 - a")
 
 
-@register
+@register("topk", TopKParams, topk_loss)
 class TopK(Attack):
-    key = "topk"
     paper = "KD on the renormalised top-k teacher probabilities"
-    Params = TopKParams
     row_separable = True
     params: TopKParams
 
@@ -42,8 +40,5 @@ class TopK(Attack):
         if self.k > num_classes:
             raise ValueError(f"topk: k = {self.k} exceeds the {num_classes} classes")
 
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
-        return topk_loss(student["plain"], teacher["plain"], targets, self.k, p.T, p.a)
+    def hyper(self, ctx: AttackContext) -> dict[str, Any]:
+        return dict(self.params) | {"k": self.k}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, kl_rows, register, temper
+from ml.attacks.base import Attack, AttackParams, kl_rows, register, temper
 
 
 def wttm_loss(
@@ -31,16 +31,8 @@ class WTTMParams(AttackParams):
     ce_weight: float = Field(1.0, ge=0, description="weight of CE with the attacker's labels")
 
 
-@register
+@register("wttm", WTTMParams, wttm_loss)
 class WTTM(Attack):
-    key = "wttm"
     paper = "Zheng & Yang, ICLR 2024"
-    Params = WTTMParams
     row_separable = True
     params: WTTMParams
-
-    def forward(
-        self, student: dict[str, Tensor], teacher: dict[str, Tensor], targets: Tensor, ctx: AttackContext
-    ) -> dict[str, Tensor]:
-        p = self.params
-        return wttm_loss(student["plain"], teacher["plain"], targets, p.gamma, p.beta, p.ce_weight)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ml.data.augment import augment_batch, check_augmentation
 from ml.registry import Registry
@@ -50,6 +50,22 @@ def stratified_split(
     test = stratified_indices(y, test_fraction, seed)
     train = np.random.default_rng([seed, 1]).permutation(np.setdiff1d(np.arange(len(y)), test))
     return x[train], y[train], x[test], y[test]
+
+
+class SplitParams(BaseModel):
+    """A bundled labelled array split by class: the test share and the split's seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    seed: int = 0
+
+
+def digit_splits(x: np.ndarray, y: np.ndarray, p: SplitParams) -> Splits:
+    """The ten digit classes '0'..'9' split by class (`stratified_split`), with no augmentation."""
+    x_train, y_train, x_test, y_test = stratified_split(x, y, p.test_fraction, p.seed)
+    names = [str(i) for i in range(10)]
+    return Splits(x_train, y_train, x_test, y_test, class_names=names, augmentation="none")
 
 
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:

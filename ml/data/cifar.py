@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -60,14 +61,18 @@ class CifarFiles:
     train: tuple[str, ...]
     test: str
     meta: str
-    label_key: str
-    names_key: str
+    label_key: str  # the class names are under the same key, singular, + "_names"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
     @property
     def files(self) -> tuple[str, ...]:
         return (*self.train, self.test, self.meta)
+
+    @property
+    def names_key(self) -> str:
+        """The meta file's key of the class names: label_names, fine_label_names."""
+        return f"{self.label_key.removesuffix('s')}_names"
 
 
 CIFAR10 = CifarFiles(
@@ -78,7 +83,6 @@ CIFAR10 = CifarFiles(
     test="test_batch",
     meta="batches.meta",
     label_key="labels",
-    names_key="label_names",
     mean=(0.4914, 0.4822, 0.4465),
     std=(0.2470, 0.2435, 0.2616),
 )
@@ -90,7 +94,6 @@ CIFAR100 = CifarFiles(
     test="test",
     meta="meta",
     label_key="fine_labels",
-    names_key="fine_label_names",
     mean=(0.5071, 0.4865, 0.4409),
     std=(0.2673, 0.2564, 0.2762),
 )
@@ -174,25 +177,20 @@ class CifarParams(BaseModel):
     data_dir: Path | None = None  # None: $CMIM_DATA_DIR, else ./data
 
 
-@register_dataset(
-    "cifar10",
-    description="CIFAR-10 (32x32 colour, 10 classes) from local files in data_dir; never downloaded",
-    params=CifarParams,
-    input_shape=(3, 32, 32),
-    num_classes=10,
-)
-def load_cifar10(p: CifarParams) -> Splits:
-    """CIFAR-10 from cifar-10-batches-py/ or cifar-10-python.tar.gz in the data directory."""
-    return _load(CIFAR10, p.data_dir)
+def load_cifar(spec: CifarFiles, p: CifarParams) -> Splits:
+    """A CIFAR variant (CIFAR-100: its fine labels) from its extracted folder or its .tar.gz in the data
+    directory."""
+    return _load(spec, p.data_dir)
 
 
-@register_dataset(
-    "cifar100",
-    description="CIFAR-100 (32x32 colour, 100 fine classes) from local files in data_dir; never downloaded",
-    params=CifarParams,
-    input_shape=(3, 32, 32),
-    num_classes=100,
-)
-def load_cifar100(p: CifarParams) -> Splits:
-    """CIFAR-100 (fine labels) from cifar-100-python/ or cifar-100-python.tar.gz in the data directory."""
-    return _load(CIFAR100, p.data_dir)
+for _name, _spec, _classes, _labels in (
+    ("cifar10", CIFAR10, 10, "10 classes"),
+    ("cifar100", CIFAR100, 100, "100 fine classes"),
+):
+    register_dataset(
+        _name,
+        description=f"{_spec.title} (32x32 colour, {_labels}) from local files in data_dir; never downloaded",
+        params=CifarParams,
+        input_shape=(3, 32, 32),
+        num_classes=_classes,
+    )(functools.partial(load_cifar, _spec))

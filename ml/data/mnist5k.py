@@ -5,16 +5,13 @@ from __future__ import annotations
 import importlib.resources
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ml.data.base import Splits, register_dataset, stratified_split
+from ml.data.base import SplitParams, Splits, digit_splits, register_dataset
 
 
-class Mnist5kParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Mnist5kParams(SplitParams):
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    seed: int = 0
 
 
 @register_dataset(
@@ -30,7 +27,4 @@ def load_mnist5k(p: Mnist5kParams) -> Splits:
     with importlib.resources.as_file(resource) as path:
         # Each row is 784 pixel values then the label (the label is the LAST column).
         table = np.loadtxt(path, delimiter=",", dtype=np.int64)
-    x = (table[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
-    x_train, y_train, x_test, y_test = stratified_split(x, table[:, -1], p.test_fraction, p.seed)
-    names = [str(i) for i in range(10)]
-    return Splits(x_train, y_train, x_test, y_test, class_names=names, augmentation="none")
+    return digit_splits((table[:, :-1] / 255.0).reshape(-1, 1, 28, 28), table[:, -1], p)
