@@ -53,12 +53,5 @@ def _served_scores(scores: list[float] | None, names: list[str]) -> list[tuple[s
 
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")  # autoescapes .html templates
-templates.env.filters.update(
-    pct=_num,
-    num=_num,
-    code_spans=_code_spans,
-    eta=_eta,
-    output_mode=_output_mode,
-    policy_words=_policy,
-    served_scores=_served_scores,
-)
+templates.env.filters.update(pct=_num, num=_num, code_spans=_code_spans, eta=_eta, output_mode=_output_mode)
+templates.env.filters.update(policy_words=_policy, served_scores=_served_scores)

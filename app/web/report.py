@@ -155,24 +155,19 @@ def training_charts(epochs: list[dict[str, Any]]) -> list[Markup]:
     ]
 
 
+# The page's template, with what it calls to word a section and draw its charts.
+PAGE = templates.env.get_template(
+    "report.html",
+    globals={f.__name__: f for f in (summary, against_ls, student_chart, box_name)}
+    | {"css": Markup(CSS), "evidence_limits": EVIDENCE_LIMITS},
+)
+
+
 def render_report(job: JobOut, report: Any, epochs: list[dict[str, Any]]) -> str:
     """The page for a succeeded job: its report (the stored JSON, or the typed result) and the per-epoch
     events of its training."""
     data: Mapping[str, Any] = report if isinstance(report, Mapping) else report.model_dump(mode="json")
     found = data.get("findings") or findings(dict(data), job.spec)
-    charts, budget_rows = budget_curves(data, found.get("safe_budget"))
-    return templates.get_template("report.html").render(
-        css=Markup(CSS),
-        job=job,
-        report=data,
-        found=found,
-        budget_chart=charts,
-        budget_rows=budget_rows,
-        cmi_chart=cmi_chart(data),
-        training_charts=training_charts(epochs),
-        evidence_limits=EVIDENCE_LIMITS,
-        summary=summary,
-        against_ls=against_ls,
-        student_chart=student_chart,
-        box_name=box_name,
-    )
+    chart, rows = budget_curves(data, found.get("safe_budget"))
+    return PAGE.render(job=job, report=data, found=found, budget_chart=chart, budget_rows=rows,
+                       cmi_chart=cmi_chart(data), training_charts=training_charts(epochs))  # fmt: skip

@@ -17,15 +17,14 @@ def section(kd: float, fm: float) -> dict:
     return {"students": {"mlp": {"attacks": attacks}}}
 
 
+def budget_curve() -> str:
+    series = [Series("a & <b>", [10, 100, 1000], [1.0, -2.0, 3.0])]
+    rules = [Rule(0.0, "LS"), Rule(100.0, "safe <budget>", axis="x")]
+    return line_chart(series, "budget <curve>", "queries", "margin", log_x=True, rules=rules)
+
+
 def test_charts_are_well_formed_with_their_text_escaped() -> None:
-    line = line_chart(
-        [Series("a & <b>", [10, 100, 1000], [1.0, -2.0, 3.0])],
-        "budget <curve>",
-        "queries",
-        "margin",
-        log_x=True,
-        rules=[Rule(0.0, "LS"), Rule(100.0, "safe <budget>", axis="x")],
-    )
+    line = budget_curve()
     bars = bar_chart(
         [Bar("<script>x</script>", 80.0, 1.0, True), Bar("kd", 70.0, 0.5)], "t", "acc", reference=75
     )
@@ -35,14 +34,7 @@ def test_charts_are_well_formed_with_their_text_escaped() -> None:
     texts = [t.text for t in ET.fromstring(line).iter(f"{SVG}text")]
     assert "a & <b>" in texts and "safe <budget>" in texts
     assert len(ET.fromstring(bars).findall(f"{SVG}rect")) == 2
-    assert line == line_chart(
-        [Series("a & <b>", [10, 100, 1000], [1.0, -2.0, 3.0])],
-        "budget <curve>",
-        "queries",
-        "margin",
-        log_x=True,
-        rules=[Rule(0.0, "LS"), Rule(100.0, "safe <budget>", axis="x")],
-    )  # the same bytes for the same data
+    assert line == budget_curve()  # the same bytes for the same data
 
 
 def test_the_benchmarks_figure_is_an_svg_file_with_a_bar_per_protection_and_attack(tmp_path: Path) -> None:
