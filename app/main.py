@@ -14,12 +14,14 @@ from app.api import docs_pages
 from app.api.routes import (
     catalog,
     datasets,
+    enforcement,
     evidence,
     health,
     jobs,
     keys,
     model_router,
     models,
+    uploads,
     webhooks,
 )
 from app.api.security_headers import SecurityHeaders, inline_style, policy
@@ -127,7 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(models.v2)  # first: routes are matched in order, and these are the hot ones
     api = APIRouter(prefix="/api/v1")
-    # Everything under /api/v1/models is on one router (`model_router`: serving, uploads, enforcement).
+    # Everything under /api/v1/models is one router: serving, uploads and enforcement add their routes to it.
+    assert all(m.router is model_router.router for m in (models, uploads, enforcement))
     for module in (model_router, jobs, datasets, evidence, keys, catalog, webhooks):
         api.include_router(module.router)
     api.include_router(jobs.presets)

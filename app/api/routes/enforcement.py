@@ -7,11 +7,12 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import Path, Request
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, KeysAdmin
 from app.api.params import Cursor, Limit, ModelId
+from app.api.routes.model_router import router
 from app.services import enforcement
 from app.services.access import SessionDep
 from app.services.enforcement_schemas import (
@@ -25,16 +26,22 @@ from app.services.enforcement_schemas import (
 )
 from ml.served import EnforcementPolicy
 
-router = APIRouter(tags=["enforcement"])  # under `models.router` (/api/v1/models)
+TAGS = ["enforcement"]
 
 
-@router.get("/{model_id}/enforcement", response_model=EnforcementOut, summary="A model's enforcement policy")
+@router.get(
+    "/{model_id}/enforcement",
+    tags=TAGS,
+    response_model=EnforcementOut,
+    summary="A model's enforcement policy",
+)
 async def get_enforcement(model_id: ModelId, session: SessionDep, key: JobsRead) -> EnforcementOut:
     return await run_in_threadpool(enforcement.read_policy, session, key, model_id)
 
 
 @router.put(
     "/{model_id}/enforcement",
+    tags=TAGS,
     response_model=EnforcementOut,
     summary="Set a model's enforcement policy (fields left out take their defaults)",
 )
@@ -47,6 +54,7 @@ async def put_enforcement(
 
 @router.patch(
     "/{model_id}/enforcement",
+    tags=TAGS,
     response_model=EnforcementOut,
     summary="Change some fields of a model's enforcement policy",
 )
@@ -62,6 +70,7 @@ async def patch_enforcement(
 
 @router.get(
     "/{model_id}/enforcement/keys",
+    tags=TAGS,
     response_model=StandingList,
     summary="The keys a model holds: throttled, on probation or suspended (the review list)",
 )
@@ -73,6 +82,7 @@ async def get_held_keys(
 
 @router.post(
     "/{model_id}/enforcement/keys/{key_id}",
+    tags=TAGS,
     response_model=ActionOut,
     summary="Review a held key: reinstate it, keep it held, or revoke it",
 )
@@ -92,6 +102,7 @@ async def post_review(
 
 @router.get(
     "/{model_id}/enforcement/actions",
+    tags=TAGS,
     response_model=ActionList,
     summary="A model's enforcement actions, newest first (append-only)",
 )

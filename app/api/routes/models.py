@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 
 from app.api.deps import BEARER_DOC, PREDICT_SCOPES, Predict, authenticate, bearer_token
 from app.api.params import ModelId
+from app.api.routes.model_router import router
 from app.api.schemas import (
     InferInput,
     InferRequest,
@@ -36,9 +37,6 @@ from app.services.uploads import capped, read_capped
 from ml.served import Served
 
 v2 = APIRouter(prefix="/v2/models", tags=["inference (KServe v2)"])
-# The one router under /api/v1/models: the predict route here, and (included by `app.main`) the routers of
-# uploaded models and of enforcement, which carry no prefix of their own.
-router = APIRouter(prefix="/models")
 BINARY_HEADER = "inference-header-content-length"
 WIRE = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 M = TypeVar("M", bound=BaseModel)

@@ -8,7 +8,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.api.deps import DatasetsRead, DatasetsWrite, upload_slot
 from app.api.params import Cursor, Limit
+from app.api.routes.model_router import router
 from app.core.config import Settings
 from app.core.keys import KeyInfo
 from app.core.models import UploadedModel
@@ -28,7 +29,7 @@ from app.services.tenancy import get_owned
 from app.services.uploaded_models import declared, invalid, register_model
 from app.services.uploads import capped
 
-router = APIRouter(tags=["models (yours)"])  # under `models.router` (/api/v1/models)
+TAGS = ["models (yours)"]
 
 FIELDS = {
     "file": "the model: an .onnx file, or a checkpoint's model.safetensors",
@@ -90,6 +91,7 @@ def _name(given: str | None, filename: str | None) -> str:
 
 @router.post(
     "",
+    tags=TAGS,
     status_code=201,
     response_model=UploadedModelOut,
     openapi_extra=UPLOAD_BODY,
@@ -167,13 +169,13 @@ async def _upload_model(
     return UploadedModelOut.model_validate(row)
 
 
-@router.get("", response_model=UploadedModelList, summary="Your uploaded models, newest first")
+@router.get("", tags=TAGS, response_model=UploadedModelList, summary="Your uploaded models, newest first")
 def list_models(
     key: DatasetsRead, session: SessionDep, limit: Limit = 50, cursor: Cursor = None
 ) -> UploadedModelList:
     return uploaded_models.list_models(session, key, limit, cursor)
 
 
-@router.get("/{model_id}", response_model=UploadedModelOut, summary="One uploaded model")
+@router.get("/{model_id}", tags=TAGS, response_model=UploadedModelOut, summary="One uploaded model")
 def get_model(model_id: uuid.UUID, key: DatasetsRead, session: SessionDep) -> UploadedModelOut:
     return UploadedModelOut.model_validate(get_owned(session, UploadedModel, model_id, key, "model"))
