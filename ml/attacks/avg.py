@@ -30,9 +30,9 @@ def avg_loss(
     return {"ce": (1 - a) * F.cross_entropy(logits, targets), "kd": a * distill_kl(target, logits, T)}
 
 
-@register("avg", KDParams, avg_loss)
+@register(
+    "avg", KDParams, avg_loss, paper="class-average KD (batch centroid of the served answers per label)"
+)
 class Avg(Attack):
-    paper = "class-average KD (batch centroid of the served answers per label)"
-
     def hyper(self, ctx: AttackContext) -> dict[str, Any]:
         return dict(self.params) | {"num_classes": self.num_classes}

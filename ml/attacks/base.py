@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from ml.registry import Registry
@@ -32,6 +32,12 @@ class AttackParams(BaseModel):
     """Base of every attack's hyper-parameters: typed, validated, unknown names rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelCEParams(AttackParams):
+    """Base of the attacks that also fit the attacker's own labels, with a weighted CE term."""
+
+    ce_weight: float = Field(1.0, ge=0, description="weight of CE with the attacker's labels")
 
 
 # ---------------------------------------------------------------- shared pure math
@@ -108,7 +114,7 @@ class Attack(nn.Module):
     keyword arguments (by default the parameters by name; learned or scheduled ones are added there).
     """
 
-    key: ClassVar[str]  # key, Params and loss are set by `register`
+    key: ClassVar[str]  # key, Params, loss and paper are set by `register`
     paper: ClassVar[str]
     Params: ClassVar[type[AttackParams]]
     loss: ClassVar[Callable[..., dict[str, Tensor]]]
@@ -151,13 +157,13 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 
 
 def register(
-    key: str, params: type[AttackParams], loss: Callable[..., dict[str, Tensor]] | None = None
+    key: str, params: type[AttackParams], loss: Callable[..., dict[str, Tensor]] | None = None, *, paper: str
 ) -> Callable[[type[Attack]], type[Attack]]:
-    """Class decorator: the attack's key, its parameters and (for the default forward) its pure loss;
-    registers the class under `key`."""
+    """Class decorator: the attack's key, its parameters, (for the default forward) its pure loss and the
+    paper it implements; registers the class under `key`."""
 
     def decorate(cls: type[Attack]) -> type[Attack]:
-        cls.key, cls.Params = key, params
+        cls.key, cls.Params, cls.paper = key, params, paper
         if loss is not None:
             cls.loss = staticmethod(loss)
         return ATTACKS.register(key)(cls)

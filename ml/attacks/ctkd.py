@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, register, tempered_kl
+from ml.attacks.base import Attack, AttackContext, AttackParams, LabelCEParams, register, tempered_kl
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -44,7 +44,7 @@ def ctkd_loss(
     }
 
 
-class CTKDParams(AttackParams):
+class CTKDParams(LabelCEParams):
     t_min: float = Field(1.0, gt=0, description="lowest temperature")
     t_range: float = Field(20.0, gt=0, description="T = t_min + t_range * sigmoid(theta)")
     theta_init: float = Field(1.0, description="initial theta (the paper's global temperature starts at 1)")
@@ -53,9 +53,8 @@ class CTKDParams(AttackParams):
     kd_weight: float = Field(0.9, ge=0, description="weight of the KD term")
 
 
-@register("ctkd", CTKDParams, ctkd_loss)
+@register("ctkd", CTKDParams, ctkd_loss, paper="Li et al., AAAI 2023")
 class CTKD(Attack):
-    paper = "Li et al., AAAI 2023"
     params: CTKDParams
 
     def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackParams, register, temper
+from ml.attacks.base import Attack, LabelCEParams, register, temper
 
 _EPS = 1e-8
 
@@ -35,14 +35,12 @@ def dist_loss(
     }
 
 
-class DISTParams(AttackParams):
+class DISTParams(LabelCEParams):
     tau: float = Field(4.0, gt=0, description="temperature")
     beta: float = Field(1.0, ge=0, description="inter-class relation weight (per sample, over classes)")
     gamma: float = Field(1.0, ge=0, description="intra-class relation weight (per class, over the batch)")
-    ce_weight: float = Field(1.0, ge=0, description="weight of CE with the attacker's labels")
 
 
-@register("dist", DISTParams, dist_loss)
+@register("dist", DISTParams, dist_loss, paper="Huang et al., NeurIPS 2022")
 class DIST(Attack):
-    paper = "Huang et al., NeurIPS 2022"
-    params: DISTParams
+    """Not row-separable: the intra-class relation correlates each class's answers over the batch."""

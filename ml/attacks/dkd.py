@@ -46,9 +46,8 @@ class DKDParams(AttackParams):
     warmup: int = Field(20, ge=1, description="epochs over which the KD weight ramps linearly to 1")
 
 
-@register("dkd", DKDParams, dkd_loss)
+@register("dkd", DKDParams, dkd_loss, paper="Zhao et al., CVPR 2022")
 class DKD(Attack):
-    paper = "Zhao et al., CVPR 2022"
     row_separable = True
     params: DKDParams
 

@@ -42,9 +42,8 @@ class FunctionMatching(Attack):
         return fm_loss(student[view], teacher[view], self.params.T)
 
 
-@register("fm", FMParams)
+@register("fm", FMParams, paper="Beyer et al., CVPR 2022")
 class FM(FunctionMatching):
-    paper = "Beyer et al., CVPR 2022"
     views = ("mixup",)
     # T 4 copies soft answers best; on one-hot (label-only) or snapped answers T^2 KL at T 4 is a
     # weakened CE (gradient 4 (softmax(z/4) - y)), and plain CE on the labels (T 1) copies them better:
@@ -56,13 +55,19 @@ class FMAdaptiveParams(FMParams):
     T: float = Field(1.0, gt=0, description="temperature (T 1 copies one-hot answers best)")
 
 
-@register("fm_edge", FMAdaptiveParams)
+@register(
+    "fm_edge",
+    FMAdaptiveParams,
+    paper="adaptive fm: mixing ratios near 1, built to pass off-manifold detectors",
+)
 class FMEdge(FunctionMatching):
-    paper = "adaptive fm: mixing ratios near 1, built to pass off-manifold detectors"
     views = ("mixup_edge",)
 
 
-@register("fm_noise", FMAdaptiveParams)
+@register(
+    "fm_noise",
+    FMAdaptiveParams,
+    paper="adaptive fm: Gaussian-noise queries around real inputs instead of mixup",
+)
 class FMNoise(FunctionMatching):
-    paper = "adaptive fm: Gaussian-noise queries around real inputs instead of mixup"
     views = ("noise",)

@@ -17,9 +17,8 @@ class HardLabelParams(AttackParams):
     """No hyper-parameters."""
 
 
-@register("hard_label", HardLabelParams)
+@register("hard_label", HardLabelParams, paper="label copying (CE on the teacher's argmax)")
 class HardLabel(Attack):
-    paper = "label copying (CE on the teacher's argmax)"
     row_separable = True
 
     def forward(

@@ -21,9 +21,8 @@ class KDParams(AttackParams):
     a: float = Field(0.9, ge=0, le=1, description="weight of the KD term; CE gets 1 - a")
 
 
-@register("kd", KDParams, kd_loss)
+@register("kd", KDParams, kd_loss, paper="Hinton, Vinyals & Dean 2015")
 class KD(Attack):
-    paper = "Hinton, Vinyals & Dean 2015"
     row_separable = True
     # SPEC: T swept over {1, 4, 10, 20}, each a separate audit row.
     sweep = tuple((f"kd_t{T}", {"T": float(T)}) for T in (1, 4, 10, 20))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackParams, distill_kl, register
+from ml.attacks.base import Attack, LabelCEParams, distill_kl, register
 
 
 def zscore(z: Tensor) -> Tensor:
@@ -35,7 +35,7 @@ def lskd_loss(
     }
 
 
-class LSKDParams(AttackParams):
+class LSKDParams(LabelCEParams):
     T: float = Field(2.0, gt=0, description="base temperature applied after standardisation")
     kd_weight: float = Field(9.0, ge=0, description="weight of the KD term")
     ce_weight: float = Field(0.1, ge=0, description="weight of CE with the attacker's labels")
@@ -44,8 +44,6 @@ class LSKDParams(AttackParams):
     )
 
 
-@register("lskd", LSKDParams, lskd_loss)
+@register("lskd", LSKDParams, lskd_loss, paper="Sun et al., CVPR 2024")
 class LSKD(Attack):
-    paper = "Sun et al., CVPR 2024"
     row_separable = True
-    params: LSKDParams

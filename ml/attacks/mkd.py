@@ -42,9 +42,8 @@ class MKDParams(KDParams):
     init_scale: float = Field(0.01, ge=0, description="std of the random initial U")
 
 
-@register("mkd", MKDParams, mkd_loss)
+@register("mkd", MKDParams, mkd_loss, paper="Yang & Ye, ECCV 2024")
 class MKD(Attack):
-    paper = "Yang & Ye, ECCV 2024"
     params: MKDParams
 
     def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, distill_kl, register, temper
+from ml.attacks.base import Attack, AttackContext, LabelCEParams, distill_kl, register, temper
 
 
 def gram_gap(p_s: Tensor, p_t: Tensor, transpose: bool) -> Tensor:
@@ -52,7 +52,7 @@ def mlkd_loss(
     }
 
 
-class MLKDParams(AttackParams):
+class MLKDParams(LabelCEParams):
     temperatures: list[PositiveFloat] = Field(
         [2.0, 3.0, 4.0, 5.0, 6.0], min_length=1, description="prediction-augmentation temperatures"
     )
@@ -60,9 +60,8 @@ class MLKDParams(AttackParams):
     kd_weight: float = Field(0.9, ge=0, description="weight of every alignment term")
 
 
-@register("mlkd", MLKDParams)
+@register("mlkd", MLKDParams, paper="Jin et al., CVPR 2023")
 class MLKD(Attack):
-    paper = "Jin et al., CVPR 2023"
     views = ("plain", "strong")
     params: MLKDParams
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ml.attacks.base import (
     Attack,
-    AttackParams,
+    LabelCEParams,
     drop_target,
     register,
     soft_ce,
@@ -35,14 +35,11 @@ def nkd_loss(
     }
 
 
-class NKDParams(AttackParams):
+class NKDParams(LabelCEParams):
     T: float = Field(3.0, gt=0, description="temperature of the non-target term")
     gamma: float = Field(3.5, ge=0, description="weight of the non-target term")
-    ce_weight: float = Field(1.0, ge=0, description="weight of CE with the attacker's labels")
 
 
-@register("nkd", NKDParams, nkd_loss)
+@register("nkd", NKDParams, nkd_loss, paper="Yang et al., ICCV 2023")
 class NKD(Attack):
-    paper = "Yang et al., ICCV 2023"
     row_separable = True
-    params: NKDParams

@@ -32,9 +32,8 @@ def skeptical_loss(
     }
 
 
-@register("skeptical", KDParams)
+@register("skeptical", KDParams, paper="Kundu et al., NeurIPS 2021")
 class Skeptical(Attack):
-    paper = "Kundu et al., NeurIPS 2021"
     needs_features = True
     params: KDParams
 

@@ -28,9 +28,8 @@ class TopKParams(KDParams):
     k: int | None = Field(None, ge=1, description="classes kept; None: 5, or C/10 when C >= 50")
 
 
-@register("topk", TopKParams, topk_loss)
+@register("topk", TopKParams, topk_loss, paper="KD on the renormalised top-k teacher probabilities")
 class TopK(Attack):
-    paper = "KD on the renormalised top-k teacher probabilities"
     row_separable = True
     params: TopKParams
 

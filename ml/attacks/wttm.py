@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackParams, kl_rows, register, temper
+from ml.attacks.base import Attack, LabelCEParams, kl_rows, register, temper
 
 
 def wttm_loss(
@@ -23,16 +23,13 @@ def wttm_loss(
     return {"ce": ce_weight * F.cross_entropy(logits, targets), "wttm": beta * (z * kl).mean()}
 
 
-class WTTMParams(AttackParams):
+class WTTMParams(LabelCEParams):
     # The paper tunes gamma in 0.1..0.5 per CIFAR-100 pair; 0.25 = 1/T with T = 4, the temperature
     # that worked best in our own small-data (mnist1d) calibration.
     gamma: float = Field(0.25, gt=0, le=1, description="power applied to the teacher probabilities (1/T)")
     beta: float = Field(1.0, ge=0, description="weight of the weighted matching term (paper: per pair)")
-    ce_weight: float = Field(1.0, ge=0, description="weight of CE with the attacker's labels")
 
 
-@register("wttm", WTTMParams, wttm_loss)
+@register("wttm", WTTMParams, wttm_loss, paper="Zheng & Yang, ICLR 2024")
 class WTTM(Attack):
-    paper = "Zheng & Yang, ICLR 2024"
     row_separable = True
-    params: WTTMParams
