@@ -80,7 +80,7 @@ class PaperSeed:
         p = self.plan
         if phase is not None:
             return p.attack_runs(p.budget_teachers)
-        ls = [Run(name, self.student, eps=e, mixup=m) for name, e, m in p.ls_rows]
+        ls = [Run(name, self.student, eps=e, mixup=m) for name, e, m in p.ls_recipes]
         return ls + p.attack_runs(list(p.teachers))
 
     def oracles(self) -> dict[str, Any]:

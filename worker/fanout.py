@@ -1,12 +1,13 @@
 """One audit across many workers: a job's audit tasks as a Celery group whose chord callback publishes.
 
-`run_job` trains the teacher and control, stores both, and hands the audit over
-(`worker.celery_app.dispatch_audit`): one task per seed and budget phase goes to the job's queue,
-and a chord callback assembles, stores and publishes the report. Every task carries the job's claim:
-while it runs it renews the job's lease, sends progress events and stops on cancel; its result is
-written to the artifact store under the task's key, so a retried or duplicated task is never
-recomputed. While a task or the callback waits its turn in the broker, the sweep renews the job's
-lease: waiting is not being lost (`app.core.queue.settle_audits`; an audit the broker lost is sent
+`run_job` trains the teacher and control, stores both, measures what the report needs of them (the
+plan's summary) and hands the audit over (`worker.celery_app.dispatch_audit`, a typed `Handoff` as JSON):
+one task per seed and budget phase goes to the job's queue, and a chord callback assembles the report
+from the summary and the stored results, stores and publishes it, without loading a model. Every task
+carries the job's claim: while it runs it renews the job's lease, sends progress events and stops on
+cancel; its result is written to the artifact store under the task's key, so a retried or duplicated
+task is never recomputed. While a task or the callback waits its turn in the broker, the sweep renews
+the job's lease: waiting is not being lost (`app.core.queue.settle_audits`; an audit the broker lost is sent
 again from the stored hand-off, on the same attempt). A worker killed mid-task leaves its task undone
 and, once nothing of the job waits, the lease runs out: the sweep re-queues the job, whose next
 attempt plans the same audit, finds every other result stored and redoes only the lost task.
@@ -24,25 +25,29 @@ from app.core.db import session_scope
 from app.core.models import Job, JobStatus
 from app.core.outage import is_outage
 from app.core.queue import LeaseLost, handoff_claim
-from app.core.storage import ArtifactStore, StoredObject
-from ml.audit import AuditProgress, assemble, run
+from app.core.storage import ArtifactStore
+from ml.audit import AuditProgress, PlanSummary, assemble, run
 from ml.train import TrainingCancelled
-from worker.pipeline import JobContext, audit_plan, finish, publish_audit
+from worker.lease import JobContext, finish
+from worker.models import FileRow
+from worker.plans import audit_plan
+from worker.publish import policy_files, publish_audit, with_job
 from worker.results import Handoff, StoreResults
 
 log = logging.getLogger(__name__)
 
 
-def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str, Any]:
+def run_audit_task(handoff: dict[str, Any], index: int, settings: Settings) -> dict[str, Any]:
     """Task `index` of the job's audit, or its stored result; returns {"index", "ok"} for the callback."""
     claim = handoff_claim(handoff)
-    name = f"job {claim.job_id}: audit task {index + 1}/{handoff['tasks']} (attempt {claim.attempt})"
+    h = Handoff.model_validate(handoff)
+    name = f"job {claim.job_id}: audit task {index + 1}/{h.tasks} (attempt {claim.attempt})"
     log.info("%s starts", name)
     with JobContext(settings, claim) as ctx:
         try:
             ctx.check()  # a stale claim (a later attempt owns the job) or a cancel: no work
             store = ArtifactStore.from_settings(settings)
-            p = audit_plan(ctx, store, handoff)
+            p = audit_plan(ctx, store, h)
             task = p.tasks[index]
             results = StoreResults(store, claim.job_id)
             stored, t0 = results.load(task.key) is not None, time.perf_counter()
@@ -74,26 +79,34 @@ def run_audit_task(handoff: Handoff, index: int, settings: Settings) -> dict[str
     return {"index": index, "ok": False}
 
 
-def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, settings: Settings) -> str:
-    """The chord callback: the report assembled from the stored results, stored and published."""
+def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: dict[str, Any], settings: Settings) -> str:
+    """The chord callback: the report assembled from the hand-off's plan summary and the stored results,
+    stored and published. It loads no model and runs no forward pass (the summary holds what the report
+    needs of the models); only a hand-off from an earlier version, without a summary, rebuilds the plan."""
     claim = handoff_claim(handoff)
     if not all(o.get("ok") for o in outcomes):
         _clear_if_ended(handoff, settings)
         log.info("job %s: report not published, a task did not finish", claim.job_id)
         return "not published: a task did not finish"
+    h = Handoff.model_validate(handoff)
     with JobContext(settings, claim) as ctx:
         try:
             store = ArtifactStore.from_settings(settings)
-            p = audit_plan(ctx, store, handoff)
+            summary, files = _summary_and_files(ctx, store, h)
             results = StoreResults(store, claim.job_id)
-            found = [r for t in p.tasks if (r := results.load(t.key)) is not None]
-            if len(found) < len(p.tasks):  # a duplicated delivery ended the chord early: the lease decides
+            found = [r for t in summary.tasks if (r := results.load(t.key)) is not None]
+            if len(found) < len(
+                summary.tasks
+            ):  # a duplicated delivery ended the chord early: the lease decides
                 log.warning(
-                    "job %s: %d of %d results stored; not published", claim.job_id, len(found), len(p.tasks)
+                    "job %s: %d of %d results stored; not published",
+                    claim.job_id,
+                    len(found),
+                    len(summary.tasks),
                 )
                 return "incomplete"
-            files = [(n, k, m, StoredObject(key, sha, size)) for n, k, m, key, sha, size in handoff["files"]]
-            publish_audit(ctx, store, assemble(p, found), files, handoff["extra"])
+            report = assemble(summary, found, job=h.extra.get("job"))
+            publish_audit(ctx, store, with_job(report, h.job_id, h.extra), files, h.job_spec)
             results.clear()  # the report holds them now
         except LeaseLost:
             # Its worker stalled past the lease: the results stay stored, the attempt holding the job
@@ -111,7 +124,18 @@ def assemble_and_publish(outcomes: list[dict[str, Any]], handoff: Handoff, setti
     return "succeeded"
 
 
-def _clear_if_ended(handoff: Handoff, settings: Settings) -> None:
+def _summary_and_files(
+    ctx: JobContext, store: ArtifactStore, h: Handoff
+) -> tuple[PlanSummary, list[FileRow]]:
+    """The plan summary and the files to publish: from the hand-off; a hand-off without a summary (sent by
+    an earlier version) has its plan rebuilt, and its fitted policy published from it."""
+    if h.summary is not None:
+        return h.summary, h.published_files()
+    p = audit_plan(ctx, store, h)
+    return p.summary, [*h.published_files(), *policy_files(store, p.served_policy, ctx.work / "policy")]
+
+
+def _clear_if_ended(handoff: dict[str, Any], settings: Settings) -> None:
     """A cancelled or failed job's stored task results, deleted: no later attempt will read them.
 
     A job still running (a later attempt took it over) keeps them for that attempt.

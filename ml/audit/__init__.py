@@ -13,11 +13,11 @@ or a local process pool, and the service fans the same tasks out over Celery wor
 
 Modules, one concept each: config, batches (input views), students (one run and its loss), groups
 (stacked or module students), sources (live or cached queries), lockstep (one seed's training),
-stats, verdict, blackbox (served teachers and their summaries), statement, advice (what a report tells
-its owner), tasks (plan and run), report (assemble), executors.
+stats, verdict, blackbox (served teachers and their summaries), statement, findings (what a report tells
+its owner), records (what a task hands over), summary (what the report needs of the models, measured
+once), tasks (plan and run), result (the typed, versioned report), report (assemble), executors.
 """
 
-from ml.audit.advice import findings
 from ml.audit.batches import VIEWS, Batch
 from ml.audit.blackbox import BlackBox, serve_box, serving_summary, teacher_summary
 from ml.audit.config import (
@@ -28,23 +28,28 @@ from ml.audit.config import (
     AuditProgress,
 )
 from ml.audit.executors import run_audit, run_in_pool, run_in_process
+from ml.audit.findings import findings, report_findings
 from ml.audit.groups import ModuleGroup, StackedGroup
 from ml.audit.lockstep import LOCKSTEP_MIXES, lockstep_ratio, train_lockstep
-from ml.audit.report import AuditResult, assemble
+from ml.audit.records import EvidenceRecord, StudentRecord, TaskResult
+from ml.audit.report import assemble
+from ml.audit.result import AuditReport, Findings, report_schema
 from ml.audit.sources import CachedSource, LiveSource
 from ml.audit.statement import protection_statement
 from ml.audit.stats import holm, summarise, welch_one_sided
 from ml.audit.students import Run
-from ml.audit.tasks import AuditPlan, AuditTask, DirectoryResults, ResultStore, TaskResult, plan, run
+from ml.audit.summary import PlanSummary, summarise_plan
+from ml.audit.tasks import AuditPlan, AuditTask, DirectoryResults, ResultStore, plan, run
 from ml.audit.verdict import audit_verdict, combine_verdicts, judge, judge_black_box, safe_budget
 from ml.train import TrainingCancelled
 
 __all__ = [
     "CMI_CURVE_TEMPERATURES", "DEFAULT_BUDGET_PASSES", "LOCKSTEP_MIXES", "REPORT_VERSION", "VIEWS",
-    "AuditConfig", "AuditPlan", "AuditProgress", "AuditResult", "AuditTask", "Batch", "BlackBox",
-    "CachedSource", "DirectoryResults", "LiveSource", "ModuleGroup", "ResultStore", "Run", "StackedGroup",
-    "TaskResult", "TrainingCancelled", "assemble", "audit_verdict", "combine_verdicts", "findings", "holm",
-    "judge", "judge_black_box", "lockstep_ratio", "plan", "protection_statement", "run", "run_audit",
+    "AuditConfig", "AuditPlan", "AuditProgress", "AuditReport", "AuditTask", "Batch", "BlackBox",
+    "CachedSource", "DirectoryResults", "EvidenceRecord", "Findings", "LiveSource", "ModuleGroup",
+    "PlanSummary", "ResultStore", "Run", "StackedGroup", "StudentRecord", "TaskResult", "TrainingCancelled",
+    "assemble", "audit_verdict", "combine_verdicts", "findings", "holm", "judge", "judge_black_box",
+    "lockstep_ratio", "plan", "protection_statement", "report_findings", "report_schema", "run", "run_audit",
     "run_in_pool", "run_in_process", "safe_budget", "serve_box", "serving_summary", "summarise",
-    "teacher_summary", "train_lockstep", "welch_one_sided",
+    "summarise_plan", "teacher_summary", "train_lockstep", "welch_one_sided",
 ]  # fmt: skip

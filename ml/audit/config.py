@@ -132,7 +132,7 @@ class AuditProgress(BaseModel):
     message: str = ""
 
 
-def ls_rows(cfg: AuditConfig) -> list[tuple[str, float, bool]]:
+def ls_recipes(cfg: AuditConfig) -> list[tuple[str, float, bool]]:
     """(row name, eps, mixup) of every label-smoothing student."""
     return [
         (f"ls{'_mixup' if m else ''}_{e:g}", e, m)

@@ -15,8 +15,9 @@ from torch import nn
 
 from ml.audit.blackbox import BlackBox
 from ml.audit.config import AuditConfig, AuditProgress
+from ml.audit.records import TaskResult
 from ml.audit.report import assemble
-from ml.audit.tasks import AuditPlan, AuditTask, ResultStore, TaskResult, plan, run
+from ml.audit.tasks import AuditPlan, AuditTask, ResultStore, plan, run
 from ml.data import Dataset
 
 OnProgress = Callable[[AuditProgress], None]
@@ -112,7 +113,7 @@ def run_audit(
     results: ResultStore | None = None,
 ) -> dict[str, Any]:
     """Audit a teacher as it will be served: plan, run (here, or in `workers` spawned processes: the
-    same report) and assemble; returns the versioned JSON report.
+    same report) and assemble; returns the versioned JSON report (`AuditReport.to_json`).
 
     `teacher` and `control` may be one model or one per seed; `protections` adds further black boxes
     attacked against the same LS students (each its own section under report["protections"]);
@@ -122,4 +123,4 @@ def run_audit(
     t0 = time.perf_counter()
     p = plan(cfg, teacher, dataset, control=control, protections=protections, budget_for=budget_for)
     out = run_in_pool(p, workers, on_progress=on_progress, results=results)
-    return assemble(p, out, wall_s=time.perf_counter() - t0).report
+    return assemble(p.summary, out, wall_s=time.perf_counter() - t0).to_json()

@@ -1,12 +1,22 @@
 """What a report tells the owner: the verdict in plain words, why, what would make it conclusive, the
-serving cost and budget, and the next steps. A pure function of the report JSON (old reports and
-extra sections are tolerated), used by the JSON report and by its HTML page alike."""
+serving cost and budget, and the next steps. A pure function of the typed report (`report_findings`;
+`findings` takes and gives JSON: old reports and extra sections are tolerated), computed once when the
+report is assembled and read by its HTML page alike."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from ml.audit.result import (
+    AuditReport,
+    ControlCheck,
+    Findings,
+    ServedSection,
+    ServingWords,
+    StudentResult,
+    SuggestedAudit,
+)
 from ml.audit.stats import seeds_to_resolve
 from ml.audit.verdict import outcome
 
@@ -32,17 +42,23 @@ HEADLINES = {
 }
 
 
-def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict[str, Any]:
+def findings(report: dict[str, Any] | AuditReport, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`report_findings` of a report as JSON (a stored report of any version), as JSON."""
+    typed = report if isinstance(report, AuditReport) else AuditReport.model_validate(report)
+    return report_findings(typed, spec).model_dump(mode="json")
+
+
+def report_findings(report: AuditReport, spec: dict[str, Any] | None = None) -> Findings:
     """The report's verdict in plain words, why, what would make it conclusive, serving, next steps.
 
     `spec` is the job's specification when known (a `preset` or `audit.indicative` there marks the
-    audit indicative); without it only the report's own config is read."""
-    cfg = report.get("config") or {}
-    verdict = report.get("verdict", "inconclusive")
+    audit indicative); without it the job's marks the report keeps (`job`) and its config are read."""
+    cfg = report.config
+    verdict = report.verdict
     epochs, seeds = int(cfg.get("epochs") or 0), int(cfg.get("seeds") or 0)
-    rows = _rows(report.get("students") or {})
-    control = report.get("control")
-    control_rows = _rows(control.get("students") or {}) if control else []
+    rows = _rows(report.students)
+    control = report.control
+    control_rows = _rows(control.students) if control else []
     alpha = float(cfg.get("alpha", 0.05))
     why: list[str] = []
     to_conclude: list[str] = []
@@ -94,7 +110,7 @@ def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict
                 "Name a zoo architecture for the CE control (`audit.control_arch`; an ONNX model has none of "
                 "its own)."
             )
-        elif control.get("verdict") != "distillable":
+        elif control.verdict != "distillable":
             fms = [a for a in cfg.get("attacks") or [] if a.startswith(DISCRIMINATING_ATTACK)]
             why.append(
                 f"{lead}the plain CE control was not copied either at {epochs} epochs, so this audit could "
@@ -125,7 +141,7 @@ def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict
             f"{best['row']}, {best['margin']:+.2f} ± {best['margin_se']:.2f} points), and the CE control "
             "was copied."
         )
-    why_indicative = indicative(report, spec)
+    why_indicative = indicative(report, spec if spec is not None else report.job)
     if why_indicative:
         if verdict != "distillable" and target_epochs < DISCRIMINATING_EPOCHS:
             to_conclude.append(
@@ -139,7 +155,7 @@ def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict
     suggested = None
     if (target_epochs, target_seeds) != (epochs, seeds):
         minutes = estimated_minutes(report, target_epochs, target_seeds)
-        suggested = {"epochs": target_epochs, "seeds": target_seeds, "estimated_minutes": minutes}
+        suggested = SuggestedAudit(epochs=target_epochs, seeds=target_seeds, estimated_minutes=minutes)
         to_conclude.append(
             f"Estimated time of this audit (its data and attacks) at {target_epochs} epochs and "
             f"{target_seeds} seeds: "
@@ -156,30 +172,31 @@ def findings(report: dict[str, Any], spec: dict[str, Any] | None = None) -> dict
     if why_indicative:
         headline += f" Indicative only: {why_indicative} It cannot show that a model is undistillable."
     control_copied = [r for r in control_rows if r["outcome"] == "copied"]
-    return {
-        "verdict": verdict,
-        "headline": headline,
-        "why": why,
-        "indicative": why_indicative,
-        "to_conclude": to_conclude if verdict != "distillable" else [],
-        "suggested_audit": suggested if verdict != "distillable" else None,
-        "control_check": _control_check(control, control_copied),
-        "serving": serving(report),
-        "safe_budget": _safe(report),
-        "next_steps": next_steps(
+    return Findings(
+        verdict=verdict,
+        headline=headline,
+        why=why,
+        indicative=why_indicative,
+        to_conclude=to_conclude if verdict != "distillable" else [],
+        suggested_audit=suggested if verdict != "distillable" else None,
+        control_check=_control_check(control, control_copied),
+        serving=serving(report),
+        safe_budget=report.served_safe_budget(),
+        next_steps=next_steps(
             report, verdict, copied, ahead or ([best] if best and best["margin"] > 0 else [])
         ),
-    }
+    )
 
 
-def indicative(report: dict[str, Any], spec: dict[str, Any] | None = None) -> str | None:
+def indicative(report: AuditReport | dict[str, Any], spec: dict[str, Any] | None = None) -> str | None:
     """Why the audit is only indicative (a quick preset, an `indicative` flag, or a schedule far below
     the discriminating one), or None."""
-    cfg, spec = report.get("config") or {}, spec or {}
+    typed = report if isinstance(report, AuditReport) else AuditReport.model_validate(report)
+    cfg, spec, top = typed.config, spec or {}, typed.model_extra or {}
     audit = spec.get("audit") or {}
     epochs = int(cfg.get("epochs") or 0)
-    flagged = any(d.get("indicative") is True for d in (cfg, audit, report, spec)) or "quick" in (
-        d.get("preset") for d in (cfg, audit, report, spec)
+    flagged = any(d.get("indicative") is True for d in (cfg, audit, top, spec)) or "quick" in (
+        d.get("preset") for d in (cfg, audit, top, spec)
     )
     if flagged:
         return f"this is a quick audit ({epochs} epochs, {cfg.get('seeds', '?')} seeds), marked indicative."
@@ -191,25 +208,25 @@ def indicative(report: dict[str, Any], spec: dict[str, Any] | None = None) -> st
     return None
 
 
-def estimated_minutes(report: dict[str, Any], epochs: int, seeds: int) -> float | None:
+def estimated_minutes(report: AuditReport, epochs: int, seeds: int) -> float | None:
     """Minutes the same audit would take at `epochs` and `seeds` on the worker that ran it: its measured
     task time scaled by epochs x seeds (the audit's work is linear in both)."""
-    cfg = report.get("config") or {}
-    timing = report.get("timing") or {}
-    measured = timing.get("task_seconds") or report.get("wall_s")
+    cfg = report.config
+    measured = (report.timing and report.timing.task_seconds) or report.wall_s
     done = int(cfg.get("epochs") or 0) * int(cfg.get("seeds") or 0)
     if not measured or not done:
         return None
     return float(measured) * epochs * seeds / done / 60
 
 
-def serving(report: dict[str, Any]) -> dict[str, Any]:
+def serving(report: AuditReport) -> ServingWords:
     """How the model is served and what that costs an honest user, in plain words."""
-    teacher = report.get("teacher") or {}
-    served = teacher.get("serving") or {}
-    cost = served.get("honest_cost")
-    served_as = (report.get("statement") or {}).get("served_as") or str(served.get("output_mode", "?"))
-    acc = teacher.get("accuracy")
+    served = report.teacher.serving
+    cost = served.honest_cost
+    served_as = (report.statement and report.statement.served_as) or str(
+        served.output_mode if "output_mode" in served.model_fields_set else "?"
+    )
+    acc = report.teacher.accuracy
     if cost:
         text = (
             f"Honest users get {cost['accuracy']:.2f} % right answers"
@@ -220,16 +237,16 @@ def serving(report: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         text = "The honest-user cost was not measured (an older report)."
-    return {"served_as": served_as, "teacher_accuracy": acc, "honest_cost": cost, "text": text}
+    return ServingWords(served_as=served_as, teacher_accuracy=acc, honest_cost=cost, text=text)
 
 
 def next_steps(
-    report: dict[str, Any], verdict: str, copied: list[dict[str, Any]], ahead: list[dict[str, Any]]
+    report: AuditReport, verdict: str, copied: list[dict[str, Any]], ahead: list[dict[str, Any]]
 ) -> list[str]:
     """What to do now, in order."""
-    served_as = serving(report)["served_as"]
-    mode = ((report.get("threat_model") or {}).get("output_mode") or {}).get("kind")
-    safe = _safe(report)
+    served_as = serving(report).served_as
+    mode = report.threat_model.output_mode.get("kind")
+    safe = report.served_safe_budget()
     steps = []
     if verdict == "distillable":
         c = min(copied, key=lambda r: r["p_holm"]) if copied else None
@@ -293,61 +310,57 @@ def next_steps(
     return steps
 
 
-def _rows(students: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every attack row of a black box with what the advice reads, the outcome derived if missing."""
+def _rows(students: dict[str, StudentResult]) -> list[dict[str, Any]]:
+    """Every attack row of a black box with what the findings read, the outcome derived if missing."""
     out = []
+    nan = float("nan")
     for arch, s in students.items():
-        best_ls = (s.get("ls") or {}).get(s.get("best_ls"), {}).get("acc_best", {})
-        for name, r in (s.get("attacks") or {}).items():
-            if "margin" not in r:
+        best = s.ls.get(s.best_ls or "")
+        for name, r in s.attacks.items():
+            if r.margin is None:
                 continue
+            p_holm = r.p_holm if r.p_holm is not None else r.p_value
             out.append(
                 {
                     "student": arch,
                     "row": name,
-                    "outcome": r.get("outcome") or outcome(r),
-                    "margin": r["margin"],
-                    "margin_se": r.get("margin_se", float("nan")),
-                    "p_holm": r.get("p_holm", r.get("p_value", float("nan"))),
-                    "acc": r["acc_best"]["mean"],
-                    "std": r["acc_best"].get("std", float("nan")),
-                    "ls_acc": s.get("ls_acc", best_ls.get("mean", float("nan"))),
-                    "ls_std": best_ls.get("std", float("nan")),
+                    "outcome": r.outcome or outcome(r.model_dump()),
+                    "margin": r.margin,
+                    "margin_se": nan if r.margin_se is None else r.margin_se,
+                    "p_holm": nan if p_holm is None else p_holm,
+                    "acc": r.acc_best.mean,
+                    "std": r.acc_best.std,
+                    "ls_acc": s.ls_acc if s.ls_acc is not None else (best.acc_best.mean if best else nan),
+                    "ls_std": best.acc_best.std if best else nan,
                 }
             )
     return out
 
 
-def _control_check(control: dict[str, Any] | None, copied: list[dict[str, Any]]) -> dict[str, str]:
+def _control_check(control: ServedSection | None, copied: list[dict[str, Any]]) -> ControlCheck:
     if control is None:
-        return {
-            "status": "not_run",
-            "text": "No CE control was run: the audit's power to discriminate is unchecked.",
-        }
-    if control.get("verdict") == "distillable":
+        return ControlCheck(
+            status="not_run", text="No CE control was run: the audit's power to discriminate is unchecked."
+        )
+    if control.verdict == "distillable":
         rows = ", ".join(sorted({r["row"] for r in copied}))
-        return {
-            "status": "passed",
-            "text": f"The audit copied a plain CE teacher of the same architecture ({rows}): it can tell a "
+        return ControlCheck(
+            status="passed",
+            text=f"The audit copied a plain CE teacher of the same architecture ({rows}): it can tell a "
             "copyable model from a protected one.",
-        }
-    return {
-        "status": "failed",
-        "text": "The audit did not copy a plain CE teacher of the same architecture: it could not have "
+        )
+    return ControlCheck(
+        status="failed",
+        text="The audit did not copy a plain CE teacher of the same architecture: it could not have "
         "caught a copyable model.",
-    }
+    )
 
 
-def _budget_discriminates(report: dict[str, Any]) -> bool:
+def _budget_discriminates(report: AuditReport) -> bool:
     """Whether the budget curve copied the CE control at some tested budget (True when it has no control)."""
-    control = (report.get("safe_budget") or {}).get("control")
-    tested = [int(b) for b in ((report.get("budgets") or {}).get("control") or {})]
+    control = (report.safe_budget or {}).get("control")
+    tested = [int(b) for b in ((report.budgets or {}).get("control") or {})]
     return not control or not tested or min(control.values()) < max(tested)
-
-
-def _safe(report: dict[str, Any]) -> int | None:
-    safe = (report.get("safe_budget") or {}).get("teacher")
-    return min(safe.values()) if safe else None
 
 
 def _duration(minutes: float) -> str:

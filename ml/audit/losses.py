@@ -19,7 +19,7 @@ from ml.audit.students import Run, attacker_targets, student_loss
 Served = dict[str, dict[str, Tensor]]
 
 
-def ls_rows(logits: Tensor, y: Tensor, eps: Tensor) -> Tensor:
+def smoothed_ce(logits: Tensor, y: Tensor, eps: Tensor) -> Tensor:
     """Per student and row, label-smoothed CE: logits (k, n, C), y (n,), eps (k,) -> (k, n).
 
     (1 - eps) (-log p_y) + eps mean_c (-log p_c), which is PyTorch's cross_entropy(label_smoothing=eps).
@@ -71,10 +71,10 @@ class StackedLoss:
             z = logits[idx, :n]
             if mixup:  # lam CE(y) + (1 - lam) CE(y[perm]), per-sample lam: both terms are LS CEs
                 perm, lam = (t[:n] for t in batch.mix["mixup"])
-                a, b = ls_rows(z, y, eps), ls_rows(z, y[perm], eps)
+                a, b = smoothed_ce(z, y, eps), smoothed_ce(z, y[perm], eps)
                 total = total + (lam * a + (1 - lam) * b).mean(-1).sum()
             else:
-                total = total + ls_rows(z, y, eps).mean(-1).sum()
+                total = total + smoothed_ce(z, y, eps).mean(-1).sum()
         for members, views in self.rows:
             runs = [self.runs[i] for i in members]
             k, attack = len(members), runs[0].attack

@@ -1,67 +1,60 @@
-"""Assembling the report from the tasks' results: sections per black box, verdicts, budgets, statement.
+"""Assembling the report from the plan's summary and the tasks' results: a pure function.
 
-The assembled result carries everything a service publishes: the report, the serving policy fitted
-to the (single) audited teacher exactly as the audit served it, and the summaries inside the report.
+`assemble(summary, results)` reads no model and runs no forward pass: what depends on the models was
+measured once into the plan's summary (`ml.audit.summary`). It builds every section (per black box,
+verdicts, budgets), the statement, the evidence section, the timing, the findings and the headline,
+and returns the typed report (`ml.audit.result.AuditReport`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from ml.audit.advice import findings
-from ml.audit.blackbox import serving_summary, teacher_summary
 from ml.audit.config import REPORT_VERSION
+from ml.audit.findings import report_findings
+from ml.audit.records import TaskResult
+from ml.audit.result import AuditReport
 from ml.audit.statement import protection_statement
 from ml.audit.stats import row_stats
-from ml.audit.tasks import AuditPlan, TaskResult
+from ml.audit.summary import PlanSummary
 from ml.audit.verdict import audit_verdict, combine_verdicts, judge_black_box, safe_budget
-from ml.evidence.audit import evidence_section, keyed_costs
-from ml.policy import FittedPolicy
+from ml.evidence.audit import evidence_section
 
 RowKey = tuple[int | None, str | None, str, str]  # (phase, black box, student arch, row name)
+QUERY_AUGMENTATION = (
+    "the student's own view; mixup for fm; mixing ratios in edge_range for fm_edge; Gaussian noise of "
+    "noise_scale stds for fm_noise; a second strong view for mlkd"
+)
 
 
-@dataclass
-class AuditResult:
-    """The audit's outcome: the JSON report and the fitted serving policy of the audited teacher."""
+def assemble(
+    summary: PlanSummary,
+    results: Iterable[TaskResult],
+    *,
+    wall_s: float | None = None,
+    job: dict[str, Any] | None = None,
+) -> AuditReport:
+    """The report of a plan from its summary and its tasks' results (any order; one result per task).
 
-    report: dict[str, Any]
-    policy: FittedPolicy | None  # None when the teacher is served without a policy
-
-    @property
-    def teacher_summary(self) -> dict[str, Any]:
-        return self.report["teacher"]
-
-    @property
-    def serving_summary(self) -> dict[str, Any]:
-        return self.report["teacher"]["serving"]
-
-    @property
-    def safe_budget(self) -> dict[str, dict[str, int]]:
-        return self.report.get("safe_budget", {})
-
-
-def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | None = None) -> AuditResult:
-    """The report of a plan from its tasks' results (any order; one result per task)."""
-    by_task = {(r["seed_index"], r["phase"]): r for r in results}
-    missing = [t.describe() for t in plan.tasks if (t.seed_index, t.phase) not in by_task]
+    `job` is the job's marks (`preset`, `indicative`) when a job asked for the audit: the report keeps
+    them, and a quick preset marks the findings indicative."""
+    by_task = {(r.seed_index, r.phase): r for r in results}
+    cfg = summary.cfg
+    missing = [t.describe(cfg.seeds) for t in summary.tasks if (t.seed_index, t.phase) not in by_task]
     if missing:
         what = ", ".join(missing)
-        raise ValueError(f"{len(missing)} of {len(plan.tasks)} audit tasks have no result: {what}")
-    cfg, dataset, teachers = plan.cfg, plan.dataset, plan.teachers
+        raise ValueError(f"{len(missing)} of {len(summary.tasks)} audit tasks have no result: {what}")
+    ordered = [by_task[(t.seed_index, t.phase)] for t in summary.tasks]
     values: dict[RowKey, dict[str, list[float]]] = {}
     queries: dict[RowKey, int] = {}
-    for task in plan.tasks:  # in task (seed) order: the values of a row are per seed, in seed order
-        records = by_task[(task.seed_index, task.phase)]["records"]
-        for phase, teacher, arch, name, best, last, fidelity, n_queries in records:
-            key = (phase, teacher, arch, name)
-            rec = values.setdefault(key, {"best": [], "last": [], "fidelity": []})
-            rec["best"].append(best)
-            rec["last"].append(last)
-            rec["fidelity"].append(fidelity)
-            queries[key] = n_queries
+    for result in ordered:  # in task (seed) order: the values of a row are per seed, in seed order
+        for r in result.records:
+            rec = values.setdefault(r.key, {"best": [], "last": [], "fidelity": []})
+            rec["best"].append(r.best)
+            rec["last"].append(r.last)
+            rec["fidelity"].append(r.fidelity)
+            queries[r.key] = r.queries
 
     def rows_for(phase: int | None, teacher_key: str | None, arch: str, names: list[str]) -> dict[str, Any]:
         return {
@@ -70,13 +63,11 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
             for n in names
         }  # fmt: skip
 
-    ls_names, attack_names = [r[0] for r in plan.ls_rows], [r[0] for r in plan.attack_rows]
-
     def section(phase: int | None, t: str) -> dict[str, Any]:
         rows = {}
         for arch in cfg.students:
-            ls = rows_for(None, None, arch, ls_names)
-            attacks = rows_for(phase, t, arch, attack_names)
+            ls = rows_for(None, None, arch, summary.ls_names)
+            attacks = rows_for(phase, t, arch, summary.attack_names)
             if cfg.transfer:  # the baseline: the better of LS and hard-label copying on the same queries
                 ls = ls | {"hard_label_transfer": attacks.pop("hard_label")}
             rows[arch] = (ls, attacks)
@@ -89,14 +80,8 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
             "verdict": combine_verdicts([v["verdict"] for v in per_student.values()]),
         }
 
-    summaries: dict[tuple[int, ...], dict[str, Any]] = {}  # black boxes serving the same models share it
-
     def served(name: str) -> dict[str, Any]:
-        box = teachers[name]
-        key = tuple(id(m) for m in box.models)
-        if key not in summaries:
-            summaries[key] = teacher_summary(box.models, dataset)
-        return {**summaries[key], "serving": serving_summary(box, dataset)}
+        return summary.served[name].model_dump(mode="json")
 
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
@@ -104,33 +89,32 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
         "threat_model": {
             "output_mode": cfg.output_mode.model_dump(),
             "labelled_fraction": cfg.labelled_fraction,
-            "labelled_samples": len(plan.data.x_train),
-            "query_augmentation": "the student's own view; mixup for fm; mixing ratios in edge_range for "
-            "fm_edge; Gaussian noise of noise_scale stds for fm_noise; a second strong view for mlkd",
+            "labelled_samples": summary.labelled_samples,
+            "query_augmentation": QUERY_AUGMENTATION,
             "epochs": cfg.epochs,
-            "queries_per_view_per_epoch": len(plan.data.x_train),
+            "queries_per_view_per_epoch": summary.labelled_samples,
             "query_budgets": cfg.query_budgets,
             "transfer": None
-            if plan.transfer is None
-            else {"dataset": cfg.transfer, "params": cfg.transfer_params, "samples": len(plan.transfer)},
+            if summary.transfer_samples is None
+            else {
+                "dataset": cfg.transfer,
+                "params": cfg.transfer_params,
+                "samples": summary.transfer_samples,
+            },
         },
-        "dataset": {
-            "name": dataset.name,
-            "fingerprint": dataset.fingerprint,
-            "n_train": len(dataset.x_train),
-            "n_test": len(dataset.x_test),
-        },
+        "dataset": summary.dataset.model_dump(mode="json"),
         "teacher": served("teacher"),
         **section(None, "teacher"),
     }
-    if "teacher_raw" in teachers:
+    if summary.compares_raw:
         report["raw_probabilities"] = section(None, "teacher_raw")
     if cfg.control:
         report["control"] = {"arch": cfg.control_arch, **served("control"), **section(None, "control")}
-    if plan.protections:
-        report["protections"] = {name: {**served(name), **section(None, name)} for name in plan.protections}
+    if summary.protections:
+        names = summary.protections
+        report["protections"] = {name: {**served(name), **section(None, name)} for name in names}
     if cfg.query_budgets:
-        bt = plan.budget_teachers
+        bt = summary.budget_teachers
         report["budgets"] = {t: {str(b): section(b, t) for b in cfg.query_budgets} for t in bt}
         report["safe_budget"] = {t: safe_budget(report["budgets"][t], cfg.students) for t in bt}
     if not cfg.control:
@@ -140,27 +124,28 @@ def assemble(plan: AuditPlan, results: Iterable[TaskResult], *, wall_s: float | 
         report["verdict"], report["control"] and report["control"]["verdict"]
     )
     report["verdict_reason"] = reason + note
-    report["statement"] = protection_statement(report)
     # --- evidence of theft (ml.evidence): detection over knockoffs, false positives over LS students ---
-    if plan.secret is not None and plan.challenges:
-        evidence = [e for t in plan.tasks for e in by_task[(t.seed_index, t.phase)].get("evidence", [])]
+    if summary.commitment is not None:
+        evidence = [e.as_tuple() for r in ordered for e in r.evidence]
         best = {k: v["best"] for k, v in values.items()}
-        costs = keyed_costs(teachers, dataset)
-        report["evidence"] = evidence_section(evidence, best, costs, plan.secret)
+        report["evidence"] = evidence_section(evidence, best, summary.keyed_costs, summary.commitment)
     # --- end of evidence ---
     report["wall_s"] = wall_s
-    report["timing"] = timing(plan, [by_task[(t.seed_index, t.phase)] for t in plan.tasks], wall_s)
-    report["findings"] = findings(report)
-    policies = teachers["teacher"].policies
-    return AuditResult(report, policies[0] if policies and len(policies) == 1 else None)
+    report["timing"] = timing(summary, ordered, wall_s)
+    if job is not None:
+        report["job"] = job
+    out = AuditReport.model_validate(report)
+    out.statement = protection_statement(out)
+    out.findings = report_findings(out)
+    return out
 
 
-def timing(plan: AuditPlan, results: list[TaskResult], wall_s: float | None) -> dict[str, Any]:
+def timing(summary: PlanSummary, results: list[TaskResult], wall_s: float | None) -> dict[str, Any]:
     """What the audit's tasks (results in plan order) took: their summed seconds (one worker running them
     one after another), the work in epochs of the unlimited schedule, and the seconds per such epoch."""
-    seconds = [r.get("seconds") for r in results]
+    seconds = [r.seconds for r in results]
     task_s = None if any(s is None for s in seconds) else float(sum(seconds))  # type: ignore[arg-type]
-    units = plan.total_epochs
+    units = summary.total_epochs
     return {
         "task_seconds": task_s,
         "epoch_units": units,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+from ml.audit.result import AuditReport, Statement
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 
@@ -14,21 +14,19 @@ from ml.policy import PolicyConfig
 ENFORCED_MEASURED = Path(__file__).with_name("enforced_measured.json")
 
 
-def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
+def protection_statement(report: AuditReport) -> Statement:
     """What the protection as served stops and what it does not, in plain words, from the measurements."""
-    served = OutputMode.model_validate(report["threat_model"]["output_mode"]).words()
-    served = ", ".join([served, *PolicyConfig.model_validate(report["teacher"]["serving"]["policy"]).words()])
+    served = OutputMode.model_validate(report.threat_model.output_mode).words()
+    served = ", ".join([served, *PolicyConfig.model_validate(report.teacher.serving.policy).words()])
     stops, leaks = [], []
-    for arch, s in report["students"].items():
-        for name, row in s["attacks"].items():
-            if row["margin"] <= 0:
+    for arch, s in report.students.items():
+        for name, row in s.attacks.items():
+            if row.margin is None or row.margin <= 0:
                 stops.append(f"{name} ({arch})")
             else:
-                sig = "significant after Holm" if row.get("significant_holm") else "within noise"
-                leaks.append(f"{name} ({arch}): {row['margin']:+.2f} ± {row['margin_se']:.2f}, {sig}")
-    queries = max(
-        (r["queries"] for s in report["students"].values() for r in s["attacks"].values()), default=0
-    )
+                sig = "significant after Holm" if row.significant_holm else "within noise"
+                leaks.append(f"{name} ({arch}): {row.margin:+.2f} ± {row.margin_se:.2f}, {sig}")
+    queries = max((r.queries for s in report.students.values() for r in s.attacks.values()), default=0)
     lines = [
         f"Served as {served}. Against attackers querying throughout their training ({queries:,} queries "
         "each at most), "
@@ -39,9 +37,8 @@ def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
             "student on average: " + "; ".join(leaks) + "."
         )
     ]
-    safe = report.get("safe_budget", {}).get("teacher")
-    if safe:
-        low = min(safe.values())
+    low = report.served_safe_budget()
+    if low is not None:
         lines.append(
             f"With at most {low:,} queries per key (the safe budget, the served model's default per-key "
             "budget) no knockoff beat it. A budget per key holds only as far as keys are controlled: an "
@@ -51,13 +48,9 @@ def protection_statement(report: dict[str, Any]) -> dict[str, Any]:
         )
     enforced = enforcement_statement()
     lines.append(enforced)
-    return {
-        "served_as": served,
-        "stops": stops,
-        "does_not_stop": leaks,
-        "enforcement": enforced,
-        "text": " ".join(lines),
-    }
+    return Statement(
+        served_as=served, stops=stops, does_not_stop=leaks, enforcement=enforced, text=" ".join(lines)
+    )
 
 
 def enforcement_statement(path: Path = ENFORCED_MEASURED) -> str:

@@ -1,9 +1,10 @@
 """The audit as a plan of independent, deterministic tasks: one per seed and budget phase.
 
 `plan(cfg, teacher, data, ...)` resolves everything the tasks share (the served black boxes, the
-attacker's data, the rows); `run(task)` trains one phase of one seed and returns its records as
-plain JSON; `ml.audit.report.assemble(plan, results)` turns the results into the report. A task's
-key hashes the plan and the task, so a result stored under it is never recomputed.
+attacker's data, the rows); `run(task)` trains one phase of one seed and returns its typed records
+(`ml.audit.records`); `plan.summary` measures the served models once (`ml.audit.summary`) and
+`ml.audit.report.assemble(summary, results)` turns the results into the report. A task's key hashes
+the plan and the task, so a result stored under it is never recomputed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,19 +23,18 @@ from torch import Tensor, nn
 
 from ml.attacks import ATTACKS
 from ml.audit.blackbox import BlackBox, as_models, serve_box
-from ml.audit.config import REPORT_VERSION, AuditConfig, ls_rows
+from ml.audit.config import REPORT_VERSION, AuditConfig, ls_recipes
 from ml.audit.lockstep import train_lockstep
+from ml.audit.records import EvidenceRecord, StudentRecord, TaskResult
 from ml.audit.students import Run
+from ml.audit.summary import PlanSummary, summarise_plan
 from ml.cmi import model_logits
 from ml.data import Dataset, load_dataset
 from ml.evidence.audit import Challenges, build_challenges, evidence_records
 from ml.evidence.secret import Secret
-from ml.policy import PolicyConfig
+from ml.policy import FittedPolicy, PolicyConfig
 from ml.train import keep_freed_memory, resolve_device
 
-TaskResult = dict[
-    str, Any
-]  # {"key", "seed_index", "phase", "records", "seconds"}: JSON, storable as an artifact
 Tick = Callable[[int, str], None]  # (epochs done in this task, message)
 
 
@@ -48,7 +49,7 @@ class AuditPlan:
     protections: list[str]
     budget_teachers: list[str]
     attack_rows: list[tuple[str, str, BaseModel]]
-    ls_rows: list[tuple[str, float, bool]]
+    ls_recipes: list[tuple[str, float, bool]]  # (row name, eps, mixup) of every LS student
     transfer: Tensor | None
     fingerprint: str = ""
     secret: Secret | None = field(default=None, repr=False)  # the evidence secret (keyed answers, challenges)
@@ -70,6 +71,18 @@ class AuditPlan:
     @property
     def total_epochs(self) -> int:
         return sum(self.task_epochs(t.phase) for t in self.tasks)
+
+    @cached_property
+    def summary(self) -> PlanSummary:
+        """What the report needs of the models, measured once (`ml.audit.summary`)."""
+        return summarise_plan(self)
+
+    @property
+    def served_policy(self) -> FittedPolicy | None:
+        """The serving policy fitted to the (single) audited teacher, exactly as the audit served it;
+        None when it is served without one (or one teacher per seed was audited)."""
+        policies = self.teachers["teacher"].policies
+        return policies[0] if policies and len(policies) == 1 else None
 
     def attack_runs(self, teacher_keys: list[str]) -> list[Run]:
         return [
@@ -122,12 +135,12 @@ class DirectoryResults:
 
     def load(self, key: str) -> TaskResult | None:
         f = self.path / f"{key}.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        return TaskResult.model_validate(json.loads(f.read_text())) if f.exists() else None
 
     def save(self, key: str, result: TaskResult) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / f".{key}.tmp"
-        tmp.write_text(json.dumps(result))
+        tmp.write_text(json.dumps(result.to_json()))
         tmp.replace(self.path / f"{key}.json")  # atomic: a reader never sees half a result
 
 
@@ -183,7 +196,7 @@ def plan(
     challenges = build_challenges(teachers, dataset, secret, cfg.seeds)
     out = AuditPlan(
         cfg, dataset, data, teachers, list(protections or {}), budget_teachers, cfg.attack_rows(),
-        ls_rows(cfg), transfer, secret=secret, challenges=challenges,
+        ls_recipes(cfg), transfer, secret=secret, challenges=challenges,
     )  # fmt: skip
     out.fingerprint = _fingerprint(out)
     return out
@@ -223,8 +236,8 @@ def _fingerprint(p: AuditPlan) -> str:
 def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | None = None) -> TaskResult:
     """Train one phase of one seed (with a budget: one cached lockstep per view count); deterministic.
 
-    Returns the task's records, ((phase, teacher, arch, row), best acc, last acc, fidelity, queries)
-    per student; a result already in `results` is returned as it is. `tick(done, message)` gets the
+    Returns the task's records (`StudentRecord`, one per student, and their evidence agreements); a
+    result already in `results` is returned as it is. `tick(done, message)` gets the
     task's progress in epochs of the unlimited schedule.
     """
     if results is not None:
@@ -240,13 +253,17 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
     seed, device = cfg.base_seed + s, resolve_device(cfg.device)
     # one attacker = one API key: a fresh oracle (query history) per phase
     oracles = {t: box.oracle(s, device) for t, box in p.teachers.items()}
-    records: list[list[Any]] = []
+    records: list[StudentRecord] = []
     evidence: list[list[Any]] = []  # every student's agreement on every challenge (ml.evidence.audit)
 
     def record(runs: list[Run], n_queries: Callable[[Run], int]) -> None:
         records.extend(
-            [phase, r.teacher, r.arch, r.name, max(r.acc), r.acc[-1], r.fidelity, n_queries(r)] for r in runs
-        )
+            StudentRecord(
+                phase=phase, teacher=r.teacher, arch=r.arch, row=r.name, best=max(r.acc), last=r.acc[-1],
+                fidelity=r.fidelity, queries=n_queries(r),
+            )
+            for r in runs
+        )  # fmt: skip
 
     def ticker(message: str) -> Callable[[int, int], None]:
         def on_epoch(epoch: int, epochs: int) -> None:
@@ -256,7 +273,7 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
         return on_epoch
 
     if phase is None:
-        runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in p.ls_rows]
+        runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in p.ls_recipes]
         runs += p.attack_runs(list(p.teachers))
         predict = train_lockstep(
             runs, data, oracles, cfg, seed, on_epoch=ticker(task.describe()), transfer=p.transfer
@@ -277,14 +294,14 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
             done += cfg.epochs
     # the seconds it took tell the report how long a longer audit would take on this worker
     seconds = time.perf_counter() - t0
-    result = {
-        "key": task.key,
-        "seed_index": s,
-        "phase": phase,
-        "records": records,
-        "seconds": seconds,
-        "evidence": evidence,
-    }
+    result = TaskResult(
+        key=task.key,
+        seed_index=s,
+        phase=phase,
+        records=records,
+        seconds=seconds,
+        evidence=[EvidenceRecord.model_validate(e) for e in evidence],
+    )
     if results is not None:
         results.save(task.key, result)
     return result

@@ -68,7 +68,7 @@ EVIDENCE_LIMITS = (
     "What the evidence can show: that a suspect agrees with this model on the secret challenge far more "
     "than independently trained models do, as a model trained to match this model's answers does (the "
     "function-matching attacks). What it cannot show: a copy made only from this model's labels on clean "
-    "inputs looks like an independent model, so \"not shown\" is no proof of innocence; a thief who "
+    'inputs looks like an independent model, so "not shown" is no proof of innocence; a thief who '
     "fine-tunes a copy on other data was not measured; the false-positive bound holds for suspects like the "
     "audit's independent students (same data, same architecture)."
 )
@@ -78,15 +78,16 @@ def evidence_section(
     records: list[list[Any]],
     accuracy: dict[tuple[Any, ...], list[float]],
     costs: dict[str, dict[str, float]],
-    secret: Secret,
+    commitment: dict[str, str],
 ) -> dict[str, Any]:
     """The report's evidence section. `accuracy[(phase, teacher, arch, row)]` are best accuracies per
-    seed (seed order, as the records); `costs` the honest cost of each keyed black box."""
+    seed (seed order, as the records); `costs` the honest cost of each keyed black box; `commitment`
+    the evidence secret's (`Secret.commitment`)."""
     agree: dict[tuple[Any, ...], list[float]] = {}
     for phase, teacher, arch, row, mech, box, a in records:  # records come in seed order
         agree.setdefault((mech, box, arch, phase, teacher, row), []).append(a)
     out: dict[str, Any] = {
-        "commitment": secret.commitment(),
+        "commitment": commitment,
         "alpha": ALPHA,
         "points": CHALLENGE_POINTS,
         "near_ls_points": NEAR_LS_POINTS,
@@ -142,7 +143,7 @@ def _tested(
 
 
 def family(ls_row: str) -> str:
-    """The training recipe of an LS row (`ml.audit.config.ls_rows` names them ls_<eps>, ls_mixup_<eps>)."""
+    """The training recipe of an LS row (`ml.audit.config.ls_recipes` names them ls_<eps>, ls_mixup_<eps>)."""
     return "mixup" if ls_row.startswith("ls_mixup") else "plain"
 
 

@@ -10,7 +10,7 @@ import pytest
 from audit_reports import BELOW, COPIED, LS, report_of, rows
 
 from ml.audit import AuditConfig, run_audit, summarise
-from ml.audit.advice import DISCRIMINATING_EPOCHS, VERDICT_SEEDS, findings, indicative
+from ml.audit.findings import DISCRIMINATING_EPOCHS, VERDICT_SEEDS, findings, indicative
 from ml.audit.stats import holm, seeds_to_resolve, welch_one_sided
 from ml.audit.verdict import audit_verdict, judge, judge_black_box
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ml.attacks import ATTACKS, AttackContext
-from ml.audit.losses import ls_rows
+from ml.audit.losses import smoothed_ce
 
 
 @pytest.mark.parametrize("key", [k for k, cls in ATTACKS.items() if cls.row_separable])
@@ -32,13 +32,13 @@ def test_stacked_call_equals_the_sum_of_single_calls(key: str) -> None:
     assert batched == pytest.approx(float(single), rel=1e-5)
 
 
-def test_ls_rows_are_pytorch_label_smoothing() -> None:
+def test_smoothed_ce_is_pytorch_label_smoothing() -> None:
     g = torch.Generator().manual_seed(1)
     z, y, eps = (
         torch.randn(4, 32, 10, generator=g),
         torch.randint(0, 10, (32,), generator=g),
         [0.0, 0.1, 0.3, 0.5],
     )
-    got = ls_rows(z, y, torch.tensor(eps)).mean(-1)
+    got = smoothed_ce(z, y, torch.tensor(eps)).mean(-1)
     want = torch.stack([F.cross_entropy(z[i], y, label_smoothing=e) for i, e in enumerate(eps)])
     torch.testing.assert_close(got, want)

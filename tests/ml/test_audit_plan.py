@@ -14,8 +14,11 @@ import torch
 import ml.audit.tasks as tasks_module
 from ml.audit import (
     AuditConfig,
+    AuditReport,
     BlackBox,
     DirectoryResults,
+    PlanSummary,
+    TaskResult,
     assemble,
     plan,
     run,
@@ -56,7 +59,7 @@ def test_stored_results_are_not_recomputed_and_any_order_assembles_the_same_repo
     p = plan(CFG, teachers[0], data, control=teachers[1])
     first = run_in_process(p, results=store)
     assert sorted(f.name for f in tmp_path.iterdir()) == sorted(f"{t.key}.json" for t in p.tasks)
-    assert json.loads((tmp_path / f"{p.tasks[1].key}.json").read_text()) == json.loads(json.dumps(first[1]))
+    assert (tmp_path / f"{p.tasks[1].key}.json").read_text() == json.dumps(first[1].to_json())
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored task was trained again")
@@ -64,28 +67,56 @@ def test_stored_results_are_not_recomputed_and_any_order_assembles_the_same_repo
     monkeypatch.setattr(tasks_module, "train_lockstep", no_training)
     ticks = []
     again = run(p.tasks[2], results=store, tick=lambda done, msg: ticks.append((done, msg)))
-    assert again == json.loads(json.dumps(first[2])) and "stored result" in ticks[-1][1]
+    assert json.dumps(again.to_json()) == json.dumps(first[2].to_json()) and "stored result" in ticks[-1][1]
     shuffled = list(first)
     random.Random(0).shuffle(shuffled)
-    a, b = assemble(p, first).report, assemble(p, shuffled).report
-    assert a == b
+    a, b = assemble(p.summary, first).to_json(), assemble(p.summary, shuffled).to_json()
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     with pytest.raises(ValueError, match="1 of 4 audit tasks have no result: seed 2/2, budget 150"):
-        assemble(p, first[:3])
+        assemble(p.summary, first[:3])
+
+
+def test_task_results_stored_as_positional_lists_are_read(data, teachers, tmp_path) -> None:
+    """A result stored before the records were typed (lists) assembles the same report."""
+    p = plan(CFG, teachers[0], data, control=teachers[1])
+    results = run_in_process(p)
+    old = [r.to_json() | {"records": [list(rec.values()) for rec in r.to_json()["records"]]} for r in results]
+    for r in old:
+        r["evidence"] = [list(e.values()) for e in r["evidence"]]
+    again = [TaskResult.model_validate(json.loads(json.dumps(r))) for r in old]
+    a, b = assemble(p.summary, results).to_json(), assemble(p.summary, again).to_json()
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def test_assembled_result_carries_what_the_service_publishes(data, teachers) -> None:
     p = plan(CFG, teachers[0], data, control=teachers[1])
-    result = assemble(p, run_in_process(p))
+    result = assemble(p.summary, run_in_process(p))
     expected = serve_box([teachers[0]], CFG.output_mode, CFG.policy, data).policies[0]
-    assert result.policy is not None
-    assert all(torch.equal(result.policy.to_tensors()[k], v) for k, v in expected.to_tensors().items())
-    assert result.serving_summary["policy"]["snap"] is True
-    assert result.teacher_summary["accuracy"] == result.report["teacher"]["accuracy"]
-    assert set(result.safe_budget) == {"teacher", "control"}
+    assert p.served_policy is not None
+    assert all(torch.equal(p.served_policy.to_tensors()[k], v) for k, v in expected.to_tensors().items())
+    assert result.teacher.serving.policy["snap"] is True
+    assert result.teacher.accuracy == p.summary.served["teacher"].accuracy
+    assert set(result.safe_budget or {}) == {"teacher", "control"}
+    assert result.findings is not None and result.findings.verdict == result.verdict
     report = run_audit(CFG, teachers[0], data, control=teachers[1])
+    stored = result.to_json()
     for k in ("wall_s", "timing", "findings"):  # measured times differ between runs
-        report.pop(k), result.report.pop(k)
-    assert report == result.report  # deterministic: the same seeds give the same numbers
+        report.pop(k), stored.pop(k)
+    assert json.dumps(report, sort_keys=True) == json.dumps(stored, sort_keys=True)  # the same seeds
+    assert AuditReport.model_validate(report).to_json() == report  # the JSON is the type's serialisation
+
+
+def test_assembly_is_pure_it_reads_no_model(data, teachers, monkeypatch) -> None:
+    """What depends on the models is in the summary: assembling from it runs no forward pass."""
+    p = plan(CFG, teachers[0], data, control=teachers[1])
+    summary, results = PlanSummary.model_validate_json(p.summary.model_dump_json()), run_in_process(p)
+    forwards = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        report = assemble(summary, results)
+    finally:
+        hook.remove()
+    assert forwards == [] and report.verdict in {"distillable", "undistillable", "inconclusive"}
 
 
 def test_figures_match_the_single_module_implementation(request, data, teachers) -> None:

@@ -24,10 +24,10 @@ LOADERS = (  # every way a model comes into memory: counted in the callback
 
 def hand_off(settings: Any, body: dict[str, Any]) -> dict[str, Any]:
     """Submit `body`, run it until its audit is handed over, and return the hand-off (JSON, as sent)."""
-    from app.api.job_service import create_job
-    from app.api.schemas import JobCreate
     from app.core.db import session_scope
     from app.core.keys import create_api_key
+    from app.services.jobs import create_job
+    from app.services.schemas import JobCreate
     from worker.pipeline import run_job
 
     with session_scope(settings.database_url) as s:

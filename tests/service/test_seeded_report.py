@@ -48,13 +48,13 @@ MEASURED = ("wall_s", "timing", "job_id")  # seconds, and the job's own id
 
 def seeded_report(database_url: str, tmp: Path) -> dict[str, Any]:
     """Run SEEDED_JOB in process (its evidence secret fixed beforehand) and return its published report."""
-    from app.api.job_service import create_job
-    from app.services.schemas import JobCreate
+    from app.services.jobs import create_job
     from app.core.config import Settings
     from app.core.db import session_scope
     from app.core.keys import create_api_key
     from app.core.models import REPORT_NAME, Artifact
     from app.core.storage import ArtifactStore
+    from app.services.schemas import JobCreate
     from ml.evidence import Secret
     from ml.evidence.verify import store_names
     from worker.pipeline import run_job
@@ -96,9 +96,13 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
     """Every path where a and b differ (floats within 1e-9), for a readable failure."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = sorted(set(a) | set(b))
-        return [d for k in keys for d in differences(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{path}.{k}")]
+        return [
+            d for k in keys for d in differences(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{path}.{k}")
+        ]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
+        return [
+            d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")
+        ]
     if isinstance(a, float) and isinstance(b, float) and a == pytest.approx(b, rel=1e-9, abs=1e-12):
         return []
     return [] if a == b and type(a) is type(b) else [f"{path}: {a!r} != {b!r}"]
