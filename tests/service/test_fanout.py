@@ -6,6 +6,7 @@ broker lost is sent again on the same attempt, one whose worker died is taken ba
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -260,3 +261,43 @@ def test_the_sweep_keeps_waiting_audits_resends_lost_ones_and_takes_back_dead_on
     expire(url, cancelled)
     assert settle(url, {cancelled}, utcnow()) == []
     assert row(cancelled).status == "cancelled"
+
+
+def test_the_chord_callback_loads_no_model_and_runs_no_forward_pass(sqlite_url, tmp_path) -> None:
+    """The callback assembles from the hand-off's plan summary and the stored task results: no model is
+    loaded, no module runs forward; and its report is the report of the same job run in one process."""
+    from fanout_assembly import callback_cost, hand_off, run_tasks
+    from test_seeded_report import SEEDED_JOB, comparable, differences, seeded_report
+
+    from app.core.config import Settings
+    from app.core.models import REPORT_NAME, Artifact
+    from app.core.storage import ArtifactStore
+
+    settings = Settings(
+        environment="test",
+        database_url=sqlite_url,
+        broker_url=None,
+        artifact_url=f"file://{tmp_path / 'artifacts'}",
+        work_dir=str(tmp_path / "work"),
+        cache_dir=str(tmp_path / "cache"),
+        default_query_budget=None,
+    )
+    handoff = hand_off(settings, SEEDED_JOB)
+    assert handoff["summary"]["tasks"] and len(handoff["summary"]["tasks"]) == handoff["tasks"]
+    outcomes = run_tasks(settings, handoff)
+    cost = callback_cost(settings, handoff, outcomes)
+    assert cost["outcome"] == "succeeded"
+    assert (cost["loads"], cost["forwards"]) == (0, 0)
+    with session_scope(sqlite_url) as s:
+        job_id = uuid.UUID(handoff["job_id"])
+        key = (
+            s.query(Artifact)
+            .filter(Artifact.job_id == job_id, Artifact.name == REPORT_NAME)
+            .one()
+            .storage_key
+        )
+    fanned = json.loads(ArtifactStore.from_settings(settings).read_bytes(key))
+    in_process = seeded_report(sqlite_url, tmp_path / "one")
+    evidence = ("evidence",)  # drawn from each job's own secret
+    a, b = ({k: v for k, v in comparable(r).items() if k not in evidence} for r in (fanned, in_process))
+    assert differences(a, b) == []
