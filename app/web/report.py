@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from markupsafe import Markup
+from pydantic import BaseModel
 
 from app.services.schemas import JobOut
 from app.web.filters import templates
@@ -163,7 +164,7 @@ PAGE = templates.env.get_template(
 )
 
 
-def render_report(job: JobOut, report: Any, epochs: list[dict[str, Any]]) -> str:
+def render_report(job: JobOut, report: Mapping[str, Any] | BaseModel, epochs: list[dict[str, Any]]) -> str:
     """The page for a succeeded job: its report (the stored JSON, or the typed result) and the per-epoch
     events of its training."""
     data: Mapping[str, Any] = report if isinstance(report, Mapping) else report.model_dump(mode="json")
