@@ -227,7 +227,7 @@ def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedM
         model, meta = load_checkpoint(
             store.local_path(job_artifact(session, job.id, WEIGHTS).storage_key), config
         )
-    spec = _served_spec(session, store, job)
+    spec = published_spec(session, store, job)
     policy = _load_policy(session, store, job, meta, spec.policy)
     found = session.scalars(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == MONITOR_NAME))
     monitor = next((Reference.from_json(json.loads(store.read_bytes(a.storage_key))) for a in found), None)
@@ -245,7 +245,7 @@ def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedM
     )
 
 
-def _served_spec(session: Session, store: ArtifactStore, job: Job) -> ServedSpec:
+def published_spec(session: Session, store: ArtifactStore, job: Job) -> ServedSpec:
     """What the job published to serve its model through (`serving.json`, read hash-checked). A job
     published before that artifact existed has none: its spec is built once from the job's spec and
     report, as publishing builds it today, and cached with the model."""

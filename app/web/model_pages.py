@@ -20,6 +20,7 @@ from app.services.access import SessionDep, StoreDep
 from app.services.enforcement_schemas import Review
 from app.services.jobs import list_jobs, owned_job, read_job
 from app.services.predictor import Predictor
+from app.services.serving import published_spec
 from app.web.pages import (
     Form,
     JobsReader,
@@ -177,18 +178,21 @@ def _side(session: SessionDep, store: StoreDep, key: KeyInfo, job_id: uuid.UUID)
     """One job of the comparison: its row, its serving, and its report's headline and margins."""
     job = read_job(session, job_id, key)
     report: dict[str, Any] = {}
+    audit = job.spec.get("audit", {})
+    mode, policy = audit.get("output_mode", {}), PolicyConfig.model_validate(audit.get("policy") or {})
     if job.status == JobStatus.succeeded.value:
-        report = jobs.read_report(session, store, owned_job(session, job_id, key))
+        row = owned_job(session, job_id, key)
+        report = jobs.read_report(session, store, row)
+        served = published_spec(session, store, row)  # as the model is served, not as it was asked for
+        mode, policy = served.output_mode.model_dump(), served.policy
     margins = {}
     for arch, student in (report.get("students") or {}).items():
-        for row, stats in (student.get("attacks") or {}).items():
-            margins[f"{arch}: {row}"] = (stats.get("margin"), stats.get("margin_se"))
-    audit = job.spec.get("audit", {})
-    policy = PolicyConfig.model_validate(audit.get("policy") or {})
+        for row_name, stats in (student.get("attacks") or {}).items():
+            margins[f"{arch}: {row_name}"] = (stats.get("margin"), stats.get("margin_se"))
     return {
         "job": job,
         "report": report,
-        "output_mode": audit.get("output_mode", {}),  # as the model is served (`app.api.inference`)
+        "output_mode": mode,
         "policy": None if policy == PolicyConfig() else policy.model_dump(),  # the default serves without one
         "margins": margins,
     }

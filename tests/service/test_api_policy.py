@@ -237,7 +237,7 @@ def test_a_model_audited_with_a_policy_is_never_served_without_it(pg: Trained, b
 
 
 def test_a_zero_safe_budget_says_why_the_model_answers_nothing() -> None:
-    from app.api.inference import ServedModel
+    from app.services.serving import ServedModel
     from ml.models import build_model
     from ml.oracle import OutputMode
 

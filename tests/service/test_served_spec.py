@@ -11,7 +11,7 @@ import torch
 from service_helpers import Trained, copy_job, job_body, service_settings
 
 from app.core.db import session_scope
-from app.core.models import REPORT_NAME, SERVING_NAME, Artifact
+from app.core.models import REPORT_NAME, SERVING_NAME, Artifact, Job
 from app.core.storage import ArtifactStore
 from ml.served import OutputMode, ServedSpec, served_spec
 
@@ -26,11 +26,17 @@ def trained(sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Traine
     return trained
 
 
+def _unpublish(trained: Trained, job_id: uuid.UUID) -> None:
+    """The job as published before `serving.json` existed."""
+    with session_scope(trained.settings.database_url) as s:
+        s.query(Artifact).filter(Artifact.job_id == job_id, Artifact.name == SERVING_NAME).delete()
+
+
 def _publish(trained: Trained, job_id: uuid.UUID, spec: ServedSpec) -> None:
     store = ArtifactStore.from_settings(trained.settings)
     stored = store.put_bytes(spec.model_dump_json().encode())
+    _unpublish(trained, job_id)
     with session_scope(trained.settings.database_url) as s:
-        s.query(Artifact).filter(Artifact.job_id == job_id, Artifact.name == SERVING_NAME).delete()
         s.add(
             Artifact(
                 job_id=job_id,
@@ -71,6 +77,7 @@ def test_a_job_without_the_artifact_is_served_from_its_spec_and_report(trained: 
         uuid.UUID(trained.job_id),
         spec=job_body(**{"audit.output_mode": {"kind": "topk", "k": 2}}),
     )
+    _unpublish(trained, model)
     body = _predict(trained, model)
     assert body["output_mode"] == {"kind": "topk", "k": 2, "decimals": 2}
     for p in body["predictions"]:
@@ -80,8 +87,15 @@ def test_a_job_without_the_artifact_is_served_from_its_spec_and_report(trained: 
 def test_served_spec_reads_the_spec_and_the_report(trained: Trained) -> None:
     store = ArtifactStore.from_settings(trained.settings)
     with session_scope(trained.settings.database_url) as s:
-        a = s.query(Artifact).filter_by(job_id=uuid.UUID(trained.job_id), name=REPORT_NAME).one()
+        job = s.get(Job, uuid.UUID(trained.job_id))
+        a = s.query(Artifact).filter_by(job_id=job.id, name=REPORT_NAME).one()
         report = json.loads(store.read_bytes(a.storage_key))
+        published = s.query(Artifact).filter_by(job_id=job.id, name=SERVING_NAME).one()
+        assert published.kind == "serving"
+        # What the job published is what its spec and report say.
+        assert ServedSpec.model_validate_json(store.read_bytes(published.storage_key)) == served_spec(
+            job.spec, report
+        )
     report["safe_budget"] = {"teacher": {"mlp": 12}}
     report["threat_model"] = report.get("threat_model", {}) | {
         "query_budgets": [10, 50],
