@@ -128,9 +128,11 @@ def decide(m: Material, labels: list[int]) -> dict[str, Any]:
 def check_labels(labels: list[int], m: Material) -> str | None:
     """Why these labels cannot be a suspect's answers to the challenge (None: they can)."""
     if len(labels) != len(m.challenge.labels):
-        return f"one label per challenge input is needed: {len(m.challenge.labels)}, got {len(labels)}"
+        return (
+            f"answers must hold one label per challenge input: {len(m.challenge.labels)}, got {len(labels)}"
+        )
     bad = [a for a in labels if not 0 <= a < m.meta.num_classes]
-    return f"labels must be class indices in 0..{m.meta.num_classes - 1}; got {bad[0]}" if bad else None
+    return f"answers must be class indices in 0..{m.meta.num_classes - 1}; got {bad[0]}" if bad else None
 
 
 def record_done(

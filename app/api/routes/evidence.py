@@ -13,8 +13,7 @@ from torch import nn
 
 from app.api.deps import JobsRead
 from app.api.evidence_schemas import VerificationOut
-from app.api.model_registry import invalid
-from app.api.routes.models import ModelId
+from app.api.params import ModelId
 from app.api.schemas import ChallengeOut, Commitment, VerifyOut, VerifyRequest
 from app.core.keys import KeyInfo
 from app.core.models import UploadedModel, Verification
@@ -22,6 +21,7 @@ from app.core.storage import ArtifactStore
 from app.services import evidence as ev
 from app.services.access import SessionDep, SettingsDep, StoreDep
 from app.services.tenancy import get_owned
+from app.services.uploaded_models import invalid
 from ml.checkpoint import ModelMeta, load_checkpoint
 from ml.evidence import DEFAULT_MECHANISM
 from ml.evidence.verify import predicted_labels
@@ -113,7 +113,7 @@ def verify(
         return JSONResponse(content, status_code=202, headers={"Location": location})
     if body.answers is not None:
         if (why := ev.check_labels(body.answers, m)) is not None:
-            raise invalid(f"answers: {why}")
+            raise invalid(why)
         labels, kind, suspect, req = body.answers, "answers", "answers", {"answers": len(body.answers)}
     else:
         assert body.suspect_model_id is not None

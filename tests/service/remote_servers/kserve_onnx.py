@@ -9,6 +9,7 @@ own count of the queries it received."""
 from __future__ import annotations
 
 import argparse
+import uuid
 
 import numpy as np
 import onnxruntime as ort
@@ -41,7 +42,9 @@ class OnnxClassifier(Model):
         (logits,) = self.session.run(None, {self.session.get_inputs()[0].name: x})
         out = InferOutput(name="logits", shape=list(logits.shape), datatype="FP32")
         out.set_data_from_numpy(np.ascontiguousarray(logits, dtype=np.float32), binary_data=False)
-        return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id)
+        # a v2 request's id is optional; kserve's response needs one
+        rid = payload.id or str(uuid.uuid4())
+        return InferResponse(model_name=self.name, infer_outputs=[out], response_id=rid)
 
 
 if __name__ == "__main__":
