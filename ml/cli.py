@@ -459,10 +459,11 @@ def audit(
             cfg = cfg.model_copy(update={"control": False})
             err.print("no --control-arch for the ONNX teacher: the audit runs without a CE control")
         if cfg.control:
-            ce_arch = control_arch or recipe.arch
-            ce_recipe = recipe.model_copy(update={"objective": "ce", "objective_params": {}, "arch": ce_arch})
-            ce = _train_stage(ce_recipe, f"CE control {ce_arch}", data)
-            cfg = cfg.model_copy(update={"control_arch": ce_arch})
+            from ml.teachers import control_recipe
+
+            ce_recipe = control_recipe(recipe, control_arch)
+            ce = _train_stage(ce_recipe, f"CE control {ce_recipe.arch}", data)
+            cfg = cfg.model_copy(update={"control_arch": ce_recipe.arch})
         report = run_with_progress(
             "audit",
             cfg.seeds * cfg.epochs,
@@ -481,42 +482,39 @@ def audit(
     console.print(f"report: {out}  ({report['wall_s']:.0f} s)")
 
 
-def print_report(report: dict[str, Any]) -> None:
+def print_report(stored: dict[str, Any]) -> None:
     """The audit as readable tables: per student, LS and every attack with margins and verdicts."""
-    from ml.audit import findings
+    from ml.audit import AuditReport, report_findings
+    from ml.audit.result import Section, Stats
 
-    def pm(stats: dict[str, Any]) -> str:
-        se = stats["se"]
-        return f"{stats['mean']:.2f} ± {se:.2f}" if se == se else f"{stats['mean']:.2f}"
+    report = AuditReport.model_validate(stored)
 
-    sections = [("teacher", report)] + ([("CE control", report["control"])] if report.get("control") else [])
-    for label, section in sections:
-        for arch, s in section["students"].items():
-            rows = [[f"LS {n}", pm(r["acc_best"]), pm(r["acc_last"]), "", "", ""] for n, r in s["ls"].items()]
-            for n, r in s["attacks"].items():
-                fid = pm(r["fidelity"]) if "fidelity" in r else ""
-                sig = "yes" if r["significant"] else "no"
+    def pm(stats: Stats) -> str:
+        se = stats.se
+        return f"{stats.mean:.2f} ± {se:.2f}" if se == se else f"{stats.mean:.2f}"
+
+    sections: list[tuple[str, Section, float | None]] = [("teacher", report, report.teacher.accuracy)]
+    if report.control is not None:
+        sections.append(("CE control", report.control, report.control.accuracy))
+    for label, section, acc in sections:
+        for arch, s in section.students.items():
+            rows = [[f"LS {n}", pm(r.acc_best), pm(r.acc_last), "", "", ""] for n, r in s.ls.items()]
+            for n, r in s.attacks.items():
+                fid = pm(r.fidelity) if r.fidelity is not None else ""
+                sig = "yes" if r.significant else "no"
                 rows.append(
-                    [
-                        n,
-                        pm(r["acc_best"]),
-                        pm(r["acc_last"]),
-                        fid,
-                        f"{r['margin']:+.2f} ± {r['margin_se']:.2f}",
-                        sig,
-                    ]
+                    [n, pm(r.acc_best), pm(r.acc_last), fid, f"{r.margin:+.2f} ± {r.margin_se:.2f}", sig]
                 )
-            acc = section["teacher"]["accuracy"] if label == "teacher" else section["accuracy"]
-            title = f"{label} (acc {acc:.2f}%) -> {arch}: {s['verdict']}"
+            title = f"{label} (acc {acc:.2f}%) -> {arch}: {s.verdict}"
             print_table(title, ["row", "best acc", "last acc", "fidelity", "margin vs LS", "sig."], rows)
-    for t, per_student in report.get("safe_budget", {}).items():
+    for t, per_student in (report.safe_budget or {}).items():
         console.print(f"safe query budget ({t}): " + ", ".join(f"{a} {b}" for a, b in per_student.items()))
-    console.print(f"verdict: [bold]{report['verdict']}[/bold] — {report['verdict_reason']}")
-    advice = report.get("findings") or findings(report)
-    console.print(advice["headline"])
-    for line in advice["why"] + advice["to_conclude"]:
+    console.print(f"verdict: [bold]{report.verdict}[/bold] — {report.verdict_reason}")
+    found = report.findings or report_findings(report)
+    console.print(found.headline)
+    for line in found.why + found.to_conclude:
         console.print(f"  {line}")
-    for step in advice["next_steps"]:
+    for step in found.next_steps:
         console.print(f"  next: {step}")
 
 

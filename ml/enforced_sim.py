@@ -280,14 +280,15 @@ def enforced_phase(
     data: Dataset,
     box: BlackBox,
     budget: int,
-    ls_rows: dict[str, dict[str, Any]],
+    ls_results: dict[str, dict[str, Any]],
     *,
     keys: tuple[int, ...] = KEYS,
     aware: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every attacker x K over the seeds: queries obtained, the student trained on them, and margins
-    against the best LS student (the audit's `judge`, Holm over every row)."""
+    against the best LS student (the audit's `judge`, Holm over every row); `ls_results` are the audit's
+    LS rows of the student (the report's `students[student].ls`, as JSON)."""
     from ml.audit.lockstep import train_lockstep
     from ml.train import resolve_device
 
@@ -335,7 +336,7 @@ def enforced_phase(
         }
         for name, v in acc.items()
     }
-    verdict = judge(ls_rows, rows, cfg.alpha)
+    verdict = judge(ls_results, rows, cfg.alpha)
     return {
         "budget": budget,
         "keys": list(keys),

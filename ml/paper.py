@@ -16,7 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ml.audit import AuditConfig, AuditProgress, BlackBox, run_audit, serve_box
+from ml.audit import AuditConfig, AuditProgress, AuditReport, BlackBox, run_audit, serve_box
+from ml.audit.result import Section, ServedSection, ServedSummary
 from ml.charts import Bar, bar_chart, write_svg
 from ml.data import Dataset, load_dataset
 from ml.enforced_sim import KEYS, enforced_markdown, enforced_phase, enforced_summary
@@ -25,6 +26,7 @@ from ml.monitor_sim import monitor_markdown, simulate_seeds
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.registry import Registry
+from ml.teachers import CONTROL_OBJECTIVE, control_recipe
 from ml.train import TrainConfig, train_model
 
 
@@ -103,6 +105,7 @@ class Benchmark(BaseModel):
 
 
 BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+CONTROL: tuple[str, dict[str, Any], bool] = (CONTROL_OBJECTIVE, {}, False)  # the CE teachers' recipe
 BENCHMARKS.register("mnist1d")(Benchmark())
 BENCHMARKS.register("mnist1d-quick")(
     Benchmark(
@@ -215,7 +218,7 @@ def run_paper(
         cfg,
         teachers[_recipe_key(bench, "cmim", bench.cmim_params, False)],
         data,
-        control=teachers[_recipe_key(bench, "ce", {}, False)],
+        control=teachers[_recipe_key(bench, *CONTROL)],
         protections=boxes,
         budget_for=bench.budget_for,
         workers=workers,
@@ -225,14 +228,16 @@ def run_paper(
     # the monitor across keys against the unlimited fm_edge attacker of this benchmark (200k queries at most)
     attack = min(bench.epochs * len(data.x_train), 200_000)
     report["monitor"] = simulate_seeds(data, bench.seeds, queries=attack)
-    safe = report.get("safe_budget", {}).get(bench.enforced, {}).get(bench.student)
+    audited = typed(report)
+    safe = (audited.safe_budget or {}).get(bench.enforced, {}).get(bench.student)
     if bench.enforced and safe:  # a safe budget of 0 serves nothing: there is nothing to enforce
+        ls = audited.students[bench.student].ls
         report["enforced"] = enforced_phase(
             cfg,
             data,
             boxes[bench.enforced],
             safe,
-            report["students"][bench.student]["ls"],
+            {name: row.model_dump(mode="json") for name, row in ls.items()},
             keys=tuple(bench.enforced_keys),
             log=log,
         )
@@ -256,7 +261,7 @@ def _train_teachers(
         for key, seed, cfg, finetune in teacher_configs(bench, device):
             if finetune != wave:
                 continue
-            init = teachers[_recipe_key(bench, "ce", {}, False)][seed].state_dict() if finetune else None
+            init = teachers[_recipe_key(bench, *CONTROL)][seed].state_dict() if finetune else None
             jobs.append((key, seed, (cfg, data, init)))
         for (key, seed, _), (model, acc) in zip(
             jobs, _map(_train_one, [j[2] for j in jobs], workers), strict=True
@@ -269,25 +274,26 @@ def _train_teachers(
 def teacher_configs(bench: Benchmark, device: str = "auto") -> list[tuple[str, int, TrainConfig, bool]]:
     """(recipe key, seed, training config, fine-tuned) of every teacher the benchmark trains: one per
     distinct recipe and seed; a fine-tuned one starts from the CE teacher of its seed."""
-    recipes = [("ce", {}, False), ("cmim", bench.cmim_params, False)]
+    recipes = [CONTROL, ("cmim", bench.cmim_params, False)]
     recipes += [p.recipe(bench) for p in bench.protections.values()]
     keys = {_recipe_key(bench, *r): r for r in recipes}  # one entry per distinct recipe, in order
-    return [
-        (
-            key,
-            seed,
-            TrainConfig(
-                dataset=bench.dataset,
-                dataset_params=bench.dataset_params,
-                arch=bench.teacher,
-                objective=objective,
-                objective_params=params,
-                epochs=bench.finetune_epochs if finetune else bench.teacher_epochs,
-                seed=seed,
-                device=device,
-            ),
-            finetune,
+
+    def config(objective: str, params: dict[str, Any], finetune: bool, seed: int) -> TrainConfig:
+        base = TrainConfig(
+            dataset=bench.dataset,
+            dataset_params=bench.dataset_params,
+            arch=bench.teacher,
+            objective=objective,
+            objective_params=params,
+            epochs=bench.finetune_epochs if finetune else bench.teacher_epochs,
+            seed=seed,
+            device=device,
         )
+        # the CE teachers are the audit's CE control, set up as every job and `cmim audit` set theirs up
+        return control_recipe(base) if (objective, params, finetune) == CONTROL else base
+
+    return [
+        (key, seed, config(objective, params, finetune, seed), finetune)
         for key, (objective, params, finetune) in keys.items()
         for seed in range(bench.seeds)
     ]
@@ -317,42 +323,59 @@ def _recipe_key(bench: Benchmark, objective: str, params: dict[str, Any], finetu
     return objective + ("" if params == default else f"({args})") + ("+ft" if finetune else "")
 
 
-def _margin(section: dict[str, Any], student: str) -> tuple[float, float]:
-    s = section["students"][student]
-    return s["margin"], s["margin_se"]
+def _margin(section: Section, student: str) -> tuple[float | None, float | None]:
+    s = section.students[student]
+    return s.margin, s.margin_se
 
 
-def summarise_paper(report: dict[str, Any], bench: Benchmark, wall_s: float) -> dict[str, Any]:
+def typed(report: dict[str, Any] | AuditReport) -> AuditReport:
+    """The benchmark's report read as the audit's typed result (its own sections are kept as extras)."""
+    return report if isinstance(report, AuditReport) else AuditReport.model_validate(report)
+
+
+def sections_of(report: AuditReport) -> dict[str, ServedSection | AuditReport]:
+    """The benchmark's black boxes: the CE control, the CMIM teacher and every protection."""
+    assert report.control is not None, "the benchmark always audits its CE control"
+    return {"ce": report.control, "cmim": report, **(report.protections or {})}
+
+
+def served_of(section: ServedSection | AuditReport) -> ServedSummary:
+    """A black box's served summary: the teacher's section keeps it under `teacher`."""
+    return section.teacher if isinstance(section, AuditReport) else section
+
+
+def summarise_paper(stored: dict[str, Any], bench: Benchmark, wall_s: float) -> dict[str, Any]:
     """The benchmark's one-line JSON summary, in percent."""
-    st = bench.student
-    protected = report["protections"]["protected"]
-    ce_margin, ce_se = _margin(report["control"], st)
+    st, report = bench.student, typed(stored)
+    control, protected = sections_of(report)["ce"], (report.protections or {})["protected"]
+    ce_margin, ce_se = _margin(control, st)
     cmim_margin, cmim_se = _margin(report, st)
     p_margin, p_se = _margin(protected, st)
-    safe = report.get("safe_budget", {})
+    safe = report.safe_budget or {}
+    cost = protected.serving.honest_cost or {}
     return {
         "dataset": bench.dataset,
         "student": st,
         "seeds": bench.seeds,
-        "ce_acc": report["control"]["accuracy"],
-        "ls_acc": report["control"]["students"][st]["ls_acc"],
+        "ce_acc": served_of(control).accuracy,
+        "ls_acc": control.students[st].ls_acc,
         "ce_margin": ce_margin,
         "ce_margin_se": ce_se,
         "cmim_margin": cmim_margin,
         "cmim_margin_se": cmim_se,
-        "protected_acc": protected["serving"]["honest_cost"]["accuracy"],
+        "protected_acc": cost["accuracy"],
         "protected_margin": p_margin,
         "protected_margin_se": p_se,
-        "honest_refused": protected["serving"]["honest_cost"]["altered"],
+        "honest_refused": cost["altered"],
         "safe_budget": safe.get("protected", {}).get(st),
         "ce_safe_budget": safe.get("control", {}).get(st),
-        **evidence_summary(report, st),
-        "monitor_queries_to_alert": report.get("monitor", {})
+        **evidence_summary(stored, st),
+        "monitor_queries_to_alert": (report.monitor or {})
         .get("splits", {})
         .get("16", {})
         .get("queries_to_alert", {})
         .get("mean"),
-        **enforced_summary(report.get("enforced")),
+        **enforced_summary(stored.get("enforced")),
         "wall_s": wall_s,
     }
 
@@ -426,115 +449,113 @@ def evidence_markdown(report: dict[str, Any], student: str) -> list[str]:
 # --- end of evidence ---
 
 
-def paper_rows(report: dict[str, Any], student: str) -> list[list[Any]]:
+def paper_rows(stored: dict[str, Any], student: str) -> list[list[Any]]:
     """One row per protection x attack: teacher acc, honest cost, I_T, attack acc, margin, verdict."""
-    sections = {"ce": report["control"], "cmim": report, **report["protections"]}
     rows = []
-    for name, sec in sections.items():
-        summary = sec if "accuracy" in sec else sec["teacher"]
-        cost = sec.get("serving", summary.get("serving", {})).get("honest_cost", {})
-        s = sec["students"][student]
-        cmi = summary["cmi_test"]
+    for name, sec in sections_of(typed(stored)).items():
+        summary = served_of(sec)
+        cost, s, cmi = summary.serving.honest_cost or {}, sec.students[student], summary.cmi_test
         head = [
             name,
-            f"{summary['accuracy']:.2f}",
+            f"{summary.accuracy:.2f}",
             f"{cost.get('altered', 0):.1f}",
             f"{cmi['1']:.3f}/{cmi['4']:.3f}/{cmi['16']:.4f}",
         ]
-        for attack, row in s["attacks"].items():
+        for attack, row in s.attacks.items():
             rows.append(
                 head
                 + [
                     attack,
-                    f"{row['acc_best']['mean']:.2f} ± {row['acc_best']['se']:.2f}",
-                    f"{row['margin']:+.2f} ± {row['margin_se']:.2f}",
-                    "yes" if row["significant"] else "no",
+                    f"{row.acc_best.mean:.2f} ± {row.acc_best.se:.2f}",
+                    f"{row.margin:+.2f} ± {row.margin_se:.2f}",
+                    "yes" if row.significant else "no",
                 ]
             )
-        rows.append(head + ["= verdict", f"LS {s['ls_acc']:.2f}", f"{s['margin']:+.2f}", s["verdict"]])
+        rows.append(head + ["= verdict", f"LS {s.ls_acc:.2f}", f"{s.margin:+.2f}", s.verdict])
     return rows
 
 
-def paper_markdown(report: dict[str, Any], student: str) -> str:
+def paper_markdown(stored: dict[str, Any], student: str) -> str:
     """The paper table as Markdown: one row per protection, one column per attack (margin ± se over the
     best LS student; * = significant, one-sided Welch at the audit's alpha; ** = also after Holm)."""
-    sections = {"ce": report["control"], "cmim": report, **report["protections"]}
-    attacks = list(report["students"][student]["attacks"])
+    report = typed(stored)
+    sections = sections_of(report)
+    attacks = list(report.students[student].attacks)
     head = ["protection", "serving", "teacher acc", "honest acc / ECE / altered %", "I_1 / I_4 / I_16"]
     lines = [
         "| " + " | ".join(head + attacks + ["verdict"]) + " |",
         "|" + "---|" * (len(head) + len(attacks) + 1),
     ]
     for name, sec in sections.items():
-        summary = sec if "accuracy" in sec else sec["teacher"]
-        serving = sec.get("serving", summary.get("serving", {}))
-        cost, policy = serving.get("honest_cost", {}), serving.get("policy", {})
-        how = serving.get("output_mode", {}).get("kind", "probs")
+        summary = served_of(sec)
+        serving = summary.serving
+        cost, policy = serving.honest_cost or {}, serving.policy
+        how = serving.output_mode.get("kind", "probs")
         if policy.get("snap"):
             how += " + snap"
         if policy.get("detector", "none") != "none":
             how += f" + {policy['detector']} ({100 * policy['fpr']:g} % FPR) -> {policy['action']}"
-        cmi, st = summary["cmi_test"], sec["students"][student]
+        cmi, st = summary.cmi_test, sec.students[student]
         cells = [
             name,
             how,
-            f"{summary['accuracy']:.2f}",
+            f"{summary.accuracy:.2f}",
             f"{cost.get('accuracy', float('nan')):.2f} / {cost.get('ece', float('nan')):.2f} / "
             f"{cost.get('altered', 0):.1f}",
             f"{cmi['1']:.3f} / {cmi['4']:.3f} / {cmi['16']:.4f}",
         ]
         for a in attacks:
-            row = st["attacks"][a]
-            mark = "**" if row.get("significant_holm") else "*" if row["significant"] else ""
-            cells.append(f"{row['margin']:+.2f} ± {row['margin_se']:.2f}{mark}")
-        cells.append(st["verdict"])
+            row = st.attacks[a]
+            mark = "**" if row.significant_holm else "*" if row.significant else ""
+            cells.append(f"{row.margin:+.2f} ± {row.margin_se:.2f}{mark}")
+        cells.append(st.verdict)
         lines.append("| " + " | ".join(cells) + " |")
-    st = report["control"]["students"][student]
-    ls = ", ".join(f"{k} {v['acc_best']['mean']:.2f}" for k, v in st["ls"].items())
-    lines += ["", f"Best LS student: {st['best_ls']}, {st['ls_acc']:.2f} (all LS rows: {ls})."]
-    if report.get("budgets"):
+    st = sections["ce"].students[student]
+    ls = ", ".join(f"{k} {v.acc_best.mean:.2f}" for k, v in st.ls.items())
+    lines += ["", f"Best LS student: {st.best_ls}, {st.ls_acc:.2f} (all LS rows: {ls})."]
+    if report.budgets:
         lines += [
             "",
             "| black box | budget B | best knockoff | acc | margin vs best LS | verdict |",
             "|---|---|---|---|---|---|",
         ]
         lines += ["| " + " | ".join(map(str, r)) + " |" for r in budget_rows(report, student)]
-    lines += evidence_markdown(report, student)
-    if report.get("monitor"):
-        lines += ["", monitor_markdown(report["monitor"])]
-    if report.get("enforced"):
-        lines += enforced_markdown(report["enforced"], report["config"]["seeds"])
+    lines += evidence_markdown(stored, student)
+    if report.monitor:
+        lines += ["", monitor_markdown(report.monitor)]
+    if stored.get("enforced"):
+        lines += enforced_markdown(stored["enforced"], report.config["seeds"])
     return "\n".join(lines) + "\n"
 
 
-def budget_rows(report: dict[str, Any], student: str) -> list[list[Any]]:
+def budget_rows(stored: dict[str, Any], student: str) -> list[list[Any]]:
     """The budget curves: per black box and budget, the best knockoff, its margin and the verdict."""
-    out = []
-    for box, curve in report.get("budgets", {}).items():
+    report, out = typed(stored), []
+    for box, curve in (report.budgets or {}).items():
         for budget, sec in curve.items():
-            s = sec["students"][student]
-            best = s["attacks"][s["best_attack"]]
+            s = sec.students[student]
+            best = s.attacks[s.best_attack or ""]
             out.append(
                 [
                     box,
                     budget,
-                    s["best_attack"],
-                    f"{best['acc_best']['mean']:.2f} ± {best['acc_best']['se']:.2f}",
-                    f"{s['margin']:+.2f} ± {s['margin_se']:.2f}",
-                    s["verdict"],
+                    s.best_attack,
+                    f"{best.acc_best.mean:.2f} ± {best.acc_best.se:.2f}",
+                    f"{s.margin:+.2f} ± {s.margin_se:.2f}",
+                    s.verdict,
                 ]
             )
-        out.append([box, "safe", "", "", "", str(report["safe_budget"][box][student])])
+        out.append([box, "safe", "", "", "", str((report.safe_budget or {})[box][student])])
     return out
 
 
-def plot_paper(report: dict[str, Any], student: str, path: str) -> None:
+def plot_paper(stored: dict[str, Any], student: str, path: str) -> None:
     """Margins (each attack against each protection) with standard-error bars, as an SVG figure."""
-    sections = {"ce": report["control"], "cmim": report, **report["protections"]}
+    report = typed(stored)
     bars = [
-        Bar(f"{name} · {attack}", row["margin"], row["margin_se"], highlight=name == "ce")
-        for name, sec in sections.items()
-        for attack, row in sec["students"][student]["attacks"].items()
+        Bar(f"{name} · {attack}", row.margin or 0.0, row.margin_se or 0.0, highlight=name == "ce")
+        for name, sec in sections_of(report).items()
+        for attack, row in sec.students[student].attacks.items()
     ]
-    title = f"{report['dataset']['name']}, {student} student, {report['config']['seeds']} seeds"
+    title = f"{report.dataset.name}, {student} student, {report.config['seeds']} seeds"
     write_svg(bar_chart(bars, title, "knockoff acc - best LS acc (points)", reference=0.0), path)

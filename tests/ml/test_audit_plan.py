@@ -2,14 +2,12 @@
 and every executor assembles the same report."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from portable_kernels import ran_on_portable_kernels
 
 import ml.audit.tasks as tasks_module
 from ml.audit import (
@@ -126,11 +124,7 @@ def test_figures_match_the_single_module_implementation(request, data, teachers)
     The stored figures come from torch's portable CPU kernels: the vectorised ones (AVX2, AVX-512)
     round differently and a 3-epoch training amplifies that past the tolerance, so on a vectorised
     CPU the test runs itself again in a process pinned to the portable kernels."""
-    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-        env = os.environ | {"ATEN_CPU_CAPABILITY": "default"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=request.config.rootpath)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    if ran_on_portable_kernels(request):
         return
     golden = json.loads((Path(__file__).parent / "audit_golden.json").read_text())
     cfg = AuditConfig(

@@ -97,23 +97,15 @@ if __name__ == "__main__":
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parent))
+    from service_helpers import service_settings
     from test_seeded_report import SEEDED_JOB
 
-    from app.core.config import Settings
     from app.core.migrate import upgrade
 
     tmp = Path(tempfile.mkdtemp())
     url = f"sqlite:///{tmp / 'cmim.db'}"
     upgrade(url)
-    settings = Settings(
-        environment="test",
-        database_url=url,
-        broker_url=None,
-        artifact_url=f"file://{tmp / 'artifacts'}",
-        work_dir=str(tmp / "work"),
-        cache_dir=str(tmp / "cache"),
-        default_query_budget=None,
-    )
+    settings = service_settings(url, tmp)
     handoff = hand_off(settings, SEEDED_JOB)
     outcomes = run_tasks(settings, handoff)
     print(json.dumps(callback_cost(settings, handoff, outcomes)))

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from service_helpers import job_body
+from service_helpers import job_body, service_settings
 from sqlalchemy import update
 from test_e2e import Proc, Stack, base_env, follow, make_key, statuses, submit
 
@@ -269,19 +269,10 @@ def test_the_chord_callback_loads_no_model_and_runs_no_forward_pass(sqlite_url, 
     from fanout_assembly import callback_cost, hand_off, run_tasks
     from test_seeded_report import SEEDED_JOB, comparable, differences, seeded_report
 
-    from app.core.config import Settings
     from app.core.models import REPORT_NAME, Artifact
     from app.core.storage import ArtifactStore
 
-    settings = Settings(
-        environment="test",
-        database_url=sqlite_url,
-        broker_url=None,
-        artifact_url=f"file://{tmp_path / 'artifacts'}",
-        work_dir=str(tmp_path / "work"),
-        cache_dir=str(tmp_path / "cache"),
-        default_query_budget=None,
-    )
+    settings = service_settings(sqlite_url, tmp_path)
     handoff = hand_off(settings, SEEDED_JOB)
     assert handoff["summary"]["tasks"] and len(handoff["summary"]["tasks"]) == handoff["tasks"]
     outcomes = run_tasks(settings, handoff)

@@ -11,14 +11,12 @@ again in a process pinned to them.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from portable_kernels import ran_on_portable_kernels
 from sqlalchemy import select
 
 FIXTURE = Path(__file__).parent / "seeded_report.json"
@@ -48,26 +46,19 @@ MEASURED = ("wall_s", "timing", "job_id")  # seconds, and the job's own id
 
 def seeded_report(database_url: str, tmp: Path) -> dict[str, Any]:
     """Run SEEDED_JOB in process (its evidence secret fixed beforehand) and return its published report."""
-    from app.services.jobs import create_job
-    from app.core.config import Settings
+    from service_helpers import service_settings
+
     from app.core.db import session_scope
     from app.core.keys import create_api_key
     from app.core.models import REPORT_NAME, Artifact
     from app.core.storage import ArtifactStore
+    from app.services.jobs import create_job
     from app.services.schemas import JobCreate
     from ml.evidence import Secret
     from ml.evidence.verify import store_names
     from worker.pipeline import run_job
 
-    settings = Settings(
-        environment="test",
-        database_url=database_url,
-        broker_url=None,
-        artifact_url=f"file://{tmp / 'artifacts'}",
-        work_dir=str(tmp / "work"),
-        cache_dir=str(tmp / "cache"),
-        default_query_budget=None,
-    )
+    settings = service_settings(database_url, tmp)
     with session_scope(database_url) as s:
         key, _ = create_api_key(s)
         job, _ = create_job(s, settings, key, JobCreate.model_validate(SEEDED_JOB), None)
@@ -109,11 +100,7 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
 
 
 def test_a_seeded_jobs_report_equals_the_one_published_before(request, sqlite_url, tmp_path) -> None:
-    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-        env = os.environ | {"ATEN_CPU_CAPABILITY": "default"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=request.config.rootpath)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    if ran_on_portable_kernels(request):
         return
     before = json.loads(FIXTURE.read_text())
     report = seeded_report(sqlite_url, tmp_path)
