@@ -18,11 +18,13 @@ from sqlalchemy import select
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.keys import create_api_key, find_api_key
-from app.core.models import Artifact, Job
+from app.core.models import SERVING_NAME, Artifact, Job
+from app.core.storage import ArtifactStore
 from app.main import create_app
 from app.services.jobs import create_job
 from app.services.schemas import JobCreate
 from ml.checkpoint import load_checkpoint
+from ml.served import ServedSpec
 from worker.pipeline import run_job
 
 PROBLEM_JSON = "application/problem+json"
@@ -190,3 +192,28 @@ class Receiver:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def unpublish_serving(database_url: str, job_id: uuid.UUID) -> None:
+    """The job as published before `serving.json` existed (its serving is then built from its spec)."""
+    with session_scope(database_url) as s:
+        s.query(Artifact).filter(Artifact.job_id == job_id, Artifact.name == SERVING_NAME).delete()
+
+
+def publish_serving(settings: Settings, job_id: uuid.UUID, owner_id: uuid.UUID, spec: ServedSpec) -> None:
+    """Replace what the job published to be served through (`serving.json`) with `spec`."""
+    stored = ArtifactStore.from_settings(settings).put_bytes(spec.model_dump_json().encode())
+    unpublish_serving(settings.database_url, job_id)
+    with session_scope(settings.database_url) as s:
+        s.add(
+            Artifact(
+                job_id=job_id,
+                owner_id=owner_id,
+                name=SERVING_NAME,
+                kind="serving",
+                media_type="application/json",
+                sha256=stored.sha256,
+                size_bytes=stored.size,
+                storage_key=stored.key,
+            )
+        )

@@ -35,7 +35,7 @@ def test_report_and_artifacts(trained: Trained) -> None:
     assert "hard_label" in rows and any(r.startswith("kd") for r in rows)
     assert "control" in report
     names = {a["name"]: a for a in c.get(f"/api/v1/jobs/{job}/artifacts", headers=h).json()}
-    assert set(names) == {"model.safetensors", "model.json", "report.json", "monitor.json"}
+    assert set(names) == {"model.safetensors", "model.json", "report.json", "monitor.json", "serving.json"}
     etag = f'"{names["model.json"]["sha256"]}"'
     r = c.get(f"/api/v1/jobs/{job}/artifacts/model.json", headers=h | {"If-None-Match": etag})
     assert r.status_code == 304

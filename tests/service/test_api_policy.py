@@ -10,7 +10,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
-from service_helpers import Trained, assert_problem, copy_job, job_body, service_settings
+from service_helpers import (
+    Trained,
+    assert_problem,
+    copy_job,
+    job_body,
+    publish_serving,
+    service_settings,
+    unpublish_serving,
+)
 
 from app.core.db import session_scope
 from app.core.models import Job
@@ -19,6 +27,7 @@ from ml.audit import serve_box
 from ml.data import Dataset, load_dataset
 from ml.oracle import OutputMode
 from ml.policy import FittedPolicy, PolicyConfig, QueryHistory, Served, serve
+from ml.served import ServedSpec
 
 REFUSE = {"detector": "energy", "fpr": 0.2, "action": "refuse"}
 SNAP = {"snap": True}
@@ -98,6 +107,7 @@ def test_the_policy_is_published_fitted_as_the_audit_fits_it(refusing: Trained, 
         "model.json",
         "report.json",
         "monitor.json",
+        "serving.json",
         "policy.safetensors",
         "policy.json",
     }
@@ -226,14 +236,20 @@ def test_the_audited_safe_budget_is_the_default_per_key_budget(pg: Trained, budg
 
 
 def test_a_model_audited_with_a_policy_is_never_served_without_it(pg: Trained, budgeted: str) -> None:
-    """A job whose spec has a policy but whose artifacts lack it answers 409, not the bare teacher."""
+    """A model whose published serving names a policy (or, published before `serving.json`, whose job's spec
+    has one) but whose artifacts lack the fitted policy answers 409, not the bare teacher."""
     with session_scope(pg.settings.database_url) as s:
         spec = s.get(Job, uuid.UUID(budgeted)).spec
     spec = spec | {"audit": spec["audit"] | {"policy": REFUSE}}
-    copy_id = copy_job(pg.settings.database_url, uuid.UUID(budgeted), spec=spec)
-    for url in (f"/v2/models/{copy_id}", f"/v2/models/{copy_id}/ready"):
-        body = assert_problem(pg.client.get(url, headers=pg.headers), 409)
-        assert "policy" in body["detail"]
+    legacy = copy_job(pg.settings.database_url, uuid.UUID(budgeted), spec=spec)
+    unpublish_serving(pg.settings.database_url, legacy)
+    published = copy_job(pg.settings.database_url, uuid.UUID(budgeted))
+    refusing = ServedSpec(policy=PolicyConfig.model_validate(REFUSE))
+    publish_serving(pg.settings, published, pg.owner_id, refusing)
+    for copy_id in (legacy, published):
+        for url in (f"/v2/models/{copy_id}", f"/v2/models/{copy_id}/ready"):
+            body = assert_problem(pg.client.get(url, headers=pg.headers), 409)
+            assert "policy" in body["detail"]
 
 
 def test_a_zero_safe_budget_says_why_the_model_answers_nothing() -> None:

@@ -190,7 +190,8 @@ def check_succeeded_job(stack: Stack, job_id: str) -> None:
     html = stack.get(f"/api/v1/jobs/{job_id}/report.html")
     assert html.status_code == 200 and "<svg" in html.text
     artifacts = {a["name"]: a for a in stack.get(f"/api/v1/jobs/{job_id}/artifacts").json()}
-    assert set(artifacts) == {"model.safetensors", "model.json", "report.json", "monitor.json"}
+    published = {"model.safetensors", "model.json", "report.json", "monitor.json", "serving.json"}
+    assert set(artifacts) == published
     files = {}
     for name in ("model.safetensors", "model.json"):
         r = stack.get(artifacts[name]["url"])

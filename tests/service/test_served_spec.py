@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import torch
-from service_helpers import Trained, copy_job, job_body, service_settings
+from service_helpers import Trained, copy_job, job_body, publish_serving, service_settings, unpublish_serving
 
 from app.core.db import session_scope
 from app.core.models import REPORT_NAME, SERVING_NAME, Artifact, Job
@@ -26,31 +26,6 @@ def trained(sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Traine
     return trained
 
 
-def _unpublish(trained: Trained, job_id: uuid.UUID) -> None:
-    """The job as published before `serving.json` existed."""
-    with session_scope(trained.settings.database_url) as s:
-        s.query(Artifact).filter(Artifact.job_id == job_id, Artifact.name == SERVING_NAME).delete()
-
-
-def _publish(trained: Trained, job_id: uuid.UUID, spec: ServedSpec) -> None:
-    store = ArtifactStore.from_settings(trained.settings)
-    stored = store.put_bytes(spec.model_dump_json().encode())
-    _unpublish(trained, job_id)
-    with session_scope(trained.settings.database_url) as s:
-        s.add(
-            Artifact(
-                job_id=job_id,
-                owner_id=trained.owner_id,
-                name=SERVING_NAME,
-                kind="serving",
-                media_type="application/json",
-                sha256=stored.sha256,
-                size_bytes=stored.size,
-                storage_key=stored.key,
-            )
-        )
-
-
 def _predict(trained: Trained, model: uuid.UUID) -> dict:
     r = trained.client.post(
         f"/api/v1/models/{model}/predict", json={"inputs": X.tolist()}, headers=trained.headers
@@ -62,7 +37,8 @@ def _predict(trained: Trained, model: uuid.UUID) -> dict:
 def test_the_published_spec_is_served_not_the_jobs_request(trained: Trained) -> None:
     model = copy_job(trained.settings.database_url, uuid.UUID(trained.job_id))
     # The job asked for full probabilities (TINY_JOB); what it published says labels only.
-    _publish(trained, model, ServedSpec(output_mode=OutputMode(kind="label"), safe_budget={"mlp": 7}))
+    spec = ServedSpec(output_mode=OutputMode(kind="label"), safe_budget={"mlp": 7})
+    publish_serving(trained.settings, model, trained.owner_id, spec)
     body = _predict(trained, model)
     assert body["output_mode"]["kind"] == "label"
     for p in body["predictions"]:
@@ -77,7 +53,7 @@ def test_a_job_without_the_artifact_is_served_from_its_spec_and_report(trained: 
         uuid.UUID(trained.job_id),
         spec=job_body(**{"audit.output_mode": {"kind": "topk", "k": 2}}),
     )
-    _unpublish(trained, model)
+    unpublish_serving(trained.settings.database_url, model)
     body = _predict(trained, model)
     assert body["output_mode"] == {"kind": "topk", "k": 2, "decimals": 2}
     for p in body["predictions"]:
