@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from remote_helpers import (
@@ -100,10 +101,10 @@ def test_a_json_route_is_verified_and_its_failures_are_could_not_verify(
         endpoint = {"url": f"{base}/predict", "protocol": "json", "headers": {"Authorization": SECRET_HEADER}}
 
         def run(mode: str, **changes: Any) -> tuple[dict[str, Any], int]:
-            assert owner.client.post(f"{base}/mode", json={"mode": mode}).status_code == 200
-            before = int(owner.client.get(f"{base}/count").json()["rows"])
+            assert httpx.post(f"{base}/mode", json={"mode": mode}).status_code == 200
+            before = int(httpx.get(f"{base}/count").json()["rows"])
             v = finished(owner, start(owner, endpoint | changes))
-            return v, int(owner.client.get(f"{base}/count").json()["rows"]) - before
+            return v, int(httpx.get(f"{base}/count").json()["rows"]) - before
 
         ok, sent = run("ok", template={"request": {"instances": "$inputs"}, "response": "predictions"})
         assert ok["status"] == "done" and ok["result"]["verdict"] == "copy", ok["result"]
