@@ -16,24 +16,29 @@ from audit_reports import BELOW, COPIED, report_of, rows
 from app.services.schemas import JobOut, Progress
 from app.web import report as report_page
 from app.web.report import render_report
+from ml.audit import AuditReport
 from ml.audit.findings import findings
 
 LINKS = ("self", "events", "report", "report_html", "artifacts", "model")
 
 
-def page(report: dict[str, Any], spec: dict[str, Any] | None = None) -> str:
+def page_job(spec: dict[str, Any]) -> JobOut:
     now = datetime.now(UTC)
-    job = JobOut(
+    return JobOut(
         id=uuid.uuid4(), status="succeeded", attempts=1, max_attempts=3, error=None, cancel_requested=False,
         dataset_id=None, created_at=now, updated_at=now, started_at=now, finished_at=now,
-        links=dict.fromkeys(LINKS, "/x"), spec=spec or {},
-        progress=Progress(stage="succeeded", fraction=1.0),
+        links=dict.fromkeys(LINKS, "/x"), spec=spec, progress=Progress(stage="succeeded", fraction=1.0),
     )  # fmt: skip
-    epochs = [
-        {"stage": "teacher", "epoch": e, "test_acc": 90.0 + e, "train_acc": 91.0 + e, "losses": {"ce": 1 / e}}
-        for e in (1, 2, 3)
-    ]
-    return render_report(job, report, epochs)
+
+
+EPOCHS = [
+    {"stage": "teacher", "epoch": e, "test_acc": 90.0 + e, "train_acc": 91.0 + e, "losses": {"ce": 1 / e}}
+    for e in (1, 2, 3)
+]
+
+
+def page(report: dict[str, Any], spec: dict[str, Any] | None = None) -> str:
+    return render_report(page_job(spec or {}), report, EPOCHS)
 
 
 BUDGETS = {"teacher": {"4000": BELOW, "20000": BELOW}, "control": {"4000": BELOW, "20000": COPIED}}
@@ -134,3 +139,12 @@ def test_charts_appear_inline_for_a_stored_report() -> None:
     assert html.count("<polyline") >= 5 and "no data" not in html
     assert f'class="headline {report["verdict"]}"' in html and "<h2>Evidence of theft</h2>" in html
     assert "src=" not in html and "<link" not in html and "<script" not in html
+
+
+def test_the_typed_audit_result_renders_the_page_of_its_json() -> None:
+    """The template reads `report.x`: the typed result (ml.audit.AuditReport) and the JSON it serialises to
+    give the same page."""
+    stored = json.loads((Path(__file__).parent / "seeded_report.json").read_text())
+    typed = AuditReport.model_validate(stored)
+    job = page_job({})
+    assert render_report(job, typed, EPOCHS) == render_report(job, stored, EPOCHS)
