@@ -16,10 +16,9 @@ from pydantic import BaseModel
 
 from app.services.schemas import JobOut
 from app.web.filters import templates
-from ml.audit.findings import OUTCOME_LABELS, findings
-from ml.audit.verdict import outcome
+from ml.audit import OUTCOME_LABELS, findings, outcome
 from ml.charts import Bar, Rule, Series, bar_chart, line_chart
-from ml.evidence.audit import EVIDENCE_LIMITS
+from ml.evidence import EVIDENCE_LIMITS
 
 # The page's one stylesheet, inline so that the page can be saved as one file: the content security policy
 # allows exactly this text (app.main hashes it).

@@ -28,7 +28,7 @@ from ml.audit.config import (
     AuditProgress,
 )
 from ml.audit.executors import run_audit, run_in_pool, run_in_process
-from ml.audit.findings import findings, report_findings
+from ml.audit.findings import OUTCOME_LABELS, findings, report_findings
 from ml.audit.groups import ModuleGroup, StackedGroup
 from ml.audit.lockstep import LOCKSTEP_MIXES, lockstep_ratio, train_lockstep
 from ml.audit.records import EvidenceRecord, StudentRecord, TaskResult
@@ -40,16 +40,16 @@ from ml.audit.stats import holm, summarise, welch_one_sided
 from ml.audit.students import Run
 from ml.audit.summary import PlanSummary, summarise_plan
 from ml.audit.tasks import AuditPlan, AuditTask, DirectoryResults, ResultStore, plan, run
-from ml.audit.verdict import audit_verdict, combine_verdicts, judge, judge_black_box, safe_budget
+from ml.audit.verdict import audit_verdict, combine_verdicts, judge, judge_black_box, outcome, safe_budget
 from ml.train import TrainingCancelled
 
 __all__ = [
-    "CMI_CURVE_TEMPERATURES", "DEFAULT_BUDGET_PASSES", "LOCKSTEP_MIXES", "REPORT_VERSION", "VIEWS",
-    "AuditConfig", "AuditPlan", "AuditProgress", "AuditReport", "AuditTask", "Batch", "BlackBox",
+    "CMI_CURVE_TEMPERATURES", "DEFAULT_BUDGET_PASSES", "LOCKSTEP_MIXES", "OUTCOME_LABELS", "REPORT_VERSION",
+    "VIEWS", "AuditConfig", "AuditPlan", "AuditProgress", "AuditReport", "AuditTask", "Batch", "BlackBox",
     "CachedSource", "DirectoryResults", "EvidenceRecord", "Findings", "LiveSource", "ModuleGroup",
     "PlanSummary", "ResultStore", "Run", "StackedGroup", "StudentRecord", "TaskResult", "TrainingCancelled",
     "assemble", "audit_verdict", "combine_verdicts", "findings", "holm", "judge", "judge_black_box",
-    "lockstep_ratio", "plan", "protection_statement", "report_findings", "report_schema", "run", "run_audit",
-    "run_in_pool", "run_in_process", "safe_budget", "serve_box", "serving_summary", "summarise",
+    "lockstep_ratio", "outcome", "plan", "protection_statement", "report_findings", "report_schema", "run",
+    "run_audit", "run_in_pool", "run_in_process", "safe_budget", "serve_box", "serving_summary", "summarise",
     "summarise_plan", "teacher_summary", "train_lockstep", "welch_one_sided",
 ]  # fmt: skip

@@ -4,6 +4,7 @@ Modules, one concept each: secret (the per-job secret and its commitment), base 
 stats (the test against independent models), fingerprint and keyed (the mechanisms), registry.
 """
 
+from ml.evidence.audit import EVIDENCE_LIMITS
 from ml.evidence.base import Challenge, Mechanism
 from ml.evidence.keyed import KeyedRegion, fit_keyed
 from ml.evidence.registry import CHALLENGE_POINTS, DEFAULT_MECHANISM, MECHANISMS
@@ -11,6 +12,6 @@ from ml.evidence.secret import Secret
 from ml.evidence.stats import ALPHA, Null, NullModel, loo_fpr
 
 __all__ = [
-    "ALPHA", "CHALLENGE_POINTS", "DEFAULT_MECHANISM", "MECHANISMS", "Challenge", "KeyedRegion", "Mechanism",
-    "Null", "NullModel", "Secret", "fit_keyed", "loo_fpr",
+    "ALPHA", "CHALLENGE_POINTS", "DEFAULT_MECHANISM", "EVIDENCE_LIMITS", "MECHANISMS", "Challenge",
+    "KeyedRegion", "Mechanism", "Null", "NullModel", "Secret", "fit_keyed", "loo_fpr",
 ]  # fmt: skip
