@@ -13,8 +13,23 @@ from typing import Protocol
 
 from torch import nn
 
-from ml.checkpoint import ModelMeta, load_checkpoint
-from ml.onnx_model import ONNX_ARCH, load_onnx
+from ml.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelMeta,
+    build_from_meta,
+    check_state,
+    load_checkpoint,
+    read_weights,
+)
+from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
+
+# The model-loading entry point of the service (`app/` imports these from here): the loader, the files a
+# model is published as, and the checks an uploaded model passes before it is stored.
+__all__ = [
+    "CONFIG_NAME", "ONNX_ARCH", "ONNX_NAME", "WEIGHTS_NAME", "ModelMeta", "ObjectSource", "build_from_meta",
+    "check_state", "load_model", "load_onnx", "read_weights",
+]  # fmt: skip
 
 
 class ObjectSource(Protocol):

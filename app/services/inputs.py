@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from app.problems import Problem, validation_problem
-from ml.checkpoint import ModelMeta
+from ml.loading import ModelMeta
 
 # v2 datatypes a model takes: float tensors, cast to the model's FP32. Integers and booleans are refused
 # rather than silently reinterpreted (an INT8 tensor carrying 1000.5 is not an INT8 tensor).

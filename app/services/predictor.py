@@ -28,7 +28,7 @@ from app.services.budgets import (
 from app.services.inputs import as_batch
 from app.services.monitor import Monitor
 from app.services.serving import HistoryCache, ModelCache, ServedModel
-from ml.onnx_model import ONNX_ARCH
+from ml.loading import ONNX_ARCH
 from ml.served import Served, Standing
 
 # Requests of up to this many rows are answered on the event loop, their forward passes micro-batched

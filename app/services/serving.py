@@ -30,9 +30,8 @@ from app.core.models import (
 )
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found
-from app.services.jobs import job_artifact
-from ml.checkpoint import CONFIG_NAME, WEIGHTS_NAME, ModelMeta, load_checkpoint, load_meta
-from ml.onnx_model import ONNX_ARCH, ONNX_NAME, OnnxModule
+from app.services.jobs import job_artifact, job_artifacts
+from ml.loading import CONFIG_NAME, ONNX_NAME, WEIGHTS_NAME, ModelMeta, load_model
 from ml.served import (
     EnforcementPolicy,
     FittedPolicy,
@@ -46,8 +45,6 @@ from ml.served import (
     serve,
     served_spec,
 )
-
-WEIGHTS, CONFIG = WEIGHTS_NAME, CONFIG_NAME  # the artifact names a job publishes its checkpoint under
 
 
 @dataclass(frozen=True)
@@ -217,16 +214,13 @@ def load_served(
 def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedModel:
     if job.status != JobStatus.succeeded.value:
         raise Problem(409, f"model {job.id} is not ready: its job is {job.status}", slug="model-not-ready")
-    config = store.local_path(job_artifact(session, job.id, CONFIG).storage_key)
-    meta = load_meta(config)
-    if meta.arch == ONNX_ARCH:  # an owner's ONNX model: a black box through onnxruntime
-        model: nn.Module = OnnxModule(
-            store.read_bytes(job_artifact(session, job.id, ONNX_NAME).storage_key), meta.output
-        )
-    else:
-        model, meta = load_checkpoint(
-            store.local_path(job_artifact(session, job.id, WEIGHTS).storage_key), config
-        )
+    published = {a.name: a.storage_key for a in job_artifacts(session, job.id)}
+    if CONFIG_NAME not in published:
+        raise Problem(409, f"model {job.id} has no published {CONFIG_NAME}", slug="model-not-ready")
+    # An owner's ONNX model is served as a black box through onnxruntime; a zoo checkpoint through torch.
+    weights = published.get(ONNX_NAME) or job_artifact(session, job.id, WEIGHTS_NAME).storage_key
+    model, meta = load_model(store, weights, published[CONFIG_NAME])
+    assert meta is not None  # a published model always has its config
     spec = published_spec(session, store, job)
     policy = _load_policy(session, store, job, meta, spec.policy)
     found = session.scalars(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == MONITOR_NAME))

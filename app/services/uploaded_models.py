@@ -21,8 +21,7 @@ from app.problems import Problem, not_found
 from app.services.pagination import newest_first
 from app.services.schemas import UploadedModelList, UploadedModelOut, text_field
 from ml.catalog import UnknownNameError, validate_npz
-from ml.checkpoint import ModelMeta, build_from_meta, check_state, read_weights
-from ml.onnx_model import load_onnx
+from ml.loading import ModelMeta, build_from_meta, check_state, load_onnx, read_weights
 
 FORMATS = ("onnx", "checkpoint")
 OUTPUTS = ("logits", "probabilities")

@@ -140,7 +140,8 @@ def copy_job(
     spec: dict[str, Any] | None = None,
 ) -> uuid.UUID:
     """Another succeeded job with the same artifacts (another model id for one checkpoint), for owner_id
-    (default: the job's owner) and with spec (default: the job's)."""
+    (default: the job's owner) and with spec (default: the job's). With another spec the copy publishes no
+    `serving.json`: it is served from that spec, as a job published before the artifact existed."""
     with session_scope(database_url) as s:
         job = s.get(Job, job_id)
         owner = owner_id or job.owner_id
@@ -154,6 +155,8 @@ def copy_job(
         s.add(copy)
         s.flush()
         for a in s.scalars(select(Artifact).where(Artifact.job_id == job.id)):
+            if spec is not None and a.name == SERVING_NAME:
+                continue
             fields = ("name", "kind", "media_type", "sha256", "size_bytes", "storage_key")
             s.add(Artifact(job_id=copy.id, owner_id=owner, **{f: getattr(a, f) for f in fields}))
         return copy.id
