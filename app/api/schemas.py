@@ -154,7 +154,12 @@ class ChallengeOut(BaseModel):
 class VerifyRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"suspect_model_id": "00000000-0000-0000-0000-000000000000"}]},
+        json_schema_extra={
+            "examples": [
+                {"suspect_endpoint": {"url": "http://127.0.0.1:9/", "protocol": "v2", "model": "suspect"}},
+                {"suspect_model_id": "00000000-0000-0000-0000-000000000000"},
+            ]
+        },
     )
 
     suspect_model_id: uuid.UUID | None = Field(

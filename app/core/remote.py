@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,11 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.text import refused_character
+
 INPUTS = "$inputs"  # the placeholder a JSON template's request puts where the batch goes
 RETRIED = (429, 503)
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 
 
 class Template(BaseModel):
@@ -44,6 +48,16 @@ class Template(BaseModel):
     def _one_placeholder(cls, v: Any) -> Any:
         if json.dumps(v).count(json.dumps(INPUTS)) != 1:
             raise ValueError(f'the request template must hold the string "{INPUTS}" exactly once')
+        for text in _strings(v):
+            if (why := refused_character(text)) is not None:
+                raise ValueError(f"a string of the request template {why}")
+        return v
+
+    @field_validator("response")
+    @classmethod
+    def _path_text(cls, v: str) -> str:
+        if (why := refused_character(v)) is not None:
+            raise ValueError(f"the response path {why}")
         return v
 
 
@@ -77,6 +91,20 @@ class EndpointSpec(BaseModel):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("the endpoint URL must be http:// or https:// with a host")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_NAME.fullmatch(v):
+            raise ValueError("a model name takes letters, digits and . _ : - only")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url_text(cls, v: str) -> str:
+        if (why := refused_character(v)) is not None or " " in v:
+            raise ValueError(f"the URL {why or 'contains a space'}")
         return v
 
     @field_validator("headers")
@@ -266,6 +294,17 @@ def _entry(
         "cached": cached,
         "error": error,
     }
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (k, *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _retry_after(r: httpx.Response) -> float | None:

@@ -182,9 +182,9 @@ class Verifier:
         self._slots = threading.BoundedSemaphore(settings.remote_verify_workers * 4)
 
     def start(self, session: Session, m: Material, key: KeyInfo, spec: EndpointSpec) -> Verification:
-        """Store the running verification (headers sealed) and start asking the endpoint; 503 when full."""
+        """Store the running verification (headers sealed) and start asking the endpoint; 429 when full."""
         if not self._slots.acquire(blocking=False):
-            raise Problem(503, "too many remote verifications are running; try again later", slug="busy")
+            raise Problem(429, "too many remote verifications are running; try again later", slug="busy")
         try:
             sealed = SecretBox.from_settings(self.settings).seal(spec.headers) if spec.headers else None
             row = Verification(
