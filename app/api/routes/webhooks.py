@@ -7,82 +7,21 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import KeysAdmin
 from app.api.params import Cursor, Limit
-from app.core.config import Settings
-from app.core.keys import KeyInfo
-from app.core.models import Webhook, WebhookDelivery, utcnow
-from app.core.webhooks import check_url, new_secret
-from app.problems import Problem, validation_problem
+from app.services import webhooks
 from app.services.access import SessionDep, SettingsDep
 from app.services.enforcement_schemas import (
     DeliveryList,
-    DeliveryOut,
     WebhookCreate,
     WebhookCreated,
     WebhookList,
-    WebhookOut,
 )
-from app.services.pagination import newest_first
-from app.services.tenancy import get_owned
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 HookId = Annotated[uuid.UUID, Path(description="the webhook's id")]
-MAX_WEBHOOKS = 10  # live webhooks per owner: each event is one delivery per webhook
-
-
-def create_webhook(session: Session, settings: Settings, key: KeyInfo, body: WebhookCreate) -> WebhookCreated:
-    """A new webhook for the caller's owner; 422 for a URL deliveries may not go to."""
-    try:
-        url = check_url(body.url, settings.webhook_private_targets)
-    except ValueError as e:
-        raise validation_problem([{"loc": ["body", "url"], "msg": str(e), "type": "value_error"}]) from None
-    live = session.scalar(
-        select(func.count())
-        .select_from(Webhook)
-        .where(Webhook.owner_id == key.owner_id, Webhook.deleted_at.is_(None))
-    )
-    if live and live >= MAX_WEBHOOKS:
-        raise Problem(
-            409,
-            f"this owner has {MAX_WEBHOOKS} webhooks already, the most it may have; delete one first",
-            slug="too-many-webhooks",
-        )
-    hook = Webhook(owner_id=key.owner_id, url=url, secret=new_secret(), description=body.description)
-    session.add(hook)
-    session.commit()
-    return WebhookCreated(**WebhookOut.model_validate(hook).model_dump(), secret=hook.secret)
-
-
-def list_webhooks(session: Session, key: KeyInfo, limit: int, cursor: str | None) -> WebhookList:
-    """The owner's live webhooks, newest first."""
-    q = select(Webhook).where(Webhook.owner_id == key.owner_id, Webhook.deleted_at.is_(None))
-    rows, next_cursor = newest_first(session, q, Webhook.created_at, Webhook.id, limit, cursor)
-    return WebhookList(items=[WebhookOut.model_validate(r) for (r,) in rows], next_cursor=next_cursor)
-
-
-def delete_webhook(session: Session, key: KeyInfo, hook_id: uuid.UUID) -> None:
-    """Stop deliveries to the webhook (its pending ones fail); its log stays readable. Idempotent."""
-    hook = get_owned(session, Webhook, hook_id, key, "webhook")
-    if hook.deleted_at is None:
-        hook.deleted_at = utcnow()
-        session.commit()
-
-
-def list_deliveries(
-    session: Session, key: KeyInfo, hook_id: uuid.UUID, limit: int, cursor: str | None
-) -> DeliveryList:
-    """The webhook's deliveries, newest first, each with its attempts."""
-    get_owned(session, Webhook, hook_id, key, "webhook")
-    q = select(WebhookDelivery).where(WebhookDelivery.webhook_id == hook_id)
-    rows, next_cursor = newest_first(
-        session, q, WebhookDelivery.created_at, WebhookDelivery.id, limit, cursor
-    )
-    return DeliveryList(items=[DeliveryOut.model_validate(r) for (r,) in rows], next_cursor=next_cursor)
 
 
 @router.post(
@@ -95,19 +34,19 @@ async def post_webhook(
     body: WebhookCreate, session: SessionDep, settings: SettingsDep, key: KeysAdmin
 ) -> WebhookCreated:
     # A thread: the URL's host is resolved (blocking) to refuse private addresses.
-    return await run_in_threadpool(create_webhook, session, settings, key, body)
+    return await run_in_threadpool(webhooks.create_webhook, session, settings, key, body)
 
 
 @router.get("", response_model=WebhookList, summary="The owner's webhooks, newest first")
 async def get_webhooks(
     session: SessionDep, key: KeysAdmin, limit: Limit = 50, cursor: Cursor = None
 ) -> WebhookList:
-    return await run_in_threadpool(list_webhooks, session, key, limit, cursor)
+    return await run_in_threadpool(webhooks.list_webhooks, session, key, limit, cursor)
 
 
 @router.delete("/{hook_id}", status_code=204, summary="Delete a webhook (its delivery log stays)")
 async def remove_webhook(hook_id: HookId, session: SessionDep, key: KeysAdmin) -> Response:
-    await run_in_threadpool(delete_webhook, session, key, hook_id)
+    await run_in_threadpool(webhooks.delete_webhook, session, key, hook_id)
     return Response(status_code=204)
 
 
@@ -119,4 +58,4 @@ async def remove_webhook(hook_id: HookId, session: SessionDep, key: KeysAdmin) -
 async def get_deliveries(
     hook_id: HookId, session: SessionDep, key: KeysAdmin, limit: Limit = 50, cursor: Cursor = None
 ) -> DeliveryList:
-    return await run_in_threadpool(list_deliveries, session, key, hook_id, limit, cursor)
+    return await run_in_threadpool(webhooks.list_deliveries, session, key, hook_id, limit, cursor)
