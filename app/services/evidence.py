@@ -200,34 +200,38 @@ class Verifier:
         return row
 
     def _run(self, vid: uuid.UUID, m: Material) -> None:
+        """Ask the endpoint and store the outcome; whatever goes wrong ends the run as could-not-verify."""
+        remote: RemoteModel | None = None
+        status, labels = "failed", None
         try:
+            remote = RemoteModel(self._spec(vid), limits(self.settings))
+            answers = [int(a) for a in remote.labels(m.challenge.x.numpy())]
+            if (problem := check_labels(answers, m)) is not None:
+                raise RemoteError(f"the endpoint answered the wrong shape: {problem}")
+            status, result, labels = "done", decide(m, answers) | {"queries": remote.sent}, answers
+        except RemoteError as e:
+            result = {"verdict": COULD_NOT_VERIFY, "reason": str(e)}
+        except Exception as e:  # noqa: BLE001 (a bug must still end the run with a reason, not "running")
+            log.exception("verification %s", vid)
+            result = {"verdict": COULD_NOT_VERIFY, "reason": f"internal error: {type(e).__name__}"}
+        try:
+            if status == "failed" and remote is not None:
+                result["queries"] = remote.sent
             with session_scope(self.settings.database_url) as s:
                 row = s.get(Verification, vid)
                 assert row is not None, "a running verification is never deleted"
-                spec = EndpointSpec.model_validate(
-                    {k: v for k, v in row.request.items() if k != "header_names"}
-                    | {"headers": self._headers(row)}
-                )
-            remote = RemoteModel(spec, limits(self.settings))
-            status, result, labels = "failed", {"verdict": COULD_NOT_VERIFY, "reason": ""}, None
-            try:
-                got = remote.labels(m.challenge.x.numpy())
-                answers = [int(a) for a in got]
-                problem = check_labels(answers, m)
-                if problem is not None:
-                    raise RemoteError(f"the endpoint answered the wrong shape: {problem}")
-                status, result, labels = "done", decide(m, answers) | {"queries": remote.sent}, answers
-            except RemoteError as e:
-                result = {"verdict": COULD_NOT_VERIFY, "reason": str(e), "queries": remote.sent}
-            except Exception as e:  # noqa: BLE001 (a bug must still end the run with a reason, not "running")
-                result = {"verdict": COULD_NOT_VERIFY, "reason": f"internal error: {type(e).__name__}"}
-            with session_scope(self.settings.database_url) as s:
-                row = s.get(Verification, vid)
-                assert row is not None
-                row.status, row.verdict, row.answers, row.log = status, result, labels, remote.log
-                row.finished_at = utcnow()
+                row.status, row.verdict, row.answers = status, result, labels
+                row.log, row.finished_at = (remote.log if remote else []), utcnow()
         finally:
             self._slots.release()
+
+    def _spec(self, vid: uuid.UUID) -> EndpointSpec:
+        """The endpoint as it was asked for, its headers decrypted."""
+        with session_scope(self.settings.database_url) as s:
+            row = s.get(Verification, vid)
+            assert row is not None, "a running verification is never deleted"
+            public = {k: v for k, v in row.request.items() if k != "header_names"}
+            return EndpointSpec.model_validate(public | {"headers": self._headers(row)})
 
     def _headers(self, row: Verification) -> dict[str, str]:
         if row.headers_sealed is None:
