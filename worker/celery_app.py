@@ -10,7 +10,7 @@ A job's audit fans out: `run_job` hands its tasks to `dispatch_audit`, a chord o
 and budget phase on the same queue (`worker/fanout.py`), whose callback publishes the report. The
 chord's bookkeeping lives in the result backend (the broker's Redis); the job row stays the truth.
 The sweep renews the lease of a job whose audit messages wait in the queue, and sends an audit the
-broker lost again from the hand-off its job stored (`app.core.queue.settle_audits`).
+broker lost again from the hand-off its job stored (`app.core.sweep.settle_audits`).
 """
 
 from __future__ import annotations
@@ -28,17 +28,8 @@ from celery.exceptions import Reject
 from app.core.config import get_settings
 from app.core.db import dispose_engines, session_scope
 from app.core.outage import is_outage
-from app.core.queue import (
-    ASSEMBLE_TASK,
-    AUDIT_TASK,
-    RUN_JOB_TASK,
-    Claim,
-    broker_view,
-    enqueue,
-    handoff_claim,
-    settle_audits,
-    sweep,
-)
+from app.core.queue import ASSEMBLE_TASK, AUDIT_TASK, RUN_JOB_TASK, Claim, broker_view, enqueue, handoff_claim
+from app.core.sweep import settle_audits, sweep
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -7,7 +7,7 @@ from the summary and the stored results, stores and publishes it, without loadin
 carries the job's claim: while it runs it renews the job's lease, sends progress events and stops on
 cancel; its result is written to the artifact store under the task's key, so a retried or duplicated
 task is never recomputed. While a task or the callback waits its turn in the broker, the sweep renews
-the job's lease: waiting is not being lost (`app.core.queue.settle_audits`; an audit the broker lost is sent
+the job's lease: waiting is not being lost (`app.core.sweep.settle_audits`; an audit the broker lost is sent
 again from the stored hand-off, on the same attempt). A worker killed mid-task leaves its task undone
 and, once nothing of the job waits, the lease runs out: the sweep re-queues the job, whose next
 attempt plans the same audit, finds every other result stored and redoes only the lost task.

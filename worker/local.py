@@ -15,7 +15,8 @@ from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.models import RUNNING, Job, utcnow
 from app.core.outage import is_outage
-from app.core.queue import next_claimable_job, sweep
+from app.core.queue import next_claimable_job
+from app.core.sweep import sweep
 
 log = logging.getLogger(__name__)
 LOCAL_PREFIX = "local"

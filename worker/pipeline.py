@@ -114,7 +114,7 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
 def _hand_off(ctx: JobContext, results: StoreResults, handoff: Handoff, fan_out: FanOut) -> None:
     """The audit to `fan_out`, kept in the store and marked on the job first: from then on the sweep keeps
     the job's claim while the audit's messages wait in the broker, and sends the audit again from the
-    stored hand-off if the broker loses them (`app.core.queue.settle_audits`)."""
+    stored hand-off if the broker loses them (`app.core.sweep.settle_audits`)."""
     ctx.retrying(lambda: results.save_handoff(handoff), "store the hand-off")
 
     def mark() -> None:

@@ -1,4 +1,5 @@
-"""The jobs table is the queue: atomic claim and lease, events, cancel, sweep; plus the broker hand-off.
+"""The jobs table is the queue: atomic claim and lease, events, cancel; plus the broker hand-off (the sweep
+that settles lost workers' jobs is `app.core.sweep`).
 
 With a broker (Celery on Redis) the API sends only the job id, by task name, so `app` never imports
 `worker`. In embedded mode nothing is sent: the local worker polls the table for claimable jobs.
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 RUN_JOB_TASK = "cmim.run_job"
 AUDIT_TASK = "cmim.audit_task"  # one seed and phase of a job's audit (the chord's header)
 ASSEMBLE_TASK = "cmim.assemble_audit"  # the chord callback: assemble, store and publish the report
-_RUNNING = [s.value for s in RUNNING]
+RUNNING_STATUSES = [s.value for s in RUNNING]  # the statuses of a job a worker holds
 
 
 class LeaseLost(Exception):
@@ -183,7 +184,7 @@ def _claimable(now: datetime) -> Any:
         Job.attempts < Job.max_attempts,
         or_(
             Job.status == JobStatus.queued.value,
-            and_(Job.status.in_(_RUNNING), Job.lease_expires_at < now),
+            and_(Job.status.in_(RUNNING_STATUSES), Job.lease_expires_at < now),
         ),
     )
 
@@ -215,7 +216,7 @@ def release_claim(session: Session, claim: Claim, reason: str) -> bool:
     """Give a held job back to the queue and its attempt back to the job (the job itself did not fail)."""
     result = session.execute(
         update(Job)
-        .where(_fenced(claim))
+        .where(fenced(claim))
         .values(
             status=JobStatus.queued.value,
             attempts=Job.attempts - 1,
@@ -231,12 +232,12 @@ def release_claim(session: Session, claim: Claim, reason: str) -> bool:
     return True
 
 
-def _fenced(claim: Claim) -> Any:
+def fenced(claim: Claim) -> Any:
     return and_(
         Job.id == claim.job_id,
         Job.worker_id == claim.worker_id,
         Job.attempts == claim.attempt,
-        Job.status.in_(_RUNNING),
+        Job.status.in_(RUNNING_STATUSES),
     )
 
 
@@ -244,7 +245,7 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: int) -> bool:
     """Extend the lease; returns True when cancellation was requested. Raises LeaseLost."""
     cancel_requested_at = session.execute(
         update(Job)
-        .where(_fenced(claim))
+        .where(fenced(claim))
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         .returning(Job.cancel_requested_at)
         .execution_options(synchronize_session=False)
@@ -262,7 +263,7 @@ def transition(
     if status.terminal:
         values.update(finished_at=utcnow(), lease_expires_at=None, error=error)
     result = session.execute(
-        update(Job).where(_fenced(claim)).values(**values).execution_options(synchronize_session=False)
+        update(Job).where(fenced(claim)).values(**values).execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         raise LeaseLost(f"job {claim.job_id}: lease of attempt {claim.attempt} is gone")
@@ -276,7 +277,7 @@ def mark_handed_off(session: Session, claim: Claim, lease_seconds: int) -> None:
     now = utcnow()
     result = session.execute(
         update(Job)
-        .where(_fenced(claim))
+        .where(fenced(claim))
         .values(enqueued_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
@@ -289,7 +290,7 @@ def next_claimable_job(session: Session) -> uuid.UUID | None:
     return session.scalar(select(Job.id).where(_claimable(utcnow())).order_by(Job.created_at).limit(1))
 
 
-# ---------------------------------------------------------------- cancel and sweep
+# ---------------------------------------------------------------- cancel
 
 
 def request_cancel(session: Session, job_id: uuid.UUID) -> JobStatus:
@@ -306,125 +307,10 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> JobStatus:
         return JobStatus.cancelled
     flagged = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(_RUNNING), Job.cancel_requested_at.is_(None))
+        .where(Job.id == job_id, Job.status.in_(RUNNING_STATUSES), Job.cancel_requested_at.is_(None))
         .values(cancel_requested_at=now)
         .execution_options(synchronize_session=False)
     )
     if flagged.rowcount == 1:
         append_event(session, job_id, "cancel_requested", {})
     return JobStatus(session.scalar(select(Job.status).where(Job.id == job_id)))
-
-
-def _finish_expired(session: Session, now: datetime, condition: Any, status: JobStatus, reason: str) -> None:
-    ids = (
-        session.execute(
-            update(Job)
-            .where(Job.status.in_(_RUNNING), Job.lease_expires_at < now, condition)
-            .values(status=status.value, finished_at=now, lease_expires_at=None, error=reason)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        )
-        .scalars()
-        .all()
-    )
-    for job_id in ids:
-        status_event(session, job_id, status, error=reason)
-
-
-def _settle_expired(session: Session, now: datetime) -> None:
-    lost = "the worker was lost (its lease expired) on the last allowed attempt: max_attempts reached"
-    _finish_expired(session, now, Job.attempts >= Job.max_attempts, JobStatus.failed, lost)
-    cancelled = "cancelled; the worker was lost before it stopped"
-    _finish_expired(session, now, Job.cancel_requested_at.is_not(None), JobStatus.cancelled, cancelled)
-    requeued = (
-        session.execute(
-            update(Job)
-            .where(Job.status.in_(_RUNNING), Job.lease_expires_at < now)
-            .values(status=JobStatus.queued.value, lease_expires_at=None, worker_id=None, enqueued_at=None)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        )
-        .scalars()
-        .all()
-    )
-    for job_id in requeued:
-        status_event(session, job_id, JobStatus.queued, reason="the worker's lease expired; re-queued")
-
-
-def settle_audits(
-    session: Session, view: BrokerView, lease_seconds: int, *, resend: bool = True
-) -> list[Claim]:
-    """Keep the claim of every job whose audit waits its turn in the broker; returns those it lost.
-
-    A handed-off audit runs on no worker while its tasks wait behind other jobs' work: waiting for its
-    own tasks is not being lost, so its lease is renewed while one of its tasks or its chord callback
-    waits in the queue (a task a worker runs renews it itself). Not for a job whose cancel was
-    requested: its lease runs out and the sweep cancels it without waiting for its turn. A lease that
-    ran out with nothing of the audit waiting was lost with a dead worker (`sweep` takes the job back,
-    spending the attempt) unless the audit went to the broker before the broker last lost its data:
-    then the job keeps its claim and attempt, is stamped as handed off now (a second loss without
-    another broker restart is a dead worker's again) and is returned for the caller to send again
-    (`resend=False`: none is, right after a database outage, as `sweep`'s settle_expired).
-    """
-    now = utcnow()
-    lease = now + timedelta(seconds=lease_seconds)
-    for claim in view.audits:
-        session.execute(
-            update(Job)
-            .where(_fenced(claim), Job.cancel_requested_at.is_(None))
-            .values(lease_expires_at=lease)
-            .execution_options(synchronize_session=False)
-        )
-    if not resend:
-        return []
-    lost = session.execute(
-        update(Job)
-        .where(
-            Job.status == JobStatus.auditing.value,
-            Job.lease_expires_at < now,
-            Job.enqueued_at < view.since,
-            Job.cancel_requested_at.is_(None),
-        )
-        .values(lease_expires_at=lease, enqueued_at=now)
-        .returning(Job.id, Job.worker_id, Job.attempts)
-        .execution_options(synchronize_session=False)
-    ).all()
-    message = "the broker lost the audit's queued tasks; they are sent again, on the same attempt"
-    for job_id, _, attempt in lost:
-        append_event(session, job_id, "warning", {"stage": "audit", "message": message, "attempt": attempt})
-    return [Claim(job_id, worker_id, attempt) for job_id, worker_id, attempt in lost]
-
-
-def sweep(
-    session: Session, *, broker: bool, resend_seconds: float = 30.0, settle_expired: bool = True
-) -> list[uuid.UUID]:
-    """Settle jobs whose worker vanished; returns ids that may need a (new) broker message.
-
-    Lease expired and attempts exhausted -> failed; lease expired with cancel requested -> cancelled;
-    otherwise the job goes back to `queued` (with a broker, `settle_audits` runs first: an audit
-    waiting in the broker, or lost by it, has its lease renewed). With a broker, every queued job
-    whose message may be gone (none sent, or the last one sent over resend_seconds ago and still
-    unclaimed: a broker that restarted without persistence, or a worker that dropped it) is stamped
-    as sent now and returned; the caller sends it with `enqueue`, which clears the stamp again if
-    the broker refuses.
-    A duplicate message is harmless: it finds nothing to claim. `settle_expired=False` leaves expired
-    leases alone (right after a database outage, when live workers could not renew theirs either).
-    """
-    now = utcnow()
-    if settle_expired:
-        _settle_expired(session, now)
-    if not broker:
-        return []
-    return list(
-        session.execute(
-            update(Job)
-            .where(
-                Job.status == JobStatus.queued.value,
-                Job.cancel_requested_at.is_(None),
-                or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - timedelta(seconds=resend_seconds)),
-            )
-            .values(enqueued_at=now)
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        ).scalars()
-    )

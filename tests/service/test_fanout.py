@@ -23,16 +23,8 @@ from test_e2e import Proc, Stack, base_env, follow, make_key, statuses, submit
 from app.core.db import session_scope
 from app.core.migrate import upgrade
 from app.core.models import Job, JobEvent, JobStatus, utcnow
-from app.core.queue import (
-    BrokerView,
-    Claim,
-    claim_job,
-    mark_handed_off,
-    request_cancel,
-    settle_audits,
-    sweep,
-    transition,
-)
+from app.core.queue import BrokerView, Claim, claim_job, mark_handed_off, request_cancel, transition
+from app.core.sweep import settle_audits, sweep
 
 # Two seeds, no budget phases: two tasks of several seconds each on one CPU thread.
 AUDIT = {"audit.seeds": 2, "audit.epochs": 15, "teacher.dataset_params": {"num_train": 1000, "num_test": 500}}

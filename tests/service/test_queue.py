@@ -20,9 +20,9 @@ from app.core.queue import (
     renew_lease,
     request_cancel,
     status_event,
-    sweep,
     transition,
 )
+from app.core.sweep import sweep
 
 
 @pytest.fixture
