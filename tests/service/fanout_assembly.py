@@ -3,7 +3,8 @@ and the chord callback is called as a fresh worker would call it (no plan cached
 
 `callback_cost(settings, handoff)` runs the callback counting what it loads and computes: model loads,
 module forward passes and its seconds. Run as a script it prints them for SEEDED_JOB (the assembly time
-before and after the typed hand-off are measured with it): `python tests/service/fanout_assembly.py`.
+before and after the typed hand-off are measured with it):
+`python tests/service/fanout_assembly.py [--larger]`.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def callback_cost(settings: Any, handoff: dict[str, Any], outcomes: list[dict[st
 if __name__ == "__main__":
     import tempfile
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # as pytest sets it
     from service_helpers import service_settings
     from test_seeded_report import SEEDED_JOB
 
@@ -106,6 +107,11 @@ if __name__ == "__main__":
     url = f"sqlite:///{tmp / 'cmim.db'}"
     upgrade(url)
     settings = service_settings(url, tmp)
-    handoff = hand_off(settings, SEEDED_JOB)
+    body = json.loads(json.dumps(SEEDED_JOB))
+    if "--larger" in sys.argv:  # bench/fanout.py's data and teacher, one epoch each: the plan costs more
+        data = {"num_train": 2000, "num_test": 2000}
+        body["teacher"] |= {"dataset_params": data, "arch": "cnn1d", "epochs": 1}
+        body["audit"] |= {"epochs": 1}
+    handoff = hand_off(settings, body)
     outcomes = run_tasks(settings, handoff)
     print(json.dumps(callback_cost(settings, handoff, outcomes)))

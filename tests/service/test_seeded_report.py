@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-from portable_kernels import ran_on_portable_kernels
 from sqlalchemy import select
 
 FIXTURE = Path(__file__).parent / "seeded_report.json"
@@ -100,6 +99,8 @@ def differences(a: Any, b: Any, path: str = "") -> list[str]:
 
 
 def test_a_seeded_jobs_report_equals_the_one_published_before(request, sqlite_url, tmp_path) -> None:
+    from portable_kernels import ran_on_portable_kernels
+
     if ran_on_portable_kernels(request):
         return
     before = json.loads(FIXTURE.read_text())
