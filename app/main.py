@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from app.api import docs_pages
+from app.api import docs_pages, model_router
 from app.api.routes import (
     catalog,
     datasets,
@@ -19,7 +19,6 @@ from app.api.routes import (
     health,
     jobs,
     keys,
-    model_router,
     models,
     uploads,
     webhooks,

@@ -11,8 +11,8 @@ from fastapi import Path, Request
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsRead, JobsWrite, KeysAdmin
+from app.api.model_router import router
 from app.api.params import Cursor, Limit, ModelId
-from app.api.routes.model_router import router
 from app.services import enforcement
 from app.services.access import SessionDep
 from app.services.enforcement_schemas import (

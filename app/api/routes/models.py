@@ -18,8 +18,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from app.api.deps import BEARER_DOC, PREDICT_SCOPES, Predict, authenticate, bearer_token
+from app.api.model_router import router
 from app.api.params import ModelId
-from app.api.routes.model_router import router
 from app.api.schemas import (
     InferInput,
     InferRequest,

@@ -15,8 +15,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.api.deps import DatasetsRead, DatasetsWrite, upload_slot
+from app.api.model_router import router
 from app.api.params import Cursor, Limit
-from app.api.routes.model_router import router
 from app.core.config import Settings
 from app.core.keys import KeyInfo
 from app.core.models import UploadedModel
