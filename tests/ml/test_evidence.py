@@ -116,7 +116,7 @@ def test_the_audit_measures_evidence_on_every_student_and_commits_to_the_secret(
     )  # fmt: skip
     keyed = serve_box([teacher], OutputMode(kind="label"), PolicyConfig(keyed_fraction=0.01), data, secret)
     p = plan(cfg, teacher, data, protections={"keyed": keyed}, secret=secret)
-    report = assemble(p, run_in_process(p)).report
+    report = assemble(p.summary, run_in_process(p)).to_json()
     ev = report["evidence"]
     assert ev["commitment"] == secret.commitment()
     fp = ev["mechanisms"]["fingerprint"]["teacher"]["mlp"]
