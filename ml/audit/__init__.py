@@ -38,8 +38,8 @@ from ml.audit.sources import CachedSource, LiveSource
 from ml.audit.statement import protection_statement
 from ml.audit.stats import holm, summarise, welch_one_sided
 from ml.audit.students import Run
-from ml.audit.summary import PlanSummary, summarise_plan
-from ml.audit.tasks import AuditPlan, AuditTask, DirectoryResults, ResultStore, plan, run
+from ml.audit.summary import PlanSummary
+from ml.audit.tasks import AuditPlan, AuditTask, DirectoryResults, ResultStore, plan, run, summarise_plan
 from ml.audit.verdict import audit_verdict, combine_verdicts, judge, judge_black_box, outcome, safe_budget
 from ml.train import TrainingCancelled
 

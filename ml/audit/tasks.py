@@ -22,15 +22,16 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from ml.attacks import ATTACKS
-from ml.audit.blackbox import BlackBox, as_models, serve_box
+from ml.audit.blackbox import BlackBox, as_models, serve_box, serving_summary, teacher_summary
 from ml.audit.config import REPORT_VERSION, AuditConfig, ls_recipes
 from ml.audit.lockstep import train_lockstep
 from ml.audit.records import EvidenceRecord, StudentRecord, TaskResult
+from ml.audit.result import DatasetInfo, ServedSummary
 from ml.audit.students import Run
-from ml.audit.summary import PlanSummary, summarise_plan
+from ml.audit.summary import PlanSummary, TaskRef
 from ml.cmi import model_logits
 from ml.data import Dataset, load_dataset
-from ml.evidence.audit import Challenges, build_challenges, evidence_records
+from ml.evidence.audit import Challenges, build_challenges, evidence_records, keyed_costs
 from ml.evidence.secret import Secret
 from ml.policy import FittedPolicy, PolicyConfig
 from ml.train import keep_freed_memory, resolve_device
@@ -305,3 +306,43 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
     if results is not None:
         results.save(task.key, result)
     return result
+
+
+def summarise_plan(p: AuditPlan) -> PlanSummary:
+    """The plan's summary: its served black boxes measured once (boxes serving one model share it)."""
+    dataset = p.dataset
+    measured: dict[tuple[int, ...], dict[str, Any]] = {}
+
+    def served(name: str) -> ServedSummary:
+        box = p.teachers[name]
+        key = tuple(id(m) for m in box.models)
+        if key not in measured:
+            measured[key] = teacher_summary(box.models, dataset)
+        return ServedSummary.model_validate({**measured[key], "serving": serving_summary(box, dataset)})
+
+    names = ["teacher", *(["control"] if p.cfg.control else []), *p.protections]
+    evidence = p.secret is not None and bool(p.challenges)
+    return PlanSummary(
+        fingerprint=p.fingerprint,
+        cfg=p.cfg,
+        dataset=DatasetInfo(
+            name=dataset.name,
+            fingerprint=dataset.fingerprint,
+            n_train=len(dataset.x_train),
+            n_test=len(dataset.x_test),
+        ),
+        labelled_samples=len(p.data.x_train),
+        transfer_samples=None if p.transfer is None else len(p.transfer),
+        served={name: served(name) for name in names},
+        compares_raw="teacher_raw" in p.teachers,
+        protections=p.protections,
+        budget_teachers=p.budget_teachers,
+        ls_names=[name for name, _, _ in p.ls_recipes],
+        attack_names=[name for name, _, _ in p.attack_rows],
+        tasks=[
+            TaskRef(seed_index=t.seed_index, phase=t.phase, key=t.key, epochs=p.task_epochs(t.phase))
+            for t in p.tasks
+        ],  # fmt: skip
+        commitment=p.secret.commitment() if evidence and p.secret is not None else None,
+        keyed_costs=keyed_costs(p.teachers, dataset) if evidence else {},
+    )
