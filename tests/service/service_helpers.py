@@ -83,6 +83,7 @@ def service_settings(database_url: str, tmp: Path, **changes: Any) -> Settings:
         "artifact_url": f"file://{tmp / 'artifacts'}",
         "work_dir": str(tmp / "work"),
         "cache_dir": str(tmp / "cache"),
+        "secret_key_file": str(tmp / "secret.key"),
         "predict_max_batch": 64,
         "rate_limit_per_minute": 1000,
         "default_query_budget": None,

@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from remote_helpers import (
     evidence_owner,
     export_onnx,
@@ -27,11 +29,13 @@ from remote_helpers import (
     thief_models,
     thief_queries,
 )
-from service_helpers import Trained, assert_problem
+from service_helpers import Trained, assert_problem, service_settings
 from test_evidence_api import DATA
 
+from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.models import Verification
+from app.core.secrets import SecretBox
 from app.main import create_app
 from ml.data import load_dataset
 
@@ -168,3 +172,20 @@ def test_endpoints_are_refused_before_anything_is_asked(owner: Trained) -> None:
     # a port where nothing listens: connection errors are retried, then could not verify
     v = finished(owner, start(owner, {"url": "http://127.0.0.1:9", "model": "m"}))
     assert v["status"] == "failed" and "could not be reached" in v["result"]["reason"], v
+
+
+def test_stored_secrets_are_sealed_under_a_kept_key(tmp_path: Path) -> None:
+    settings = service_settings("sqlite:///unused.db", tmp_path)
+    box = SecretBox.from_settings(settings)
+    key_file = Path(settings.secret_key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600  # made once, readable by the service's user only
+    sealed = box.seal({"Authorization": SECRET_HEADER})
+    assert SECRET_HEADER.encode() not in sealed
+    assert SecretBox.from_settings(settings).open(sealed) == {"Authorization": SECRET_HEADER}  # the same key
+    other = settings.model_copy(update={"secret_key": Fernet.generate_key().decode()})
+    with pytest.raises(ValueError, match="another key"):
+        SecretBox.from_settings(other).open(sealed)
+    with pytest.raises(ValidationError, match="CMIM_SECRET_KEY must be set in production"):
+        Settings(
+            environment="production", database_url="postgresql+psycopg://u:p@db/cmim", session_secret="s" * 32
+        )
