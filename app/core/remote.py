@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.storage import ArtifactStore
 from app.core.text import refused_character
 
 INPUTS = "$inputs"  # the placeholder a JSON template's request puts where the batch goes
@@ -147,6 +148,20 @@ class AnswerCache(Protocol):
     def get(self, key: str) -> bytes | None: ...
 
     def put(self, key: str, body: bytes) -> None: ...
+
+
+class StoreCache:
+    """Answers kept in the artifact store, named by the sha256 of what was asked (endpoint, model and
+    request body): asking the same again, in a re-run or another process, sends nothing."""
+
+    def __init__(self, store: ArtifactStore, prefix: str = "remote-answers") -> None:
+        self.store, self.prefix = store, prefix
+
+    def get(self, key: str) -> bytes | None:
+        return self.store.read_named(f"{self.prefix}/{key[:2]}/{key}")
+
+    def put(self, key: str, body: bytes) -> None:
+        self.store.write_named(f"{self.prefix}/{key[:2]}/{key}", body)
 
 
 def sha256(data: bytes) -> str:

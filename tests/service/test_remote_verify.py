@@ -7,11 +7,13 @@ never passed (counted by the servers); the endpoint's headers are stored encrypt
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
@@ -35,7 +37,9 @@ from test_evidence_api import DATA
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.models import Verification
+from app.core.remote import EndpointSpec, Limits, RemoteModel, StoreCache
 from app.core.secrets import SecretBox
+from app.core.storage import ArtifactStore
 from app.main import create_app
 from ml.data import load_dataset
 
@@ -189,3 +193,27 @@ def test_stored_secrets_are_sealed_under_a_kept_key(tmp_path: Path) -> None:
         Settings(
             environment="production", database_url="postgresql+psycopg://u:p@db/cmim", session_secret="s" * 32
         )
+
+
+def test_answers_cached_in_the_store_are_not_asked_again(tmp_path: Path) -> None:
+    sent: list[int] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        tensor = json.loads(request.content)["inputs"][0]
+        sent.append(tensor["shape"][0])
+        return httpx.Response(
+            200,
+            json={
+                "outputs": [{"name": "y", "shape": [tensor["shape"][0]], "data": [1] * tensor["shape"][0]}]
+            },
+        )
+
+    cache = StoreCache(ArtifactStore.from_settings(service_settings("sqlite:///unused.db", tmp_path)))
+    spec = EndpointSpec(url="http://suspect.example", model="m")
+    x = np.arange(400, dtype=np.float32).reshape(100, 1, 4)
+    first = RemoteModel(spec, Limits(batch=32), cache=cache, transport=httpx.MockTransport(server))
+    assert first.labels(x).tolist() == [1] * 100 and sent == [32, 32, 32, 4] and first.sent == 100
+    again = RemoteModel(spec, Limits(batch=32), cache=cache, transport=httpx.MockTransport(server))
+    assert again.labels(x).tolist() == [1] * 100 and len(sent) == 4 and again.sent == 0
+    assert [e["cached"] for e in again.log] == [True] * 4
+    assert [e["answer_sha256"] for e in again.log] == [e["answer_sha256"] for e in first.log]
