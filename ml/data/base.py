@@ -61,13 +61,6 @@ class SplitParams(BaseModel):
     seed: int = 0
 
 
-def digit_splits(x: np.ndarray, y: np.ndarray, p: SplitParams) -> Splits:
-    """The ten digit classes '0'..'9' split by class (`stratified_split`), with no augmentation."""
-    x_train, y_train, x_test, y_test = stratified_split(x, y, p.test_fraction, p.seed)
-    names = [str(i) for i in range(10)]
-    return Splits(x_train, y_train, x_test, y_test, class_names=names, augmentation="none")
-
-
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of an (N, C, ...) array; a constant channel gets std 1 (no division by 0)."""
     axes = tuple(i for i in range(x.ndim) if i != 1)
@@ -241,6 +234,29 @@ def register_dataset(
             params=defaults,
         )
         DATASETS.register(name)(DatasetLoader(info=info, params_model=params, load=fn))
+        return fn
+
+    return deco
+
+
+DigitSource = Callable[[Any], tuple[np.ndarray, np.ndarray]]
+
+
+def register_digits(
+    name: str, *, description: str, input_shape: tuple[int, ...], params: type[SplitParams] = SplitParams
+) -> Callable[[DigitSource], DigitSource]:
+    """Decorator registering a bundled digit set: its source `(validated params) -> (x, y)` gives images
+    and labels 0..9, which are split by class (`stratified_split`) and get no augmentation."""
+
+    def deco(fn: DigitSource) -> DigitSource:
+        def load(p: SplitParams) -> Splits:
+            x_train, y_train, x_test, y_test = stratified_split(*fn(p), p.test_fraction, p.seed)
+            names = [str(i) for i in range(10)]
+            return Splits(x_train, y_train, x_test, y_test, class_names=names, augmentation="none")
+
+        register_dataset(
+            name, description=description, params=params, input_shape=input_shape, num_classes=10
+        )(load)
         return fn
 
     return deco
