@@ -138,6 +138,10 @@ class Attack(nn.Module):
             raise TypeError(f"attack {self.key!r} takes {self.Params.__name__}, got {type(params).__name__}")
         self.num_classes = num_classes
         self.params = params
+        self.build()
+
+    def build(self) -> None:
+        """Create what the attack derives from its parameters and classes (learned tensors included)."""
 
     def setup(self, feature_dim: int) -> None:
         """Create parameters that depend on the student (only attacks with needs_features use it)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, LabelCEParams, register, tempered_kl
+from ml.attacks.base import Attack, AttackContext, LabelCEParams, register, tempered_kl
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -57,8 +57,7 @@ class CTKDParams(LabelCEParams):
 class CTKD(Attack):
     params: CTKDParams
 
-    def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
-        super().__init__(num_classes, params)
+    def build(self) -> None:
         self.theta = nn.Parameter(torch.tensor(self.params.theta_init))
 
     def reversal_strength(self, ctx: AttackContext) -> float:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, distill_kl, register, temper
+from ml.attacks.base import Attack, AttackContext, distill_kl, register, temper
 from ml.attacks.kd import KDParams
 
 
@@ -46,9 +46,8 @@ class MKDParams(KDParams):
 class MKD(Attack):
     params: MKDParams
 
-    def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
-        super().__init__(num_classes, params)
-        p, c = self.params, num_classes
+    def build(self) -> None:
+        p, c = self.params, self.num_classes
         self.u = nn.Parameter(torch.randn(c, p.rank) * p.init_scale)
         self.v = nn.Parameter(torch.zeros(c, p.rank))
         # softmax row with logit d on the diagonal and 0 elsewhere: e^d / (e^d + C - 1) = init_diag.

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, distill_kl, register, tempered_kl
+from ml.attacks.base import Attack, AttackContext, distill_kl, register, tempered_kl
 from ml.attacks.kd import KDParams
 
 
@@ -37,9 +37,8 @@ class Skeptical(Attack):
     needs_features = True
     params: KDParams
 
-    def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
-        super().__init__(num_classes, params)
-        self.aux: nn.Module | None = None
+    def build(self) -> None:
+        self.aux: nn.Module | None = None  # created by setup, once the student's feature size is known
 
     def setup(self, feature_dim: int) -> None:
         """Create the auxiliary head for D = feature_dim (before collecting parameters or moving devices)."""

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 from torch import Tensor
 
-from ml.attacks.base import Attack, AttackContext, AttackParams, register
+from ml.attacks.base import Attack, AttackContext, register
 from ml.attacks.kd import KDParams, kd_loss
 from ml.output_mode import topk_renormalise
 
@@ -33,11 +33,10 @@ class TopK(Attack):
     row_separable = True
     params: TopKParams
 
-    def __init__(self, num_classes: int, params: AttackParams | None = None) -> None:
-        super().__init__(num_classes, params)
-        self.k = default_k(num_classes) if self.params.k is None else self.params.k
-        if self.k > num_classes:
-            raise ValueError(f"topk: k = {self.k} exceeds the {num_classes} classes")
+    def build(self) -> None:
+        self.k = default_k(self.num_classes) if self.params.k is None else self.params.k
+        if self.k > self.num_classes:
+            raise ValueError(f"topk: k = {self.k} exceeds the {self.num_classes} classes")
 
     def hyper(self, ctx: AttackContext) -> dict[str, Any]:
         return dict(self.params) | {"k": self.k}
