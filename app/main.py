@@ -35,10 +35,10 @@ from app.problems import BodyLimit, document_problems, install_problem_handlers
 from app.services.job_events import EventWatch
 from app.services.monitor import Monitor
 from app.services.predictor import Predictor
+from app.services.report_page import CSS as REPORT_CSS
 from app.services.serving import HistoryCache, ModelCache
 from app.services.sessions import SessionStore
 from app.web import routes as web
-from app.web.report import CSS as REPORT_CSS
 
 DESCRIPTION = """\
 Train a classifier that resists black-box distillation (CMIM), audit it the way a thief would, and

@@ -18,7 +18,7 @@ from app.core.storage import CorruptObjectError
 from app.problems import Problem, corrupt_object
 from app.services import sessions as web_session
 from app.services.access import authorize
-from app.web.filters import templates  # one environment for every page, the report included
+from app.services.templates import templates  # one environment for every page, the report included
 
 HERE = Path(__file__).parent
 

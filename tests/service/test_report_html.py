@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from audit_reports import BELOW, COPIED, report_of, rows
 
+from app.services import report_page
+from app.services.report_page import render_report
 from app.services.schemas import JobOut, Progress
-from app.web import report as report_page
-from app.web.report import render_report
 from ml.audit import AuditReport
 from ml.audit.findings import findings
 

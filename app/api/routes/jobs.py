@@ -25,6 +25,7 @@ from app.services.jobs import (
     read_job,
     report_artifact,
 )
+from app.services.report_page import render_report
 from app.services.schemas import (
     PRINTABLE,
     ArtifactOut,
@@ -35,7 +36,6 @@ from app.services.schemas import (
     PresetOut,
     PrintableText,
 )
-from app.web.report import render_report
 from ml.catalog import PRESETS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

@@ -1,5 +1,6 @@
-"""The audit report page: one self-contained HTML file (its stylesheet inline, its charts inline SVG) that the
-dashboard's templates render (`report.html`) from a job's stored report and the epochs of its training.
+"""The audit report page, which the API (`/api/v1/jobs/{id}/report.html`) and the dashboard both serve: one
+self-contained HTML file (its stylesheet inline, its charts inline SVG) rendered from the dashboard's template
+`report.html` with a job's stored report and the epochs of its training.
 
 The template escapes every value it prints; only the charts are inserted as they are (`ml.charts` escapes
 their text). The findings are the report's own when it carries them (the worker stores them with the job's
@@ -15,14 +16,14 @@ from markupsafe import Markup
 from pydantic import BaseModel
 
 from app.services.schemas import JobOut
-from app.web.filters import templates
+from app.services.templates import templates
 from ml.audit import OUTCOME_LABELS, findings, outcome
 from ml.charts import Bar, Rule, Series, bar_chart, line_chart
 from ml.evidence import EVIDENCE_LIMITS
 
 # The page's one stylesheet, inline so that the page can be saved as one file: the content security policy
 # allows exactly this text (app.main hashes it).
-CSS = (Path(__file__).parent / "templates" / "report.css").read_text(encoding="utf-8")
+CSS = (Path(__file__).parents[1] / "web" / "templates" / "report.css").read_text(encoding="utf-8")
 
 
 def box_name(box: str) -> str:

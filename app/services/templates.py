@@ -1,6 +1,7 @@
-"""The templates of every HTML page (the dashboard's and the report page): one Jinja2 environment, which
-escapes every value unless it is marked safe, and its filters: numbers, times, output modes and policies in
-words, a model's served scores, text with `code` spans."""
+"""The templates of every HTML page (the dashboard's, in app/web/templates, and the report page, which the API
+and the dashboard both serve): one Jinja2 environment, which escapes every value unless it is marked safe,
+and its filters: numbers, times, output modes and policies in words, a model's served scores, text with
+`code` spans."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def _served_scores(scores: list[float] | None, names: list[str]) -> list[tuple[s
     return [(name, s) for name, s in ranked if s > 0][:SCORES_SHOWN]
 
 
-templates = Jinja2Templates(directory=Path(__file__).parent / "templates")  # autoescapes .html templates
+# autoescapes .html templates
+templates = Jinja2Templates(directory=Path(__file__).parents[1] / "web" / "templates")
 templates.env.filters.update(pct=_num, num=_num, code_spans=_code_spans, eta=_eta, output_mode=_output_mode)
 templates.env.filters.update(policy_words=_policy, served_scores=_served_scores)
