@@ -37,9 +37,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ml.attacks import ATTACKS
 from ml.audit.batches import Batch
 from ml.audit.blackbox import BlackBox
 from ml.audit.config import AuditConfig
+from ml.audit.lockstep import train_lockstep
 from ml.audit.sources import LiveSource
 from ml.audit.stats import summarise
 from ml.audit.students import Run
@@ -47,6 +49,8 @@ from ml.audit.verdict import judge
 from ml.data import Dataset
 from ml.enforcement import EnforcementPolicy, Standing, StandingBook, escalate, first_exhausted
 from ml.monitor import ModelMonitor, MonitorConfig, QueryBank, Reference, calibrate
+from ml.pool import pool_map
+from ml.train import resolve_device
 
 KEYS = (1, 16, 256)
 AWARE = ("jitter", "fresh_mix", "slow")
@@ -169,7 +173,6 @@ class Attacker:
 
 def attackers(cfg: AuditConfig, data: Dataset, seed: int, aware: bool = True) -> list[Attacker]:
     """Every attack row of the audit, then the monitor-aware attackers (fm_edge variants)."""
-    from ml.attacks import ATTACKS
 
     def make(name: str, key: str, params: Any) -> Callable[[], Run]:
         return lambda: Run(
@@ -284,25 +287,24 @@ def enforced_phase(
     *,
     keys: tuple[int, ...] = KEYS,
     aware: bool = True,
+    workers: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every attacker x K over the seeds: queries obtained, the student trained on them, and margins
     against the best LS student (the audit's `judge`, Holm over every row); `ls_results` are the audit's
-    LS rows of the student (the report's `students[student].ls`, as JSON)."""
-    from ml.audit.lockstep import train_lockstep
-    from ml.train import resolve_device
+    LS rows of the student (the report's `students[student].ls`, as JSON).
 
-    device = resolve_device(cfg.device)
+    The simulations run first, here (they are cheap); then every distinct student (seed, attacker,
+    samples obtained) trains, `workers` at a time in spawned processes (`pool_map`): the same numbers as
+    one at a time, for the same thread count per student."""
     half = len(data.x_test) // 2
-    acc: dict[str, dict[str, list[float]]] = {}
-    queries: dict[str, list[int]] = {}
+    sims: list[tuple[int, str, dict[str, Any]]] = []  # (seed index, row, what the simulation got)
+    students: dict[tuple[int, str, int], int] = {}  # (seed index, attacker, samples) -> its place
     honest = {"suspended": 0, "limited": 0, "keys": 0}
     for s in range(cfg.seeds):
         seed = cfg.base_seed + s
         ref = calibrate(data.x_test[:half], MonitorConfig(), seed)
         requests = honest_requests(data, seed)
-        oracle = {"enforced": box.oracle(s, device)}
-        trained: dict[tuple[str, int], tuple[float, float]] = {}  # (attacker, samples) -> (best, last)
         for a in attackers(cfg, data, seed, aware):
             for k in keys:
                 gate = Gate(ref, budget)
@@ -311,23 +313,26 @@ def enforced_phase(
                 honest["suspended"] += held["suspended"]
                 honest["limited"] += held["limited"]
                 honest["keys"] += HONEST_KEYS
-                row = f"{a.name} K={k}"
-                if (a.name, got["samples"]) not in trained:
-                    run = a.run()
-                    views = len(run.views)
-                    train_lockstep(
-                        [run], data, oracle, a.cfg, seed, budget=got["samples"] * views, reshape=a.reshape()
-                    )
-                    trained[(a.name, got["samples"])] = (max(run.acc), run.acc[-1])
-                best, last = trained[(a.name, got["samples"])]
-                acc.setdefault(row, {"best": [], "last": []})
-                acc[row]["best"].append(best)
-                acc[row]["last"].append(last)
-                queries.setdefault(row, []).append(got["queries"])
+                sims.append((s, f"{a.name} K={k}", got))
+                students.setdefault((s, a.name, got["samples"]), len(students))
                 log(
-                    f"enforced seed {s}: {row}: {got['queries']} queries, {got['keys_stopped']} keys out, "
-                    f"student {best:.2f}%, honest held {held}"
+                    f"enforced seed {s}: {a.name} K={k}: {got['queries']} queries, {got['keys_stopped']} "
+                    f"keys out, honest held {held}"
                 )
+    log(f"enforced: training {len(students)} students of {len(sims)} simulations over {workers} worker(s)")
+    jobs = [(cfg, data, box, s, name, samples, aware) for s, name, samples in students]
+    trained = []
+    for (s, name, samples), accs in zip(students, pool_map(train_attacker, jobs, workers), strict=True):
+        trained.append(accs)
+        log(f"enforced seed {s}: {name} on {samples} samples: student {accs[0]:.2f}%")
+    acc: dict[str, dict[str, list[float]]] = {}
+    queries: dict[str, list[int]] = {}
+    for s, row, got in sims:
+        best, last = trained[students[(s, row.rsplit(" K=", 1)[0], got["samples"])]]
+        acc.setdefault(row, {"best": [], "last": []})
+        acc[row]["best"].append(best)
+        acc[row]["last"].append(last)
+        queries.setdefault(row, []).append(got["queries"])
     rows = {
         name: {
             "acc_best": summarise(v["best"]),
@@ -345,6 +350,19 @@ def enforced_phase(
         "rows": rows,
         "verdict": verdict,
     }
+
+
+def train_attacker(
+    cfg: AuditConfig, data: Dataset, box: BlackBox, s: int, name: str, samples: int, aware: bool
+) -> tuple[float, float]:
+    """The student of attacker `name` of seed index `s`, trained on the first `samples` of its stream (the
+    audit's budget phase): its best and last accuracy."""
+    seed = cfg.base_seed + s
+    a = next(a for a in attackers(cfg, data, seed, aware) if a.name == name)
+    oracle = {"enforced": box.oracle(s, resolve_device(cfg.device))}
+    run = a.run()
+    train_lockstep([run], data, oracle, a.cfg, seed, budget=samples * len(run.views), reshape=a.reshape())
+    return max(run.acc), run.acc[-1]
 
 
 def enforced_summary(enforced: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,10 +9,9 @@ serves it; all protections are attacked in one lockstep per seed, against the sa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -25,6 +24,7 @@ from ml.evidence import DEFAULT_MECHANISM, Secret
 from ml.monitor_sim import monitor_markdown, simulate_seeds
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
+from ml.pool import pool_map
 from ml.registry import Registry
 from ml.teachers import CONTROL_OBJECTIVE, control_recipe
 from ml.train import TrainConfig, train_model
@@ -239,6 +239,7 @@ def run_paper(
             safe,
             {name: row.model_dump(mode="json") for name, row in ls.items()},
             keys=tuple(bench.enforced_keys),
+            workers=workers,
             log=log,
         )
     report["summary"] = summarise_paper(report, bench, time.perf_counter() - t0)
@@ -264,7 +265,7 @@ def _train_teachers(
             init = teachers[_recipe_key(bench, *CONTROL)][seed].state_dict() if finetune else None
             jobs.append((key, seed, (cfg, data, init)))
         for (key, seed, _), (model, acc) in zip(
-            jobs, _map(_train_one, [j[2] for j in jobs], workers), strict=True
+            jobs, pool_map(_train_one, [j[2] for j in jobs], workers), strict=True
         ):
             log(f"teacher {key} seed {seed}: {acc:.2f}%")
             teachers.setdefault(key, []).append(model)
@@ -297,23 +298,6 @@ def teacher_configs(bench: Benchmark, device: str = "auto") -> list[tuple[str, i
         for key, (objective, params, finetune) in keys.items()
         for seed in range(bench.seeds)
     ]
-
-
-def _map(fn: Callable[..., Any], args: list[tuple[Any, ...]], workers: int) -> Iterator[Any]:
-    """fn(*a) for each a, in order: here, or in `workers` spawned processes sharing the CPU threads."""
-    if workers <= 1 or len(args) <= 1:
-        yield from (fn(*a) for a in args)
-        return
-    import torch.multiprocessing as mp
-
-    threads = max(1, torch.get_num_threads() // workers)
-    with mp.get_context("spawn").Pool(min(workers, len(args)), torch.set_num_threads, (threads,)) as pool:
-        yield from pool.imap(_star, [(fn, a) for a in args])  # in order, each as soon as it is done
-
-
-def _star(fn_args: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:
-    fn, args = fn_args
-    return fn(*args)
 
 
 def _recipe_key(bench: Benchmark, objective: str, params: dict[str, Any], finetune: bool) -> str:

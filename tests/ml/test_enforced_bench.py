@@ -10,9 +10,11 @@ import torch
 
 from ml.attacks import ATTACKS
 from ml.audit.batches import Batch
+from ml.audit.blackbox import BlackBox
 from ml.audit.config import AuditConfig
 from ml.audit.sources import CachedSource, LiveSource
 from ml.audit.statement import enforcement_statement
+from ml.audit.stats import summarise
 from ml.audit.students import Run
 from ml.data import Dataset, load_dataset
 from ml.enforced_sim import (
@@ -23,6 +25,7 @@ from ml.enforced_sim import (
     Attacker,
     Gate,
     Jitter,
+    enforced_phase,
     enforced_record,
     enforced_summary,
     honest_requests,
@@ -31,6 +34,7 @@ from ml.enforced_sim import (
 )
 from ml.enforcement import Standing, first_exhausted
 from ml.monitor import MonitorConfig, calibrate
+from ml.oracle import OutputMode
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +166,25 @@ def test_every_report_says_what_the_policy_adds_from_the_recorded_measurement(tm
     path.write_text(json.dumps(enforced_record(report, "cmim bench paper", "abc1234", indicative=False)))
     text = enforcement_statement(path)
     assert "did not all stay below" in text and "fm_edge K=256" in text and "significantly after Holm" in text
+
+
+def test_students_trained_over_two_workers_give_the_numbers_of_one(data: Dataset) -> None:
+    """The enforced phase simulates first and then trains each distinct student once: over two spawned
+    workers (one thread each) its rows equal those of one process at one thread."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(data.x_train[0].numel(), 10))
+    box = BlackBox([teacher], OutputMode(kind="label"))
+    cfg = AuditConfig(epochs=1, seeds=2, students=["mlp"], attacks=["hard_label"], device="cpu")
+    ls = {"ls": {"acc_best": summarise([99.0, 98.0]), "acc_last": summarise([99.0, 98.0])}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = enforced_phase(cfg, data, box, 50, ls, keys=(1, 4), aware=False, workers=1, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    two = enforced_phase(cfg, data, box, 50, ls, keys=(1, 4), aware=False, workers=2, log=lambda _: None)
+    assert set(one["rows"]) == {"hard_label K=1", "hard_label K=4"}
+    assert one["rows"]["hard_label K=4"]["queries"]["mean"] == 200  # four keys of 50 rows each
+    assert {n: r["acc_best"] for n, r in one["rows"].items()} == {
+        n: r["acc_best"] for n, r in two["rows"].items()
+    }
