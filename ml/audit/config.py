@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ml.attacks import ATTACKS, build_params, rows
 from ml.data import DATASETS
+from ml.evidence.nulls import check_null_family
 from ml.models import MODELS
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
@@ -87,7 +88,19 @@ class AuditConfig(OptimConfig):
         "budget becomes the served model's per-key query budget. None (the default): 1, 5 and 25 passes "
         "over the attacker's labelled set (4k, 20k and 100k on the benchmark); [] for none",
     )
+    null_archs: list[str] | None = Field(
+        None,
+        max_length=8,
+        description="evidence: families of independent models of other architectures in the null, one per "
+        "seed each (a zoo architecture, or the scikit-learn null 'logistic' or 'forest'). None (the "
+        "default): the zoo's other small student families that fit the input (ml.evidence.nulls); [] none",
+    )
     device: str = "auto"
+
+    @field_validator("null_archs")
+    @classmethod
+    def _null_families(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [check_null_family(name) for name in v]
 
     @field_validator("students", "attacks", "transfer", "control_arch")
     @classmethod

@@ -19,6 +19,7 @@ from ml.audit.result import (
 )
 from ml.audit.stats import seeds_to_resolve
 from ml.audit.verdict import outcome
+from ml.evidence.heldout import evidence_words
 
 # The setting that tells a copyable teacher from a protected one on our benchmark (docs/calibration.md:
 # mnist1d, MLP student): function matching copies a plain CE teacher at 300 epochs over 5 seeds.
@@ -172,7 +173,7 @@ def report_findings(report: AuditReport, spec: dict[str, Any] | None = None) -> 
     if why_indicative:
         headline += f" Indicative only: {why_indicative} It cannot show that a model is undistillable."
     control_copied = [r for r in control_rows if r["outcome"] == "copied"]
-    return Findings(
+    out = Findings(
         verdict=verdict,
         headline=headline,
         why=why,
@@ -186,6 +187,10 @@ def report_findings(report: AuditReport, spec: dict[str, Any] | None = None) -> 
             report, verdict, copied, ahead or ([best] if best and best["margin"] > 0 else [])
         ),
     )
+    words = evidence_words(report.evidence)  # whether evidence of theft can work for this model
+    if words is not None:
+        out.evidence = words
+    return out
 
 
 def indicative(report: AuditReport | dict[str, Any], spec: dict[str, Any] | None = None) -> str | None:

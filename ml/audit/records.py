@@ -50,12 +50,14 @@ class EvidenceRecord(BaseModel):
     mechanism: str
     box: str
     agreement: float
+    agrees: str | None = None  # a selecting mechanism's pool: agreement per candidate, packed bits as hex
 
     _read_list = _positional(("phase", "teacher", "arch", "row", "mechanism", "box", "agreement"))
 
     def as_tuple(self) -> tuple[Any, ...]:
         """The form `ml.evidence.audit.evidence_section` reads."""
-        return self.phase, self.teacher, self.arch, self.row, self.mechanism, self.box, self.agreement
+        return (self.phase, self.teacher, self.arch, self.row, self.mechanism, self.box, self.agreement,
+                self.agrees)  # fmt: skip
 
 
 class TaskResult(BaseModel):

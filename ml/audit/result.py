@@ -177,6 +177,7 @@ class Findings(Part):
     serving: ServingWords | None = None
     safe_budget: int | None = None
     next_steps: list[str] = Field(default_factory=list)
+    evidence: str | None = None  # whether evidence of theft can work for this model, and why (or why not)
 
 
 class JobHeadline(BaseModel):

@@ -25,6 +25,7 @@ from ml.attacks import ATTACKS
 from ml.audit.blackbox import BlackBox, as_models, serve_box, serving_summary, teacher_summary
 from ml.audit.config import REPORT_VERSION, AuditConfig, ls_recipes
 from ml.audit.lockstep import train_lockstep
+from ml.audit.nulls import train_nulls
 from ml.audit.records import EvidenceRecord, StudentRecord, TaskResult
 from ml.audit.result import DatasetInfo, ServedSummary
 from ml.audit.students import Run
@@ -32,6 +33,7 @@ from ml.audit.summary import PlanSummary, TaskRef
 from ml.cmi import model_logits
 from ml.data import Dataset, load_dataset
 from ml.evidence.audit import Challenges, build_challenges, evidence_records, keyed_costs
+from ml.evidence.nulls import default_null_families
 from ml.evidence.secret import Secret
 from ml.policy import FittedPolicy, PolicyConfig
 from ml.train import keep_freed_memory, resolve_device
@@ -169,6 +171,8 @@ def plan(
         dataset.subset_train(cfg.labelled_fraction, cfg.base_seed) if cfg.labelled_fraction < 1 else dataset
     )
     cfg = cfg.model_copy(update={"query_budgets": cfg.budgets(len(data.x_train))})  # the report states them
+    if cfg.null_archs is None:  # the evidence null's other architectures, stated as run
+        cfg = cfg.model_copy(update={"null_archs": default_null_families(cfg.students, dataset.input_shape)})
     transfer = None
     if cfg.transfer is not None:
         pool = load_dataset(cfg.transfer, **cfg.transfer_params)
@@ -255,7 +259,7 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
     # one attacker = one API key: a fresh oracle (query history) per phase
     oracles = {t: box.oracle(s, device) for t, box in p.teachers.items()}
     records: list[StudentRecord] = []
-    evidence: list[list[Any]] = []  # every student's agreement on every challenge (ml.evidence.audit)
+    evidence: list[dict[str, Any]] = []  # every student's agreement on every challenge (ml.evidence.audit)
 
     def record(runs: list[Run], n_queries: Callable[[Run], int]) -> None:
         records.extend(
@@ -281,6 +285,10 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
         )
         evidence += evidence_records(runs, predict, p.challenges, s, phase)
         record(runs, lambda r: cfg.epochs * len(data.x_train) * len(r.views) if r.teacher else 0)
+        if p.challenges and cfg.null_archs:  # the null's other architectures, after (ml.audit.nulls)
+            nulls, predict = train_nulls(cfg.null_archs, data, cfg, seed)
+            evidence += evidence_records(nulls, predict, p.challenges, s, phase)
+            record(nulls, lambda r: 0)
     else:
         pending = p.attack_runs(p.budget_teachers)
         # every attack spends exactly B queries: attacks with as many views share one cached set

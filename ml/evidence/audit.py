@@ -17,12 +17,14 @@ from torch import Tensor
 
 from ml.data import Dataset
 from ml.evidence.base import Challenge
+from ml.evidence.heldout import selected_section
+from ml.evidence.nulls import NULL_ROW
 from ml.evidence.registry import CHALLENGE_POINTS, MECHANISMS
 from ml.evidence.secret import Secret
-from ml.evidence.stats import ALPHA, Null, loo_fpr
+from ml.evidence.selected import pack_bits, pool_size, unpack_bits
+from ml.evidence.stats import ALPHA, NEAR_LS_POINTS, Null, fpr_by_family, loo_fpr, rates
 
 Challenges = dict[str, dict[str, list[Challenge]]]  # mechanism -> black box -> one per seed
-NEAR_LS_POINTS = 1.0  # "near LS": a knockoff within this many points of the best LS student, or above
 
 
 def build_challenges(boxes: dict[str, Any], data: Dataset, secret: Secret, seeds: int) -> Challenges:
@@ -47,19 +49,24 @@ def build_challenges(boxes: dict[str, Any], data: Dataset, secret: Secret, seeds
 def evidence_records(
     runs: Sequence[Any], predict: Callable[[Tensor], Tensor], challenges: Challenges, seed_index: int,
     phase: int | None,
-) -> list[list[Any]]:  # fmt: skip
-    """[phase, teacher (None: LS), arch, row, mechanism, black box, agreement] for every trained run:
-    one batched forward of all runs per distinct challenge; LS runs are negatives for every box."""
-    records: list[list[Any]] = []
+) -> list[dict[str, Any]]:  # fmt: skip
+    """{phase, teacher (None: an independent model), arch, row, mechanism, black box, agreement; for a
+    selecting mechanism the agreement on every candidate} for every trained run: one batched forward of
+    all runs per distinct challenge; independent runs are negatives for every box."""
+    records: list[dict[str, Any]] = []
     preds: dict[int, Tensor] = {}
     for mech, per_box in challenges.items():
+        selects = getattr(MECHANISMS.get(mech), "selects", False)
         for box, per_seed in per_box.items():
             ch = per_seed[seed_index]
             if id(ch) not in preds:
                 preds[id(ch)] = predict(ch.x)
             for r, p in zip(runs, preds[id(ch)], strict=True):
                 if r.teacher is None or r.teacher == box:
-                    records.append([phase, r.teacher, r.arch, r.name, mech, box, ch.agreement(p)])
+                    bits = pack_bits(p.cpu() == ch.labels.cpu()) if selects else None
+                    records.append({"phase": phase, "teacher": r.teacher, "arch": r.arch, "row": r.name,
+                                    "mechanism": mech, "box": box, "agreement": ch.agreement(p),
+                                    "agrees": bits})  # fmt: skip
     return records
 
 
@@ -75,17 +82,21 @@ EVIDENCE_LIMITS = (
 
 
 def evidence_section(
-    records: list[list[Any]],
+    records: list[tuple[Any, ...]],
     accuracy: dict[tuple[Any, ...], list[float]],
     costs: dict[str, dict[str, float]],
     commitment: dict[str, str],
 ) -> dict[str, Any]:
-    """The report's evidence section. `accuracy[(phase, teacher, arch, row)]` are best accuracies per
-    seed (seed order, as the records); `costs` the honest cost of each keyed black box; `commitment`
-    the evidence secret's (`Secret.commitment`)."""
+    """The report's evidence section. `records` are `EvidenceRecord.as_tuple()`s; `accuracy[(phase,
+    teacher, arch, row)]` are best accuracies per seed (seed order, as the records); `costs` the honest
+    cost of each keyed black box; `commitment` the evidence secret's (`Secret.commitment`)."""
     agree: dict[tuple[Any, ...], list[float]] = {}
-    for phase, teacher, arch, row, mech, box, a in records:  # records come in seed order
+    bits: dict[tuple[Any, ...], list[np.ndarray]] = {}
+    for phase, teacher, arch, row, mech, box, a, hexed in records:  # records come in seed order
         agree.setdefault((mech, box, arch, phase, teacher, row), []).append(a)
+        if hexed is not None:
+            pool = pool_size(CHALLENGE_POINTS)
+            bits.setdefault((mech, box, arch, phase, teacher, row), []).append(unpack_bits(hexed, pool))
     out: dict[str, Any] = {
         "commitment": commitment,
         "alpha": ALPHA,
@@ -94,13 +105,19 @@ def evidence_section(
         "limits": EVIDENCE_LIMITS,
         "mechanisms": {},
     }
-    for mech, box, arch in dict.fromkeys((k[0], k[1], k[2]) for k in agree):
+    for mech, box, arch in dict.fromkeys((k[0], k[1], k[2]) for k in agree if k[5] != NULL_ROW):
         negatives = {k[5]: v for k, v in agree.items() if k[:3] == (mech, box, arch) and k[4] is None}
+        others = {k[2]: v for k, v in agree.items() if k[:2] == (mech, box) and k[5] == NULL_ROW}
         by_family: dict[str, list[float]] = {}
         for row, values in negatives.items():
             by_family.setdefault(family(row), []).extend(values)
         ls = {row: accuracy[(None, None, arch, row)] for row in negatives}
         best_ls = ls[max(ls, key=lambda r: np.mean(ls[r]))]
+        if getattr(MECHANISMS.get(mech), "selects", False):
+            summary = _selected(bits, (mech, box, arch), accuracy, best_ls)
+            out["mechanisms"].setdefault(mech, {"serving": MECHANISMS.get(mech).serving})
+            out["mechanisms"][mech].setdefault(box, {})[arch] = summary
+            continue
         fpr = loo_fpr(by_family, CHALLENGE_POINTS)
         if fpr is None:  # no test without a null: say so instead
             reason = "no family of 3 independent (LS) students: no test"
@@ -109,11 +126,55 @@ def evidence_section(
             null = Null.fit(by_family, CHALLENGE_POINTS)
             summary = _tested(agree, (mech, box, arch), null, accuracy, best_ls)
             summary |= {"negatives": by_family, "fpr": fpr}
+            if others:
+                summary["other_architectures"] = _widest(agree, (mech, box, arch), by_family | others,
+                                                         accuracy, best_ls)  # fmt: skip
         if box in costs:
             summary["honest_cost"] = costs[box]
         out["mechanisms"].setdefault(mech, {"serving": MECHANISMS.get(mech).serving})
         out["mechanisms"][mech].setdefault(box, {})[arch] = summary
     return out
+
+
+def _widest(
+    agree: dict[tuple[Any, ...], list[float]], which: tuple[str, str, str], by_family: dict[str, list[float]],
+    accuracy: dict[tuple[Any, ...], list[float]], best_ls: list[float],
+) -> dict[str, Any]:  # fmt: skip
+    """The test against the widest null (the LS families and the other architectures'): the
+    false-positive rate per family (leave-one-out) and the detection rates with unlimited queries."""
+    fpr, per_family = fpr_by_family(by_family, CHALLENGE_POINTS)
+    null = Null.fit(by_family, CHALLENGE_POINTS)
+    tested = _tested(agree, which, null, accuracy, best_ls)
+    keep = ("tpr_unlimited", "tpr_near_ls_unlimited", "near_ls_unlimited")
+    return {"negatives": by_family, "null": null.to_json(), "threshold": null.threshold(), "fpr": fpr,
+            "fpr_by_family": per_family, **{k: tested[k] for k in keep if k in tested}}  # fmt: skip
+
+
+def _selected(
+    bits: dict[tuple[Any, ...], list[np.ndarray]], which: tuple[str, str, str],
+    accuracy: dict[tuple[Any, ...], list[float]], best_ls: list[float],
+) -> dict[str, Any]:  # fmt: skip
+    """A selecting mechanism's section (`ml.evidence.heldout`): every independent model (LS families and
+    other architectures) and knockoff of this box and architecture by its per-seed agreement bits."""
+    mech, box, arch = which
+    negatives: dict[str, list[np.ndarray]] = {}  # per recipe: an LS row, a null family
+    families: dict[str, str] = {}
+    knockoffs: dict[tuple[str, str], list[np.ndarray]] = {}
+    near: dict[tuple[str, str], list[bool]] = {}
+    for (m, b, a, phase, teacher, row), v in bits.items():
+        if (m, b) != (mech, box):
+            continue
+        if row == NULL_ROW:
+            negatives[a], families[a] = v, a
+        elif a == arch and teacher is None:
+            negatives[row], families[row] = v, family(row)
+        elif a == arch:
+            key = ("unlimited" if phase is None else str(phase), row)
+            knockoffs[key] = v
+            acc = accuracy[(phase, teacher, arch, row)]
+            near[key] = [x >= ls_x - NEAR_LS_POINTS for x, ls_x in zip(acc, best_ls, strict=True)]
+    per_seed = {r: [[b] for b in v] for r, v in negatives.items()}  # one model per recipe and seed
+    return selected_section(per_seed, families, knockoffs, near, CHALLENGE_POINTS)
 
 
 def _tested(
@@ -145,14 +206,6 @@ def _tested(
 def family(ls_row: str) -> str:
     """The training recipe of an LS row (`ml.audit.config.ls_recipes` names them ls_<eps>, ls_mixup_<eps>)."""
     return "mixup" if ls_row.startswith("ls_mixup") else "plain"
-
-
-def rates(rows: dict[str, Any]) -> dict[str, Any]:
-    """TPR over every knockoff of a phase, and over the near-LS ones (with how many there are)."""
-    hits = [q < ALPHA for r in rows.values() for q in r["p"]]
-    near = [q < ALPHA for r in rows.values() for q, n in zip(r["p"], r["near_ls"], strict=True) if n]
-    return {"tpr": float(np.mean(hits)), "tpr_near_ls": float(np.mean(near)) if near else None,
-            "near_ls": len(near), "knockoffs": len(hits)}  # fmt: skip
 
 
 def keyed_costs(boxes: dict[str, Any], data: Dataset) -> dict[str, dict[str, float]]:

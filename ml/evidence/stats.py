@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
 
 ALPHA = 0.01  # a suspect is called a copy when p < ALPHA
+NEAR_LS_POINTS = 1.0  # "near LS": a knockoff within this many points of the best LS student, or above
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,37 @@ def loo_fpr(by_family: dict[str, list[float]], points: int, alpha: float = ALPHA
             except ValueError:
                 return None
     return float(np.mean(hits)) if hits else None
+
+
+def loo_hits(by_family: dict[str, list[float]], points: int, alpha: float = ALPHA) -> dict[str, list[bool]]:
+    """Per family, whether each negative is called a copy against the null of all the others (its own
+    family without it; a family left with one model drops out of that null). A negative whose removal
+    leaves no family of 2 is not tested."""
+    out: dict[str, list[bool]] = {}
+    for f, values in by_family.items():
+        hits = out.setdefault(f, [])
+        for i, a in enumerate(values):
+            try:
+                null = Null.fit(by_family | {f: values[:i] + values[i + 1 :]}, points)
+            except ValueError:
+                continue
+            hits.append(null.p_value(a) < alpha)
+    return out
+
+
+def fpr_by_family(
+    by_family: dict[str, list[float]], points: int
+) -> tuple[float | None, dict[str, float | None]]:
+    """(the false-positive rate over every negative, and per family) by `loo_hits`; None: none tested."""
+    hits = loo_hits(by_family, points)
+    every = [h for v in hits.values() for h in v]
+    per = {f: float(np.mean(v)) if v else None for f, v in hits.items()}
+    return (float(np.mean(every)) if every else None), per
+
+
+def rates(rows: dict[str, Any]) -> dict[str, Any]:
+    """TPR over every knockoff of a phase, and over the near-LS ones (with how many there are)."""
+    hits = [q < ALPHA for r in rows.values() for q in r["p"]]
+    near = [q < ALPHA for r in rows.values() for q, n in zip(r["p"], r["near_ls"], strict=True) if n]
+    return {"tpr": float(np.mean(hits)), "tpr_near_ls": float(np.mean(near)) if near else None,
+            "near_ls": len(near), "knockoffs": len(hits)}  # fmt: skip

@@ -1,0 +1,71 @@
+"""Independent models of other architectures for the evidence null (Dataset Inference's critique: a null of
+one architecture says nothing of a suspect of another).
+
+Beside its LS students (the audited student architectures), the audit trains one independent model per
+seed of each null family: by default the zoo's other small student families that fit the input (`mlp`,
+`cnn1d_small` on sequences, `cnn2d` on images), and any the owner names in `AuditConfig.null_archs`: a
+zoo architecture, or a scikit-learn model (`logistic`: multinomial logistic regression; `forest`: a random
+forest of 50 trees), fitted on a bootstrap of the attacker's labelled data drawn from the seed. They are
+trained with the data's labels only, plainly (no label smoothing), after the audit's own students, so
+they change none of their figures. The report gives the false-positive rate per family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ml.data import Dataset
+from ml.models import MODELS
+
+STUDENT_FAMILIES = ("mlp", "cnn1d_small", "cnn2d")  # the zoo's small student families
+SKLEARN_NULLS = ("logistic", "forest")
+NULL_ROW = "null"  # the row name of a null family's independent model (its arch field names the family)
+
+
+def check_null_family(name: str) -> str:
+    """The name, when it is a zoo architecture or a scikit-learn null (UnknownNameError otherwise)."""
+    if name not in SKLEARN_NULLS:
+        MODELS.get(name)
+    return name
+
+
+def default_null_families(students: Sequence[str], input_shape: Sequence[int]) -> list[str]:
+    """The zoo's small student families that fit `input_shape` and are not among the audited students."""
+    out = []
+    for name in STUDENT_FAMILIES:
+        if name in students or name not in MODELS.names():
+            continue
+        try:  # the registered builder checks the input shape first
+            MODELS.get(name)(tuple(input_shape), 2)
+        except ValueError:
+            continue
+        out.append(name)
+    return out
+
+
+def sklearn_null(name: str, data: Dataset, seed: int) -> tuple[Callable[[Tensor], Tensor], float]:
+    """A scikit-learn null model fitted on a bootstrap of data's train split: (predict labels, test
+    accuracy in %)."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    x = data.x_train.reshape(len(data.x_train), -1).cpu().numpy()
+    idx = rng.integers(len(x), size=len(x))
+    if name == "logistic":
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, random_state=seed))
+    else:
+        model = RandomForestClassifier(n_estimators=50, n_jobs=1, random_state=seed)
+    model.fit(x[idx], data.y_train.cpu().numpy()[idx])
+
+    def predict(q: Tensor) -> Tensor:
+        return torch.from_numpy(model.predict(q.reshape(len(q), -1).cpu().numpy()).astype(np.int64))
+
+    acc = 100.0 * float((predict(data.x_test) == data.y_test.cpu()).float().mean())
+    return predict, acc
