@@ -10,11 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 _FLOATS_AS_GIVEN = ConfigDict(ser_json_inf_nan="constants")  # a student without fidelity stores NaN
 
 
-def _positional(fields: tuple[str, ...]) -> Any:
-    """A before-validator reading the positional list an earlier version stored."""
+def _positional(fields: tuple[str, ...], optional: int = 0) -> Any:
+    """A before-validator reading the positional list an earlier version stored (the last `optional`
+    fields may be missing)."""
 
     def read(cls: type[BaseModel], value: Any) -> Any:
-        return dict(zip(fields, value, strict=True)) if isinstance(value, list | tuple) else value
+        if not isinstance(value, list | tuple):
+            return value
+        if not len(fields) - optional <= len(value) <= len(fields):
+            raise ValueError(f"expected {len(fields)} positional fields, got {len(value)}")
+        return dict(zip(fields, value, strict=False))
 
     return model_validator(mode="before")(classmethod(read))  # type: ignore[arg-type]
 
@@ -52,7 +57,9 @@ class EvidenceRecord(BaseModel):
     agreement: float
     agrees: str | None = None  # a selecting mechanism's pool: agreement per candidate, packed bits as hex
 
-    _read_list = _positional(("phase", "teacher", "arch", "row", "mechanism", "box", "agreement"))
+    _read_list = _positional(
+        ("phase", "teacher", "arch", "row", "mechanism", "box", "agreement", "agrees"), 1
+    )
 
     def as_tuple(self) -> tuple[Any, ...]:
         """The form `ml.evidence.audit.evidence_section` reads."""

@@ -36,18 +36,39 @@ def unpack_challenge(raw: bytes) -> Challenge:
     return Challenge(torch.from_numpy(x), torch.from_numpy(labels))
 
 
-def null_from_report(report: dict[str, Any], mechanism: str, box: str = "teacher") -> tuple[Null, float]:
-    """The null of the audit's independent students (each family pooled over student architectures) and
-    its measured leave-one-out false-positive rate (the worst over architectures)."""
+def null_families(report: dict[str, Any], mechanism: str, box: str = "teacher") -> dict[str, list[float]]:
+    """The widest null's agreements per family: the audit's LS students (each family pooled over student
+    architectures) and its independent models of other architectures (`other_architectures`)."""
     per_arch = report["evidence"]["mechanisms"][mechanism][box]
     by_family: dict[str, list[float]] = {}
+    others: dict[str, list[float]] = {}
     for sec in per_arch.values():
         for f, values in sec["negatives"].items():
             by_family.setdefault(f, []).extend(values)
+        for f, values in (sec.get("other_architectures") or {}).get("negatives", {}).items():
+            if f not in sec["negatives"]:  # the same models in every architecture's section
+                others[f] = values
+    return by_family | others
+
+
+def null_from_report(report: dict[str, Any], mechanism: str, box: str = "teacher") -> tuple[Null, float]:
+    """The widest null (`null_families`) and its measured leave-one-out false-positive rate (the worst
+    over architectures and over the null with and without the other architectures)."""
+    per_arch = report["evidence"]["mechanisms"][mechanism][box]
     tested = [sec["fpr"] for sec in per_arch.values() if sec["fpr"] is not None]
+    tested += [s["other_architectures"]["fpr"] for s in per_arch.values() if s.get("other_architectures")]
+    tested = [f for f in tested if f is not None]
     if not tested:  # ValueError: the audit trained too few independent students
         raise ValueError("the audit trained no family of 3 independent students, which a test needs")
-    return Null.fit(by_family, report["evidence"]["points"]), max(tested)
+    return Null.fit(null_families(report, mechanism, box), report["evidence"]["points"]), max(tested)
+
+
+def evidence_note(report: dict[str, Any]) -> dict[str, str]:
+    """What a verification adds from the audit's report: {"evidence": why evidence cannot work for this
+    model} when the audit found no challenge that discriminates (`ml.evidence.heldout`), else nothing."""
+    per_arch = (report.get("evidence", {}).get("mechanisms", {}).get("selected") or {}).get("teacher") or {}
+    failing = [sec["reason"] for sec in per_arch.values() if not sec.get("works", True)]
+    return {"evidence": failing[0]} if failing and len(failing) == len(per_arch) else {}
 
 
 def predicted_labels(model: nn.Module, ch: Challenge) -> Tensor:
@@ -68,4 +89,9 @@ def verdict(ch: Challenge, predicted: Tensor, null: Null, measured_fpr: float) -
         "false_positive_bound": ALPHA,
         "measured_false_positive_rate": measured_fpr,
         "null": null.to_json(),
+        "null_scope": (
+            f"tested against the widest null the audit measured: independent models of {len(null.families)} "
+            f"families ({', '.join(null.families)}), the worst p over them; a suspect of another "
+            "architecture is judged against all of them, and the bound holds for suspects like them"
+        ),
     }
