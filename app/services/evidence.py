@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -178,8 +178,15 @@ class Verifier:
 
     def __init__(self, settings: Settings, store: ArtifactStore) -> None:
         self.settings, self.store = settings, store
-        self._pool = ThreadPoolExecutor(settings.remote_verify_workers, thread_name_prefix="cmim-verify")
         self._slots = threading.BoundedSemaphore(settings.remote_verify_workers * 4)
+        self._queue: queue.SimpleQueue[tuple[uuid.UUID, Material]] = queue.SimpleQueue()
+        # Daemon threads: a process that stops does not wait for a run (it is reported failed when read).
+        for i in range(settings.remote_verify_workers):
+            threading.Thread(target=self._work, name=f"cmim-verify-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self._run(*self._queue.get())
 
     def start(self, session: Session, m: Material, key: KeyInfo, spec: EndpointSpec) -> Verification:
         """Store the running verification (headers sealed) and start asking the endpoint; 429 when full."""
@@ -193,7 +200,7 @@ class Verifier:
             )  # fmt: skip
             session.add(row)
             session.commit()
-            self._pool.submit(self._run, row.id, m)
+            self._queue.put((row.id, m))
         except BaseException:
             self._slots.release()
             raise
