@@ -199,6 +199,10 @@ class VerifyOut(BaseModel):
         description="per family of the audit's independent students (plain, mixup): their agreement's mean, "
         "std, n and the challenge's points"
     )
+    null_scope: str | None = Field(None, description="which independent models the null covers, in words")
+    evidence: str | None = Field(
+        None, description="set when the audit found that evidence cannot work for this model, and why"
+    )
     commitment: Commitment
     verification: uuid.UUID | None = Field(
         None, description="the stored verification (GET .../verifications/{id}, and its evidence bundle)"

@@ -37,7 +37,15 @@ from ml.checkpoint import CONFIG_NAME, ModelMeta, load_meta
 from ml.data import load_dataset
 from ml.evidence import CHALLENGE_POINTS, DEFAULT_MECHANISM, MECHANISMS, Challenge, Secret
 from ml.evidence.bundle import build_bundle
-from ml.evidence.verify import null_from_report, pack_challenge, store_names, unpack_challenge, verdict
+from ml.evidence.verify import (
+    evidence_note,
+    null_families,
+    null_from_report,
+    pack_challenge,
+    store_names,
+    unpack_challenge,
+    verdict,
+)
 
 log = logging.getLogger(__name__)
 COULD_NOT_VERIFY = "could_not_verify"
@@ -80,11 +88,7 @@ class Material:
             raise Problem(
                 409, f"model {self.job_id}: {e} (more seeds or LS rows)", slug="no-evidence"
             ) from None
-        families: dict[str, list[float]] = {}
-        for sec in self.report["evidence"]["mechanisms"][DEFAULT_MECHANISM]["teacher"].values():
-            for f, values in sec["negatives"].items():
-                families.setdefault(f, []).extend(values)
-        return families, null, fpr
+        return null_families(self.report, DEFAULT_MECHANISM), null, fpr  # the widest null
 
 
 def current_generation(store: ArtifactStore, job_id: uuid.UUID) -> int:
@@ -122,7 +126,7 @@ def material(session: Session, store: ArtifactStore, model_id: uuid.UUID, key: K
 def decide(m: Material, labels: list[int]) -> dict[str, Any]:
     """The verdict on a suspect's labels for the challenge (checked to be the right number and classes)."""
     _, null, fpr = m.null()
-    return verdict(m.challenge, torch.tensor(labels), null, fpr)
+    return verdict(m.challenge, torch.tensor(labels), null, fpr) | evidence_note(m.report)
 
 
 def check_labels(labels: list[int], m: Material) -> str | None:
