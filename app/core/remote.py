@@ -7,7 +7,9 @@ exponential back-off (a `Retry-After` the server sends is honoured, within the t
 anything else that is not a well-formed answer. Every request is logged with its time, its duration, the
 sha256 of the request body and of the answer body; an optional content-addressed cache (`AnswerCache`)
 answers a request it has seen before without sending it. Labels come back as class indices: an answer
-of scores (n, C) is taken by argmax, an answer of n integers as it is.
+of scores (n, C) is taken by argmax, an answer of n integers as it is. Scores (`scores`, what an audit of a
+deployed model attacks) come back as logits: an answer of probabilities as their log, of labels as one-hot
+logits.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.config import Settings
 from app.core.storage import ArtifactStore
 from app.core.text import refused_character
 
+LABEL_LOGIT = 30.0  # a label-only answer as logits: the label's (the others 0)
 INPUTS = "$inputs"  # the placeholder a JSON template's request puts where the batch goes
 RETRIED = (429, 503)
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
@@ -137,6 +141,21 @@ class Limits:
     retries: int = 4
     backoff_seconds: float = 0.5
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            batch=settings.remote_batch,
+            max_queries=settings.remote_max_queries,
+            rate_per_second=settings.remote_rate_per_second,
+            time_limit_seconds=settings.remote_time_limit_seconds,
+            request_timeout_seconds=settings.remote_request_timeout_seconds,
+            retries=settings.remote_retries,
+            backoff_seconds=settings.remote_backoff_seconds,
+        )
+
+
+Convert = Callable[[np.ndarray, int], np.ndarray]  # (an answer's values, rows asked) -> labels or scores
+
 
 class RemoteError(Exception):
     """The remote model could not be asked (the reason is the message): nothing it answered counts."""
@@ -183,8 +202,16 @@ class RemoteModel:
 
     def labels(self, x: np.ndarray) -> np.ndarray:
         """Class indices for every row of x, in order; RemoteError when the model cannot be asked."""
-        batch = min(self.spec.batch or self.limits.batch, self.limits.batch)
-        cap = min(self.spec.max_queries or self.limits.max_queries, self.limits.max_queries)
+        return self._ask(x, _labels, np.zeros(0, dtype=np.int64))
+
+    def scores(self, x: np.ndarray, num_classes: int) -> np.ndarray:
+        """(n, num_classes) logits for the rows of x, in order (scores as answered, probabilities as their
+        log, labels one-hot); RemoteError when the model cannot be asked or answers other classes."""
+        empty = np.zeros((0, num_classes), dtype=np.float32)
+        return self._ask(x, lambda v, n: _scores(v, n, num_classes), empty)
+
+    def _ask(self, x: np.ndarray, convert: Convert, empty: np.ndarray) -> np.ndarray:
+        batch, cap = min(self.spec.batch or self.limits.batch, self.limits.batch), self.cap
         if self.sent + len(x) > cap:
             raise RemoteError(f"asking {len(x)} inputs would pass the query cap of {cap}")
         deadline = self.clock() + self.limits.time_limit_seconds
@@ -192,10 +219,12 @@ class RemoteModel:
         with httpx.Client(transport=self.transport, follow_redirects=False) as client:
             self._last = -math.inf
             for i in range(0, len(x), batch):
-                out.append(self._batch(client, x[i : i + batch], cap, deadline))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+                out.append(self._batch(client, x[i : i + batch], cap, deadline, convert))
+        return np.concatenate(out) if out else empty
 
-    # -- one batch ------------------------------------------------------------------------------------------
+    @property
+    def cap(self) -> int:  # rows this client may send at most: the endpoint's cap within the service's
+        return min(self.spec.max_queries or self.limits.max_queries, self.limits.max_queries)
 
     def _url(self) -> str:
         if self.spec.protocol == "json":
@@ -215,12 +244,14 @@ class RemoteModel:
             return text.encode()
         return json.dumps(body).encode()
 
-    def _batch(self, client: httpx.Client, x: np.ndarray, cap: int, deadline: float) -> np.ndarray:
+    def _batch(
+        self, client: httpx.Client, x: np.ndarray, cap: int, deadline: float, convert: Convert
+    ) -> np.ndarray:
         url, body = self._url(), self._body(x)
         key = sha256(json.dumps([url, self.spec.model]).encode() + b"\n" + body)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.log.append(_entry(len(x), body, hit, 200, 0.0, attempt=0, cached=True))
-            return self._parse(hit, len(x))
+            return self._parse(hit, len(x), convert)
         for attempt in range(1, self.limits.retries + 2):
             if self.sent + len(x) > cap:
                 raise RemoteError(
@@ -256,10 +287,10 @@ class RemoteModel:
                 continue
             self.log.append(_entry(len(x), body, r.content, r.status_code, self.clock() - start, attempt))
             if r.status_code == 200:
-                labels = self._parse(r.content, len(x))
+                answers = self._parse(r.content, len(x), convert)
                 if self.cache is not None:
                     self.cache.put(key, r.content)
-                return labels
+                return answers
             if r.status_code not in RETRIED:
                 raise RemoteError(f"the endpoint answered HTTP {r.status_code}: {r.text[:200]!r}")
             wait = _retry_after(r) or self.limits.backoff_seconds * 2 ** (attempt - 1)
@@ -280,13 +311,13 @@ class RemoteModel:
             self.sleep(wait)
         self._last = self.clock()
 
-    def _parse(self, content: bytes, n: int) -> np.ndarray:
+    def _parse(self, content: bytes, n: int, convert: Convert) -> np.ndarray:
         try:
             answer = json.loads(content)
             values = (
                 _v2_output(answer) if self.spec.protocol == "v2" else _path(answer, self._response_path())
             )
-            return _labels(values, n)
+            return convert(values, n)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise RemoteError(f"the endpoint answered the wrong shape: {str(e)[:200]}") from None
 
@@ -354,3 +385,16 @@ def _labels(values: np.ndarray, n: int) -> np.ndarray:
     if values.ndim == 1 and len(values) == n and np.all(values == np.round(values)):
         return values.astype(np.int64)
     raise ValueError(f"expected {n} labels or {n} rows of scores, got an array of shape {list(values.shape)}")
+
+
+def _scores(values: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    """(n, num_classes) logits from n rows of scores (probabilities: their log) or n labels (one-hot)."""
+    if values.ndim == 2 and values.shape[0] == n and values.shape[1] > 1:
+        if values.shape[1] != num_classes:
+            raise ValueError(f"expected scores of {num_classes} classes, got {values.shape[1]}")
+        probs = values.min() >= 0 and np.allclose(values.sum(-1), 1.0, atol=1e-3)
+        return (np.log(np.clip(values, 1e-12, None)) if probs else values).astype(np.float32)
+    labels = _labels(values, n)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels outside 0..{num_classes - 1}")
+    return np.eye(num_classes, dtype=np.float32)[labels] * LABEL_LOGIT
