@@ -5,7 +5,15 @@ with. `app/` imports the job-request vocabulary from here only."""
 from __future__ import annotations
 
 from ml.attacks import attack_infos
-from ml.data import DATASETS, DatasetInfo, DataValidationError, NpzSummary, dataset_infos, validate_npz
+from ml.data import (
+    DATASETS,
+    DatasetInfo,
+    DataValidationError,
+    NpzSummary,
+    dataset_infos,
+    load_dataset,
+    validate_npz,
+)
 from ml.data.augment import check_augmentation
 from ml.models import model_infos
 from ml.objectives import OBJECTIVES
@@ -16,5 +24,5 @@ from ml.train import TrainConfig, fine_tune_defaults
 __all__ = [
     "DATASETS", "OBJECTIVES", "PRESETS", "DataValidationError", "DatasetInfo", "NpzSummary", "TrainConfig",
     "UnknownNameError", "apply_preset", "attack_infos", "check_augmentation", "dataset_infos",
-    "fine_tune_defaults", "merge", "model_infos", "validate_npz",
+    "fine_tune_defaults", "load_dataset", "merge", "model_infos", "validate_npz",
 ]  # fmt: skip

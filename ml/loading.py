@@ -20,6 +20,7 @@ from ml.checkpoint import (
     build_from_meta,
     check_state,
     load_checkpoint,
+    load_meta,
     read_weights,
 )
 from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
@@ -28,7 +29,7 @@ from ml.onnx_model import ONNX_ARCH, ONNX_NAME, load_onnx
 # model is published as, and the checks an uploaded model passes before it is stored.
 __all__ = [
     "CONFIG_NAME", "ONNX_ARCH", "ONNX_NAME", "WEIGHTS_NAME", "ModelMeta", "ObjectSource", "build_from_meta",
-    "check_state", "load_model", "load_onnx", "read_weights",
+    "check_state", "load_meta", "load_model", "load_onnx", "read_weights",
 ]  # fmt: skip
 
 

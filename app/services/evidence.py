@@ -26,26 +26,33 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.keys import KeyInfo
-from app.core.models import Dataset, Job, Verification, utcnow
+from app.core.models import Dataset, Job, UploadedModel, Verification, utcnow
 from app.core.remote import EndpointSpec, Limits, RemoteError, RemoteModel
 from app.core.secrets import SecretBox
 from app.core.storage import ArtifactStore
 from app.problems import Problem, not_found
 from app.services.jobs import job_artifact, owned_job, report_artifact
 from app.services.serving import load_served
-from ml.checkpoint import CONFIG_NAME, ModelMeta, load_meta
-from ml.data import load_dataset
-from ml.evidence import CHALLENGE_POINTS, DEFAULT_MECHANISM, MECHANISMS, Challenge, Secret
-from ml.evidence.bundle import build_bundle
-from ml.evidence.verify import (
+from app.services.tenancy import get_owned
+from app.services.uploaded_models import invalid
+from ml.catalog import load_dataset
+from ml.evidence import (
+    CHALLENGE_POINTS,
+    DEFAULT_MECHANISM,
+    MECHANISMS,
+    Challenge,
+    Secret,
+    build_bundle,
     evidence_note,
     null_families,
     null_from_report,
     pack_challenge,
+    predicted_labels,
     store_names,
     unpack_challenge,
     verdict,
 )
+from ml.loading import CONFIG_NAME, ModelMeta, load_meta, load_model
 
 log = logging.getLogger(__name__)
 COULD_NOT_VERIFY = "could_not_verify"
@@ -157,15 +164,7 @@ def record_done(
 
 
 def limits(settings: Settings) -> Limits:
-    return Limits(
-        batch=settings.remote_batch,
-        max_queries=settings.remote_max_queries,
-        rate_per_second=settings.remote_rate_per_second,
-        time_limit_seconds=settings.remote_time_limit_seconds,
-        request_timeout_seconds=settings.remote_request_timeout_seconds,
-        retries=settings.remote_retries,
-        backoff_seconds=settings.remote_backoff_seconds,
-    )
+    return Limits.from_settings(settings)
 
 
 def allowed(settings: Settings, spec: EndpointSpec) -> str | None:
@@ -338,3 +337,23 @@ def _suspect_words(row: Verification) -> str:
     if row.kind == "endpoint":
         return f"endpoint {row.request['url']} ({row.request['protocol']}, model {row.request.get('model')})"
     return "answers" if row.kind == "answers" else f"uploaded model {row.request.get('suspect_model_id')}"
+
+
+def uploaded_suspect_labels(
+    session: Session, store: ArtifactStore, ident: uuid.UUID, key: KeyInfo, m: Material
+) -> list[int]:
+    """An uploaded model of the caller's, checked to take the teacher's inputs and classes, asked the
+    challenge: its labels."""
+    row = get_owned(session, UploadedModel, ident, key, "model")
+    meta = m.meta
+    if tuple(row.input_shape) != tuple(meta.input_shape) or row.num_classes != meta.num_classes:
+        raise invalid(
+            f"the suspect takes {tuple(row.input_shape)} with {row.num_classes} classes; the model answers "
+            f"{tuple(meta.input_shape)} with {meta.num_classes}"
+        )
+    onnx = row.output if row.format == "onnx" else None
+    model, _ = load_model(
+        store, row.storage_key, row.config_key, onnx_output=onnx, input_shape=tuple(meta.input_shape),
+        num_classes=meta.num_classes,
+    )  # fmt: skip
+    return [int(a) for a in predicted_labels(model, m.challenge)]

@@ -6,12 +6,25 @@ stats (the test against independent models), fingerprint and keyed (the mechanis
 
 from ml.evidence.audit import EVIDENCE_LIMITS
 from ml.evidence.base import Challenge, Mechanism
+from ml.evidence.bundle import build_bundle
 from ml.evidence.keyed import KeyedRegion, fit_keyed
 from ml.evidence.registry import CHALLENGE_POINTS, DEFAULT_MECHANISM, MECHANISMS
 from ml.evidence.secret import Secret
 from ml.evidence.stats import ALPHA, Null, NullModel, loo_fpr
+from ml.evidence.verify import (
+    evidence_note,
+    null_families,
+    null_from_report,
+    pack_challenge,
+    predicted_labels,
+    store_names,
+    unpack_challenge,
+    verdict,
+)
 
 __all__ = [
     "ALPHA", "CHALLENGE_POINTS", "DEFAULT_MECHANISM", "EVIDENCE_LIMITS", "MECHANISMS", "Challenge",
-    "KeyedRegion", "Mechanism", "Null", "NullModel", "Secret", "fit_keyed", "loo_fpr",
+    "KeyedRegion", "Mechanism", "Null", "NullModel", "Secret", "build_bundle", "evidence_note", "fit_keyed",
+    "loo_fpr", "null_families", "null_from_report", "pack_challenge", "predicted_labels", "store_names",
+    "unpack_challenge", "verdict",
 ]  # fmt: skip

@@ -8,24 +8,16 @@ import uuid
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
-from torch import nn
 
 from app.api.deps import JobsRead
 from app.api.evidence_schemas import VerificationOut
 from app.api.params import ModelId
 from app.api.schemas import ChallengeOut, Commitment, VerifyOut, VerifyRequest
-from app.core.keys import KeyInfo
-from app.core.models import UploadedModel, Verification
-from app.core.storage import ArtifactStore
+from app.core.models import Verification
 from app.services import evidence as ev
 from app.services.access import SessionDep, SettingsDep, StoreDep
-from app.services.tenancy import get_owned
 from app.services.uploaded_models import invalid
-from ml.checkpoint import ModelMeta, load_checkpoint
 from ml.evidence import DEFAULT_MECHANISM
-from ml.evidence.verify import predicted_labels
-from ml.onnx_model import load_onnx
 
 router = APIRouter(prefix="/models", tags=["evidence of theft"])
 
@@ -45,24 +37,6 @@ def get_challenge(model_id: ModelId, key: JobsRead, session: SessionDep, store: 
         inputs=m.challenge.x.tolist(),
         commitment=Commitment(**m.commitment()),
     )
-
-
-def _suspect(
-    session: Session, store: ArtifactStore, ident: uuid.UUID, key: KeyInfo, meta: ModelMeta
-) -> nn.Module:
-    """An uploaded model of the caller's, checked to take the teacher's inputs and classes."""
-    row = get_owned(session, UploadedModel, ident, key, "model")
-    if tuple(row.input_shape) != tuple(meta.input_shape) or row.num_classes != meta.num_classes:
-        raise invalid(
-            f"the suspect takes {tuple(row.input_shape)} with {row.num_classes} classes; the model answers "
-            f"{tuple(meta.input_shape)} with {meta.num_classes}"
-        )
-    if row.format == "onnx":
-        return load_onnx(
-            store.read_bytes(row.storage_key), row.output, tuple(meta.input_shape), meta.num_classes
-        )[0]
-    assert row.config_key is not None, "a stored checkpoint always has its config"
-    return load_checkpoint(store.local_path(row.storage_key), store.local_path(row.config_key))[0]
 
 
 def _out(row: Verification) -> VerificationOut:
@@ -117,8 +91,7 @@ def verify(
         labels, kind, suspect, req = body.answers, "answers", "answers", {"answers": len(body.answers)}
     else:
         assert body.suspect_model_id is not None
-        model = _suspect(session, store, body.suspect_model_id, key, m.meta)
-        labels = [int(a) for a in predicted_labels(model, m.challenge)]
+        labels = ev.uploaded_suspect_labels(session, store, body.suspect_model_id, key, m)
         kind, suspect = "model", f"uploaded model {body.suspect_model_id}"
         req = {"suspect_model_id": str(body.suspect_model_id)}
     result = ev.decide(m, labels)
