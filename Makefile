@@ -1,4 +1,6 @@
 PY ?= python3
+# The service's environment, the test servers' environments and the system services are built side by side.
+MAKEFLAGS += --jobs=4
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -37,7 +39,7 @@ install: $(BIN)/cmim servers
 
 servers: $(SERVERS)/ready $(SERVERS)/numpy/ready
 
-run: install
+run: $(BIN)/cmim
 	$(BIN)/cmim serve
 
 services:
@@ -47,5 +49,5 @@ test: install services
 	$(BIN)/ruff check ml app worker migrations tests bench
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q
 
-bench: install
+bench: $(BIN)/cmim
 	$(BIN)/cmim bench speed
