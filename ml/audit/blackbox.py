@@ -1,9 +1,12 @@
 """The black boxes an attacker queries (a teacher served through an output mode and policy) and their
-summaries: teacher accuracy and I_T curves, serving cost to honest users."""
+summaries: teacher accuracy and I_T curves, serving cost to honest users. A teacher that runs elsewhere
+(an owner's deployed model) is an `AnsweringModel`: a callable asked for each distinct input once, and
+`deployed_phases` says which of the audit's phases an owner's query cap allows."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ml.audit.config import CMI_CURVE_TEMPERATURES
+from ml.attacks import ATTACKS
+from ml.audit.config import CMI_CURVE_TEMPERATURES, AuditConfig
 from ml.audit.stats import summarise
 from ml.cmi import cmi_by_temperature, model_logits
 from ml.data import Dataset
@@ -19,6 +23,73 @@ from ml.evidence.secret import Secret
 from ml.oracle import Oracle, OutputMode
 from ml.policy import FittedPolicy, PolicyConfig, fit_policy, honest_cost
 from ml.train import accuracy
+
+
+class AnsweringModel(nn.Module):
+    """A teacher that runs elsewhere: `answer` maps a batch of inputs (numpy) to their (n, C) logits.
+
+    Each distinct input (by the sha256 of its bytes) is asked once; asked again, in another epoch, view,
+    phase or seed, its answer is remembered. `asked` counts the rows handed to `answer`."""
+
+    def __init__(self, answer: Callable[[np.ndarray], np.ndarray], num_classes: int) -> None:
+        super().__init__()
+        self.answer, self.num_classes = answer, num_classes
+        self.known: dict[bytes, np.ndarray] = {}
+        self.asked = 0
+        # no weights; a parameter says which device its answers go to
+        self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.detach().cpu().float().contiguous().numpy()
+        keys = [hashlib.sha256(r.tobytes()).digest() for r in rows]
+        new = list(dict.fromkeys(k for k in keys if k not in self.known))
+        if new:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            got = np.asarray(self.answer(rows[[first[k] for k in new]]), dtype=np.float32)
+            if got.shape != (len(new), self.num_classes):
+                raise ValueError(f"the teacher answered shape {got.shape} for {len(new)} inputs")
+            self.known.update(zip(new, got, strict=True))
+            self.asked += len(new)
+        out = np.stack([self.known[k] for k in keys]) if keys else np.zeros((0, self.num_classes), np.float32)
+        return torch.from_numpy(out).to(x.device)
+
+
+@dataclass(frozen=True)
+class DeployedPhases:
+    """The phases an owner's query cap allows an audit of a deployed model, and the rows they may ask at
+    most (every input asked once per phase and view: an upper bound, since answers are remembered)."""
+
+    budgets: list[int]  # the budget phases run
+    skipped: list[int]  # the budget phases the cap did not allow
+    needed: int  # the least the audit needs: the teacher's summaries and the unlimited phase
+    most_queries: int  # what the phases run ask at most
+
+
+def deployed_phases(cfg: AuditConfig, n_train: int, n_test: int, labelled: int, cap: int) -> DeployedPhases:
+    """The phases that fit the cap: the teacher's summaries (its answers on the train and test splits) and
+    the unlimited phase, which every verdict needs, then the budget phases, cheapest first."""
+    per_row = [ATTACKS.get(key).views for _, key, _ in cfg.attack_rows()]
+
+    def views(group: list[tuple[str, ...]]) -> int:
+        return len({v for vs in group for v in vs})
+
+    def budget_cost(b: int) -> int:
+        groups = {len(vs) for vs in per_row}
+        return sum(
+            (max(b // n, 1) + cfg.batch_size) * views([vs for vs in per_row if len(vs) == n]) for n in groups
+        )
+
+    transfer = 2 if cfg.transfer else 1  # as many transfer inputs as labelled ones per batch
+    needed = n_train + n_test + cfg.seeds * cfg.epochs * labelled * transfer * views(per_row)
+    spent, run, skipped = needed, [], []
+    for b in sorted(cfg.budgets(labelled)):
+        cost = cfg.seeds * budget_cost(b)
+        if spent + cost <= cap:
+            spent += cost
+            run.append(b)
+        else:
+            skipped.append(b)
+    return DeployedPhases(run, skipped, needed, spent)
 
 
 @dataclass

@@ -156,13 +156,15 @@ def plan(
     protections: dict[str, BlackBox] | None = None,
     budget_for: Sequence[str] | None = None,
     secret: Secret | None = None,
+    evidence: bool = True,
 ) -> AuditPlan:
     """The audit of `teacher` as it will be served, as independent tasks.
 
     `teacher` and `control` may be one model or one per seed (seed i attacks model i); `protections`
     adds further black boxes attacked in the same lockstep, against the same LS students; `budget_for`
     names the black boxes attacked under the query budgets (default: all). `secret` draws keyed
-    answers and the evidence challenges (default: the benchmarks' reproducible one).
+    answers and the evidence challenges (default: the benchmarks' reproducible one); `evidence=False`
+    builds no challenges (a teacher that runs elsewhere is asked nothing for them).
     """
     secret = secret or Secret.benchmark(cfg.base_seed)
     if cfg.control and control is None:
@@ -198,7 +200,7 @@ def plan(
         raise ValueError(f"budget_for names no audited black box: {', '.join(unknown)}")
     if not budget_teachers:  # the report states the budgets that were run
         cfg = cfg.model_copy(update={"query_budgets": []})
-    challenges = build_challenges(teachers, dataset, secret, cfg.seeds)
+    challenges = build_challenges(teachers, dataset, secret, cfg.seeds) if evidence else {}
     out = AuditPlan(
         cfg, dataset, data, teachers, list(protections or {}), budget_teachers, cfg.attack_rows(),
         ls_recipes(cfg), transfer, secret=secret, challenges=challenges,

@@ -1,0 +1,118 @@
+"""A teacher that runs elsewhere, audited through a callable: each distinct input is asked once, the phases
+an owner's query cap allows (the unlimited phase, then the budgets cheapest first) are planned before
+anything is asked and never pass it, and the same audit again asks the same inputs in the same order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ml.audit import AuditConfig, assemble, plan, run_in_process
+from ml.audit.blackbox import AnsweringModel, deployed_phases
+from ml.cmi import model_logits
+from ml.data import load_dataset
+from ml.train import TrainConfig, train_model
+
+AUDIT = {
+    "students": ["mlp"],
+    "attacks": ["kd", "hard_label"],
+    "attack_params": {"kd": {"T": 4.0}},
+    "seeds": 1,
+    "epochs": 2,
+    "ls_eps": [0.0],
+    "ls_mixup": False,
+    "output_mode": {"kind": "probs"},
+    "null_archs": [],
+    "device": "cpu",
+}
+
+
+def spiral(path: Path, n: int = 240, classes: int = 3, seed: int = 0) -> Path:
+    """A small tabular data set: three interleaved spiral arms in 2-D, with noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    t = rng.uniform(0.2, 1.0, n)
+    angle = 2 * np.pi * (y / classes + 0.8 * t)
+    x = np.stack([t * np.cos(angle), t * np.sin(angle)], 1) + rng.normal(0, 0.03, (n, 2))
+    cut = n * 2 // 3
+    np.savez(path, x_train=x[:cut].astype(np.float32), y_train=y[:cut], x_test=x[cut:].astype(np.float32),
+             y_test=y[cut:])  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """(the data, the owner's model as trained elsewhere, its recipe)."""
+    data = load_dataset("npz", path=str(spiral(tmp_path_factory.mktemp("spiral") / "spiral.npz")))
+    recipe = TrainConfig(dataset="npz", arch="mlp", objective="ce", epochs=3, seed=0, device="cpu")
+    data = recipe.prepare(data)
+    return data, train_model(recipe, data).model.eval(), recipe
+
+
+class Endpoint:
+    """The owner's model behind a numpy call, counting every row it is asked."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.rows, self.calls = model, 0, 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.rows += len(x)
+        self.calls += 1
+        with torch.no_grad():
+            return self.model(torch.from_numpy(x)).numpy()
+
+
+def test_each_distinct_input_is_asked_once(owner: tuple) -> None:
+    data, model, _ = owner
+    endpoint = Endpoint(model)
+    remote = AnsweringModel(endpoint, data.num_classes)
+    x = data.x_test
+    twice = torch.cat([x[:10], x, x[5:20]])
+    got = remote(twice)
+    assert endpoint.rows == len(x) == remote.asked and endpoint.calls == 1
+    with torch.no_grad():
+        assert torch.allclose(got, model(twice), atol=1e-5)
+    assert torch.equal(model_logits(remote, x), got[10 : 10 + len(x)]) and endpoint.calls == 1
+    bad = AnsweringModel(lambda a: np.zeros((len(a), 2), np.float32), data.num_classes)
+    with pytest.raises(ValueError, match="answered shape"):
+        bad(x[:4])
+
+
+def test_a_cap_allows_the_cheap_phases_first() -> None:
+    cfg = AuditConfig.model_validate(AUDIT | {"query_budgets": [50, 200, 5000]})
+    wide = deployed_phases(cfg, 160, 80, 160, 100_000)
+    assert wide.budgets == [50, 200, 5000] and wide.needed == 160 + 80 + 2 * 160
+    assert wide.needed < wide.most_queries <= 100_000
+    narrow = deployed_phases(cfg, 160, 80, 160, 1200)
+    assert narrow.budgets == [50, 200] and narrow.skipped == [5000] and narrow.most_queries <= 1200
+    short = deployed_phases(cfg, 160, 80, 160, 500)
+    assert short.budgets == [] and short.needed > 500  # not even the unlimited phase: no audit
+
+
+def test_an_audit_through_the_callable_stays_within_the_cap(owner: tuple) -> None:
+    data, model, recipe = owner
+    control = train_model(recipe.model_copy(update={"seed": 1}), data).model
+    cfg = AuditConfig.model_validate(AUDIT | {"query_budgets": [40, 100, 100_000]})
+    cap = 1400
+    phases = deployed_phases(cfg, len(data.x_train), len(data.x_test), len(data.x_train), cap)
+    assert phases.budgets == [40, 100] and phases.skipped == [100_000]
+    endpoint = Endpoint(model)
+    teacher = AnsweringModel(endpoint, data.num_classes)
+    cfg = cfg.model_copy(update={"query_budgets": phases.budgets})
+    p = plan(cfg, teacher, data, control=control, evidence=False)
+    report = assemble(p.summary, run_in_process(p))
+    assert endpoint.rows == teacher.asked <= phases.most_queries <= cap
+    assert p.challenges == {} and not report.evidence
+    assert set(report.budgets["teacher"]) == {"40", "100"} and report.students["mlp"].attacks
+    expected = (model_logits(model, data.x_test).argmax(-1) == data.y_test).float().mean() * 100
+    assert abs(report.teacher.accuracy - float(expected)) < 1e-6
+    # the same audit again, through a fresh callable: the same inputs, in the same order
+    again = Endpoint(model)
+    teacher2 = AnsweringModel(again, data.num_classes)
+    p2 = plan(cfg, teacher2, data, control=control, evidence=False)
+    assert p2.fingerprint == p.fingerprint
+    assemble(p2.summary, run_in_process(p2))
+    assert list(teacher2.known) == list(teacher.known) and again.rows == endpoint.rows
