@@ -47,7 +47,7 @@ def spiral(path: Path, n: int = 240, classes: int = 3, seed: int = 0) -> Path:
 def owner(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """(the data, the owner's model as trained elsewhere, its recipe)."""
     data = load_dataset("npz", path=str(spiral(tmp_path_factory.mktemp("spiral") / "spiral.npz")))
-    recipe = TrainConfig(dataset="npz", arch="mlp", objective="ce", epochs=3, seed=0, device="cpu")
+    recipe = TrainConfig(dataset="npz", arch="mlp", objective="ce", epochs=20, seed=0, device="cpu")
     data = recipe.prepare(data)
     return data, train_model(recipe, data).model.eval(), recipe
 
@@ -108,7 +108,7 @@ def test_an_audit_through_the_callable_stays_within_the_cap(owner: tuple) -> Non
     assert p.challenges == {} and not report.evidence
     assert set(report.budgets["teacher"]) == {"40", "100"} and report.students["mlp"].attacks
     expected = (model_logits(model, data.x_test).argmax(-1) == data.y_test).float().mean() * 100
-    assert abs(report.teacher.accuracy - float(expected)) < 1e-6
+    assert abs(report.teacher.accuracy - float(expected)) < 1e-4
     # the same audit again, through a fresh callable: the same inputs, in the same order
     again = Endpoint(model)
     teacher2 = AnsweringModel(again, data.num_classes)
