@@ -27,9 +27,10 @@ NULL_ROW = "null"  # the row name of a null family's independent model (its arch
 
 
 def check_null_family(name: str) -> str:
-    """The name, when it is a zoo architecture or a scikit-learn null (UnknownNameError otherwise)."""
-    if name not in SKLEARN_NULLS:
-        MODELS.get(name)
+    """The name, when it is a zoo architecture or a scikit-learn null (ValueError naming the choices)."""
+    if name not in SKLEARN_NULLS and name not in MODELS.names():
+        choices = ", ".join([*MODELS.names(), *SKLEARN_NULLS])
+        raise ValueError(f"unknown null family {name!r}; valid choices: {choices}")
     return name
 
 

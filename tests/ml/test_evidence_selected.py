@@ -1,0 +1,108 @@
+"""The selected challenge chosen on one half of the seeds and measured on the other, in words when it cannot
+work; the null's other architectures (which families by default, the owner's, their records)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ml.audit import AuditConfig
+from ml.audit.records import EvidenceRecord
+from ml.data import load_dataset
+from ml.evidence.heldout import evidence_words, selected_section
+from ml.evidence.nulls import default_null_families, sklearn_null
+from ml.evidence.selected import MIN_POINTS, pack_bits, pool_kinds, select, unpack_bits
+from ml.evidence.verify import evidence_note, null_families, null_from_report
+
+POOL, SEEDS = 600, 6
+
+
+def population(rng: np.random.Generator, follow: float) -> tuple[dict, dict, dict]:
+    """Agreement bits of LS recipes (3 per family), a logistic null and fm knockoffs, per seed. On the first
+    third of the pool independent models agree with the teacher 30 % of the time and knockoffs `follow`."""
+    idio = np.arange(POOL) < POOL // 3
+
+    def model(p_idio: float) -> np.ndarray:
+        return np.where(idio, rng.random(POOL) < p_idio, rng.random(POOL) < 0.95)
+
+    recipes = ["ls_0", "ls_0.1", "ls_0.2", "ls_mixup_0", "ls_mixup_0.1", "ls_mixup_0.2", "logistic"]
+    negatives = {r: [[model(0.3)] for _ in range(SEEDS)] for r in recipes}
+    families = {r: "logistic" if r == "logistic" else ("mixup" if "mixup" in r else "plain") for r in recipes}
+    knockoffs = {("unlimited", "fm"): [model(follow) for _ in range(SEEDS)]}
+    near = {("unlimited", "fm"): [True] * SEEDS}
+    return negatives, families, knockoffs | {}, near
+
+
+def test_a_discriminating_pool_is_chosen_on_even_seeds_measured_on_odd_ones_and_calls_the_teacher() -> None:
+    negatives, families, knockoffs, near = population(np.random.default_rng(0), follow=0.95)
+    sec = selected_section(negatives, families, knockoffs, near, 512)
+    assert sec["works"] and sec["meets_target"], sec["reason"]
+    assert sec["teacher"]["verdict"] == "copy" and sec["fpr"] == 0.0
+    assert sec["tpr_near_ls_unlimited"] == 1.0 and sec["near_ls_unlimited"] == SEEDS // 2  # odd seeds only
+    assert {f: len(v) for f, v in sec["negatives"].items()} == {"plain": 9, "mixup": 9, "logistic": 3}
+    assert set(sec["fpr_by_family"]) == {"plain", "mixup", "logistic"}
+    kept = np.array(sec["challenge"])
+    assert (kept < POOL // 3).mean() > 0.9  # the idiosyncratic third, chosen by the evidence alone
+    assert sec["reason"].startswith("Evidence works for this model")
+    # measured on the held-out seeds: changing a held-out (odd) seed's bits changes the rates, not the choice
+    flipped = {k: [b if s % 2 == 0 else ~b for s, b in enumerate(v)] for k, v in knockoffs.items()}
+    again = selected_section(negatives, families, flipped, near, 512)
+    assert again["challenge"] == sec["challenge"] and again["tpr_unlimited"] == 0.0
+
+
+def test_a_pool_where_knockoffs_answer_like_independent_models_says_evidence_cannot_work() -> None:
+    negatives, families, knockoffs, near = population(np.random.default_rng(1), follow=0.3)
+    sec = selected_section(negatives, families, knockoffs, near, 512)
+    assert not sec["works"] and not sec["meets_target"]
+    assert sec["reason"].startswith("Evidence for this model cannot work: ")
+    report = {"evidence": {"mechanisms": {"selected": {"teacher": {"mlp": sec}}}}}
+    assert evidence_words(report["evidence"]) == sec["reason"]
+    assert evidence_note(report) == {"evidence": sec["reason"]}  # what verify adds
+    one_seed = {r: v[:1] for r, v in negatives.items()}
+    sec1 = selected_section(one_seed, families, {k: v[:1] for k, v in knockoffs.items()}, near, 512)
+    assert not sec1["works"] and "at least 2" in sec1["reason"]
+
+
+def test_selection_follows_the_knockoffs_that_follow_the_teacher() -> None:
+    rng = np.random.default_rng(2)
+    idio = np.arange(POOL) < 100
+    neg = {f"ls_{i}": [np.where(idio, rng.random(POOL) < 0.2, True)] for i in range(4)}  # one per recipe
+    follower = [np.ones(POOL, bool) for _ in range(2)]
+    like_independent = [neg["ls_0"][0].copy() for _ in range(4)]  # a label copy: looks independent
+    kept, score = select(follower + like_independent, neg, 512)
+    assert MIN_POINTS <= len(kept) and set(kept) <= set(range(100))
+    assert (score[kept] == 1.0).all()  # the label copies took no part: only the followers' answers count
+    bits = rng.random(POOL) < 0.5
+    assert (unpack_bits(pack_bits(torch.from_numpy(bits)), POOL) == bits).all()
+    assert pool_kinds(6) == ["mix", "mix", "perturbation", "perturbation", "boundary", "boundary"]
+
+
+def test_null_families_by_default_and_by_the_owners_choice() -> None:
+    assert default_null_families(["mlp"], (40,)) == []  # tabular: the zoo has no other student family
+    assert default_null_families(["mlp"], (1, 40)) == ["cnn1d_small"]
+    assert default_null_families(["mlp"], (3, 32, 32)) == ["cnn2d"]
+    assert default_null_families(["cnn2d"], (3, 32, 32)) == ["mlp"]
+    assert AuditConfig(null_archs=["logistic", "cnn1d_small"]).null_archs == ["logistic", "cnn1d_small"]
+    with pytest.raises(ValueError, match="unknown null family 'gpt'.*logistic, forest"):
+        AuditConfig(null_archs=["gpt"])
+    # an earlier positional record (7 fields) and a new one (8) are both read
+    old = EvidenceRecord.model_validate([None, None, "mlp", "ls_0", "fingerprint", "teacher", 0.5])
+    new = EvidenceRecord.model_validate([*old.as_tuple()[:-1], "ff"])
+    assert old.agrees is None and new.agrees == "ff"
+
+
+def test_a_scikit_learn_null_is_seeded_and_the_widest_null_pools_every_family() -> None:
+    data = load_dataset("mnist1d", num_train=400, num_test=200)
+    a, acc = sklearn_null("logistic", data, 0)
+    b, _ = sklearn_null("logistic", data, 0)
+    c, _ = sklearn_null("logistic", data, 1)
+    x = data.x_test
+    assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x)) and 10 < acc <= 100
+    sec = {"negatives": {"plain": [0.5, 0.52, 0.48]}, "fpr": 0.0,
+           "other_architectures": {"negatives": {"plain": [0.5, 0.52, 0.48], "cnn1d_small": [0.6, 0.62]},
+                                   "fpr": 0.0}}  # fmt: skip
+    report = {"evidence": {"points": 512, "mechanisms": {"fingerprint": {"teacher": {"mlp": sec}}}}}
+    assert null_families(report, "fingerprint") == {"plain": [0.5, 0.52, 0.48], "cnn1d_small": [0.6, 0.62]}
+    null, _ = null_from_report(report, "fingerprint")
+    assert set(null.families) == {"plain", "cnn1d_small"} and null.threshold() > 0.62
