@@ -96,6 +96,8 @@ class EndpointSpec(BaseModel):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("the endpoint URL must be http:// or https:// with a host")
+        if (why := refused_character(v)) is not None or " " in v:
+            raise ValueError(f"the URL {why or 'contains a space'}")
         return v
 
     @field_validator("model")
@@ -103,13 +105,6 @@ class EndpointSpec(BaseModel):
     def _model_name(cls, v: str | None) -> str | None:
         if v is not None and not MODEL_NAME.fullmatch(v):
             raise ValueError("a model name takes letters, digits and . _ : - only")
-        return v
-
-    @field_validator("url")
-    @classmethod
-    def _url_text(cls, v: str) -> str:
-        if (why := refused_character(v)) is not None or " " in v:
-            raise ValueError(f"the URL {why or 'contains a space'}")
         return v
 
     @field_validator("headers")
@@ -124,6 +119,13 @@ class EndpointSpec(BaseModel):
 
     def host(self) -> str:
         return (urlsplit(self.url).hostname or "").lower()
+
+    def refused(self, settings: Settings) -> str | None:
+        """Why the operator's allow-list of hosts refuses this endpoint (None: allowed)."""
+        hosts, host = settings.remote_allowed_hosts, self.host()
+        if hosts is None or host in {h.lower() for h in hosts}:
+            return None
+        return f"the host {host!r} is not in this service's allowed hosts (CMIM_REMOTE_ALLOWED_HOSTS)"
 
     def public(self) -> dict[str, Any]:
         """What may be shown again: everything but the header values (their names only)."""
@@ -342,8 +344,7 @@ def _entry(
     }
 
 
-def _strings(value: Any) -> list[str]:
-    """Every string in a JSON value, keys included."""
+def _strings(value: Any) -> list[str]:  # every string in a JSON value, keys included
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
@@ -360,8 +361,7 @@ def _retry_after(r: httpx.Response) -> float | None:
         return None
 
 
-def _v2_output(answer: dict[str, Any]) -> np.ndarray:
-    """The first output tensor of a v2 inference response, shaped."""
+def _v2_output(answer: dict[str, Any]) -> np.ndarray:  # the first output tensor of a v2 answer, shaped
     out = answer["outputs"][0]
     data = np.asarray(out["data"], dtype=np.float64)
     shape = [int(s) for s in out["shape"]]
