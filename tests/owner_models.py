@@ -1,4 +1,5 @@
-"""Models an owner might upload, good and bad, built with the onnx helpers (no exporter needed)."""
+"""Models and data an owner might upload, good and bad: models built with the onnx helpers (no exporter
+needed), and a small tabular data set (`spiral`)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,16 @@ def edited_checkpoint(
     meta = json.loads((folder / "model.json").read_text()) | config
     (out / "model.json").write_text(json.dumps(meta))
     return out
+
+
+def spiral(path: Path, n: int = 240, classes: int = 3, seed: int = 0) -> Path:
+    """A small tabular data set as an npz upload: interleaved spiral arms in 2-D, with noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    t = rng.uniform(0.2, 1.0, n)
+    angle = 2 * np.pi * (y / classes + 0.8 * t)
+    x = np.stack([t * np.cos(angle), t * np.sin(angle)], 1) + rng.normal(0, 0.03, (n, 2))
+    cut = n * 2 // 3
+    np.savez(path, x_train=x[:cut].astype(np.float32), y_train=y[:cut], x_test=x[cut:].astype(np.float32),
+             y_test=y[cut:])  # fmt: skip
+    return path

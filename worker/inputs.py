@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from app.core.config import Settings
 from app.core.db import session_scope
@@ -26,6 +27,11 @@ class JobInputs:
     def model_id(self) -> str | None:
         """The uploaded model the job audits (None: it trains its teacher)."""
         return self.job.spec["teacher"].get("model_id")
+
+    @property
+    def endpoint(self) -> dict[str, Any] | None:
+        """The deployed model the job audits through its endpoint, as its spec keeps it (None: not one)."""
+        return self.job.spec["teacher"].get("endpoint")
 
     @property
     def fine_tune(self) -> bool:
@@ -59,7 +65,7 @@ def job_inputs(ctx: JobContext, store: ArtifactStore) -> JobInputs:
     """The job's row, its teacher and audit configs, and its prepared data."""
     settings = ctx.settings
     job = ctx.retrying(lambda: read_job(ctx), "read the job")
-    spec = {k: v for k, v in job.spec["teacher"].items() if k not in ("model_id", "fine_tune")}
+    spec = {k: v for k, v in job.spec["teacher"].items() if k not in ("model_id", "fine_tune", "endpoint")}
     teacher_cfg = TrainConfig.model_validate(spec | {"device": settings.device})
     audit_cfg = AuditConfig.model_validate(job.spec["audit"] | {"device": settings.device})
     raw = ctx.retrying(lambda: load_data(settings, store, job, teacher_cfg), "load the data")

@@ -1,5 +1,6 @@
-"""A job's models: its teacher (trained, or an owner's upload audited as it is or fine-tuned) and its CE
-control, with the files that publish the teacher; and the models a job stored, loaded back on any worker.
+"""A job's models: its teacher (trained, an owner's upload audited as it is or fine-tuned, or an owner's
+model deployed elsewhere and asked through its endpoint) and its CE control, with the files that publish
+the teacher; and the models a job stored, loaded back on any worker.
 
 Every model comes out of the store through one loader (`ml.loading.load_model`), the one the service's
 other callers use too.
@@ -14,7 +15,10 @@ from typing import Any
 from torch import nn
 
 from app.core.models import UploadedModel
+from app.core.remote import EndpointSpec, Limits, RemoteModel, StoreCache
+from app.core.secrets import SecretBox
 from app.core.storage import ArtifactStore, StoredObject
+from ml.audit.blackbox import AnsweringModel, DeployedPhases, deployed_phases
 from ml.checkpoint import ModelMeta, save_checkpoint
 from ml.data import Dataset as Data
 from ml.loading import load_model
@@ -34,11 +38,55 @@ class JobModel:
     model: nn.Module
     meta: ModelMeta
     files: list[FileRow] = field(default_factory=list)
+    deployed: Deployed | None = None  # a model deployed elsewhere: no files, its endpoint's client
 
     @property
     def keys(self) -> tuple[str, str]:
         """(weights, config) keys in the store: what any worker loads it back from (`stored_model`)."""
         return self.files[0][3].key, self.files[1][3].key
+
+
+@dataclass
+class Deployed:
+    """A teacher deployed elsewhere: the client that asks it (answers cached in the store) and the phases
+    the owner's query cap allows."""
+
+    remote: RemoteModel
+    phases: DeployedPhases
+
+    def section(self, model: AnsweringModel) -> dict[str, Any]:
+        """The report's `deployed` section: the endpoint (no header values), what was asked, what the cap
+        allowed and what that means for the verdict."""
+        log, cap, p = self.remote.log, self.remote.cap, self.phases
+        cached = sum(e["rows"] for e in log if e["cached"])
+        tested = ", ".join(f"{b:,}" for b in p.budgets) or "none"
+        text = (
+            f"The model was audited as deployed, through its endpoint, within a query cap of {cap:,} "
+            f"inputs: {model.asked:,} distinct inputs asked ({cached:,} answered from earlier answers "
+            f"kept by cmim, {self.remote.sent:,} rows sent). The cap allowed the unlimited phase "
+            f"(attackers querying throughout training) and the query budgets {tested}."
+        )
+        if p.skipped:
+            text += (
+                f" It did not allow the budgets {', '.join(f'{b:,}' for b in p.skipped)}: the budget curve "
+                "stops at the largest tested, so no safe budget above it is claimed."
+            )
+        text += (
+            " The verdict is about the endpoint's answers as it gave them; what the deployment does beyond "
+            "them (its own keys, limits or monitoring) was not audited, and cmim does not serve this model."
+        )
+        return {
+            "endpoint": self.remote.spec.public(),
+            "query_cap": cap,
+            "asked": model.asked,
+            "sent": self.remote.sent,
+            "from_cache": cached,
+            "requests": sum(1 for e in log if not e["cached"]),
+            "budgets_run": p.budgets,
+            "budgets_skipped": p.skipped,
+            "unlimited_phase": True,
+            "text": text,
+        }
 
 
 def train(ctx: JobContext, cfg: TrainConfig, data: Data, stage: str, **init: Any) -> TrainResult:
@@ -59,11 +107,45 @@ def stored_files(store: ArtifactStore, model: nn.Module, meta: ModelMeta, direct
 
 def teacher(ctx: JobContext, store: ArtifactStore, inputs: JobInputs) -> JobModel:
     """The job's teacher: trained from its recipe, or the owner's uploaded model."""
+    if inputs.endpoint is not None:
+        return _deployed(ctx, store, inputs)
     if inputs.model_id is None:
         trained = train(ctx, inputs.teacher, inputs.data, "teacher")
         files = stored_files(store, trained.model, trained.meta, ctx.work / "checkpoint")
         return JobModel(trained.model, trained.meta, files)
     return _uploaded(ctx, store, inputs)
+
+
+def _deployed(ctx: JobContext, store: ArtifactStore, inputs: JobInputs) -> JobModel:
+    """An owner's model deployed elsewhere as the job's teacher: asked through the remote client (answers
+    kept in the store, so a re-audit asks nothing twice), each distinct input once. The audit's budgets
+    become those the query cap allows (`ml.audit.blackbox.deployed_phases`)."""
+    spec = dict(inputs.endpoint or {})
+    spec.pop("header_names", None)
+    if (key := spec.pop("headers_key", None)) is not None:
+        spec["headers"] = SecretBox.from_settings(ctx.settings).open(store.read_bytes(key))
+    remote = RemoteModel(
+        EndpointSpec.model_validate(spec), Limits.from_settings(ctx.settings), StoreCache(store)
+    )
+    data, cfg = inputs.data, inputs.audit
+    labelled = max(1, int(len(data.x_train) * cfg.labelled_fraction))
+    phases = deployed_phases(cfg, len(data.x_train), len(data.x_test), labelled, remote.cap)
+    if phases.needed > remote.cap:
+        raise ValueError(
+            f"the audit would ask the deployed model up to {phases.needed:,} inputs; its query cap is "
+            f"{remote.cap:,}"
+        )
+    inputs.audit = cfg.model_copy(update={"query_budgets": phases.budgets})
+    model = AnsweringModel(lambda x: remote.scores(x, data.num_classes), data.num_classes)
+    meta = ModelMeta(
+        arch="endpoint",
+        input_shape=tuple(data.input_shape),
+        num_classes=data.num_classes,
+        class_names=list(data.class_names),
+        dataset=data.name,
+        dataset_fingerprint=data.fingerprint,
+    )
+    return JobModel(model, meta, deployed=Deployed(remote, phases))
 
 
 def _uploaded(ctx: JobContext, store: ArtifactStore, inputs: JobInputs) -> JobModel:
@@ -120,7 +202,7 @@ def control(ctx: JobContext, inputs: JobInputs) -> JobModel | None:
     audit runs none. Not stored: `store_control` keeps it for other workers when the audit fans out."""
     if not inputs.audit.control:
         return None
-    from_upload = inputs.model_id is not None
+    from_upload = inputs.model_id is not None or inputs.endpoint is not None
     recipe = control_recipe(inputs.teacher, inputs.audit.control_arch, from_scratch=from_upload)
     trained = train(ctx, recipe, inputs.data, "control")
     return JobModel(trained.model, trained.meta)

@@ -80,14 +80,17 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
         inputs.data,
         control=None if control is None else control.model,
         secret=evidence_secret(store, ctx),
+        evidence=teacher.deployed is None,  # a deployed model is asked nothing for challenges
     )
     store_challenge(store, ctx, p)
     keep_plan((ctx.claim.job_id, ctx.claim.attempt), p)  # this worker's tasks of the job need not rebuild it
     files = [*teacher.files, monitor, *policy_files(store, p.served_policy, ctx.work / "policy")]
-    if fan_out is None:
+    if fan_out is None or teacher.deployed is not None:  # a deployed model's answers: in this process
         report = assemble(
             p.summary, run_in_process(p, on_progress=ctx.on_progress, results=results), job=inputs.marks
         )
+        if teacher.deployed is not None:
+            extra["deployed"] = teacher.deployed.section(teacher.model)
         publish_audit(ctx, store, with_job(report, str(ctx.claim.job_id), extra), files, inputs.job.spec)
         results.clear()  # the report holds them now
         return True

@@ -17,11 +17,17 @@ from app.core.models import (
     Dataset,
     UploadedModel,
 )
+from app.core.remote import Limits, RemoteModel
+from app.core.secrets import SecretBox
+from app.core.storage import ArtifactStore
 from app.problems import Problem, validation_problem
 from app.services.schemas import (
     JobCreate,
 )
+from ml.audit import AuditConfig
+from ml.audit.blackbox import deployed_phases
 from ml.catalog import DATASETS, PRESETS, check_augmentation, fine_tune_defaults
+from ml.policy import PolicyConfig
 
 UPLOADED_DATASET = "npz"  # the ML library's loader for a user's npz file
 
@@ -183,6 +189,53 @@ def _uploaded_teacher(
         teacher |= {"lr": tuned.lr, "warmup_epochs": tuned.warmup_epochs}
 
 
+def _endpoint_teacher(
+    session: Session, settings: Settings, body: JobCreate, teacher: dict[str, Any], audit: dict[str, Any]
+) -> None:
+    """Check a job whose teacher is deployed elsewhere and fill in what the worker needs (in place): served
+    as deployed (its answers as they come, no policy), a query cap that covers the unlimited phase, the
+    headers sealed in the store and only their names in the spec (it is shown again)."""
+    endpoint = body.teacher.endpoint
+    assert endpoint is not None
+    loc = ["teacher", "endpoint"]
+    if body.dataset_id is None:
+        raise _field_error(
+            ["dataset_id"],
+            "a deployed model is audited on the data it was trained on: upload it (POST /api/v1/datasets) "
+            "and pass its id as dataset_id",
+        )
+    if body.teacher.model_id is not None or body.teacher.fine_tune:
+        raise _field_error(
+            loc, "a teacher is an endpoint or an uploaded model (model_id, fine_tune), not both"
+        )
+    if (why := endpoint.refused(settings)) is not None:
+        raise _field_error([*loc, "url"], why)
+    if endpoint.protocol == "v2" and not endpoint.model:
+        raise _field_error([*loc, "model"], "a v2 endpoint needs the model's name")
+    if body.audit.policy != PolicyConfig():
+        raise _field_error(
+            ["audit", "policy"], "a deployed model is audited as it answers: cmim serves it no policy"
+        )
+    audit |= {"output_mode": {"kind": "probs"}, "compare_raw": False}  # its answers as they come
+    ds = session.get(Dataset, body.dataset_id)
+    cap = RemoteModel(endpoint, Limits.from_settings(settings)).cap
+    labelled = max(1, int(ds.n_train * body.audit.labelled_fraction))
+    phases = deployed_phases(AuditConfig.model_validate(audit), ds.n_train, ds.n_test, labelled, cap)
+    if phases.needed > cap:
+        raise _field_error(
+            [*loc, "max_queries"],
+            f"the audit asks the deployed model up to {phases.needed:,} inputs before any query budget (its "
+            f"answers on the data and the unlimited phase); the query cap is {cap:,}: fewer epochs, seeds or "
+            "attacks, or a higher cap",
+            "too_costly",
+        )
+    public = endpoint.public()
+    if endpoint.headers:
+        sealed = SecretBox.from_settings(settings).seal(endpoint.headers)
+        public["headers_key"] = ArtifactStore.from_settings(settings).put_bytes(sealed).key
+    teacher["endpoint"] = public
+
+
 def _check_augmentation(session: Session, body: JobCreate, teacher: dict[str, Any]) -> None:
     """422 when the requested augmentation does not fit the data's inputs (e.g. shifts on tabular data)."""
     if body.teacher.augmentation is None:
@@ -211,7 +264,9 @@ def job_spec(session: Session, settings: Settings, key: ApiKey, body: JobCreate)
     costs = _check_cost(session, settings, body, teacher)
     audit = body.audit.model_dump(mode="json")
     _check_augmentation(session, body, teacher)
-    if body.teacher.model_id is not None:
+    if body.teacher.endpoint is not None:
+        _endpoint_teacher(session, settings, body, teacher, audit)
+    elif body.teacher.model_id is not None:
         _uploaded_teacher(session, key, body, teacher, audit)
     elif body.teacher.fine_tune:
         raise _field_error(
@@ -222,7 +277,7 @@ def job_spec(session: Session, settings: Settings, key: ApiKey, body: JobCreate)
     if body.preset is not None:
         spec |= {"preset": body.preset, "indicative": PRESETS.get(body.preset).indicative}
     # What each stage weighs in the job's progress: a stage that trains nothing weighs nothing.
-    trained = body.teacher.model_id is None or body.teacher.fine_tune
+    trained = (body.teacher.model_id is None and body.teacher.endpoint is None) or body.teacher.fine_tune
     spec["cost"] = costs | {"teacher": costs["teacher"] if trained else 0.0}
     spec["cost"]["control"] = costs["control"] if audit["control"] else 0.0
     return spec

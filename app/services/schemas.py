@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from pydantic_core import PydanticCustomError
 
 from app.core.config import ALL_SCOPES, Scope
+from app.core.remote import EndpointSpec
 from app.core.text import refused_character
 from app.problems import validation_problem
 from ml.audit import AuditConfig
@@ -81,6 +82,13 @@ class TeacherSpec(TrainConfig):
         "control's recipe",
     )
     fine_tune: bool = Field(False, description="fine-tune the uploaded checkpoint with `objective` first")
+    endpoint: EndpointSpec | None = Field(
+        None,
+        description="a model deployed elsewhere (a v2 inference server or a JSON route) to audit without its "
+        "weights, asked through the service's caching client within `max_queries`; needs `dataset_id` (the "
+        "data it was trained on). `arch` and the optimiser are the CE control's recipe. Headers are stored "
+        "encrypted and never shown again",
+    )
 
 
 def _teacher_optional(schema: dict[str, Any]) -> None:

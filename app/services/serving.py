@@ -214,6 +214,13 @@ def load_served(
 def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedModel:
     if job.status != JobStatus.succeeded.value:
         raise Problem(409, f"model {job.id} is not ready: its job is {job.status}", slug="model-not-ready")
+    if (endpoint := job.spec["teacher"].get("endpoint")) is not None:
+        raise Problem(
+            409,
+            f"model {job.id} is served elsewhere, at {endpoint['url']}: cmim audited it as deployed and "
+            "holds no weights to serve; send its queries to its own endpoint",
+            slug="model-served-elsewhere",
+        )
     published = {a.name: a.storage_key for a in job_artifacts(session, job.id)}
     if CONFIG_NAME not in published:
         raise Problem(409, f"model {job.id} has no published {CONFIG_NAME}", slug="model-not-ready")

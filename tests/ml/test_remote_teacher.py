@@ -4,11 +4,10 @@ anything is asked and never pass it, and the same audit again asks the same inpu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from owner_models import spiral
 
 from ml.audit import AuditConfig, assemble, plan, run_in_process
 from ml.audit.blackbox import AnsweringModel, deployed_phases
@@ -28,19 +27,6 @@ AUDIT = {
     "null_archs": [],
     "device": "cpu",
 }
-
-
-def spiral(path: Path, n: int = 240, classes: int = 3, seed: int = 0) -> Path:
-    """A small tabular data set: three interleaved spiral arms in 2-D, with noise."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % classes
-    t = rng.uniform(0.2, 1.0, n)
-    angle = 2 * np.pi * (y / classes + 0.8 * t)
-    x = np.stack([t * np.cos(angle), t * np.sin(angle)], 1) + rng.normal(0, 0.03, (n, 2))
-    cut = n * 2 // 3
-    np.savez(path, x_train=x[:cut].astype(np.float32), y_train=y[:cut], x_test=x[cut:].astype(np.float32),
-             y_test=y[cut:])  # fmt: skip
-    return path
 
 
 @pytest.fixture(scope="module")
