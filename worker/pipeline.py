@@ -82,7 +82,8 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
         secret=evidence_secret(store, ctx),
         evidence=teacher.deployed is None,  # a deployed model is asked nothing for challenges
     )
-    store_challenge(store, ctx, p)
+    if p.challenges:  # none for a deployed model
+        store_challenge(store, ctx, p)
     keep_plan((ctx.claim.job_id, ctx.claim.attempt), p)  # this worker's tasks of the job need not rebuild it
     files = [*teacher.files, monitor, *policy_files(store, p.served_policy, ctx.work / "policy")]
     if fan_out is None or teacher.deployed is not None:  # a deployed model's answers: in this process

@@ -1,0 +1,114 @@
+"""Auditing an owner's model deployed elsewhere, without its weights: the owner uploads the data, the model
+runs behind KServe's ModelServer (a real v2 server started by the test, serving an ONNX file cmim never
+stored); the job's teacher is that endpoint. The audit asks it within the query cap (counted by the
+server), runs the budgets the cap allows, says it audited the model as deployed, and publishes nothing to
+serve; the same audit again asks the server nothing (the answers are kept in the store)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from owner_models import spiral
+from remote_helpers import LIMITS, export_onnx, kserve_rows, kserve_server
+from service_helpers import Trained, assert_problem, service_settings
+from test_api_datasets import upload
+
+from app.core.db import session_scope
+from app.core.models import Job
+from ml.data import load_dataset
+from ml.train import TrainConfig, train_model
+from worker.pipeline import run_job
+
+SECRET_HEADER = "Bearer deployed-model-token-51c2e8"
+CAP = 3000
+AUDIT: dict[str, Any] = {
+    "students": ["mlp"],
+    "attacks": ["kd", "hard_label"],
+    "attack_params": {"kd": {"T": 4.0}},
+    "seeds": 1,
+    "epochs": 2,
+    "ls_eps": [0.0],
+    "ls_mixup": False,
+    "null_archs": [],
+    "query_budgets": [40, 100, 1_000_000],  # the last is over the cap
+}
+
+
+@pytest.fixture(scope="module")
+def owner(sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    tmp = tmp_path_factory.mktemp("remote_audit")
+    return Trained(service_settings(sqlite_url, tmp, **LIMITS), tmp)
+
+
+def body(dataset_id: str | None, endpoint: dict[str, Any]) -> dict[str, Any]:
+    teacher = {"dataset": "npz", "arch": "mlp", "epochs": 2, "endpoint": endpoint}
+    return {"teacher": teacher, "dataset_id": dataset_id, "audit": AUDIT}
+
+
+def audited(owner: Trained, job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Submitted through the API, run by the embedded worker: (job id, report)."""
+    r = owner.client.post("/api/v1/jobs", json=job, headers=owner.headers)
+    assert r.status_code == 202, r.text
+    assert SECRET_HEADER not in r.text and "deployed-model-token" not in r.text
+    job_id = r.json()["id"]
+    assert run_job(job_id, owner.settings) == "succeeded"
+    report = owner.client.get(f"/api/v1/jobs/{job_id}/report", headers=owner.headers)
+    assert report.status_code == 200, report.text
+    return job_id, report.json()
+
+
+def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained) -> None:
+    npz = spiral(owner.tmp / "spiral.npz")
+    r = upload(owner.client, owner, npz.read_bytes(), name="spiral")
+    assert r.status_code == 201, r.text
+    dataset_id = r.json()["id"]
+    data = load_dataset("npz", path=str(npz))
+    recipe = TrainConfig(dataset="npz", arch="mlp", objective="ce", epochs=20, seed=0, device="cpu")
+    onnx = export_onnx(train_model(recipe, data).model, (2,), owner.tmp / "deployed.onnx")
+    with kserve_server({"spiral": onnx}, owner.tmp) as (base, count):
+        endpoint = {"url": base, "protocol": "v2", "model": "spiral", "max_queries": CAP,
+                    "headers": {"Authorization": SECRET_HEADER}}  # fmt: skip
+        # refused before anything is asked: no data set, a cap below the unlimited phase
+        assert_problem(
+            owner.client.post("/api/v1/jobs", json=body(None, endpoint), headers=owner.headers), 422
+        )
+        low = body(dataset_id, endpoint | {"max_queries": 300})
+        problem = assert_problem(owner.client.post("/api/v1/jobs", json=low, headers=owner.headers), 422)
+        assert "query cap is 300" in str(problem) and kserve_rows(count) == {}
+
+        job_id, report = audited(owner, body(dataset_id, endpoint))
+        sent = kserve_rows(count)["spiral"]  # the server's own count
+        deployed = report["deployed"]
+        assert deployed["sent"] == sent == deployed["asked"] <= CAP and deployed["from_cache"] == 0
+        assert deployed["budgets_run"] == [40, 100] and deployed["budgets_skipped"] == [1_000_000]
+        assert deployed["endpoint"]["header_names"] == ["Authorization"]
+        assert sorted(report["budgets"]["teacher"]) == ["100", "40"] and report["students"]["mlp"]["attacks"]
+        assert report["teacher"]["serving"]["served_as"].startswith("as deployed at http://127.0.0.1:")
+        assert report["findings"]["serving"]["served_as"] == report["teacher"]["serving"]["served_as"]
+        assert "cmim does not serve this model" in report["findings"]["next_steps"][0]
+        assert "did not allow the budgets 1,000,000" in report["statement"]["text"]
+        assert report.get("evidence") is None and report["verdict"] in ("distillable", "undistillable",
+                                                                          "inconclusive")  # fmt: skip
+
+        # the same audit again (another job): every answer comes from the store, the server is asked nothing
+        again_id, again = audited(owner, body(dataset_id, endpoint))
+        assert kserve_rows(count)["spiral"] == sent
+        assert again["deployed"]["sent"] == 0 and again["deployed"]["from_cache"] == sent
+        assert again["teacher"]["accuracy"] == report["teacher"]["accuracy"]
+
+    # the headers are stored sealed, shown by name only; cmim serves no model for such a job
+    job = owner.client.get(f"/api/v1/jobs/{job_id}", headers=owner.headers)
+    assert SECRET_HEADER not in job.text and job.json()["spec"]["teacher"]["endpoint"]["header_names"]
+    with session_scope(owner.settings.database_url) as s:
+        stored = s.get(Job, uuid.UUID(job_id))
+        assert stored is not None and "headers" not in stored.spec["teacher"]["endpoint"]
+    names = {
+        a["name"] for a in owner.client.get(f"/api/v1/jobs/{job_id}/artifacts", headers=owner.headers).json()
+    }
+    assert not names & {"model.safetensors", "model.onnx", "model.json"}, names
+    r = owner.client.post(
+        f"/api/v1/models/{again_id}/predict", json={"inputs": [[0.1, 0.2]]}, headers=owner.headers
+    )
+    assert "served elsewhere" in assert_problem(r, 409)["detail"]
