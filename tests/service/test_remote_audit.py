@@ -2,18 +2,22 @@
 runs behind KServe's ModelServer (a real v2 server started by the test, serving an ONNX file cmim never
 stored); the job's teacher is that endpoint. The audit asks it within the query cap (counted by the
 server), runs the budgets the cap allows, says it audited the model as deployed, and publishes nothing to
-serve; the same audit again asks the server nothing (the answers are kept in the store)."""
+serve; the same audit again asks the server nothing (the answers are kept in the store). On the embedded
+default (in process) and on the deployed stack (uvicorn, a Celery worker, Redis, PostgreSQL)."""
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from owner_models import spiral
 from remote_helpers import LIMITS, export_onnx, kserve_rows, kserve_server
 from service_helpers import Trained, assert_problem, service_settings
 from test_api_datasets import upload
+from test_e2e import Stack, deployed, follow, statuses, submit  # noqa: F401 - deployed: a fixture
 
 from app.core.db import session_scope
 from app.core.models import Job
@@ -37,13 +41,28 @@ AUDIT: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The owner's data (an npz to upload) and its model as trained and exported elsewhere (ONNX)."""
+    tmp = tmp_path_factory.mktemp("owner_files")
+    npz = spiral(tmp / "spiral.npz")
+    recipe = TrainConfig(dataset="npz", arch="mlp", objective="ce", epochs=20, seed=0, device="cpu")
+    model = train_model(recipe, load_dataset("npz", path=str(npz))).model
+    return npz, export_onnx(model, (2,), tmp / "deployed.onnx")
+
+
+def endpoint(base: str) -> dict[str, Any]:
+    return {"url": base, "protocol": "v2", "model": "spiral", "max_queries": CAP,
+            "headers": {"Authorization": SECRET_HEADER}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
 def owner(sqlite_url: str, tmp_path_factory: pytest.TempPathFactory) -> Trained:
     tmp = tmp_path_factory.mktemp("remote_audit")
     return Trained(service_settings(sqlite_url, tmp, **LIMITS), tmp)
 
 
-def body(dataset_id: str | None, endpoint: dict[str, Any]) -> dict[str, Any]:
-    teacher = {"dataset": "npz", "arch": "mlp", "epochs": 2, "endpoint": endpoint}
+def body(dataset_id: str | None, remote: dict[str, Any]) -> dict[str, Any]:
+    teacher = {"dataset": "npz", "arch": "mlp", "epochs": 2, "endpoint": remote}
     return {"teacher": teacher, "dataset_id": dataset_id, "audit": AUDIT}
 
 
@@ -59,26 +78,20 @@ def audited(owner: Trained, job: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return job_id, report.json()
 
 
-def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained) -> None:
-    npz = spiral(owner.tmp / "spiral.npz")
+def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained, made: tuple[Path, Path]) -> None:
+    npz, onnx = made
     r = upload(owner.client, owner, npz.read_bytes(), name="spiral")
     assert r.status_code == 201, r.text
     dataset_id = r.json()["id"]
-    data = load_dataset("npz", path=str(npz))
-    recipe = TrainConfig(dataset="npz", arch="mlp", objective="ce", epochs=20, seed=0, device="cpu")
-    onnx = export_onnx(train_model(recipe, data).model, (2,), owner.tmp / "deployed.onnx")
     with kserve_server({"spiral": onnx}, owner.tmp) as (base, count):
-        endpoint = {"url": base, "protocol": "v2", "model": "spiral", "max_queries": CAP,
-                    "headers": {"Authorization": SECRET_HEADER}}  # fmt: skip
+        remote = endpoint(base)
         # refused before anything is asked: no data set, a cap below the unlimited phase
-        assert_problem(
-            owner.client.post("/api/v1/jobs", json=body(None, endpoint), headers=owner.headers), 422
-        )
-        low = body(dataset_id, endpoint | {"max_queries": 300})
+        assert_problem(owner.client.post("/api/v1/jobs", json=body(None, remote), headers=owner.headers), 422)
+        low = body(dataset_id, remote | {"max_queries": 300})
         problem = assert_problem(owner.client.post("/api/v1/jobs", json=low, headers=owner.headers), 422)
         assert "query cap is 300" in str(problem) and kserve_rows(count) == {}
 
-        job_id, report = audited(owner, body(dataset_id, endpoint))
+        job_id, report = audited(owner, body(dataset_id, remote))
         sent = kserve_rows(count)["spiral"]  # the server's own count
         deployed = report["deployed"]
         assert deployed["sent"] == sent == deployed["asked"] <= CAP and deployed["from_cache"] == 0
@@ -93,7 +106,7 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained) -> Non
                                                                           "inconclusive")  # fmt: skip
 
         # the same audit again (another job): every answer comes from the store, the server is asked nothing
-        again_id, again = audited(owner, body(dataset_id, endpoint))
+        again_id, again = audited(owner, body(dataset_id, remote))
         assert kserve_rows(count)["spiral"] == sent
         assert again["deployed"]["sent"] == 0 and again["deployed"]["from_cache"] == sent
         assert again["teacher"]["accuracy"] == report["teacher"]["accuracy"]
@@ -112,3 +125,26 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained) -> Non
         f"/api/v1/models/{again_id}/predict", json={"inputs": [[0.1, 0.2]]}, headers=owner.headers
     )
     assert "served elsewhere" in assert_problem(r, 409)["detail"]
+
+
+def test_the_deployed_stack_audits_it_too(deployed: Stack, made: tuple[Path, Path]) -> None:  # noqa: F811
+    npz, onnx = made
+    r = httpx.post(
+        f"{deployed.base}/api/v1/datasets", params={"name": "spiral"}, content=npz.read_bytes(),
+        headers=deployed.headers | {"Content-Type": "application/octet-stream"}, timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    with kserve_server({"spiral": onnx}, deployed.tmp) as (base, count):
+        reports = []
+        for _ in range(2):  # the second audit asks the server nothing
+            job_id = submit(deployed, body(r.json()["id"], endpoint(base)))
+            assert statuses(follow(deployed, job_id))[-1] == "succeeded", deployed.logs()
+            reports.append(deployed.get(f"/api/v1/jobs/{job_id}/report").json())
+        sent = kserve_rows(count)["spiral"]
+    first, again = (x["deployed"] for x in reports)
+    assert (
+        first["sent"] == first["asked"] == sent <= CAP and again["sent"] == 0 and again["from_cache"] == sent
+    )
+    assert first["budgets_run"] == [40, 100] and reports[0]["teacher"]["serving"]["served_as"].startswith(
+        "as deployed at "
+    )
