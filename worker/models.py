@@ -46,6 +46,15 @@ class JobModel:
         return self.files[0][3].key, self.files[1][3].key
 
 
+# What the report says of evidence for a model deployed elsewhere (docs/models.md, "Audit a deployed model").
+NO_EVIDENCE = (
+    "Evidence of theft was not prepared for this model: its challenge is chosen among many candidate inputs "
+    "where the teacher's answers differ from independent students', and cmim did not spend the query cap "
+    "asking the deployed model for them. Verifying a suspect against this model is therefore not available; "
+    "an audit of the model uploaded as ONNX prepares it."
+)
+
+
 @dataclass
 class Deployed:
     """A teacher deployed elsewhere: the client that asks it (answers cached in the store) and the phases
@@ -86,6 +95,7 @@ class Deployed:
             "budgets_skipped": p.skipped,
             "unlimited_phase": True,
             "text": text,
+            "evidence": NO_EVIDENCE,
         }
 
 

@@ -90,6 +90,7 @@ def as_deployed(report: AuditReport, deployed: dict[str, Any]) -> None:
     report.findings = report_findings(report)
     assert report.findings.serving is not None
     report.findings.serving.text = deployed["text"]
+    report.findings.evidence = deployed["evidence"]
     report.findings.next_steps.insert(
         0,
         "cmim does not serve this model: its deployment does. Where the steps below name cmim's predict "

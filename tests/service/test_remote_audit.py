@@ -102,6 +102,7 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained, made: 
         assert report["findings"]["serving"]["served_as"] == report["teacher"]["serving"]["served_as"]
         assert "cmim does not serve this model" in report["findings"]["next_steps"][0]
         assert "did not allow the budgets 1,000,000" in report["statement"]["text"]
+        assert "Evidence of theft was not prepared" in report["findings"]["evidence"]
         assert report.get("evidence") is None and report["verdict"] in ("distillable", "undistillable",
                                                                           "inconclusive")  # fmt: skip
 
@@ -125,6 +126,8 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained, made: 
         f"/api/v1/models/{again_id}/predict", json={"inputs": [[0.1, 0.2]]}, headers=owner.headers
     )
     assert "served elsewhere" in assert_problem(r, 409)["detail"]
+    r = owner.client.post(f"/api/v1/models/{job_id}/verify", json={"answers": [0] * 8}, headers=owner.headers)
+    assert_problem(r, 409)  # no challenge was prepared for it
 
 
 def test_the_deployed_stack_audits_it_too(deployed: Stack, made: tuple[Path, Path]) -> None:  # noqa: F811
