@@ -22,7 +22,7 @@ from ml.evidence.nulls import NULL_ROW
 from ml.evidence.registry import CHALLENGE_POINTS, MECHANISMS
 from ml.evidence.secret import Secret
 from ml.evidence.selected import pack_bits, pool_size, unpack_bits
-from ml.evidence.stats import ALPHA, NEAR_LS_POINTS, Null, fpr_by_family, loo_fpr, rates
+from ml.evidence.stats import ALPHA, MIN_FAMILY, NEAR_LS_POINTS, Null, fpr_by_family, loo_fpr, members, rates
 
 Challenges = dict[str, dict[str, list[Challenge]]]  # mechanism -> black box -> one per seed
 
@@ -142,8 +142,8 @@ def _widest(
 ) -> dict[str, Any]:  # fmt: skip
     """The test against the widest null (the LS families and the other architectures'): the
     false-positive rate per family (leave-one-out) and the detection rates with unlimited queries."""
-    fpr, per_family = fpr_by_family(by_family, CHALLENGE_POINTS)
-    null = Null.fit(by_family, CHALLENGE_POINTS)
+    fpr, per_family = fpr_by_family(by_family, CHALLENGE_POINTS, MIN_FAMILY)
+    null = Null.fit(members(by_family) or by_family, CHALLENGE_POINTS)
     tested = _tested(agree, which, null, accuracy, best_ls)
     keep = ("tpr_unlimited", "tpr_near_ls_unlimited", "near_ls_unlimited")
     return {"negatives": by_family, "null": null.to_json(), "threshold": null.threshold(), "fpr": fpr,

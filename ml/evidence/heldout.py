@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ml.evidence.selected import KINDS, MIN_POINTS, pool_kinds, select
-from ml.evidence.stats import ALPHA, Null, fpr_by_family, rates
+from ml.evidence.stats import ALPHA, MIN_FAMILY, Null, fpr_by_family, members, rates
 
 TARGET_TPR = 0.9  # the detection rate near LS a working evidence should reach (docs/evidence.md)
 SPLIT = "chosen on the students of seeds 0, 2, 4, ...; measured on those of seeds 1, 3, 5, ..."
@@ -50,11 +50,13 @@ def selected_section(
     m = len(kept)
     agree = lambda b: float(b[kept].mean())  # noqa: E731
     by_family = {f: [agree(b) for b in v] for f, v in held.items()}
-    try:
-        null = Null.fit(by_family, m)
+    try:  # families of fewer than MIN_FAMILY are tested (fpr_by_family), not part of the null
+        null = Null.fit(members(by_family), m)
     except ValueError:
-        return out | _fails("the held-out half has no family of 2 independent models: more seeds are needed")
-    fpr, per_family = fpr_by_family(by_family, m)
+        return out | _fails(
+            f"the held-out half has no family of {MIN_FAMILY} independent models: more seeds are needed"
+        )
+    fpr, per_family = fpr_by_family(by_family, m, MIN_FAMILY)
     phases: dict[str, Any] = {}
     for (ph, row), v in knockoffs.items():
         a = [agree(b) for b in v[1::2]]

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 0.01  # a suspect is called a copy when p < ALPHA
+MIN_FAMILY = 3  # in a widest null: a family of 2 has 1 degree of freedom, and no suspect would reach alpha
 NEAR_LS_POINTS = 1.0  # "near LS": a knockoff within this many points of the best LS student, or above
 
 
@@ -99,16 +100,26 @@ def loo_fpr(by_family: dict[str, list[float]], points: int, alpha: float = ALPHA
     return float(np.mean(hits)) if hits else None
 
 
-def loo_hits(by_family: dict[str, list[float]], points: int, alpha: float = ALPHA) -> dict[str, list[bool]]:
-    """Per family, whether each negative is called a copy against the null of all the others (its own
-    family without it; a family left with one model drops out of that null). A negative whose removal
-    leaves no family of 2 is not tested."""
+def members(by_family: dict[str, list[float]], min_n: int = MIN_FAMILY) -> dict[str, list[float]]:
+    """The families of at least `min_n` models: those a widest null is fitted on."""
+    return {f: v for f, v in by_family.items() if len(v) >= min_n}
+
+
+def loo_hits(
+    by_family: dict[str, list[float]], points: int, alpha: float = ALPHA, min_n: int = 2
+) -> dict[str, list[bool]]:
+    """Per family, whether each negative is called a copy against the null of all the others (the families
+    of at least `min_n`, its own without it; a family left with one model drops out). A family below
+    `min_n` is tested against that null whole. A negative whose removal leaves no family of 2 is not
+    tested."""
+    fitted = members(by_family, min_n)
     out: dict[str, list[bool]] = {}
     for f, values in by_family.items():
         hits = out.setdefault(f, [])
         for i, a in enumerate(values):
+            rest = fitted | {f: values[:i] + values[i + 1 :]} if f in fitted else fitted
             try:
-                null = Null.fit(by_family | {f: values[:i] + values[i + 1 :]}, points)
+                null = Null.fit(rest, points)
             except ValueError:
                 continue
             hits.append(null.p_value(a) < alpha)
@@ -116,10 +127,10 @@ def loo_hits(by_family: dict[str, list[float]], points: int, alpha: float = ALPH
 
 
 def fpr_by_family(
-    by_family: dict[str, list[float]], points: int
+    by_family: dict[str, list[float]], points: int, min_n: int = 2
 ) -> tuple[float | None, dict[str, float | None]]:
     """(the false-positive rate over every negative, and per family) by `loo_hits`; None: none tested."""
-    hits = loo_hits(by_family, points)
+    hits = loo_hits(by_family, points, min_n=min_n)
     every = [h for v in hits.values() for h in v]
     per = {f: float(np.mean(v)) if v else None for f, v in hits.items()}
     return (float(np.mean(every)) if every else None), per

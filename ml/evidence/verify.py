@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ml.cmi import model_logits
 from ml.evidence.base import Challenge
-from ml.evidence.stats import ALPHA, Null
+from ml.evidence.stats import ALPHA, MIN_FAMILY, Null
 
 MAX_POINTS = 4096  # bound on a stored challenge read back (a job stores CHALLENGE_POINTS)
 
@@ -38,7 +38,8 @@ def unpack_challenge(raw: bytes) -> Challenge:
 
 def null_families(report: dict[str, Any], mechanism: str, box: str = "teacher") -> dict[str, list[float]]:
     """The widest null's agreements per family: the audit's LS students (each family pooled over student
-    architectures) and its independent models of other architectures (`other_architectures`)."""
+    architectures) and its independent models of other architectures (`other_architectures`; a family of
+    fewer than MIN_FAMILY is left out: the report gives its false-positive rate against this null)."""
     per_arch = report["evidence"]["mechanisms"][mechanism][box]
     by_family: dict[str, list[float]] = {}
     others: dict[str, list[float]] = {}
@@ -46,7 +47,8 @@ def null_families(report: dict[str, Any], mechanism: str, box: str = "teacher") 
         for f, values in sec["negatives"].items():
             by_family.setdefault(f, []).extend(values)
         for f, values in (sec.get("other_architectures") or {}).get("negatives", {}).items():
-            if f not in sec["negatives"]:  # the same models in every architecture's section
+            # the same models in every architecture's section; a family of 2 would leave no test
+            if f not in sec["negatives"] and len(values) >= MIN_FAMILY:
                 others[f] = values
     return by_family | others
 
