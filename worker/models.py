@@ -139,7 +139,10 @@ def _deployed(ctx: JobContext, store: ArtifactStore, inputs: JobInputs) -> JobMo
     )
     data, cfg = inputs.data, inputs.audit
     labelled = max(1, int(len(data.x_train) * cfg.labelled_fraction))
-    phases = deployed_phases(cfg, len(data.x_train), len(data.x_test), labelled, remote.cap)
+    fixed = not cfg.augment or data.augmentation == "none"
+    phases = deployed_phases(
+        cfg, len(data.x_train), len(data.x_test), labelled, remote.cap, fixed_plain=fixed
+    )
     if phases.needed > remote.cap:
         raise ValueError(
             f"the audit would ask the deployed model up to {phases.needed:,} inputs; its query cap is "

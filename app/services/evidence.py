@@ -169,10 +169,7 @@ def limits(settings: Settings) -> Limits:
 
 def allowed(settings: Settings, spec: EndpointSpec) -> str | None:
     """Why the operator's allow-list refuses this endpoint (None: allowed)."""
-    hosts = settings.remote_allowed_hosts
-    if hosts is not None and spec.host() not in {h.lower() for h in hosts}:
-        return f"the host {spec.host()!r} is not in this service's allowed hosts (CMIM_REMOTE_ALLOWED_HOSTS)"
-    return None
+    return spec.refused(settings)
 
 
 class Verifier:

@@ -27,6 +27,7 @@ from app.services.schemas import (
 from ml.audit import AuditConfig
 from ml.audit.blackbox import deployed_phases
 from ml.catalog import DATASETS, PRESETS, check_augmentation, fine_tune_defaults
+from ml.data.npz import default_augmentation
 from ml.policy import PolicyConfig
 
 UPLOADED_DATASET = "npz"  # the ML library's loader for a user's npz file
@@ -220,7 +221,10 @@ def _endpoint_teacher(
     ds = session.get(Dataset, body.dataset_id)
     cap = RemoteModel(endpoint, Limits.from_settings(settings)).cap
     labelled = max(1, int(ds.n_train * body.audit.labelled_fraction))
-    phases = deployed_phases(AuditConfig.model_validate(audit), ds.n_train, ds.n_test, labelled, cap)
+    augmentation = body.teacher.augmentation or default_augmentation(tuple(ds.input_shape))
+    fixed = not body.audit.augment or augmentation == "none"
+    cfg = AuditConfig.model_validate(audit)
+    phases = deployed_phases(cfg, ds.n_train, ds.n_test, labelled, cap, fixed_plain=fixed)
     if phases.needed > cap:
         raise _field_error(
             [*loc, "max_queries"],

@@ -65,13 +65,17 @@ class DeployedPhases:
     most_queries: int  # what the phases run ask at most
 
 
-def deployed_phases(cfg: AuditConfig, n_train: int, n_test: int, labelled: int, cap: int) -> DeployedPhases:
+def deployed_phases(
+    cfg: AuditConfig, n_train: int, n_test: int, labelled: int, cap: int, *, fixed_plain: bool = False
+) -> DeployedPhases:
     """The phases that fit the cap: the teacher's summaries (its answers on the train and test splits) and
-    the unlimited phase, which every verdict needs, then the budget phases, cheapest first."""
+    the unlimited phase, which every verdict needs, then the budget phases, cheapest first. `fixed_plain`:
+    the plain view is the training inputs themselves (no augmentation), already asked for the summaries."""
     per_row = [ATTACKS.get(key).views for _, key, _ in cfg.attack_rows()]
+    free = {"plain"} if fixed_plain and not cfg.transfer else set()
 
     def views(group: list[tuple[str, ...]]) -> int:
-        return len({v for vs in group for v in vs})
+        return len({v for vs in group for v in vs} - free)
 
     def budget_cost(b: int) -> int:
         groups = {len(vs) for vs in per_row}

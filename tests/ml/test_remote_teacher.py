@@ -76,6 +76,11 @@ def test_a_cap_allows_the_cheap_phases_first() -> None:
     assert narrow.budgets == [50, 200] and narrow.skipped == [5000] and narrow.most_queries <= 1200
     short = deployed_phases(cfg, 160, 80, 160, 500)
     assert short.budgets == [] and short.needed > 500  # not even the unlimited phase: no audit
+    # without augmentation the plain view is the data itself, asked once for the summaries
+    fixed = deployed_phases(cfg, 160, 80, 160, 500, fixed_plain=True)
+    assert fixed.needed == fixed.most_queries == 240 and fixed.budgets == [50, 200, 5000]
+    mixes = AuditConfig.model_validate(AUDIT | {"attacks": ["kd", "fm"], "attack_params": {"fm": {}}})
+    assert deployed_phases(mixes, 160, 80, 160, 10_000, fixed_plain=True).needed == 240 + 2 * 160
 
 
 def test_an_audit_through_the_callable_stays_within_the_cap(owner: tuple) -> None:

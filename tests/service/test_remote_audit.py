@@ -29,8 +29,8 @@ SECRET_HEADER = "Bearer deployed-model-token-51c2e8"
 CAP = 3000
 AUDIT: dict[str, Any] = {
     "students": ["mlp"],
-    "attacks": ["kd", "hard_label"],
-    "attack_params": {"kd": {"T": 4.0}},
+    "attacks": ["kd", "hard_label", "fm"],  # fm asks mixes: new inputs; the others the data itself
+    "attack_params": {"kd": {"T": 4.0}, "fm": {}},
     "seeds": 1,
     "epochs": 2,
     "ls_eps": [0.0],
