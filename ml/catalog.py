@@ -15,6 +15,7 @@ from ml.data import (
     validate_npz,
 )
 from ml.data.augment import check_augmentation
+from ml.data.npz import default_augmentation
 from ml.models import model_infos
 from ml.objectives import OBJECTIVES
 from ml.presets import PRESETS, apply_preset, merge
@@ -24,5 +25,5 @@ from ml.train import TrainConfig, fine_tune_defaults
 __all__ = [
     "DATASETS", "OBJECTIVES", "PRESETS", "DataValidationError", "DatasetInfo", "NpzSummary", "TrainConfig",
     "UnknownNameError", "apply_preset", "attack_infos", "check_augmentation", "dataset_infos",
-    "fine_tune_defaults", "load_dataset", "merge", "model_infos", "validate_npz",
+    "default_augmentation", "fine_tune_defaults", "load_dataset", "merge", "model_infos", "validate_npz",
 ]  # fmt: skip

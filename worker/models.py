@@ -18,7 +18,7 @@ from app.core.models import UploadedModel
 from app.core.remote import EndpointSpec, Limits, RemoteModel, StoreCache
 from app.core.secrets import SecretBox
 from app.core.storage import ArtifactStore, StoredObject
-from ml.audit.blackbox import AnsweringModel, DeployedPhases, deployed_phases
+from ml.audit import AnsweringModel, DeployedPhases, deployed_phases
 from ml.checkpoint import ModelMeta, save_checkpoint
 from ml.data import Dataset as Data
 from ml.loading import load_model

@@ -24,11 +24,9 @@ from app.problems import Problem, validation_problem
 from app.services.schemas import (
     JobCreate,
 )
-from ml.audit import AuditConfig
-from ml.audit.blackbox import deployed_phases
-from ml.catalog import DATASETS, PRESETS, check_augmentation, fine_tune_defaults
-from ml.data.npz import default_augmentation
-from ml.policy import PolicyConfig
+from ml.audit import AuditConfig, deployed_phases
+from ml.catalog import DATASETS, PRESETS, check_augmentation, default_augmentation, fine_tune_defaults
+from ml.served import PolicyConfig
 
 UPLOADED_DATASET = "npz"  # the ML library's loader for a user's npz file
 

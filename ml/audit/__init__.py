@@ -19,7 +19,15 @@ once), tasks (plan and run), result (the typed, versioned report), report (assem
 """
 
 from ml.audit.batches import VIEWS, Batch
-from ml.audit.blackbox import BlackBox, serve_box, serving_summary, teacher_summary
+from ml.audit.blackbox import (
+    AnsweringModel,
+    BlackBox,
+    DeployedPhases,
+    deployed_phases,
+    serve_box,
+    serving_summary,
+    teacher_summary,
+)
 from ml.audit.config import (
     CMI_CURVE_TEMPERATURES,
     DEFAULT_BUDGET_PASSES,
@@ -45,11 +53,12 @@ from ml.train import TrainingCancelled
 
 __all__ = [
     "CMI_CURVE_TEMPERATURES", "DEFAULT_BUDGET_PASSES", "LOCKSTEP_MIXES", "OUTCOME_LABELS", "REPORT_VERSION",
-    "VIEWS", "AuditConfig", "AuditPlan", "AuditProgress", "AuditReport", "AuditTask", "Batch", "BlackBox",
-    "CachedSource", "DirectoryResults", "EvidenceRecord", "Findings", "LiveSource", "ModuleGroup",
-    "PlanSummary", "ResultStore", "Run", "StackedGroup", "StudentRecord", "TaskResult", "TrainingCancelled",
-    "assemble", "audit_verdict", "combine_verdicts", "findings", "holm", "judge", "judge_black_box",
-    "lockstep_ratio", "outcome", "plan", "protection_statement", "report_findings", "report_schema", "run",
-    "run_audit", "run_in_pool", "run_in_process", "safe_budget", "serve_box", "serving_summary", "summarise",
-    "summarise_plan", "teacher_summary", "train_lockstep", "welch_one_sided",
+    "VIEWS", "AnsweringModel", "AuditConfig", "AuditPlan", "AuditProgress", "AuditReport", "AuditTask",
+    "Batch", "BlackBox", "CachedSource", "DeployedPhases", "DirectoryResults", "EvidenceRecord", "Findings",
+    "LiveSource", "ModuleGroup", "PlanSummary", "ResultStore", "Run", "StackedGroup", "StudentRecord",
+    "TaskResult", "TrainingCancelled", "assemble", "audit_verdict", "combine_verdicts", "deployed_phases",
+    "findings", "holm", "judge", "judge_black_box", "lockstep_ratio", "outcome", "plan",
+    "protection_statement", "report_findings", "report_schema", "run", "run_audit", "run_in_pool",
+    "run_in_process", "safe_budget", "serve_box", "serving_summary", "summarise", "summarise_plan",
+    "teacher_summary", "train_lockstep", "welch_one_sided",
 ]  # fmt: skip

@@ -9,8 +9,7 @@ import pytest
 import torch
 from owner_models import spiral
 
-from ml.audit import AuditConfig, assemble, plan, run_in_process
-from ml.audit.blackbox import AnsweringModel, deployed_phases
+from ml.audit import AnsweringModel, AuditConfig, assemble, deployed_phases, plan, run_in_process
 from ml.cmi import model_logits
 from ml.data import load_dataset
 from ml.train import TrainConfig, train_model
