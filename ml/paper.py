@@ -370,24 +370,43 @@ EVIDENCE_BOXES = ("protected", "control")  # the default protection and the CE c
 
 def evidence_summary(report: dict[str, Any], student: str) -> dict[str, Any]:
     """The default mechanism's TPR over the near-LS knockoffs (unlimited queries) of the default protection
-    and the CE control, FPR over the independent LS students, and its cost to honest users (points)."""
-    mech = report.get("evidence", {}).get("mechanisms", {}).get(DEFAULT_MECHANISM, {})
+    and the CE control, FPR over the independent LS students, and its cost to honest users (points); the
+    false-positive rate per family of the widest null (the LS families and the other architectures, the
+    worst over the two boxes); the selected challenge's held-out TPR near LS and FPR."""
+    mechanisms = report.get("evidence", {}).get("mechanisms", {})
+    mech = mechanisms.get(DEFAULT_MECHANISM, {})
     found = [mech[b][student] for b in EVIDENCE_BOXES if b in mech and mech[b][student]["null"] is not None]
     if not found:
-        return {"evidence_tpr": None, "evidence_fpr": None, "evidence_cost": None}
+        fields = ("tpr", "fpr", "cost", "fpr_by_family", "selected_tpr", "selected_fpr")
+        return {f"evidence_{f}": None for f in fields}
+    by_family: dict[str, float] = {}
+    for sec in found:
+        for f, rate in (sec.get("other_architectures") or {}).get("fpr_by_family", {}).items():
+            if rate is not None:
+                by_family[f] = max(rate, by_family.get(f, 0.0))
+    selected = [mechanisms.get("selected", {}).get(b, {}).get(student) for b in EVIDENCE_BOXES]
+    selected = [s for s in selected if s and s.get("null") is not None]
     alpha = report["evidence"]["alpha"]
+    return {
+        "evidence_tpr": _near_ls_rate(found, alpha),
+        "evidence_fpr": max((sec["fpr"] for sec in found if sec["fpr"] is not None), default=None),
+        "evidence_cost": max(sec.get("honest_cost", {}).get("accuracy_lost", 0.0) for sec in found),
+        "evidence_fpr_by_family": by_family or None,
+        "evidence_selected_tpr": _near_ls_rate(selected, alpha),
+        "evidence_selected_fpr": max((s["fpr"] for s in selected if s["fpr"] is not None), default=None),
+    }
+
+
+def _near_ls_rate(sections: list[dict[str, Any]], alpha: float) -> float | None:
+    """The share of near-LS knockoffs (unlimited queries) called copies over these sections."""
     hits = [
         q < alpha
-        for sec in found
+        for sec in sections
         for row in sec["phases"].get("unlimited", {}).values()
         for q, near in zip(row["p"], row["near_ls"], strict=True)
         if near
     ]
-    return {
-        "evidence_tpr": sum(hits) / len(hits) if hits else None,
-        "evidence_fpr": max((sec["fpr"] for sec in found if sec["fpr"] is not None), default=None),
-        "evidence_cost": max(sec.get("honest_cost", {}).get("accuracy_lost", 0.0) for sec in found),
-    }
+    return sum(hits) / len(hits) if hits else None
 
 
 def evidence_markdown(report: dict[str, Any], student: str) -> list[str]:

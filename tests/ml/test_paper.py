@@ -23,6 +23,9 @@ SUMMARY_KEYS = {
     "evidence_tpr",
     "evidence_fpr",
     "evidence_cost",
+    "evidence_fpr_by_family",
+    "evidence_selected_tpr",
+    "evidence_selected_fpr",
     "enforced_margin",
     "enforced_margin_se",
     "enforced_queries",
@@ -87,6 +90,8 @@ def test_tiny_paper_benchmark() -> None:
     assert fingerprint["protected"]["mlp"]["negatives"].keys() == {"plain", "mixup"}
     assert summary["evidence_fpr"] == max(fingerprint[b]["mlp"]["fpr"] for b in ("protected", "control"))
     assert summary["evidence_cost"] == 0.0 and "| fingerprint | protected |" in "\n".join(table)
+    # the null's other architectures (the zoo's other small student family on sequences): a rate per family
+    assert set(summary["evidence_fpr_by_family"]) == {"plain", "mixup", "cnn1d_small"}
     full = BENCHMARKS.get("mnist1d")
     assert "protected" in full.protections and {"fm", "fm_edge", "fm_noise"} <= set(full.attacks)
 
