@@ -1,7 +1,9 @@
 """Evidence of theft: tests an owner can run on a suspect model to show it was distilled from theirs.
 
 Modules, one concept each: secret (the per-job secret and its commitment), base (challenge sets),
-stats (the test against independent models), fingerprint and keyed (the mechanisms), registry.
+stats (the test against independent models), fingerprint, keyed and selected (the mechanisms), heldout
+(the selected challenge's section, chosen on even seeds and measured on odd ones), nulls (independent
+models of other architectures), registry, audit (the report's section), verify.
 """
 
 from ml.evidence.audit import EVIDENCE_LIMITS
