@@ -90,6 +90,11 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained, made: 
         low = body(dataset_id, remote | {"max_queries": 300})
         problem = assert_problem(owner.client.post("/api/v1/jobs", json=low, headers=owner.headers), 422)
         assert "query cap is 300" in str(problem) and kserve_rows(count) == {}
+        policy = body(dataset_id, remote) | {"audit": AUDIT | {"policy": {"detector": "prada"}}}
+        both = body(dataset_id, remote)
+        both["teacher"]["model_id"] = str(uuid.uuid4())
+        for refused in (policy, both):
+            assert_problem(owner.client.post("/api/v1/jobs", json=refused, headers=owner.headers), 422)
 
         job_id, report = audited(owner, body(dataset_id, remote))
         sent = kserve_rows(count)["spiral"]  # the server's own count
