@@ -25,7 +25,10 @@ import numpy as np
 from scipy import stats
 
 ALPHA = 0.01  # a suspect is called a copy when p < ALPHA
-MIN_FAMILY = 3  # in a widest null: a family of 2 has 1 degree of freedom, and no suspect would reach alpha
+# In a widest null, a family enters with at least this many models: a prediction interval from fewer is so
+# wide (t with 2 degrees of freedom: 8 stds at alpha 0.01) that one small, erratic family of another
+# architecture would leave no test. A smaller family is tested against the null, its rate reported.
+MIN_FAMILY = 5
 NEAR_LS_POINTS = 1.0  # "near LS": a knockoff within this many points of the best LS student, or above
 
 

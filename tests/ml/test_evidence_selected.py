@@ -99,15 +99,15 @@ def test_a_scikit_learn_null_is_seeded_and_the_widest_null_pools_every_family() 
     c, _ = sklearn_null("logistic", data, 1)
     x = data.x_test
     assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x)) and 10 < acc <= 100
-    sec = {"negatives": {"plain": [0.5, 0.52, 0.48]}, "fpr": 0.0,
-           "other_architectures": {"negatives": {"plain": [0.5, 0.52, 0.48], "cnn1d_small": [0.6, 0.62, 0.61],
-                                                 "cnn2d": [0.9, 0.9]},
-                                   "fpr": 0.0}}  # fmt: skip
-    report = {"evidence": {"points": 512, "mechanisms": {"fingerprint": {"teacher": {"mlp": sec}}}}}
-    # a family of 2 (t with one degree of freedom) would leave no test: its rate is reported, not pooled
-    assert null_families(report, "fingerprint") == {
-        "plain": [0.5, 0.52, 0.48],
-        "cnn1d_small": [0.6, 0.62, 0.61],
+    plain, cnn = [0.5, 0.52, 0.48], [0.6, 0.62, 0.61, 0.6, 0.63]
+    others = {"plain": plain, "cnn1d_small": cnn, "cnn2d": [0.9, 0.9]}
+    sec = {
+        "negatives": {"plain": plain},
+        "fpr": 0.0,
+        "other_architectures": {"negatives": others, "fpr": 0.0},
     }
+    report = {"evidence": {"points": 512, "mechanisms": {"fingerprint": {"teacher": {"mlp": sec}}}}}
+    # a family of 2 would leave no test (t with one degree of freedom): its rate is reported, not pooled
+    assert null_families(report, "fingerprint") == {"plain": plain, "cnn1d_small": cnn}
     null, _ = null_from_report(report, "fingerprint")
     assert set(null.families) == {"plain", "cnn1d_small"} and null.threshold() > 0.62
