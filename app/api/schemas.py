@@ -201,7 +201,9 @@ class VerifyOut(BaseModel):
     )
     null_scope: str | None = Field(None, description="which independent models the null covers, in words")
     evidence: str | None = Field(
-        None, description="set when the audit found that evidence cannot work for this model, and why"
+        None,
+        description="set when the audit found that evidence cannot work for this model, or that its null "
+        "does not cover an architecture, and why",
     )
     commitment: Commitment
     verification: uuid.UUID | None = Field(

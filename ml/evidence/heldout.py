@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ml.evidence.nulls import uncovered
 from ml.evidence.selected import KINDS, MIN_POINTS, pool_kinds, select
 from ml.evidence.stats import ALPHA, MIN_FAMILY, Null, fpr_by_family, members, rates
 
@@ -121,6 +122,8 @@ def _judge(sec: dict[str, Any], by_family: dict[str, list[float]]) -> dict[str, 
 
 def evidence_words(evidence: dict[str, Any] | None) -> str | None:
     """What the report tells its owner of evidence: the selected challenge's reason for the served
-    teacher (the first student architecture); None when the audit measured no evidence."""
+    teacher (the first student architecture) and the architectures the null does not cover; None when
+    the audit measured no evidence."""
     per_arch = ((evidence or {}).get("mechanisms", {}).get("selected") or {}).get("teacher") or {}
-    return next((sec["reason"] for sec in per_arch.values()), None)
+    words = [next((sec["reason"] for sec in per_arch.values()), None), uncovered(evidence)]
+    return " ".join(w for w in words if w) or None

@@ -13,12 +13,14 @@ they change none of their figures. The report gives the false-positive rate per 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ml.data import Dataset
+from ml.evidence.stats import MIN_FAMILY
 from ml.models import MODELS
 
 STUDENT_FAMILIES = ("mlp", "cnn1d_small", "cnn2d")  # the zoo's small student families
@@ -70,3 +72,26 @@ def sklearn_null(name: str, data: Dataset, seed: int) -> tuple[Callable[[Tensor]
 
     acc = 100.0 * float((predict(data.x_test) == data.y_test.cpu()).float().mean())
     return predict, acc
+
+
+def uncovered(
+    evidence: dict[str, Any] | None, mechanism: str = "fingerprint", box: str = "teacher"
+) -> str | None:
+    """In words, the null families too small to enter the widest null (fewer than MIN_FAMILY models) whose
+    models that null called copies: a suspect of such an architecture is not covered. None: no such family."""
+    per_arch = ((evidence or {}).get("mechanisms", {}).get(mechanism) or {}).get(box) or {}
+    found: dict[str, tuple[int, float]] = {}
+    for sec in per_arch.values():
+        other = sec.get("other_architectures") or {}
+        for f, rate in (other.get("fpr_by_family") or {}).items():
+            n = len(other.get("negatives", {}).get(f, []))
+            if f not in sec["negatives"] and rate and n < MIN_FAMILY:
+                found[f] = (n, max(rate, found.get(f, (0, 0.0))[1]))
+    if not found:
+        return None
+    what = ", ".join(f"{f} ({n} models, {rate:.0%} called copies)" for f, (n, rate) in found.items())
+    return (
+        f"The null does not cover {what}: independent models of that architecture agree with the teacher "
+        f"more than the audit's own students do, and fewer than {MIN_FAMILY} are too few to enter the null "
+        "(an audit with more seeds trains more); a suspect of that architecture may be called a copy wrongly."
+    )

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from ml.cmi import model_logits
 from ml.evidence.base import Challenge
+from ml.evidence.nulls import uncovered
+from ml.evidence.registry import DEFAULT_MECHANISM
 from ml.evidence.stats import ALPHA, MIN_FAMILY, Null
 
 MAX_POINTS = 4096  # bound on a stored challenge read back (a job stores CHALLENGE_POINTS)
@@ -67,10 +69,13 @@ def null_from_report(report: dict[str, Any], mechanism: str, box: str = "teacher
 
 def evidence_note(report: dict[str, Any]) -> dict[str, str]:
     """What a verification adds from the audit's report: {"evidence": why evidence cannot work for this
-    model} when the audit found no challenge that discriminates (`ml.evidence.heldout`), else nothing."""
+    model} when the audit found no challenge that discriminates (`ml.evidence.heldout`), and which
+    architectures the null does not cover (`ml.evidence.nulls.uncovered`); else nothing."""
     per_arch = (report.get("evidence", {}).get("mechanisms", {}).get("selected") or {}).get("teacher") or {}
     failing = [sec["reason"] for sec in per_arch.values() if not sec.get("works", True)]
-    return {"evidence": failing[0]} if failing and len(failing) == len(per_arch) else {}
+    notes = [failing[0]] if failing and len(failing) == len(per_arch) else []
+    notes += [n for n in [uncovered(report.get("evidence"), DEFAULT_MECHANISM)] if n]
+    return {"evidence": " ".join(notes)} if notes else {}
 
 
 def predicted_labels(model: nn.Module, ch: Challenge) -> Tensor:

@@ -101,13 +101,18 @@ def test_a_scikit_learn_null_is_seeded_and_the_widest_null_pools_every_family() 
     assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x)) and 10 < acc <= 100
     plain, cnn = [0.5, 0.52, 0.48], [0.6, 0.62, 0.61, 0.6, 0.63]
     others = {"plain": plain, "cnn1d_small": cnn, "cnn2d": [0.9, 0.9]}
+    rates = {"plain": 0.0, "cnn1d_small": 0.0, "cnn2d": 1.0}
     sec = {
         "negatives": {"plain": plain},
         "fpr": 0.0,
-        "other_architectures": {"negatives": others, "fpr": 0.0},
+        "other_architectures": {"negatives": others, "fpr": 0.0, "fpr_by_family": rates},
     }
     report = {"evidence": {"points": 512, "mechanisms": {"fingerprint": {"teacher": {"mlp": sec}}}}}
     # a family of 2 would leave no test (t with one degree of freedom): its rate is reported, not pooled
     assert null_families(report, "fingerprint") == {"plain": plain, "cnn1d_small": cnn}
     null, _ = null_from_report(report, "fingerprint")
     assert set(null.families) == {"plain", "cnn1d_small"} and null.threshold() > 0.62
+    # ... and verify, like the report's findings, says which architecture the null does not cover
+    note = evidence_note(report)["evidence"]
+    assert note.startswith("The null does not cover cnn2d (2 models, 100% called copies)")
+    assert "cnn1d_small" not in note and evidence_words(report["evidence"]) == note
