@@ -214,7 +214,7 @@ def load_served(
 def _load_job_model(session: Session, store: ArtifactStore, job: Job) -> ServedModel:
     if job.status != JobStatus.succeeded.value:
         raise Problem(409, f"model {job.id} is not ready: its job is {job.status}", slug="model-not-ready")
-    if (endpoint := job.spec["teacher"].get("endpoint")) is not None:
+    if (endpoint := (job.spec.get("teacher") or {}).get("endpoint")) is not None:
         raise Problem(
             409,
             f"model {job.id} is served elsewhere, at {endpoint['url']}: cmim audited it as deployed and "
