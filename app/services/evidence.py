@@ -120,11 +120,15 @@ def material(session: Session, store: ArtifactStore, model_id: uuid.UUID, key: K
     generation = current_generation(store, job.id)
     loaded = load_generation(store, job.id, generation)
     if loaded is None or DEFAULT_MECHANISM not in report.get("evidence", {}).get("mechanisms", {}):
-        detail = (
-            f"model {job.id} has no evidence material (its job predates it)"
-            if generation == 0
-            else f"model {job.id}: challenge {generation - 1} was revealed and no fresh one could be made"
-        )
+        if generation > 0:
+            detail = f"model {job.id}: challenge {generation - 1} was revealed and no fresh one could be made"
+        elif (job.spec.get("teacher") or {}).get("endpoint") is not None:
+            detail = (
+                f"model {job.id} was audited as deployed, through its endpoint: cmim holds no weights to "
+                "draw a challenge from, so it has no evidence material (the report's findings say so)"
+            )
+        else:
+            detail = f"model {job.id} has no evidence material (its job predates it)"
         raise Problem(409, detail, slug="no-evidence")
     meta = load_meta(store.local_path(job_artifact(session, job.id, CONFIG_NAME).storage_key))
     return Material(job.id, generation, loaded[0], loaded[1], report, meta)

@@ -132,7 +132,7 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained, made: 
     )
     assert "served elsewhere" in assert_problem(r, 409)["detail"]
     r = owner.client.post(f"/api/v1/models/{job_id}/verify", json={"answers": [0] * 8}, headers=owner.headers)
-    assert_problem(r, 409)  # no challenge was prepared for it
+    assert "audited as deployed" in assert_problem(r, 409)["detail"]  # no challenge was prepared for it
 
 
 def test_the_deployed_stack_audits_it_too(deployed: Stack, made: tuple[Path, Path]) -> None:  # noqa: F811
