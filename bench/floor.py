@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ml.bench import paper_floor
+from ml.speed import paper_floor
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -27,7 +27,7 @@ from torch.func import vmap
 import ml.audit.lockstep as lockstep
 from ml.audit.batches import Batch
 from ml.audit.groups import EVAL_CHUNK, StackedGroup
-from ml.bench import PaperSeed, paper_seed, phase_name, speed
+from ml.speed import PaperSeed, paper_seed, phase_name, speed
 from ml.train import keep_freed_memory
 
 

@@ -254,7 +254,7 @@ def bench_speed(
     students: int = 8,
 ) -> None:
     """CMIM step time / CE step time, and lockstep audit time / sequential; last line is JSON."""
-    from ml.bench import speed
+    from ml.speed import speed
 
     result = speed(steps=steps, rounds=rounds, students=students, log=console.print)
     console.print(json.dumps(result), highlight=False, soft_wrap=True)
@@ -531,7 +531,7 @@ def bench_paper(
     workers: Annotated[int, typer.Option(min=1, help="seeds trained at once, in separate processes")] = 1,
 ) -> None:
     """Every protection against every attack on the discriminating benchmark; last line is JSON."""
-    from ml.paper import BENCHMARKS, budget_rows, paper_markdown, paper_rows, plot_paper, run_paper
+    from ml.benchmark import BENCHMARKS, budget_rows, paper_markdown, paper_rows, plot_paper, run_paper
 
     with one_line_errors():
         bench = BENCHMARKS.get(f"{benchmark}-quick" if quick else benchmark)

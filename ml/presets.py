@@ -1,7 +1,7 @@
 """Job presets: named, complete jobs (teacher + audit) that explicit fields override.
 
 `quick` is a demo that finishes in minutes on a CPU and is marked indicative (too few seeds and epochs to
-discriminate); `standard` is the benchmark's discriminating schedule (`ml.paper`, benchmark `mnist1d`).
+discriminate); `standard` is the benchmark's discriminating schedule (`ml.benchmark`, benchmark `mnist1d`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ml.paper import BENCHMARKS
+from ml.benchmark import BENCHMARKS
 from ml.registry import Registry
 
 
@@ -90,7 +90,7 @@ PRESETS.register("quick")(
 
 
 def _standard() -> Preset:
-    """The benchmark's schedule and seeds (`ml.paper`, `mnist1d`), its teacher served label-only."""
+    """The benchmark's schedule and seeds (`ml.benchmark`, `mnist1d`), its teacher served label-only."""
     bench = BENCHMARKS.get("mnist1d")
     sizes = bench.dataset_params
     return Preset(

@@ -5,8 +5,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ml.attacks import ATTACKS
 from ml.audit import AuditConfig, Run, train_lockstep
-from ml.bench import phase_flops
 from ml.oracle import Oracle
+from ml.speed import phase_flops
 
 
 @pytest.mark.parametrize("budget", [None, 150])

@@ -6,8 +6,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ml.benchmark import plot_paper
 from ml.charts import Bar, Rule, Series, bar_chart, line_chart
-from ml.paper import plot_paper
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -9,7 +9,7 @@ from service_helpers import assert_problem, job_body
 from app.core.db import session_scope
 from app.core.models import Job, JobStatus
 from app.core.queue import append_event, status_event
-from ml.paper import BENCHMARKS
+from ml.benchmark import BENCHMARKS
 from ml.presets import PRESETS
 
 

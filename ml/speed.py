@@ -106,10 +106,10 @@ def paper_seed() -> PaperSeed:
     """Seed 0 of the `mnist1d` paper benchmark: its data, attacks, LS rows, its black boxes (untrained
     CMIM and CE teachers served as the benchmark serves them) and its budget black boxes."""
     from ml.audit import AuditConfig, plan, serve_box
+    from ml.benchmark import BENCHMARKS
     from ml.data import load_dataset
     from ml.evidence import Secret
     from ml.oracle import OutputMode
-    from ml.paper import BENCHMARKS
 
     bench = BENCHMARKS.get("mnist1d")
     data = load_dataset(bench.dataset, **bench.dataset_params)
@@ -221,7 +221,7 @@ def paper_floor(workers: int = 2, log: Callable[..., Any] = print) -> dict[str, 
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ml.paper import BENCHMARKS, teacher_configs
+    from ml.benchmark import BENCHMARKS, teacher_configs
     from ml.train import train_model
 
     bench = BENCHMARKS.get("mnist1d")

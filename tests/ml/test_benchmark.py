@@ -1,7 +1,7 @@
 """`cmim bench paper` on a tiny benchmark: every protection is present and the summary is consistent."""
 
+from ml.benchmark import BENCHMARKS, Benchmark, Protection, budget_rows, paper_markdown, paper_rows, run_paper
 from ml.oracle import OutputMode
-from ml.paper import BENCHMARKS, Benchmark, Protection, budget_rows, paper_markdown, paper_rows, run_paper
 
 SUMMARY_KEYS = {
     "dataset",
