@@ -72,9 +72,21 @@ class Deployed:
         text = (
             f"The model was audited as deployed, through its endpoint, within a query cap of {cap:,} "
             f"inputs: {model.asked:,} distinct inputs asked ({cached:,} answered from earlier answers "
-            f"kept by cmim, {self.remote.sent:,} rows sent). The cap allowed the unlimited phase "
-            f"(attackers querying throughout training) and the query budgets {tested}."
+            f"kept by cmim, {self.remote.sent:,} rows sent). "
         )
+        if p.unlimited:
+            text += (
+                "The cap allowed the unlimited phase (attackers querying throughout training) and the query "
+                f"budgets {tested}."
+            )
+        else:
+            largest = max(p.budgets)
+            text += (
+                f"The cap allowed the query budgets {tested}, not the unlimited phase (attackers querying "
+                f"throughout training, {p.needed:,} inputs with the data): the unlimited attacker was not "
+                f"measured, so the verdict rests on the largest budget run and holds only for attackers "
+                f"holding at most {largest:,} answers; the safe budget is at most {largest:,}."
+            )
         if p.skipped:
             text += (
                 f" It did not allow the budgets {', '.join(f'{b:,}' for b in p.skipped)}: the budget curve "
@@ -93,7 +105,7 @@ class Deployed:
             "requests": sum(1 for e in log if not e["cached"]),
             "budgets_run": p.budgets,
             "budgets_skipped": p.skipped,
-            "unlimited_phase": True,
+            "unlimited_phase": p.unlimited,
             "text": text,
             "evidence": NO_EVIDENCE,
         }
@@ -143,10 +155,10 @@ def _deployed(ctx: JobContext, store: ArtifactStore, inputs: JobInputs) -> JobMo
     phases = deployed_phases(
         cfg, len(data.x_train), len(data.x_test), labelled, remote.cap, fixed_plain=fixed
     )
-    if phases.needed > remote.cap:
+    if not phases.runs_any:
         raise ValueError(
-            f"the audit would ask the deployed model up to {phases.needed:,} inputs; its query cap is "
-            f"{remote.cap:,}"
+            f"the audit would ask the deployed model at least {phases.least:,} inputs for any phase; its "
+            f"query cap is {remote.cap:,}"
         )
     inputs.audit = cfg.model_copy(update={"query_budgets": phases.budgets})
     model = AnsweringModel(lambda x: remote.scores(x, data.num_classes), data.num_classes)

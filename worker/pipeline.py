@@ -81,6 +81,7 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
         control=None if control is None else control.model,
         secret=evidence_secret(store, ctx),
         evidence=teacher.deployed is None,  # a deployed model is asked nothing for challenges
+        no_unlimited=[] if teacher.deployed is None or teacher.deployed.phases.unlimited else ["teacher"],
     )
     if p.challenges:  # none for a deployed model
         store_challenge(store, ctx, p)

@@ -192,7 +192,7 @@ def _endpoint_teacher(
     session: Session, settings: Settings, body: JobCreate, teacher: dict[str, Any], audit: dict[str, Any]
 ) -> None:
     """Check a job whose teacher is deployed elsewhere and fill in what the worker needs (in place): served
-    as deployed (its answers as they come, no policy), a query cap that covers the unlimited phase, the
+    as deployed (its answers as they come, no policy), a query cap that pays for one phase at least, the
     headers sealed in the store and only their names in the spec (it is shown again)."""
     endpoint = body.teacher.endpoint
     assert endpoint is not None
@@ -223,12 +223,12 @@ def _endpoint_teacher(
     fixed = not body.audit.augment or augmentation == "none"
     cfg = AuditConfig.model_validate(audit)
     phases = deployed_phases(cfg, ds.n_train, ds.n_test, labelled, cap, fixed_plain=fixed)
-    if phases.needed > cap:
+    if not phases.runs_any:
         raise _field_error(
             [*loc, "max_queries"],
-            f"the audit asks the deployed model up to {phases.needed:,} inputs before any query budget (its "
-            f"answers on the data and the unlimited phase); the query cap is {cap:,}: fewer epochs, seeds or "
-            "attacks, or a higher cap",
+            f"the query cap is {cap:,}: it pays for no phase of the audit; the smallest cap that pays for "
+            f"one (the model's answers on the data, then the cheapest query budget or the unlimited phase) "
+            f"is {phases.least:,}: a higher cap, or fewer seeds, epochs or attacks, or a smaller budget",
             "too_costly",
         )
     public = endpoint.public()

@@ -61,16 +61,24 @@ class DeployedPhases:
 
     budgets: list[int]  # the budget phases run
     skipped: list[int]  # the budget phases the cap did not allow
-    needed: int  # the least the audit needs: the teacher's summaries and the unlimited phase
+    needed: int  # what the teacher's summaries and the unlimited phase ask
     most_queries: int  # what the phases run ask at most
+    unlimited: bool = True  # whether the cap pays for the unlimited phase
+    least: int = 0  # the smallest cap that pays for the summaries and one phase
+
+    @property
+    def runs_any(self) -> bool:
+        """Whether the cap pays for any phase at all (without one there is no verdict)."""
+        return self.unlimited or bool(self.budgets)
 
 
 def deployed_phases(
     cfg: AuditConfig, n_train: int, n_test: int, labelled: int, cap: int, *, fixed_plain: bool = False
 ) -> DeployedPhases:
-    """The phases that fit the cap: the teacher's summaries (its answers on the train and test splits) and
-    the unlimited phase, which every verdict needs, then the budget phases, cheapest first. `fixed_plain`:
-    the plain view is the training inputs themselves (no augmentation), already asked for the summaries."""
+    """The phases that fit the cap: the teacher's summaries (its answers on the train and test splits),
+    then the unlimited phase when the cap allows it, then the budget phases, cheapest first. Without the
+    unlimited phase the verdict rests on the largest budget run. `fixed_plain`: the plain view is the
+    training inputs themselves (no augmentation), already asked for the summaries."""
     per_row = [ATTACKS.get(key).views for _, key, _ in cfg.attack_rows()]
     free = {"plain"} if fixed_plain and not cfg.transfer else set()
 
@@ -79,21 +87,25 @@ def deployed_phases(
 
     def budget_cost(b: int) -> int:
         groups = {len(vs) for vs in per_row}
-        return sum(
+        return cfg.seeds * sum(
             (max(b // n, 1) + cfg.batch_size) * views([vs for vs in per_row if len(vs) == n]) for n in groups
         )
 
     transfer = 2 if cfg.transfer else 1  # as many transfer inputs as labelled ones per batch
-    needed = n_train + n_test + cfg.seeds * cfg.epochs * labelled * transfer * views(per_row)
-    spent, run, skipped = needed, [], []
-    for b in sorted(cfg.budgets(labelled)):
-        cost = cfg.seeds * budget_cost(b)
+    summaries = n_train + n_test
+    needed = summaries + cfg.seeds * cfg.epochs * labelled * transfer * views(per_row)
+    budgets = sorted(cfg.budgets(labelled))
+    least = summaries + min([needed - summaries, *(budget_cost(b) for b in budgets)])
+    unlimited = needed <= cap
+    spent, run, skipped = needed if unlimited else summaries, [], []
+    for b in budgets:
+        cost = budget_cost(b)
         if spent + cost <= cap:
             spent += cost
             run.append(b)
         else:
             skipped.append(b)
-    return DeployedPhases(run, skipped, needed, spent)
+    return DeployedPhases(run, skipped, needed, spent, unlimited, least)
 
 
 @dataclass

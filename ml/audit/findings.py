@@ -167,9 +167,19 @@ def report_findings(report: AuditReport, spec: dict[str, Any] | None = None) -> 
                 else "unknown (this report holds no measured time)."
             )
         )
+    capped = capped_words(report)
+    if capped is not None:
+        why.append(capped)
+        to_conclude.append(
+            "Raise the deployed model's query cap (`teacher.endpoint.max_queries`) to what the unlimited "
+            "phase asks, then audit again."
+        )
     headline = HEADLINES.get(verdict, HEADLINES["inconclusive"])
     if verdict == "inconclusive" and why:
         headline = f"Inconclusive: {_lower_first(why[-1] if not ahead else why[0])}"
+    if capped is not None and verdict != "distillable":
+        at = (report.model_extra or {})["verdict_budget"]
+        headline += f" It holds for attackers of at most {at:,} queries: the query cap paid for no more."
     if why_indicative:
         headline += f" Indicative only: {why_indicative} It cannot show that a model is undistillable."
     control_copied = [r for r in control_rows if r["outcome"] == "copied"]
@@ -243,6 +253,24 @@ def serving(report: AuditReport) -> ServingWords:
     else:
         text = "The honest-user cost was not measured (an older report)."
     return ServingWords(served_as=served_as, teacher_accuracy=acc, honest_cost=cost, text=text)
+
+
+def capped_words(report: AuditReport) -> str | None:
+    """What a verdict at a budget means (a deployed model whose query cap did not pay for the unlimited
+    phase, `verdict_budget` in the report); None for a verdict on the unlimited attacker."""
+    at = (report.model_extra or {}).get("verdict_budget")
+    if at is None:
+        return None
+    unmeasured = (
+        "The unlimited attacker (querying throughout training) was not measured: the query cap paid only "
+        f"for the budget phases up to {at:,} queries"
+    )
+    if report.verdict == "distillable":
+        return f"{unmeasured}; a knockoff is copied already there, and more answers only help a thief."
+    return (
+        f"{unmeasured}, so this verdict holds only for attackers holding at most {at:,} answers, and the "
+        f"safe budget is at most {at:,}."
+    )
 
 
 def next_steps(

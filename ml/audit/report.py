@@ -83,6 +83,11 @@ def assemble(
     def served(name: str) -> dict[str, Any]:
         return summary.served[name].model_dump(mode="json")
 
+    # A deployed model whose query cap did not pay for the unlimited phase: its verdict rests on the largest
+    # budget run (`ml.audit.blackbox.deployed_phases`); `verdict_budget` says so. None: the unlimited phase.
+    at = None if any(k[:2] == (None, "teacher") for k in values) else max(cfg.query_budgets or [0])
+    if at == 0:
+        raise ValueError("the teacher was attacked in no phase: neither the unlimited phase nor a budget")
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
         "config": cfg.model_dump(mode="json"),
@@ -104,8 +109,10 @@ def assemble(
         },
         "dataset": summary.dataset.model_dump(mode="json"),
         "teacher": served("teacher"),
-        **section(None, "teacher"),
+        **section(at, "teacher"),
     }
+    if at is not None:
+        report["verdict_budget"] = at
     if summary.compares_raw:
         report["raw_probabilities"] = section(None, "teacher_raw")
     if cfg.control:
@@ -120,9 +127,15 @@ def assemble(
     if not cfg.control:
         report["control"] = None
     reason = "; ".join(f"{a}: {v['reason']}" for a, v in report["students"].items())
-    report["verdict"], note = audit_verdict(
-        report["verdict"], report["control"] and report["control"]["verdict"]
-    )
+    control = report["control"] and report["control"]["verdict"]
+    if at is not None and report["control"]:  # the control's power at the same budget
+        control = report["budgets"].get("control", {}).get(str(at), report["control"])["verdict"]
+    report["verdict"], note = audit_verdict(report["verdict"], control)
+    if at is not None:
+        note += (
+            f"; the unlimited attacker was not measured (the query cap did not pay for it): the verdict "
+            f"is at a budget of {at:,} queries, the largest run"
+        )
     report["verdict_reason"] = reason + note
     # --- evidence of theft (ml.evidence): detection over knockoffs, false positives over LS students ---
     if summary.commitment is not None:

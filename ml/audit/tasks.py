@@ -57,6 +57,7 @@ class AuditPlan:
     fingerprint: str = ""
     secret: Secret | None = field(default=None, repr=False)  # the evidence secret (keyed answers, challenges)
     challenges: Challenges = field(default_factory=dict, repr=False)
+    no_unlimited: list[str] = field(default_factory=list)  # black boxes attacked under the budgets only
 
     @property
     def tasks(self) -> list[AuditTask]:
@@ -157,6 +158,7 @@ def plan(
     budget_for: Sequence[str] | None = None,
     secret: Secret | None = None,
     evidence: bool = True,
+    no_unlimited: Sequence[str] = (),
 ) -> AuditPlan:
     """The audit of `teacher` as it will be served, as independent tasks.
 
@@ -164,7 +166,8 @@ def plan(
     adds further black boxes attacked in the same lockstep, against the same LS students; `budget_for`
     names the black boxes attacked under the query budgets (default: all). `secret` draws keyed
     answers and the evidence challenges (default: the benchmarks' reproducible one); `evidence=False`
-    builds no challenges (a teacher that runs elsewhere is asked nothing for them).
+    builds no challenges (a teacher that runs elsewhere is asked nothing for them). `no_unlimited` names
+    the black boxes not attacked in the unlimited phase (a deployed model whose query cap cannot pay for it).
     """
     secret = secret or Secret.benchmark(cfg.base_seed)
     if cfg.control and control is None:
@@ -203,7 +206,7 @@ def plan(
     challenges = build_challenges(teachers, dataset, secret, cfg.seeds) if evidence else {}
     out = AuditPlan(
         cfg, dataset, data, teachers, list(protections or {}), budget_teachers, cfg.attack_rows(),
-        ls_recipes(cfg), transfer, secret=secret, challenges=challenges,
+        ls_recipes(cfg), transfer, secret=secret, challenges=challenges, no_unlimited=list(no_unlimited),
     )  # fmt: skip
     out.fingerprint = _fingerprint(out)
     return out
@@ -215,6 +218,8 @@ def _fingerprint(p: AuditPlan) -> str:
     h.update(p.cfg.model_dump_json().encode())
     h.update(json.dumps([p.dataset.fingerprint, p.data.fingerprint, len(p.data.x_train)]).encode())
     h.update(json.dumps(p.budget_teachers).encode())
+    if p.no_unlimited:  # only when set: the fingerprints of ordinary plans are unchanged
+        h.update(json.dumps({"no_unlimited": p.no_unlimited}).encode())
     probe = p.dataset.x_test[:64]
     for name, box in p.teachers.items():
         h.update(f"{name}:{box.mode.model_dump_json()}".encode())
@@ -281,7 +286,7 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
 
     if phase is None:
         runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in p.ls_recipes]
-        runs += p.attack_runs(list(p.teachers))
+        runs += p.attack_runs([t for t in p.teachers if t not in p.no_unlimited])
         predict = train_lockstep(
             runs, data, oracles, cfg, seed, on_epoch=ticker(task.describe()), transfer=p.transfer
         )

@@ -1,6 +1,7 @@
 """A teacher that runs elsewhere, audited through a callable: each distinct input is asked once, the phases
-an owner's query cap allows (the unlimited phase, then the budgets cheapest first) are planned before
-anything is asked and never pass it, and the same audit again asks the same inputs in the same order."""
+an owner's query cap allows (the unlimited phase when it pays for it, then the budgets cheapest first) are
+planned before anything is asked and never pass it, and the same audit again asks the same inputs in the same
+order. A cap below the unlimited phase gives a verdict at the largest budget it paid for, and says so."""
 
 from __future__ import annotations
 
@@ -73,8 +74,12 @@ def test_a_cap_allows_the_cheap_phases_first() -> None:
     assert wide.needed < wide.most_queries <= 100_000
     narrow = deployed_phases(cfg, 160, 80, 160, 1200)
     assert narrow.budgets == [50, 200] and narrow.skipped == [5000] and narrow.most_queries <= 1200
+    # below the unlimited phase: the budgets the rest pays for, and the verdict rests on them
     short = deployed_phases(cfg, 160, 80, 160, 500)
-    assert short.budgets == [] and short.needed > 500  # not even the unlimited phase: no audit
+    assert not short.unlimited and short.needed > 500 and short.budgets == [50] and short.runs_any
+    assert short.most_queries <= 500 and short.least == short.most_queries  # the summaries and budget 50
+    none = deployed_phases(cfg, 160, 80, 160, short.least - 1)
+    assert not none.runs_any and none.skipped == [50, 200, 5000]  # no phase at all: no audit
     # without augmentation the plain view is the data itself, asked once for the summaries
     fixed = deployed_phases(cfg, 160, 80, 160, 500, fixed_plain=True)
     assert fixed.needed == fixed.most_queries == 240 and fixed.budgets == [50, 200, 5000]
@@ -106,3 +111,28 @@ def test_an_audit_through_the_callable_stays_within_the_cap(owner: tuple) -> Non
     assert p2.fingerprint == p.fingerprint
     assemble(p2.summary, run_in_process(p2))
     assert list(teacher2.known) == list(teacher.known) and again.rows == endpoint.rows
+
+
+def test_a_cap_below_the_unlimited_phase_gives_a_verdict_at_its_largest_budget(owner: tuple) -> None:
+    data, model, recipe = owner
+    control = train_model(recipe.model_copy(update={"seed": 1}), data).model
+    cfg = AuditConfig.model_validate(AUDIT | {"seeds": 2, "query_budgets": [40, 100, 100_000]})
+    cap = 700
+    phases = deployed_phases(cfg, len(data.x_train), len(data.x_test), len(data.x_train), cap)
+    assert not phases.unlimited and phases.needed > cap and phases.budgets == [40]
+    endpoint = Endpoint(model)
+    teacher = AnsweringModel(endpoint, data.num_classes)
+    cfg = cfg.model_copy(update={"query_budgets": phases.budgets})
+    p = plan(cfg, teacher, data, control=control, evidence=False, no_unlimited=["teacher"])
+    assert p.fingerprint != plan(cfg, teacher, data, control=control, evidence=False).fingerprint
+    report = assemble(p.summary, run_in_process(p))
+    assert endpoint.rows == teacher.asked <= phases.most_queries <= cap
+    # the verdict is the budget phase's; the control (served by cmim, asked nothing) keeps its unlimited phase
+    assert report.model_extra["verdict_budget"] == 40
+    at = report.budgets["teacher"]["40"].students["mlp"]
+    assert report.students["mlp"].attacks["kd"].queries == at.attacks["kd"].queries == 40
+    assert report.students["mlp"].verdict == at.verdict
+    assert report.control.students["mlp"].attacks["kd"].queries > 40
+    assert "the unlimited attacker was not measured" in report.verdict_reason
+    assert any("unlimited attacker" in w and "40" in w for w in report.findings.why)
+    assert report.served_safe_budget() in (0, 40)

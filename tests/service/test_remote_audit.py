@@ -83,13 +83,14 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained, made: 
     r = upload(owner.client, owner, npz.read_bytes(), name="spiral")
     assert r.status_code == 201, r.text
     dataset_id = r.json()["id"]
-    with kserve_server({"spiral": onnx}, owner.tmp) as (base, count):
+    with kserve_server({"spiral": onnx, "capped": onnx}, owner.tmp) as (base, count):
         remote = endpoint(base)
-        # refused before anything is asked: no data set, a cap below the unlimited phase
+        # refused before anything is asked: no data set, a cap that pays for no phase (the data's 240
+        # answers, then budget 40's 168 at the least)
         assert_problem(owner.client.post("/api/v1/jobs", json=body(None, remote), headers=owner.headers), 422)
         low = body(dataset_id, remote | {"max_queries": 300})
         problem = assert_problem(owner.client.post("/api/v1/jobs", json=low, headers=owner.headers), 422)
-        assert "query cap is 300" in str(problem) and kserve_rows(count) == {}
+        assert "query cap is 300" in str(problem) and "is 408" in str(problem) and kserve_rows(count) == {}
         policy = body(dataset_id, remote) | {"audit": AUDIT | {"policy": {"detector": "prada"}}}
         both = body(dataset_id, remote)
         both["teacher"]["model_id"] = str(uuid.uuid4())
@@ -116,6 +117,18 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained, made: 
         assert kserve_rows(count)["spiral"] == sent
         assert again["deployed"]["sent"] == 0 and again["deployed"]["from_cache"] == sent
         assert again["teacher"]["accuracy"] == report["teacher"]["accuracy"]
+
+        # a cap below the unlimited phase (560): the budgets it pays for, and a verdict at the largest
+        _, small = audited(owner, body(dataset_id, remote | {"model": "capped", "max_queries": 500}))
+        capped = small["deployed"]
+        assert kserve_rows(count)["capped"] == capped["sent"] == capped["asked"] <= 500
+        assert capped["budgets_run"] == [40] and capped["budgets_skipped"] == [100, 1_000_000]
+        assert capped["unlimited_phase"] is False and small["verdict_budget"] == 40
+        assert "the unlimited attacker was not measured" in capped["text"]
+        assert "safe budget is at most 40" in small["statement"]["text"]
+        assert small["students"]["mlp"]["attacks"]["kd"]["queries"] == 40
+        assert any("unlimited attacker" in w for w in small["findings"]["why"])
+        assert (small["safe_budget"]["teacher"]["mlp"] or 0) <= 40
 
     # the headers are stored sealed, shown by name only; cmim serves no model for such a job
     job = owner.client.get(f"/api/v1/jobs/{job_id}", headers=owner.headers)
