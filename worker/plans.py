@@ -12,7 +12,7 @@ import uuid
 from app.core.storage import ArtifactStore
 from ml.audit import AuditConfig, AuditPlan, plan
 from ml.evidence import DEFAULT_MECHANISM, Secret
-from ml.evidence.verify import pack_challenge, store_names
+from ml.evidence.verify import pack_challenge, selected_names, store_names
 from worker.inputs import job_inputs
 from worker.lease import JobContext
 from worker.models import stored_model
@@ -56,7 +56,11 @@ def evidence_secret(store: ArtifactStore, ctx: JobContext) -> Secret:
 
 
 def store_challenge(store: ArtifactStore, ctx: JobContext, p: AuditPlan) -> None:
-    """What verification needs besides the report: the default mechanism's challenge for the teacher."""
+    """What verification needs besides the report: the default mechanism's challenge for the teacher, and
+    the selected mechanism's candidate pool (publishing keeps the points the audit chose from it)."""
     data = pack_challenge(p.challenges[DEFAULT_MECHANISM]["teacher"][0])
     name = store_names(str(ctx.claim.job_id))[1]
     ctx.retrying(lambda: store.write_named(name, data), "store the evidence challenge")
+    if (pool := p.challenges.get("selected", {}).get("teacher")) is not None:
+        raw, pool_name = pack_challenge(pool[0]), selected_names(str(ctx.claim.job_id))[0]
+        ctx.retrying(lambda: store.write_named(pool_name, raw), "store the selected challenge's pool")

@@ -25,6 +25,7 @@ from app.core.queue import transition
 from app.core.storage import ArtifactStore
 from ml.audit import AuditReport, report_findings
 from ml.data import Dataset as Data
+from ml.evidence.verify import pack_challenge, selected_challenge, selected_names, unpack_challenge
 from ml.monitor import MonitorConfig, calibrate
 from ml.policy import FittedPolicy
 from ml.served import served_spec
@@ -106,6 +107,7 @@ def publish_audit(
     job_spec: dict[str, Any],
 ) -> None:
     """Store the report and what serving needs; publish them with `files` and mark the job succeeded."""
+    store_selected(ctx, store, report.to_json())
     serving = served_spec(job_spec, report).model_dump_json(indent=1)
     files = [
         *files,
@@ -119,6 +121,18 @@ def publish_audit(
     ]
     headline = report.job_headline().model_dump()
     ctx.retrying(lambda: _publish_once(ctx, files, headline), "publish")
+
+
+def store_selected(ctx: JobContext, store: ArtifactStore, report: dict[str, Any]) -> None:
+    """The selected challenge verify uses (the pool's points the audit kept, with the teacher's labels),
+    written before the job is published, hence before any suspect exists; nothing when the report says
+    the fingerprint is used (`ml.evidence.verify.chosen_section`)."""
+    pool_name, name = selected_names(str(ctx.claim.job_id))
+    raw = ctx.retrying(lambda: store.read_named(pool_name), "read the selected challenge's pool")
+    chosen = None if raw is None else selected_challenge(report, unpack_challenge(raw))
+    if chosen is not None:
+        data = pack_challenge(chosen)
+        ctx.retrying(lambda: store.write_named(name, data), "store the selected challenge")
 
 
 def _publish_once(ctx: JobContext, files: list[FileRow], summary: dict[str, Any]) -> None:

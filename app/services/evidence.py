@@ -44,10 +44,10 @@ from ml.evidence import (
     Secret,
     build_bundle,
     evidence_note,
-    null_families,
-    null_from_report,
+    mechanism_null,
     pack_challenge,
     predicted_labels,
+    selected_names,
     store_names,
     unpack_challenge,
     verdict,
@@ -83,6 +83,7 @@ class Material:
     challenge: Challenge
     report: dict[str, Any]
     meta: ModelMeta
+    mechanism: str = DEFAULT_MECHANISM
 
     def commitment(self) -> dict[str, Any]:
         return self.secret.commitment() | {"generation": self.generation}
@@ -90,12 +91,11 @@ class Material:
     def null(self) -> tuple[dict[str, list[float]], Any, float]:
         """(each family's agreements, the fitted null, the measured false-positive rate); 409 without."""
         try:
-            null, fpr = null_from_report(self.report, DEFAULT_MECHANISM)
+            return mechanism_null(self.report, self.mechanism)
         except ValueError as e:
             raise Problem(
                 409, f"model {self.job_id}: {e} (more seeds or LS rows)", slug="no-evidence"
             ) from None
-        return null_families(self.report, DEFAULT_MECHANISM), null, fpr  # the widest null
 
 
 def current_generation(store: ArtifactStore, job_id: uuid.UUID) -> int:
@@ -104,9 +104,13 @@ def current_generation(store: ArtifactStore, job_id: uuid.UUID) -> int:
 
 
 def load_generation(
-    store: ArtifactStore, job_id: uuid.UUID, generation: int
+    store: ArtifactStore, job_id: uuid.UUID, generation: int, mechanism: str = DEFAULT_MECHANISM
 ) -> tuple[Secret, Challenge] | None:
+    """A generation's secret and challenge; the selected challenge (`mechanism` "selected") has only
+    generation 0, written when the job was published."""
     secret_name, challenge_name = generation_names(job_id, generation)
+    if mechanism != DEFAULT_MECHANISM:
+        challenge_name = selected_names(str(job_id))[1]
     raw_secret, raw_challenge = store.read_named(secret_name), store.read_named(challenge_name)
     if raw_secret is None or raw_challenge is None:
         return None
@@ -131,13 +135,26 @@ def material(session: Session, store: ArtifactStore, model_id: uuid.UUID, key: K
             detail = f"model {job.id} has no evidence material (its job predates it)"
         raise Problem(409, detail, slug="no-evidence")
     meta = load_meta(store.local_path(job_artifact(session, job.id, CONFIG_NAME).storage_key))
+    selected = load_generation(store, job.id, 0, "selected") if generation == 0 else None
+    if selected is not None:  # the report says the selected challenge works (stored only then)
+        return Material(job.id, 0, selected[0], selected[1], report, meta, "selected")
     return Material(job.id, generation, loaded[0], loaded[1], report, meta)
 
 
+SELECTED_SCOPE = (
+    "tested against the audit's held-out independent models (seeds 1, 3, ...; the challenge was chosen on "
+    "seeds 0, 2, ...), per family, the worst p over them; the bound holds for suspects like them"
+)
+
+
 def decide(m: Material, labels: list[int]) -> dict[str, Any]:
-    """The verdict on a suspect's labels for the challenge (checked to be the right number and classes)."""
+    """The verdict on a suspect's labels for the challenge (checked to be the right number and classes),
+    with the mechanism whose challenge and null it used."""
     _, null, fpr = m.null()
-    return verdict(m.challenge, torch.tensor(labels), null, fpr) | evidence_note(m.report)
+    out = verdict(m.challenge, torch.tensor(labels), null, fpr) | {"mechanism": m.mechanism}
+    if m.mechanism != DEFAULT_MECHANISM:
+        return out | {"null_scope": SELECTED_SCOPE}
+    return out | evidence_note(m.report)
 
 
 def check_labels(labels: list[int], m: Material) -> str | None:
@@ -281,20 +298,21 @@ def bundle(session: Session, store: ArtifactStore, row: Verification) -> bytes:
             409, f"verification {row.id} is {row.status}: it has no evidence to bundle", slug="no-bundle"
         )
     generation = int(row.commitment["generation"])
-    loaded = load_generation(store, row.model_id, generation)
+    mechanism = row.verdict.get("mechanism", DEFAULT_MECHANISM)
+    loaded = load_generation(store, row.model_id, generation, mechanism)
     job = session.get(Job, row.model_id)
     if loaded is None or job is None:
         raise Problem(409, f"the challenge of verification {row.id} is no longer stored", slug="no-bundle")
     report = json.loads(store.read_bytes(report_artifact(session, job).storage_key))
     meta = load_meta(store.local_path(job_artifact(session, job.id, CONFIG_NAME).storage_key))
-    m = Material(job.id, generation, loaded[0], loaded[1], report, meta)
+    m = Material(job.id, generation, loaded[0], loaded[1], report, meta, mechanism)
     families, _, _ = m.null()
     data = build_bundle(
         secret=m.secret, generation=generation, challenge=m.challenge, answers=row.answers,
         suspect=_suspect_words(row), null=families, alpha=float(row.verdict["alpha"]), verdict=row.verdict,
         request_log=row.log if row.kind == "endpoint" else None,
         context={
-            "model": str(job.id), "verification": str(row.id), "mechanism": DEFAULT_MECHANISM,
+            "model": str(job.id), "verification": str(row.id), "mechanism": mechanism,
             "null_measured_on_generation": 0, "suspect_request": row.request,
         },
     )  # fmt: skip

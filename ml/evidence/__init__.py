@@ -15,10 +15,13 @@ from ml.evidence.secret import Secret
 from ml.evidence.stats import ALPHA, Null, NullModel, loo_fpr
 from ml.evidence.verify import (
     evidence_note,
+    mechanism_null,
     null_families,
     null_from_report,
     pack_challenge,
     predicted_labels,
+    selected_challenge,
+    selected_names,
     store_names,
     unpack_challenge,
     verdict,
@@ -27,6 +30,6 @@ from ml.evidence.verify import (
 __all__ = [
     "ALPHA", "CHALLENGE_POINTS", "DEFAULT_MECHANISM", "EVIDENCE_LIMITS", "MECHANISMS", "Challenge",
     "KeyedRegion", "Mechanism", "Null", "NullModel", "Secret", "build_bundle", "evidence_note", "fit_keyed",
-    "loo_fpr", "null_families", "null_from_report", "pack_challenge", "predicted_labels", "store_names",
-    "unpack_challenge", "verdict",
+    "loo_fpr", "mechanism_null", "null_families", "null_from_report", "pack_challenge", "predicted_labels",
+    "selected_challenge", "selected_names", "store_names", "unpack_challenge", "verdict",
 ]  # fmt: skip

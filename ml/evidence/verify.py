@@ -14,7 +14,7 @@ from ml.cmi import model_logits
 from ml.evidence.base import Challenge
 from ml.evidence.nulls import uncovered
 from ml.evidence.registry import DEFAULT_MECHANISM
-from ml.evidence.stats import ALPHA, MIN_FAMILY, Null
+from ml.evidence.stats import ALPHA, MIN_FAMILY, Null, members
 
 MAX_POINTS = 4096  # bound on a stored challenge read back (a job stores CHALLENGE_POINTS)
 
@@ -22,6 +22,50 @@ MAX_POINTS = 4096  # bound on a stored challenge read back (a job stores CHALLEN
 def store_names(job_id: str) -> tuple[str, str]:
     """Names of a job's server-side evidence objects in the artifact store: (secret, challenge)."""
     return f"evidence/{job_id}/secret.json", f"evidence/{job_id}/challenge.npz"
+
+
+def selected_names(job_id: str) -> tuple[str, str]:
+    """Names of a job's selected-challenge objects: (the candidate pool, drawn from the secret at audit
+    start; the kept points with the teacher's labels, written when the job is published)."""
+    return f"evidence/{job_id}/pool.npz", f"evidence/{job_id}/selected.npz"
+
+
+def chosen_section(report: dict[str, Any], box: str = "teacher") -> dict[str, Any] | None:
+    """The selected challenge's section (the served teacher's first student architecture, as the report's
+    words) when verify uses it: the report says it works, and the fingerprint does not or detects no more
+    held-out knockoffs (`tpr_unlimited`; a fingerprint whose null calls over alpha of the independent
+    models copies, or that detects none, does not work). None: verify uses the fingerprint."""
+    mechs = report.get("evidence", {}).get("mechanisms", {})
+    sec = next(iter(((mechs.get("selected") or {}).get(box) or {}).values()), None)
+    if sec is None or not sec.get("works"):
+        return None
+    fp = next(iter(((mechs.get(DEFAULT_MECHANISM) or {}).get(box) or {}).values()), {})
+    fp_tpr = fp.get("tpr_unlimited") or 0.0
+    fp_works = fp.get("fpr") is not None and fp["fpr"] <= ALPHA and fp_tpr > 0
+    return sec if not fp_works or sec["tpr_unlimited"] >= fp_tpr else None
+
+
+def selected_challenge(report: dict[str, Any], pool: Challenge) -> Challenge | None:
+    """The kept candidates of the pool and the teacher's labels on them, when verify uses them."""
+    sec = chosen_section(report)
+    if sec is None:
+        return None
+    kept = torch.tensor(sec["challenge"], dtype=torch.long)
+    return Challenge(pool.x[kept].contiguous(), pool.labels[kept].contiguous())
+
+
+def mechanism_null(report: dict[str, Any], mechanism: str) -> tuple[dict[str, list[float]], Null, float]:
+    """(each family's agreements, the fitted null, its measured false-positive rate) verify tests against:
+    for the selected challenge the held-out independent models' agreements on it (seeds 1, 3, ...), else
+    the widest null (`null_from_report`). ValueError: the audit gives no null."""
+    if mechanism == DEFAULT_MECHANISM:
+        null, fpr = null_from_report(report, mechanism)
+        return null_families(report, mechanism), null, fpr
+    sec = chosen_section(report)
+    if sec is None:
+        raise ValueError("the report says the selected challenge does not work")
+    families = members(sec["negatives"])
+    return families, Null.fit(families, sec["selected_points"]), float(sec["fpr"])
 
 
 def pack_challenge(ch: Challenge) -> bytes:

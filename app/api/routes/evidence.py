@@ -17,7 +17,6 @@ from app.core.models import Verification
 from app.services import evidence as ev
 from app.services.access import SessionDep, SettingsDep, StoreDep
 from app.services.uploaded_models import invalid
-from ml.evidence import DEFAULT_MECHANISM
 
 router = APIRouter(prefix="/models", tags=["evidence of theft"])
 
@@ -31,7 +30,7 @@ def get_challenge(model_id: ModelId, key: JobsRead, session: SessionDep, store: 
     m = ev.material(session, store, model_id, key)
     return ChallengeOut(
         model=model_id,
-        mechanism=DEFAULT_MECHANISM,
+        mechanism=m.mechanism,
         points=len(m.challenge.labels),
         input_shape=list(m.meta.input_shape),
         inputs=m.challenge.x.tolist(),
@@ -99,7 +98,6 @@ def verify(
     return VerifyOut(
         model=model_id,
         suspect=suspect,
-        mechanism=DEFAULT_MECHANISM,
         points=len(m.challenge.labels),
         commitment=Commitment(**m.commitment()),
         verification=row.id,
