@@ -32,6 +32,7 @@ from app.core.limits import Background, make_limits
 from app.core.storage import ArtifactStore
 from app.core.webhooks import Deliverer
 from app.problems import BodyLimit, document_problems, install_problem_handlers
+from app.services.evidence import Verifier
 from app.services.job_events import EventWatch
 from app.services.monitor import Monitor
 from app.services.predictor import Predictor
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.monitor = monitor
     app.state.enforcement = guard
     app.state.histories = HistoryCache(settings.policy_history_cache_size)
+    app.state.verifier = Verifier(settings, app.state.store)  # remote verifications, one pool per process
     state = app.state
     app.state.predictor = Predictor(
         settings, sessions, state.store, state.models, state.histories, limits, monitor, guard

@@ -201,9 +201,18 @@ class Verifier:
         self.settings, self.store = settings, store
         self._slots = threading.BoundedSemaphore(settings.remote_verify_workers * 4)
         self._queue: queue.SimpleQueue[tuple[uuid.UUID, Material]] = queue.SimpleQueue()
-        # Daemon threads: a process that stops does not wait for a run (it is reported failed when read).
-        for i in range(settings.remote_verify_workers):
-            threading.Thread(target=self._work, name=f"cmim-verify-{i}", daemon=True).start()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def _start_workers(self) -> None:
+        """The threads, started by the first verification (an API that never verifies runs none). Daemon
+        threads: a process that stops does not wait for a run (it is reported failed when read)."""
+        with self._lock:
+            if self._started:
+                return
+            for i in range(self.settings.remote_verify_workers):
+                threading.Thread(target=self._work, name=f"cmim-verify-{i}", daemon=True).start()
+            self._started = True
 
     def _work(self) -> None:
         while True:
@@ -221,6 +230,7 @@ class Verifier:
             )  # fmt: skip
             session.add(row)
             session.commit()
+            self._start_workers()
             self._queue.put((row.id, m))
         except BaseException:
             self._slots.release()

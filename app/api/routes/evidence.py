@@ -77,10 +77,7 @@ def verify(
     m = ev.material(session, store, model_id, key)
     m.null()  # 409 before anything is stored or asked when the audit gives no null
     if body.suspect_endpoint is not None:
-        verifier = getattr(request.app.state, "verifier", None)
-        if verifier is None:
-            verifier = request.app.state.verifier = ev.Verifier(settings, store)
-        row = verifier.start(session, m, key, body.suspect_endpoint)
+        row = request.app.state.verifier.start(session, m, key, body.suspect_endpoint)
         location = f"/api/v1/models/{model_id}/verifications/{row.id}"
         content = _out(row).model_dump(mode="json")
         return JSONResponse(content, status_code=202, headers={"Location": location})
