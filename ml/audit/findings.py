@@ -178,7 +178,7 @@ def report_findings(report: AuditReport, spec: dict[str, Any] | None = None) -> 
     if verdict == "inconclusive" and why:
         headline = f"Inconclusive: {_lower_first(why[-1] if not ahead else why[0])}"
     if capped is not None and verdict != "distillable":
-        at = (report.model_extra or {})["verdict_budget"]
+        at = report.verdict_budget
         headline += f" It holds for attackers of at most {at:,} queries: the query cap paid for no more."
     if why_indicative:
         headline += f" Indicative only: {why_indicative} It cannot show that a model is undistillable."
@@ -258,7 +258,7 @@ def serving(report: AuditReport) -> ServingWords:
 def capped_words(report: AuditReport) -> str | None:
     """What a verdict at a budget means (a deployed model whose query cap did not pay for the unlimited
     phase, `verdict_budget` in the report); None for a verdict on the unlimited attacker."""
-    at = (report.model_extra or {}).get("verdict_budget")
+    at = report.verdict_budget
     if at is None:
         return None
     unmeasured = (

@@ -202,6 +202,9 @@ class AuditReport(Section):
     budgets: dict[str, dict[str, Section]] | None = None  # black box -> budget (as text) -> section
     safe_budget: dict[str, dict[str, int]] | None = None  # black box -> student -> queries per key
     verdict_reason: str = ""
+    # a model deployed elsewhere whose query cap paid for no unlimited phase: the verdict is that of the
+    # largest budget run, this many queries (None: the verdict is on the unlimited attacker)
+    verdict_budget: int | None = None
     statement: Statement | None = None
     evidence: dict[str, Any] | None = None  # ml.evidence.audit.evidence_section
     wall_s: float | None = None
@@ -212,6 +215,7 @@ class AuditReport(Section):
     job: dict[str, Any] | None = None  # the job's marks (preset, indicative)
     monitor: dict[str, Any] | None = None
     fine_tune: dict[str, Any] | None = None
+    deployed: dict[str, Any] | None = None  # a model audited through its endpoint: what its cap allowed
 
     def to_json(self) -> dict[str, Any]:
         """The stored report: this serialisation, NaN kept as NaN (json.dumps writes it)."""

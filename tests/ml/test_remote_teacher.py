@@ -128,7 +128,7 @@ def test_a_cap_below_the_unlimited_phase_gives_a_verdict_at_its_largest_budget(o
     report = assemble(p.summary, run_in_process(p))
     assert endpoint.rows == teacher.asked <= phases.most_queries <= cap
     # the verdict is the budget phase's; the control (served by cmim, asked nothing) keeps its unlimited phase
-    assert report.model_extra["verdict_budget"] == 40
+    assert report.verdict_budget == 40
     at = report.budgets["teacher"]["40"].students["mlp"]
     assert report.students["mlp"].attacks["kd"].queries == at.attacks["kd"].queries == 40
     assert report.students["mlp"].verdict == at.verdict
