@@ -169,6 +169,11 @@ class Attacker:
     reshape: Callable[[], Callable[[Batch], Batch] | None] = lambda: None
     rows: int | None = None
     rotate: bool = False
+    stream_of: str = ""  # attackers with the same value send the same stream ("": its own name)
+
+    @property
+    def stream_key(self) -> str:
+        return self.stream_of or self.name
 
 
 def attackers(cfg: AuditConfig, data: Dataset, seed: int, aware: bool = True) -> list[Attacker]:
@@ -179,7 +184,12 @@ def attackers(cfg: AuditConfig, data: Dataset, seed: int, aware: bool = True) ->
             name, cfg.students[0], teacher="enforced", attack=ATTACKS.get(key)(data.num_classes, params)
         )
 
-    out = [Attacker(name, make(name, key, params), cfg) for name, key, params in cfg.attack_rows()]
+    # audit rows that query the same views draw the same stream (one generator per view)
+    out = [
+        Attacker(name, run, cfg, stream_of="+".join(run().views))
+        for name, key, params in cfg.attack_rows()
+        for run in [make(name, key, params)]
+    ]
     if not aware:
         return out
     edge = make("fm_edge", "fm_edge", None)
@@ -189,7 +199,8 @@ def attackers(cfg: AuditConfig, data: Dataset, seed: int, aware: bool = True) ->
     return out + [
         Attacker("jitter", edge, cfg, reshape=lambda: Jitter(tau, bank)),
         Attacker("fresh_mix", edge, fresh),
-        Attacker("slow", edge, cfg, rows=SLOW_ROWS, rotate=True),
+        # its requests are smaller, its stream is fm_edge's
+        Attacker("slow", edge, cfg, rows=SLOW_ROWS, rotate=True, stream_of="+".join(edge().views)),
     ]
 
 
@@ -299,7 +310,8 @@ def enforced_phase(
     one at a time, for the same thread count per student."""
     half = len(data.x_test) // 2
     sims: list[tuple[int, str, dict[str, Any]]] = []  # (seed index, row, what the simulation got)
-    students: dict[tuple[int, str, int], int] = {}  # (seed index, attacker, samples) -> its place
+    # (seed index, stream, samples) -> the attackers whose students train on those answers, together
+    groups: dict[tuple[int, str, int], list[str]] = {}
     honest = {"suspended": 0, "limited": 0, "keys": 0}
     for s in range(cfg.seeds):
         seed = cfg.base_seed + s
@@ -314,21 +326,28 @@ def enforced_phase(
                 honest["limited"] += held["limited"]
                 honest["keys"] += HONEST_KEYS
                 sims.append((s, f"{a.name} K={k}", got))
-                students.setdefault((s, a.name, got["samples"]), len(students))
+                group = groups.setdefault((s, a.stream_key, got["samples"]), [])
+                if a.name not in group:
+                    group.append(a.name)
                 log(
                     f"enforced seed {s}: {a.name} K={k}: {got['queries']} queries, {got['keys_stopped']} "
                     f"keys out, honest held {held}"
                 )
-    log(f"enforced: training {len(students)} students of {len(sims)} simulations over {workers} worker(s)")
-    jobs = [(cfg, data, box, s, name, samples, aware) for s, name, samples in students]
-    trained = []
-    for (s, name, samples), accs in zip(students, pool_map(train_attacker, jobs, workers), strict=True):
-        trained.append(accs)
-        log(f"enforced seed {s}: {name} on {samples} samples: student {accs[0]:.2f}%")
+    count = sum(len(g) for g in groups.values())
+    log(
+        f"enforced: training {count} students of {len(sims)} simulations in {len(groups)} lockstep groups "
+        f"over {workers} worker(s)"
+    )
+    jobs = [(cfg, data, box, s, names, samples, aware) for (s, _, samples), names in groups.items()]
+    trained: dict[tuple[int, str, int], tuple[float, float]] = {}
+    for (s, stream_key, samples), accs in zip(groups, pool_map(train_attackers, jobs, workers), strict=True):
+        for name, got in zip(groups[(s, stream_key, samples)], accs, strict=True):
+            trained[(s, name, samples)] = got
+            log(f"enforced seed {s}: {name} on {samples} samples: student {got[0]:.2f}%")
     acc: dict[str, dict[str, list[float]]] = {}
     queries: dict[str, list[int]] = {}
     for s, row, got in sims:
-        best, last = trained[students[(s, row.rsplit(" K=", 1)[0], got["samples"])]]
+        best, last = trained[(s, row.rsplit(" K=", 1)[0], got["samples"])]
         acc.setdefault(row, {"best": [], "last": []})
         acc[row]["best"].append(best)
         acc[row]["last"].append(last)
@@ -352,17 +371,20 @@ def enforced_phase(
     }
 
 
-def train_attacker(
-    cfg: AuditConfig, data: Dataset, box: BlackBox, s: int, name: str, samples: int, aware: bool
-) -> tuple[float, float]:
-    """The student of attacker `name` of seed index `s`, trained on the first `samples` of its stream (the
-    audit's budget phase): its best and last accuracy."""
+def train_attackers(
+    cfg: AuditConfig, data: Dataset, box: BlackBox, s: int, names: list[str], samples: int, aware: bool
+) -> list[tuple[float, float]]:
+    """The students of attackers `names` of seed index `s`, which send the same stream, trained in one
+    lockstep on its first `samples` (the audit's budget phase): each one's best and last accuracy."""
     seed = cfg.base_seed + s
-    a = next(a for a in attackers(cfg, data, seed, aware) if a.name == name)
+    chosen = [a for a in attackers(cfg, data, seed, aware) if a.name in names]
+    chosen.sort(key=lambda a: names.index(a.name))
     oracle = {"enforced": box.oracle(s, resolve_device(cfg.device))}
-    run = a.run()
-    train_lockstep([run], data, oracle, a.cfg, seed, budget=samples * len(run.views), reshape=a.reshape())
-    return max(run.acc), run.acc[-1]
+    runs = [a.run() for a in chosen]
+    first = chosen[0]
+    budget = samples * len(runs[0].views)
+    train_lockstep(runs, data, oracle, first.cfg, seed, budget=budget, reshape=first.reshape())
+    return [(max(r.acc), r.acc[-1]) for r in runs]
 
 
 def enforced_summary(enforced: dict[str, Any] | None) -> dict[str, Any]:

@@ -25,12 +25,14 @@ from ml.enforced_sim import (
     Attacker,
     Gate,
     Jitter,
+    attackers,
     enforced_phase,
     enforced_record,
     enforced_summary,
     honest_requests,
     honest_standing,
     simulate,
+    train_attackers,
 )
 from ml.enforcement import Standing, first_exhausted
 from ml.monitor import MonitorConfig, calibrate
@@ -188,3 +190,27 @@ def test_students_trained_over_two_workers_give_the_numbers_of_one(data: Dataset
     assert {n: r["acc_best"] for n, r in one["rows"].items()} == {
         n: r["acc_best"] for n, r in two["rows"].items()
     }
+
+
+def test_attackers_of_one_stream_train_together_as_each_would_alone(data: Dataset) -> None:
+    """Attackers that send the same stream and got the same answers (kd, hard_label, dkd on the plain view)
+    train in one lockstep: each student's accuracy is the one it gets trained alone."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(data.x_train[0].numel(), 10))
+    box = BlackBox([teacher], OutputMode(kind="label"))
+    cfg = AuditConfig(
+        epochs=2,
+        seeds=1,
+        students=["mlp"],
+        attacks=["kd", "hard_label", "fm", "fm_edge"],
+        attack_params={"kd": {"T": 4}},
+        device="cpu",
+    )
+    by_stream = {a.name: a.stream_key for a in attackers(cfg, data, 0)}
+    assert by_stream["kd"] == by_stream["hard_label"] != by_stream["fm"]
+    assert by_stream["slow"] == by_stream["fm_edge"] and by_stream["jitter"] == "jitter"
+    together = train_attackers(cfg, data, box, 0, ["kd", "hard_label"], 120, True)
+    alone = [train_attackers(cfg, data, box, 0, [n], 120, True)[0] for n in ("kd", "hard_label")]
+    flat = lambda pairs: [acc for pair in pairs for acc in pair]  # noqa: E731
+    assert flat(together) == pytest.approx(flat(alone), abs=1e-6)
+    assert together[0] != together[1]  # two students, not one copied
