@@ -88,11 +88,10 @@ def _execute(ctx: JobContext, fan_out: FanOut | None = None) -> bool:
     keep_plan((ctx.claim.job_id, ctx.claim.attempt), p)  # this worker's tasks of the job need not rebuild it
     files = [*teacher.files, monitor, *policy_files(store, p.served_policy, ctx.work / "policy")]
     if fan_out is None or teacher.deployed is not None:  # a deployed model's answers: in this process
-        report = assemble(
-            p.summary, run_in_process(p, on_progress=ctx.on_progress, results=results), job=inputs.marks
-        )
-        if teacher.deployed is not None:
-            extra["deployed"] = teacher.deployed.section(teacher.model)
+        summary = p.summary  # measured first: a deployed model's section counts what it asked
+        done = run_in_process(p, on_progress=ctx.on_progress, results=results)
+        deployed = None if teacher.deployed is None else teacher.deployed.section(teacher.model)
+        report = assemble(summary, done, job=inputs.marks, deployed=deployed)
         publish_audit(ctx, store, with_job(report, str(ctx.claim.job_id), extra), files, inputs.job.spec)
         results.clear()  # the report holds them now
         return True

@@ -23,7 +23,7 @@ from app.core.models import (
 )
 from app.core.queue import transition
 from app.core.storage import ArtifactStore
-from ml.audit import AuditReport, report_findings
+from ml.audit import AuditReport
 from ml.data import Dataset as Data
 from ml.evidence.verify import pack_challenge, selected_challenge, selected_names, unpack_challenge
 from ml.monitor import MonitorConfig, calibrate
@@ -65,38 +65,14 @@ def monitor_file(
 
 
 def with_job(report: AuditReport, job_id: str, extra: dict[str, Any]) -> AuditReport:
-    """The report with what the job adds: its id, the teacher's metadata, the monitor, the fine-tuning, and
-    for a model deployed elsewhere its `deployed` section (its serving said to be "as deployed")."""
+    """The report with what the job adds: its id, the teacher's metadata, the monitor and the fine-tuning."""
     report.job_id = job_id
     for k, v in extra.get("teacher", {}).items():
         setattr(report.teacher, k, v)
     for k, v in extra.items():
         if k != "teacher":
             setattr(report, k, v)
-    if "deployed" in extra:
-        as_deployed(report, extra["deployed"])
     return report
-
-
-def as_deployed(report: AuditReport, deployed: dict[str, Any]) -> None:
-    """The serving section of a model deployed elsewhere: served as deployed, by its endpoint, not by cmim
-    (the statement and the findings say so; the findings are drawn again from the statement)."""
-    words = f"as deployed at {deployed['endpoint']['url']} (its answers as it gave them)"
-    report.teacher.serving.served_as = words  # type: ignore[attr-defined]  # a Part keeps extra keys
-    if report.statement is not None:
-        old = report.statement.served_as
-        report.statement.served_as = words
-        text = report.statement.text.replace(f"Served as {old}.", f"Served {words}.", 1)
-        report.statement.text = f"{deployed['text']} {text}"
-    report.findings = report_findings(report)
-    assert report.findings.serving is not None
-    report.findings.serving.text = deployed["text"]
-    report.findings.evidence = deployed["evidence"]
-    report.findings.next_steps.insert(
-        0,
-        "cmim does not serve this model: its deployment does. Where the steps below name cmim's predict "
-        "endpoints or per-key budgets, apply them to your deployment's own keys and limits.",
-    )
 
 
 def publish_audit(

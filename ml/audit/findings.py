@@ -27,6 +27,11 @@ DISCRIMINATING_EPOCHS = 300
 VERDICT_SEEDS = 5
 # A schedule below this share of the discriminating one is indicative whatever the job says.
 INDICATIVE_SHARE = 1 / 3
+# the first next step for a model audited through its endpoint
+DEPLOYED_STEP = (
+    "cmim does not serve this model: its deployment does. Where the steps below name cmim's predict "
+    "endpoints or per-key budgets, apply them to your deployment's own keys and limits."
+)
 DISCRIMINATING_ATTACK = "fm"
 
 OUTCOME_LABELS = {
@@ -200,6 +205,11 @@ def report_findings(report: AuditReport, spec: dict[str, Any] | None = None) -> 
     words = evidence_words(report.evidence)  # whether evidence of theft can work for this model
     if words is not None:
         out.evidence = words
+    if report.deployed is not None:  # audited through its endpoint: its deployment serves it
+        assert out.serving is not None
+        out.serving.text = report.deployed["text"]
+        out.evidence = report.deployed["evidence"]
+        out.next_steps.insert(0, DEPLOYED_STEP)
     return out
 
 

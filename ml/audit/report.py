@@ -15,7 +15,7 @@ from ml.audit.config import REPORT_VERSION
 from ml.audit.findings import report_findings
 from ml.audit.records import TaskResult
 from ml.audit.result import AuditReport
-from ml.audit.statement import protection_statement
+from ml.audit.statement import deployed_served_as, protection_statement
 from ml.audit.stats import row_stats
 from ml.audit.summary import PlanSummary
 from ml.audit.verdict import audit_verdict, combine_verdicts, judge_black_box, safe_budget
@@ -34,11 +34,14 @@ def assemble(
     *,
     wall_s: float | None = None,
     job: dict[str, Any] | None = None,
+    deployed: dict[str, Any] | None = None,
 ) -> AuditReport:
     """The report of a plan from its summary and its tasks' results (any order; one result per task).
 
     `job` is the job's marks (`preset`, `indicative`) when a job asked for the audit: the report keeps
-    them, and a quick preset marks the findings indicative."""
+    them, and a quick preset marks the findings indicative. `deployed` is the `deployed` section of a
+    model audited through its endpoint (`worker.models`): the statement and findings say it is served
+    as deployed."""
     by_task = {(r.seed_index, r.phase): r for r in results}
     cfg = summary.cfg
     missing = [t.describe(cfg.seeds) for t in summary.tasks if (t.seed_index, t.phase) not in by_task]
@@ -147,6 +150,9 @@ def assemble(
     report["timing"] = timing(summary, ordered, wall_s)
     if job is not None:
         report["job"] = job
+    if deployed is not None:
+        report["deployed"] = deployed
+        report["teacher"]["serving"]["served_as"] = deployed_served_as(deployed)
     out = AuditReport.model_validate(report)
     out.statement = protection_statement(out)
     out.findings = report_findings(out)

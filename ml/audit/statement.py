@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from ml.audit.result import AuditReport, Statement
 from ml.oracle import OutputMode
@@ -14,10 +15,19 @@ from ml.policy import PolicyConfig
 ENFORCED_MEASURED = Path(__file__).with_name("enforced_measured.json")
 
 
+def deployed_served_as(deployed: dict[str, Any]) -> str:
+    """How a model audited through its endpoint is served: by its deployment, not by cmim."""
+    return f"as deployed at {deployed['endpoint']['url']} (its answers as it gave them)"
+
+
 def protection_statement(report: AuditReport) -> Statement:
     """What the protection as served stops and what it does not, in plain words, from the measurements."""
     served = OutputMode.model_validate(report.threat_model.output_mode).words()
     served = ", ".join([served, *PolicyConfig.model_validate(report.teacher.serving.policy).words()])
+    head = f"Served as {served}."
+    if report.deployed is not None:  # the endpoint's answers as it gave them: cmim serves nothing
+        served = deployed_served_as(report.deployed)
+        head = f"{report.deployed['text']} Served {served}."
     stops, leaks = [], []
     for arch, s in report.students.items():
         for name, row in s.attacks.items():
@@ -28,7 +38,7 @@ def protection_statement(report: AuditReport) -> Statement:
                 leaks.append(f"{name} ({arch}): {row.margin:+.2f} ± {row.margin_se:.2f}, {sig}")
     queries = max((r.queries for s in report.students.values() for r in s.attacks.values()), default=0)
     lines = [
-        f"Served as {served}. Against attackers querying throughout their training ({queries:,} queries "
+        f"{head} Against attackers querying throughout their training ({queries:,} queries "
         "each at most), "
         + (
             "no knockoff beat the best label-smoothing student."
