@@ -48,10 +48,16 @@ def protection_statement(report: AuditReport) -> Statement:
         )
     ]
     low = report.served_safe_budget()
+    # cmim enforces the budget of a model it serves; a deployment elsewhere enforces its own
+    budget = (
+        "the per-key budget to enforce at your deployment"
+        if report.deployed
+        else "the served model's default per-key budget"
+    )
     if low is not None:
         lines.append(
-            f"With at most {low:,} queries per key (the safe budget, the served model's default per-key "
-            "budget) no knockoff beat it. A budget per key holds only as far as keys are controlled: an "
+            f"With at most {low:,} queries per key (the safe budget, {budget}) no knockoff beat it. A "
+            "budget per key holds only as far as keys are controlled: an "
             f"attacker with n keys holds n x {low:,} queries."
             if low
             else "No tested query budget was safe: a knockoff beat label smoothing at the smallest one."

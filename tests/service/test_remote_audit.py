@@ -108,6 +108,7 @@ def test_a_deployed_model_is_audited_through_its_endpoint(owner: Trained, made: 
         assert report["findings"]["serving"]["served_as"] == report["teacher"]["serving"]["served_as"]
         assert "cmim does not serve this model" in report["findings"]["next_steps"][0]
         assert "did not allow the budgets 1,000,000" in report["statement"]["text"]
+        assert "served model's default per-key budget" not in report["statement"]["text"]  # cmim serves none
         assert "Evidence of theft was not prepared" in report["findings"]["evidence"]
         assert report.get("evidence") is None and report["verdict"] in ("distillable", "undistillable",
                                                                           "inconclusive")  # fmt: skip
