@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,7 @@ from torch import nn
 from ml.audit import AuditConfig, AuditProgress, AuditReport, BlackBox, run_audit, serve_box
 from ml.audit.result import Section, ServedSection, ServedSummary
 from ml.charts import Bar, bar_chart, write_svg
+from ml.checkpoint import ModelMeta
 from ml.data import Dataset, load_dataset
 from ml.enforced_sim import KEYS, enforced_markdown, enforced_phase, enforced_summary
 from ml.evidence import DEFAULT_MECHANISM, Secret
@@ -26,6 +28,7 @@ from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.pool import pool_map
 from ml.registry import Registry
+from ml.resume import Kept
 from ml.teachers import CONTROL_OBJECTIVE, control_recipe
 from ml.train import TrainConfig, train_model
 
@@ -192,11 +195,15 @@ def run_paper(
     workers: int = 1,
     log: Callable[[str], None] = print,
     on_progress: Callable[[AuditProgress], None] | None = None,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the per-seed teachers, audit every protection in one lockstep, and summarise."""
+    """Train the per-seed teachers, audit every protection in one lockstep, and summarise. With `keep`, a
+    folder, every finished teacher, audit task and enforced student is kept there (`ml.resume`): run
+    again with the same folder, a stopped run continues where it stopped."""
     t0 = time.perf_counter()
+    kept = None if keep is None else Kept(keep)
     data = load_dataset(bench.dataset, **bench.dataset_params)
-    teachers = _train_teachers(bench, data, device, workers, log)
+    teachers = _train_teachers(bench, data, device, workers, log, kept)
     cfg = AuditConfig(
         students=[bench.student],
         attacks=bench.attacks,
@@ -223,6 +230,7 @@ def run_paper(
         budget_for=bench.budget_for,
         workers=workers,
         on_progress=on_progress,
+        results=None if kept is None else kept.tasks,
     )
     report["benchmark"] = bench.model_dump(mode="json")
     # the monitor across keys against the unlimited fm_edge attacker of this benchmark (200k queries at most)
@@ -241,34 +249,52 @@ def run_paper(
             keys=tuple(bench.enforced_keys),
             workers=workers,
             log=log,
+            kept=kept,
         )
     report["summary"] = summarise_paper(report, bench, time.perf_counter() - t0)
     return report
 
 
-def _train_one(cfg: TrainConfig, data: Dataset, init: dict[str, Any] | None) -> tuple[nn.Module, float]:
+def _train_one(
+    cfg: TrainConfig, data: Dataset, init: dict[str, Any] | None
+) -> tuple[nn.Module, ModelMeta, float]:
     result = train_model(cfg, data, init_weights=init)
-    return result.model, result.last_acc
+    return result.model, result.meta, result.last_acc
 
 
 def _train_teachers(
-    bench: Benchmark, data: Dataset, device: str, workers: int, log: Callable[[str], None]
+    bench: Benchmark,
+    data: Dataset,
+    device: str,
+    workers: int,
+    log: Callable[[str], None],
+    kept: Kept | None = None,
 ) -> dict[str, list[nn.Module]]:
     """Every recipe's per-seed teachers (CE and the benchmark's CMIM first; fine-tuned ones after the CE
-    teachers they start from), `workers` at a time in spawned processes."""
-    teachers: dict[str, list[nn.Module]] = {}
+    teachers they start from), `workers` at a time in spawned processes; those `kept` are read back."""
+    found: dict[tuple[str, int], nn.Module] = {}
     for wave in (False, True):  # fine-tuning needs the CE teachers of the first wave
         jobs = []
         for key, seed, cfg, finetune in teacher_configs(bench, device):
             if finetune != wave:
                 continue
-            init = teachers[_recipe_key(bench, *CONTROL)][seed].state_dict() if finetune else None
-            jobs.append((key, seed, (cfg, data, init)))
-        for (key, seed, _), (model, acc) in zip(
-            jobs, pool_map(_train_one, [j[2] for j in jobs], workers), strict=True
+            recipe = cfg.model_dump_json()
+            if kept is not None and (got := kept.teacher(key, recipe)) is not None:
+                found[(key, seed)] = got[0]
+                log(f"teacher {key} seed {seed}: {got[1]:.2f}% (kept)")
+                continue
+            init = found[(_recipe_key(bench, *CONTROL), seed)].state_dict() if finetune else None
+            jobs.append((key, seed, recipe, (cfg, data, init)))
+        for (key, seed, recipe, _), (model, meta, acc) in zip(
+            jobs, pool_map(_train_one, [j[3] for j in jobs], workers), strict=True
         ):
             log(f"teacher {key} seed {seed}: {acc:.2f}%")
-            teachers.setdefault(key, []).append(model)
+            found[(key, seed)] = model
+            if kept is not None:
+                kept.keep_teacher(key, recipe, model, meta, acc)
+    teachers: dict[str, list[nn.Module]] = {}
+    for key, seed, _, _ in teacher_configs(bench, device):  # per recipe, in seed order
+        teachers.setdefault(key, []).append(found[(key, seed)])
     return teachers
 
 

@@ -529,6 +529,13 @@ def bench_paper(
     ),
     device: str = "auto",
     workers: Annotated[int, typer.Option(min=1, help="seeds trained at once, in separate processes")] = 1,
+    keep: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder keeping every finished teacher, audit task and enforced student: run again with "
+            "it to continue a stopped run"
+        ),
+    ] = None,
 ) -> None:
     """Every protection against every attack on the discriminating benchmark; last line is JSON."""
     from ml.benchmark import BENCHMARKS, budget_rows, paper_markdown, paper_rows, plot_paper, run_paper
@@ -545,6 +552,7 @@ def bench_paper(
                 workers=workers,
                 log=lambda m: err.print(m, highlight=False),
                 on_progress=lambda p: update(p.done, p.message, p.total),
+                keep=keep,
             ),
         )
     out.mkdir(parents=True, exist_ok=True)

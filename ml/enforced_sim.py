@@ -50,6 +50,7 @@ from ml.data import Dataset
 from ml.enforcement import EnforcementPolicy, Standing, StandingBook, escalate, first_exhausted
 from ml.monitor import ModelMonitor, MonitorConfig, QueryBank, Reference, calibrate
 from ml.pool import pool_map
+from ml.resume import Kept, digest, weights_digest
 from ml.train import resolve_device
 
 KEYS = (1, 16, 256)
@@ -300,6 +301,7 @@ def enforced_phase(
     aware: bool = True,
     workers: int = 1,
     log: Callable[[str], None] = print,
+    kept: Kept | None = None,
 ) -> dict[str, Any]:
     """Every attacker x K over the seeds: queries obtained, the student trained on them, and margins
     against the best LS student (the audit's `judge`, Holm over every row); `ls_results` are the audit's
@@ -307,7 +309,8 @@ def enforced_phase(
 
     The simulations run first, here (they are cheap); then every distinct student (seed, attacker,
     samples obtained) trains, `workers` at a time in spawned processes (`pool_map`): the same numbers as
-    one at a time, for the same thread count per student."""
+    one at a time, for the same thread count per student. Students `kept` (`ml.resume`) are read back,
+    and each one trained is kept as soon as it is done."""
     half = len(data.x_test) // 2
     sims: list[tuple[int, str, dict[str, Any]]] = []  # (seed index, row, what the simulation got)
     # (seed index, stream, samples) -> the attackers whose students train on those answers, together
@@ -338,9 +341,24 @@ def enforced_phase(
         f"enforced: training {count} students of {len(sims)} simulations in {len(groups)} lockstep groups "
         f"over {workers} worker(s)"
     )
-    jobs = [(cfg, data, box, s, names, samples, aware) for (s, _, samples), names in groups.items()]
+    served = [box.mode.model_dump_json(), [p.config.model_dump_json() for p in box.policies or []]]
+    context = [cfg.model_dump_json(), data.fingerprint, served, weights_digest(box.models), aware]
+    keys = {g: digest(*context, g, names) for g, names in groups.items()}
     trained: dict[tuple[int, str, int], tuple[float, float]] = {}
-    for (s, stream_key, samples), accs in zip(groups, pool_map(train_attackers, jobs, workers), strict=True):
+    todo = []
+    for group, names in groups.items():
+        s, _, samples = group
+        found = None if kept is None else kept.piece("enforced", keys[group])
+        if found is None:
+            todo.append(group)
+            continue
+        for name, (best, last) in zip(names, found, strict=True):
+            trained[(s, name, samples)] = (best, last)
+            log(f"enforced seed {s}: {name} on {samples} samples: student {best:.2f}% (kept)")
+    jobs = [(cfg, data, box, s, groups[(s, st, n)], n, aware) for s, st, n in todo]
+    for (s, stream_key, samples), accs in zip(todo, pool_map(train_attackers, jobs, workers), strict=True):
+        if kept is not None:
+            kept.keep("enforced", keys[(s, stream_key, samples)], accs)
         for name, got in zip(groups[(s, stream_key, samples)], accs, strict=True):
             trained[(s, name, samples)] = got
             log(f"enforced seed {s}: {name} on {samples} samples: student {got[0]:.2f}%")

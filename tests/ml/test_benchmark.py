@@ -1,5 +1,7 @@
 """`cmim bench paper` on a tiny benchmark: every protection is present and the summary is consistent."""
 
+from pathlib import Path
+
 from ml.benchmark import BENCHMARKS, Benchmark, Protection, budget_rows, paper_markdown, paper_rows, run_paper
 from ml.oracle import OutputMode
 
@@ -128,3 +130,36 @@ def test_protections_name_their_teacher_recipe_and_share_teachers() -> None:
     assert report["protections"]["protected"]["accuracy"] == report["teacher"]["accuracy"]
     assert report["protections"]["ft"]["accuracy"] != report["teacher"]["accuracy"]
     assert "budgets" not in report
+
+
+def test_a_stopped_run_continues_from_what_its_folder_kept(tmp_path: Path) -> None:
+    """With `keep`, every teacher and audit task is kept as it finishes: run again, nothing is trained
+    twice and the report is the same; a piece lost (a task stopped part-way) is trained again alone."""
+    bench = Benchmark(
+        dataset_params={"num_train": 200, "num_test": 200},
+        teacher_epochs=1,
+        epochs=1,
+        seeds=2,
+        attacks=["hard_label"],
+        attack_params={},
+        ls_eps=[0.1],
+        query_budgets=[100],
+        enforced="",
+        protections={"protected": Protection(output_mode=OutputMode(kind="label"))},
+    )
+    first_logs: list[str] = []
+    first = run_paper(bench, device="cpu", log=first_logs.append, keep=tmp_path)
+    tasks = sorted((tmp_path / "tasks").glob("*.json"))
+    assert len(tasks) == 2 * 2  # two seeds: the unlimited phase and one budget
+    assert len(list((tmp_path / "teachers").glob("*/model.safetensors"))) == 2 * 2  # ce and cmim, two seeds
+    tasks[-1].unlink()  # as if the run had stopped while training it
+    logs: list[str] = []
+    ticks: list[str] = []
+    again = run_paper(
+        bench, device="cpu", log=logs.append, keep=tmp_path, on_progress=lambda p: ticks.append(p.message)
+    )
+    assert logs == [f"{m} (kept)" for m in first_logs]  # no teacher trained again
+    assert sum("stored result" in t for t in ticks) == 3 and tasks[-1].exists()
+    for r in (first, again):
+        r.pop("wall_s"), r["summary"].pop("wall_s"), r.pop("timing"), r.pop("findings")  # measured times
+    assert again == first

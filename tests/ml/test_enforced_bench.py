@@ -37,6 +37,7 @@ from ml.enforced_sim import (
 from ml.enforcement import Standing, first_exhausted
 from ml.monitor import MonitorConfig, calibrate
 from ml.oracle import OutputMode
+from ml.resume import Kept
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +215,25 @@ def test_attackers_of_one_stream_train_together_as_each_would_alone(data: Datase
     flat = lambda pairs: [acc for pair in pairs for acc in pair]  # noqa: E731
     assert flat(together) == pytest.approx(flat(alone), abs=1e-6)
     assert together[0] != together[1]  # two students, not one copied
+
+
+def test_students_kept_are_read_back_and_not_trained_again(data: Dataset, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(data.x_train[0].numel(), 10))
+    box = BlackBox([teacher], OutputMode(kind="label"))
+    cfg = AuditConfig(epochs=1, seeds=2, students=["mlp"], attacks=["hard_label"], device="cpu")
+    ls = {"ls": {"acc_best": summarise([99.0, 98.0]), "acc_last": summarise([99.0, 98.0])}}
+    kept = Kept(tmp_path)
+    first_logs: list[str] = []
+    first = enforced_phase(cfg, data, box, 50, ls, keys=(1, 4), aware=False, log=first_logs.append, kept=kept)
+    pieces = list((tmp_path / "enforced").glob("*.json"))
+    assert len(pieces) == 4  # two seeds x two sample counts
+    logs: list[str] = []
+    again = enforced_phase(cfg, data, box, 50, ls, keys=(1, 4), aware=False, log=logs.append, kept=kept)
+    assert again == first
+    students = [m for m in logs if " student " in m]
+    assert len(students) == 4 and all(m.endswith("(kept)") for m in students)
+    # another per-key budget is another experiment: nothing of it is kept yet
+    other: list[str] = []
+    enforced_phase(cfg, data, box, 60, ls, keys=(1,), aware=False, log=other.append, kept=kept)
+    assert not any(m.endswith("(kept)") for m in other)
