@@ -148,13 +148,16 @@ def test_the_readme_evidence_example_works_as_written(served, stack: Stack) -> N
     }
     up = httpx.post(f"{stack.base}/api/v1/models", files=files, headers=stack.headers, timeout=60)
     assert up.status_code == 201, up.text
-    env = {"KEY": stack.key, "ID": job_id, "SUSPECT": up.json()["id"]}
+    env = {"KEY": stack.key, "JOB": job_id, "SUSPECT": up.json()["id"]}
     commands = readme_commands("### When a copy is made anyway: evidence and monitoring")
-    assert len(commands) == 2, commands
-    run(commands[0], stack, env)
+    assert len(commands) == 3, commands
+    # the suspect's upload is step 3 of the owner's walk-through (tests/service/test_e2e_owner.py); here the
+    # suspect is the teacher's own checkpoint, uploaded above
+    assert commands[0].startswith("SUSPECT=$(curl -s -X POST localhost:8000/api/v1/models "), commands[0]
+    run(commands[1], stack, env)
     challenge = json.loads((stack.tmp / "challenge.json").read_text())
     assert len(challenge["inputs"]) == challenge["points"] > 0 and "labels" not in challenge
-    verdict = json.loads(run(commands[1], stack, env))
+    verdict = json.loads(run(commands[2], stack, env))
     # The teacher itself agrees on every point. Whether that is told apart from independent students
     # needs a trained teacher (tests/service/test_evidence_api.py); this tiny one is not: its LS
     # students agree on 99.6 % of the challenge.
