@@ -1,6 +1,7 @@
 """`cmim bench paper` on a tiny benchmark: every protection is present and the summary is consistent."""
 
 from pathlib import Path
+from typing import Any
 
 from ml.benchmark import BENCHMARKS, Benchmark, Protection, budget_rows, paper_markdown, paper_rows, run_paper
 from ml.oracle import OutputMode
@@ -37,20 +38,29 @@ SUMMARY_KEYS = {
 }
 
 
+def tiny(**changes: Any) -> Benchmark:
+    """The benchmark at tiny sizes: 200 samples, one epoch, two seeds, hard_label against one LS student."""
+    protected = Protection(output_mode=OutputMode(kind="label"))
+    fields: dict[str, Any] = {
+        "dataset_params": {"num_train": 200, "num_test": 200},
+        "teacher_epochs": 1,
+        "epochs": 1,
+        "seeds": 2,
+        "attacks": ["hard_label"],
+        "attack_params": {},
+        "ls_eps": [0.1],
+        "query_budgets": [100],
+        "protections": {"protected": protected},
+    }
+    return Benchmark(**(fields | changes))
+
+
 def test_tiny_paper_benchmark() -> None:
-    bench = Benchmark(
-        dataset_params={"num_train": 200, "num_test": 200},
-        teacher_epochs=1,
-        epochs=1,
-        seeds=2,
-        attacks=["hard_label"],
-        attack_params={},
-        ls_eps=[0.1],
-        query_budgets=[100],
+    bench = tiny(
         protections={
             "protected": Protection(output_mode=OutputMode(kind="label")),
             "ce_label": Protection(objective="ce", output_mode=OutputMode(kind="label")),
-        },
+        }
     )
     report = run_paper(bench, device="cpu", log=lambda m: None)
     # the ce and cmim rows are the teachers served with full probabilities, whatever the audit default is
@@ -135,18 +145,7 @@ def test_protections_name_their_teacher_recipe_and_share_teachers() -> None:
 def test_a_stopped_run_continues_from_what_its_folder_kept(tmp_path: Path) -> None:
     """With `keep`, every teacher and audit task is kept as it finishes: run again, nothing is trained
     twice and the report is the same; a piece lost (a task stopped part-way) is trained again alone."""
-    bench = Benchmark(
-        dataset_params={"num_train": 200, "num_test": 200},
-        teacher_epochs=1,
-        epochs=1,
-        seeds=2,
-        attacks=["hard_label"],
-        attack_params={},
-        ls_eps=[0.1],
-        query_budgets=[100],
-        enforced="",
-        protections={"protected": Protection(output_mode=OutputMode(kind="label"))},
-    )
+    bench = tiny(enforced="")
     first_logs: list[str] = []
     first = run_paper(bench, device="cpu", log=first_logs.append, keep=tmp_path)
     tasks = sorted((tmp_path / "tasks").glob("*.json"))
