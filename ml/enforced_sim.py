@@ -281,6 +281,23 @@ def simulate(
     return {"samples": got, "queries": got * views, "keys_stopped": keys - len(live)}
 
 
+def simulate_attacker(
+    cfg: AuditConfig, data: Dataset, budget: int, s: int, index: int, keys: tuple[int, ...], aware: bool
+) -> list[tuple[dict[str, Any], dict[str, int]]]:
+    """Attacker `index` of seed index `s` holding each K of `keys` keys, beside the honest traffic, each
+    through a gate of its own: (what it got, the honest keys the gate held) per K."""
+    seed = cfg.base_seed + s
+    ref = calibrate(data.x_test[: len(data.x_test) // 2], MonitorConfig(), seed)
+    requests = honest_requests(data, seed)
+    a = attackers(cfg, data, seed, aware)[index]
+    out = []
+    for k in keys:
+        gate = Gate(ref, budget)
+        got = simulate(gate, a, data, seed, k, requests)
+        out.append((got, honest_standing(gate)))
+    return out
+
+
 def honest_standing(gate: Gate) -> dict[str, int]:
     """Honest keys an action held: suspended, and throttled or on probation (limited)."""
     held = {k: s for k, s in gate.acted.items() if k.startswith("honest-")}
@@ -307,35 +324,41 @@ def enforced_phase(
     against the best LS student (the audit's `judge`, Holm over every row); `ls_results` are the audit's
     LS rows of the student (the report's `students[student].ls`, as JSON).
 
-    The simulations run first, here (they are cheap); then every distinct student (seed, attacker,
-    samples obtained) trains, `workers` at a time in spawned processes (`pool_map`): the same numbers as
-    one at a time, for the same thread count per student. Students `kept` (`ml.resume`) are read back,
-    and each one trained is kept as soon as it is done."""
-    half = len(data.x_test) // 2
+    The simulations run first, one job per seed and attacker (every K); then every distinct student
+    (seed, attacker, samples obtained) trains. Both run `workers` at a time in spawned processes
+    (`pool_map`): the same numbers as one at a time, for the same thread count per job. Simulations and
+    students `kept` (`ml.resume`) are read back, and each one run is kept as soon as it is done."""
     sims: list[tuple[int, str, dict[str, Any]]] = []  # (seed index, row, what the simulation got)
     # (seed index, stream, samples) -> the attackers whose students train on those answers, together
     groups: dict[tuple[int, str, int], list[str]] = {}
     honest = {"suspended": 0, "limited": 0, "keys": 0}
-    for s in range(cfg.seeds):
-        seed = cfg.base_seed + s
-        ref = calibrate(data.x_test[:half], MonitorConfig(), seed)
-        requests = honest_requests(data, seed)
-        for a in attackers(cfg, data, seed, aware):
-            for k in keys:
-                gate = Gate(ref, budget)
-                got = simulate(gate, a, data, seed, k, requests)
-                held = honest_standing(gate)
-                honest["suspended"] += held["suspended"]
-                honest["limited"] += held["limited"]
-                honest["keys"] += HONEST_KEYS
-                sims.append((s, f"{a.name} K={k}", got))
-                group = groups.setdefault((s, a.stream_key, got["samples"]), [])
-                if a.name not in group:
-                    group.append(a.name)
-                log(
-                    f"enforced seed {s}: {a.name} K={k}: {got['queries']} queries, {got['keys_stopped']} "
-                    f"keys out, honest held {held}"
-                )
+    roster = attackers(cfg, data, cfg.base_seed, aware)  # names and streams are the same for every seed
+    context = [cfg.model_dump_json(), data.fingerprint, budget, list(keys), aware]
+    context += [MonitorConfig().model_dump_json(), EnforcementPolicy().model_dump_json()]
+    jobs = [(s, i) for s in range(cfg.seeds) for i in range(len(roster))]
+    simulated = {j: None if kept is None else kept.piece("simulations", digest(*context, *j)) for j in jobs}
+    todo_sims = [j for j in jobs if simulated[j] is None]
+    log(f"enforced: {len(jobs) - len(todo_sims)} of {len(jobs)} attackers' simulations kept")
+    args = [(cfg, data, budget, s, i, keys, aware) for s, i in todo_sims]
+    for j, got in zip(todo_sims, pool_map(simulate_attacker, args, workers), strict=True):
+        simulated[j] = got
+        if kept is not None:
+            kept.keep("simulations", digest(*context, *j), got)
+        log(f"enforced seed {j[0]}: {roster[j[1]].name} simulated with {', '.join(map(str, keys))} keys")
+    for s, i in jobs:
+        a = roster[i]
+        for k, (got, held) in zip(keys, simulated[(s, i)] or [], strict=True):
+            honest["suspended"] += held["suspended"]
+            honest["limited"] += held["limited"]
+            honest["keys"] += HONEST_KEYS
+            sims.append((s, f"{a.name} K={k}", got))
+            group = groups.setdefault((s, a.stream_key, got["samples"]), [])
+            if a.name not in group:
+                group.append(a.name)
+            log(
+                f"enforced seed {s}: {a.name} K={k}: {got['queries']} queries, {got['keys_stopped']} "
+                f"keys out, honest held {held}"
+            )
     count = sum(len(g) for g in groups.values())
     log(
         f"enforced: training {count} students of {len(sims)} simulations in {len(groups)} lockstep groups "
@@ -343,12 +366,12 @@ def enforced_phase(
     )
     served = [box.mode.model_dump_json(), [p.config.model_dump_json() for p in box.policies or []]]
     context = [cfg.model_dump_json(), data.fingerprint, served, weights_digest(box.models), aware]
-    keys = {g: digest(*context, g, names) for g, names in groups.items()}
+    named = {g: digest(*context, g, names) for g, names in groups.items()}
     trained: dict[tuple[int, str, int], tuple[float, float]] = {}
     todo = []
     for group, names in groups.items():
         s, _, samples = group
-        found = None if kept is None else kept.piece("enforced", keys[group])
+        found = None if kept is None else kept.piece("enforced", named[group])
         if found is None:
             todo.append(group)
             continue
@@ -358,7 +381,7 @@ def enforced_phase(
     jobs = [(cfg, data, box, s, groups[(s, st, n)], n, aware) for s, st, n in todo]
     for (s, stream_key, samples), accs in zip(todo, pool_map(train_attackers, jobs, workers), strict=True):
         if kept is not None:
-            kept.keep("enforced", keys[(s, stream_key, samples)], accs)
+            kept.keep("enforced", named[(s, stream_key, samples)], accs)
         for name, got in zip(groups[(s, stream_key, samples)], accs, strict=True):
             trained[(s, name, samples)] = got
             log(f"enforced seed {s}: {name} on {samples} samples: student {got[0]:.2f}%")

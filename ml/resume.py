@@ -2,9 +2,10 @@
 session, a crash, Ctrl-C) continues where it stopped when it is started again with the same folder.
 
 Kept are the teachers (zoo checkpoints: a continued run audits the very same weights, whatever the
-machine), the audit's tasks (`ml.audit.tasks.DirectoryResults`, named by the plan's fingerprint) and the
-enforced phase's students (`ml.enforced_sim`). Every piece is named by a hash of what it depends on, so a
-piece of another configuration, data set or teacher is never read: it is computed anew beside it.
+machine), the audit's tasks (`ml.audit.tasks.DirectoryResults`, named by the plan's fingerprint as first
+recorded here) and the enforced phase's simulations and students (`ml.enforced_sim`). Every piece is
+named by a hash of what it depends on, so a piece of another configuration, data set or teacher is never
+read: it is computed anew beside it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ml.audit.tasks import DirectoryResults
+from ml.audit.tasks import AuditPlan, DirectoryResults, identity
 from ml.checkpoint import WEIGHTS_NAME, ModelMeta, load_checkpoint, save_checkpoint
 
 
@@ -45,6 +46,16 @@ class Kept:
     @property
     def tasks(self) -> DirectoryResults:
         return DirectoryResults(self.folder / "tasks")
+
+    def fingerprint(self, plan: AuditPlan) -> str:
+        """The name `plan`'s kept tasks go by: the fingerprint this folder recorded for the first plan given
+        the same things (`identity`); `plan`'s own, recorded now, when there was none. So the tasks made on
+        a CPU that rounds otherwise, or at another thread count, are read back, not trained again."""
+        found = self.piece("plans", identity(plan))
+        if found is None:
+            self.keep("plans", identity(plan), {"fingerprint": plan.fingerprint})
+            return plan.fingerprint
+        return str(found["fingerprint"])
 
     def _teacher(self, name: str, recipe: str) -> Path:
         return self.folder / "teachers" / f"{name}-{digest(recipe)}"

@@ -212,8 +212,12 @@ def plan(
     return out
 
 
-def _fingerprint(p: AuditPlan) -> str:
-    """A hash of everything a task's result depends on: config, data, served models, policies, transfer."""
+def _fingerprint(p: AuditPlan, measured: bool = True) -> str:
+    """A hash of everything a task's result depends on: config, data, served models, policies, transfer.
+
+    With `measured=False` (`identity`), only what the plan was given, not what it measured from that in
+    float32 (the models' answers, the fitted policies, the challenges), which rounds apart on another
+    kind of CPU or thread count."""
     h = hashlib.sha256(f"report v{REPORT_VERSION}".encode())
     h.update(p.cfg.model_dump_json().encode())
     h.update(json.dumps([p.dataset.fingerprint, p.data.fingerprint, len(p.data.x_train)]).encode())
@@ -228,21 +232,27 @@ def _fingerprint(p: AuditPlan) -> str:
             for k, t in m.state_dict().items():
                 h.update(k.encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
-            # a black box without weights (an ONNX model) is told apart by its answers
-            h.update(model_logits(m, probe).round(decimals=4).numpy().tobytes())
+            if measured:  # a black box without weights (an ONNX model) is told apart by its answers
+                h.update(model_logits(m, probe).round(decimals=4).numpy().tobytes())
         for fitted in box.policies or []:
             h.update(fitted.config.model_dump_json().encode())
-            for k, t in sorted(fitted.to_tensors().items()):
+            for k, t in sorted(fitted.to_tensors().items()) if measured else ():
                 h.update(k.encode())
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
     if p.transfer is not None:
         h.update(p.transfer.detach().cpu().contiguous().numpy().tobytes())
-    for mech, per_box in p.challenges.items():  # the evidence each task measures
+    for mech, per_box in p.challenges.items() if measured else ():  # the evidence each task measures
         for box, per_seed in per_box.items():
             h.update(f"evidence {mech} {box}".encode())
             for ch in per_seed:
                 h.update(ch.x.numpy().tobytes() + ch.labels.numpy().tobytes())
     return h.hexdigest()
+
+
+def identity(p: AuditPlan) -> str:
+    """The plan's fingerprint over what it was given only (config, data, weights, policy configs,
+    transfer): the same on every machine for the same code, where `AuditPlan.fingerprint` is not."""
+    return _fingerprint(p, measured=False)
 
 
 def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | None = None) -> TaskResult:
