@@ -3,6 +3,9 @@
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+import ml.audit.tasks as tasks_module
 from ml.benchmark import BENCHMARKS, Benchmark, Protection, budget_rows, paper_markdown, paper_rows, run_paper
 from ml.oracle import OutputMode
 
@@ -162,3 +165,29 @@ def test_a_stopped_run_continues_from_what_its_folder_kept(tmp_path: Path) -> No
     for r in (first, again):
         r.pop("wall_s"), r["summary"].pop("wall_s"), r.pop("timing"), r.pop("findings")  # measured times
     assert again == first
+
+
+def test_kept_tasks_are_read_back_where_the_cpu_rounds_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A continued run on another kind of CPU measures its challenges and fitted policies a rounding
+    apart, so its plan's fingerprint differs; the folder names its tasks by the fingerprint it recorded
+    first for a plan given the same things, so they are read back, not trained again."""
+    bench = tiny(enforced="")
+    run_paper(bench, device="cpu", log=lambda m: None, keep=tmp_path)
+    recorded = next((tmp_path / "plans").glob("*.json")).read_text()
+    measured = tasks_module.model_logits
+    monkeypatch.setattr(tasks_module, "model_logits", lambda m, x: measured(m, x) + 1e-3)
+    ticks: list[str] = []
+    tick = lambda p: ticks.append(p.message)  # noqa: E731
+    run_paper(bench, device="cpu", log=lambda m: None, keep=tmp_path, on_progress=tick)
+    assert sum("stored result" in t for t in ticks) == 4
+    assert len(list((tmp_path / "tasks").glob("*.json"))) == 4
+    assert next((tmp_path / "plans").glob("*.json")).read_text() == recorded
+    # a plan given something else (another LS student) is another plan: its tasks are trained
+    ticks.clear()
+    run_paper(
+        tiny(enforced="", ls_eps=[0.2]), device="cpu", log=lambda m: None, keep=tmp_path, on_progress=tick
+    )
+    assert not any("stored result" in t for t in ticks)
+    assert len(list((tmp_path / "plans").glob("*.json"))) == 2

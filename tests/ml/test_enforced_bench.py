@@ -228,9 +228,12 @@ def test_students_kept_are_read_back_and_not_trained_again(data: Dataset, tmp_pa
     first = enforced_phase(cfg, data, box, 50, ls, keys=(1, 4), aware=False, log=first_logs.append, kept=kept)
     pieces = list((tmp_path / "enforced").glob("*.json"))
     assert len(pieces) == 4  # two seeds x two sample counts
+    assert len(list((tmp_path / "simulations").glob("*.json"))) == 2  # two seeds x one attacker, every K
+    assert first["keys"] == [1, 4]
     logs: list[str] = []
     again = enforced_phase(cfg, data, box, 50, ls, keys=(1, 4), aware=False, log=logs.append, kept=kept)
     assert again == first
+    assert "enforced: 2 of 2 attackers' simulations kept" in logs and not any("simulated" in m for m in logs)
     students = [m for m in logs if " student " in m]
     assert len(students) == 4 and all(m.endswith("(kept)") for m in students)
     # another per-key budget is another experiment: nothing of it is kept yet
