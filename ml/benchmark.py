@@ -23,12 +23,13 @@ from ml.checkpoint import ModelMeta
 from ml.data import Dataset, load_dataset
 from ml.enforced_sim import KEYS, enforced_markdown, enforced_phase, enforced_summary
 from ml.evidence import DEFAULT_MECHANISM, Secret
+from ml.monitor import MonitorConfig
 from ml.monitor_sim import monitor_markdown, simulate_seeds
 from ml.oracle import OutputMode
 from ml.policy import PolicyConfig
 from ml.pool import pool_map
 from ml.registry import Registry
-from ml.resume import Kept
+from ml.resume import Kept, digest
 from ml.teachers import CONTROL_OBJECTIVE, control_recipe
 from ml.train import TrainConfig, train_model
 
@@ -231,7 +232,9 @@ def run_paper(
     report["benchmark"] = bench.model_dump(mode="json")
     # the monitor across keys against the unlimited fm_edge attacker of this benchmark (200k queries at most)
     attack = min(bench.epochs * len(data.x_train), 200_000)
-    report["monitor"] = simulate_seeds(data, bench.seeds, queries=attack)
+    replay = lambda: simulate_seeds(data, bench.seeds, queries=attack)  # noqa: E731
+    key = digest(data.fingerprint, bench.seeds, attack, MonitorConfig().model_dump_json())
+    report["monitor"] = replay() if kept is None else kept.made("monitor", key, replay)
     audited = typed(report)
     safe = (audited.safe_budget or {}).get(bench.enforced, {}).get(bench.student)
     if bench.enforced and safe:  # a safe budget of 0 serves nothing: there is nothing to enforce
@@ -394,18 +397,21 @@ def evidence_summary(report: dict[str, Any], student: str) -> dict[str, Any]:
     """The default mechanism's TPR over the near-LS knockoffs (unlimited queries) of the default protection
     and the CE control, FPR over the independent LS students, and its cost to honest users (points); the
     false-positive rate per family of the widest null (the LS families and the other architectures, the
-    worst over the two boxes); the selected challenge's held-out TPR near LS and FPR."""
+    worst over the two boxes) and the TPR near LS against it; the selected challenge's held-out TPR near
+    LS and FPR."""
     mechanisms = report.get("evidence", {}).get("mechanisms", {})
     mech = mechanisms.get(DEFAULT_MECHANISM, {})
     found = [mech[b][student] for b in EVIDENCE_BOXES if b in mech and mech[b][student]["null"] is not None]
     if not found:
-        fields = ("tpr", "fpr", "cost", "fpr_by_family", "selected_tpr", "selected_fpr")
+        fields = ("tpr", "fpr", "cost", "fpr_by_family", "widest_tpr", "selected_tpr", "selected_fpr")
         return {f"evidence_{f}": None for f in fields}
     by_family: dict[str, float] = {}
     for sec in found:
         for f, rate in (sec.get("other_architectures") or {}).get("fpr_by_family", {}).items():
             if rate is not None:
                 by_family[f] = max(rate, by_family.get(f, 0.0))
+    widest = [w for sec in found if (w := sec.get("other_architectures") or {}).get("near_ls_unlimited")]
+    near = sum(w["near_ls_unlimited"] for w in widest)  # the near-LS knockoffs tested against the widest null
     selected = [mechanisms.get("selected", {}).get(b, {}).get(student) for b in EVIDENCE_BOXES]
     selected = [s for s in selected if s and s.get("null") is not None]
     alpha = report["evidence"]["alpha"]
@@ -414,6 +420,9 @@ def evidence_summary(report: dict[str, Any], student: str) -> dict[str, Any]:
         "evidence_fpr": max((sec["fpr"] for sec in found if sec["fpr"] is not None), default=None),
         "evidence_cost": max(sec.get("honest_cost", {}).get("accuracy_lost", 0.0) for sec in found),
         "evidence_fpr_by_family": by_family or None,
+        "evidence_widest_tpr": sum(w["tpr_near_ls_unlimited"] * w["near_ls_unlimited"] for w in widest) / near
+        if near
+        else None,
         "evidence_selected_tpr": _near_ls_rate(selected, alpha),
         "evidence_selected_fpr": max((s["fpr"] for s in selected if s["fpr"] is not None), default=None),
     }

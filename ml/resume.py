@@ -3,16 +3,16 @@ session, a crash, Ctrl-C) continues where it stopped when it is started again wi
 
 Kept are the teachers (zoo checkpoints: a continued run audits the very same weights, whatever the
 machine), the audit's tasks (`ml.audit.tasks.DirectoryResults`, named by the plan's fingerprint as first
-recorded here) and the enforced phase's simulations and students (`ml.enforced_sim`). Every piece is
-named by a hash of what it depends on, so a piece of another configuration, data set or teacher is never
-read: it is computed anew beside it.
+recorded here), the monitor's replay and the enforced phase's simulations and students
+(`ml.enforced_sim`). Every piece is named by a hash of what it depends on, so a piece of another
+configuration, data set or teacher is never read: it is computed anew beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,13 @@ class Kept:
         """A kept JSON piece of `kind` under `key` (a `digest`), or None."""
         path = self._piece(kind, key)
         return json.loads(path.read_text()) if path.exists() else None
+
+    def made(self, kind: str, key: str, make: Callable[[], Any]) -> Any:
+        """The piece of `kind` kept under `key`; when there is none, `make()`'s, kept now (and read back as
+        JSON, as a continued run will read it)."""
+        if self.piece(kind, key) is None:
+            self.keep(kind, key, make())
+        return self.piece(kind, key)
 
     def keep(self, kind: str, key: str, value: Any) -> None:
         path = self._piece(kind, key)

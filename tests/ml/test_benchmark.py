@@ -30,6 +30,7 @@ SUMMARY_KEYS = {
     "evidence_fpr",
     "evidence_cost",
     "evidence_fpr_by_family",
+    "evidence_widest_tpr",
     "evidence_selected_tpr",
     "evidence_selected_fpr",
     "enforced_margin",
@@ -107,6 +108,13 @@ def test_tiny_paper_benchmark() -> None:
     assert summary["evidence_cost"] == 0.0 and "| fingerprint | protected |" in "\n".join(table)
     # the null's other architectures (the zoo's other small student family on sequences): a rate per family
     assert set(summary["evidence_fpr_by_family"]) == {"plain", "mixup", "cnn1d_small"}
+    widest = [fingerprint[b]["mlp"]["other_architectures"] for b in ("protected", "control")]
+    if any(
+        w.get("near_ls_unlimited") for w in widest
+    ):  # a share of the near-LS knockoffs, when there are any
+        assert 0.0 <= summary["evidence_widest_tpr"] <= 1.0
+    else:
+        assert summary["evidence_widest_tpr"] is None
     full = BENCHMARKS.get("mnist1d")
     assert "protected" in full.protections and {"fm", "fm_edge", "fm_noise"} <= set(full.attacks)
 
@@ -154,6 +162,7 @@ def test_a_stopped_run_continues_from_what_its_folder_kept(tmp_path: Path) -> No
     tasks = sorted((tmp_path / "tasks").glob("*.json"))
     assert len(tasks) == 2 * 2  # two seeds: the unlimited phase and one budget
     assert len(list((tmp_path / "teachers").glob("*/model.safetensors"))) == 2 * 2  # ce and cmim, two seeds
+    assert len(list((tmp_path / "monitor").glob("*.json"))) == 1  # the monitor's replay over the seeds
     tasks[-1].unlink()  # as if the run had stopped while training it
     logs: list[str] = []
     ticks: list[str] = []
