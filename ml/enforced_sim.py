@@ -27,8 +27,9 @@ readings of one input with 1 % noise (a sensor stream).
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -50,7 +51,7 @@ from ml.data import Dataset
 from ml.enforcement import EnforcementPolicy, Standing, StandingBook, escalate, first_exhausted
 from ml.monitor import ModelMonitor, MonitorConfig, QueryBank, Reference, calibrate
 from ml.pool import pool_map
-from ml.resume import Kept, digest, weights_digest
+from ml.resume import Kept, digest, keeping, weights_digest
 from ml.train import resolve_device
 
 KEYS = (1, 16, 256)
@@ -214,6 +215,23 @@ def stream(a: Attacker, data: Dataset, seed: int) -> Iterator[Tensor]:
             yield torch.stack([batch.views[v] for v in run.views], 1)
 
 
+class Replay:
+    """An iterator's items drawn once, as far as any pass went, and replayed to every later pass: one
+    attacker's stream for each K, drawn (and reshaped) once."""
+
+    def __init__(self, items: Iterable[Tensor]) -> None:
+        self.items, self.drawn = iter(items), []
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for i in itertools.count():
+            if i == len(self.drawn):
+                item = next(self.items, None)
+                if item is None:
+                    return
+                self.drawn.append(item)
+            yield self.drawn[i]
+
+
 def honest_requests(data: Dataset, seed: int) -> list[tuple[str, Tensor]]:
     """(key, one input) in sending order: plain clients, resenders (each input three times), sensors."""
     half = len(data.x_test) // 2
@@ -242,9 +260,16 @@ def honest_requests(data: Dataset, seed: int) -> list[tuple[str, Tensor]]:
 
 
 def simulate(
-    gate: Gate, a: Attacker, data: Dataset, seed: int, keys: int, honest: list[tuple[str, Tensor]]
+    gate: Gate,
+    a: Attacker,
+    data: Dataset,
+    seed: int,
+    keys: int,
+    honest: list[tuple[str, Tensor]],
+    batches: Iterable[Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Run the attacker with `keys` keys and the honest traffic through the gate; samples it got."""
+    """Run the attacker with `keys` keys and the honest traffic through the gate; samples it got.
+    `batches`: its stream already drawn (`Replay`), else drawn here."""
     total = a.cfg.epochs * len(data.x_train)
     reach = total if gate.budget is None else min(total, keys * gate.budget)  # rows it could get at most
     got, sent_honest, turn, live = 0, 0, 0, list(range(keys))
@@ -256,7 +281,7 @@ def simulate(
             gate.ask(key, x)
         sent_honest = max(sent_honest, upto)
 
-    for batch in stream(a, data, seed):
+    for batch in stream(a, data, seed) if batches is None else batches:
         views = batch.shape[1]
         pending = batch
         while len(pending) and live:
@@ -290,10 +315,11 @@ def simulate_attacker(
     ref = calibrate(data.x_test[: len(data.x_test) // 2], MonitorConfig(), seed)
     requests = honest_requests(data, seed)
     a = attackers(cfg, data, seed, aware)[index]
+    batches = Replay(stream(a, data, seed))
     out = []
     for k in keys:
         gate = Gate(ref, budget)
-        got = simulate(gate, a, data, seed, k, requests)
+        got = simulate(gate, a, data, seed, k, requests, batches)
         out.append((got, honest_standing(gate)))
     return out
 
@@ -337,13 +363,15 @@ def enforced_phase(
     context += [MonitorConfig().model_dump_json(), EnforcementPolicy().model_dump_json()]
     jobs = [(s, i) for s in range(cfg.seeds) for i in range(len(roster))]
     simulated = {j: None if kept is None else kept.piece("simulations", digest(*context, *j)) for j in jobs}
-    todo_sims = [j for j in jobs if simulated[j] is None]
+    # the monitor-aware attackers (last) stream longest: they start first; each is kept where it ran
+    todo_sims = sorted((j for j in jobs if simulated[j] is None), key=lambda j: (-j[1], j[0]))
     log(f"enforced: {len(jobs) - len(todo_sims)} of {len(jobs)} attackers' simulations kept")
-    args = [(cfg, data, budget, s, i, keys, aware) for s, i in todo_sims]
-    for j, got in zip(todo_sims, pool_map(simulate_attacker, args, workers), strict=True):
+    args = [
+        (kept, "simulations", digest(*context, s, i), simulate_attacker, cfg, data, budget, s, i, keys, aware)
+        for s, i in todo_sims
+    ]
+    for j, got in zip(todo_sims, pool_map(keeping, args, workers), strict=True):
         simulated[j] = got
-        if kept is not None:
-            kept.keep("simulations", digest(*context, *j), got)
         log(f"enforced seed {j[0]}: {roster[j[1]].name} simulated with {', '.join(map(str, keys))} keys")
     for s, i in jobs:
         a = roster[i]
@@ -378,10 +406,23 @@ def enforced_phase(
         for name, (best, last) in zip(names, found, strict=True):
             trained[(s, name, samples)] = (best, last)
             log(f"enforced seed {s}: {name} on {samples} samples: student {best:.2f}% (kept)")
-    jobs = [(cfg, data, box, s, groups[(s, st, n)], n, aware) for s, st, n in todo]
-    for (s, stream_key, samples), accs in zip(todo, pool_map(train_attackers, jobs, workers), strict=True):
-        if kept is not None:
-            kept.keep("enforced", named[(s, stream_key, samples)], accs)
+    jobs = [
+        (
+            kept,
+            "enforced",
+            named[(s, st, n)],
+            train_attackers,
+            cfg,
+            data,
+            box,
+            s,
+            groups[(s, st, n)],
+            n,
+            aware,
+        )
+        for s, st, n in todo
+    ]
+    for (s, stream_key, samples), accs in zip(todo, pool_map(keeping, jobs, workers), strict=True):
         for name, got in zip(groups[(s, stream_key, samples)], accs, strict=True):
             trained[(s, name, samples)] = got
             log(f"enforced seed {s}: {name} on {samples} samples: student {got[0]:.2f}%")

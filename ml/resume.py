@@ -94,3 +94,12 @@ class Kept:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(value))
         tmp.replace(path)  # atomic: a continued run never reads half a piece
+
+
+def keeping(kept: Kept | None, kind: str, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), kept in `kept` under `key` as soon as it returns, in the process that ran it (a pool
+    that yields in order keeps each piece as it is done, not when those before it are)."""
+    out = fn(*args)
+    if kept is not None:
+        kept.keep(kind, key, out)
+    return out

@@ -25,6 +25,7 @@ from ml.enforced_sim import (
     Attacker,
     Gate,
     Jitter,
+    Replay,
     attackers,
     enforced_phase,
     enforced_record,
@@ -32,6 +33,7 @@ from ml.enforced_sim import (
     honest_requests,
     honest_standing,
     simulate,
+    stream,
     train_attackers,
 )
 from ml.enforcement import Standing, first_exhausted
@@ -240,3 +242,16 @@ def test_students_kept_are_read_back_and_not_trained_again(data: Dataset, tmp_pa
     other: list[str] = []
     enforced_phase(cfg, data, box, 60, ls, keys=(1,), aware=False, log=other.append, kept=kept)
     assert not any(m.endswith("(kept)") for m in other)
+
+
+def test_a_stream_drawn_once_replays_what_drawing_it_again_gives(data: Dataset) -> None:
+    """One jitter stream drawn once and replayed to each K gives each K what a stream of its own gives."""
+    cfg = AuditConfig(epochs=2, seeds=1, students=["mlp"], attacks=["hard_label"], device="cpu")
+    a = next(x for x in attackers(cfg, data, 0) if x.name == "jitter")
+    replay = Replay(stream(a, data, 0))
+    requests = honest_requests(data, 0)
+    for k in (1, 2, 16):  # the first pass stops early: later ones draw the rest
+        alone = simulate(Gate(_ref(data), 64), a, data, 0, k, requests)
+        assert simulate(Gate(_ref(data), 64), a, data, 0, k, requests, replay) == alone
+    assert len(replay.drawn) == sum(1 for _ in stream(a, data, 0))
+    assert all(torch.equal(x, y) for x, y in zip(replay, stream(a, data, 0), strict=True))
