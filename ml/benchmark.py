@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ml.audit import AuditConfig, AuditProgress, AuditReport, BlackBox, assemble, plan, run_in_pool, serve_box
+from ml.audit import AuditConfig, AuditProgress, AuditReport, BlackBox, run_audit, serve_box
 from ml.audit.result import Section, ServedSection, ServedSummary
 from ml.charts import Bar, bar_chart, write_svg
 from ml.checkpoint import ModelMeta
@@ -222,13 +222,18 @@ def run_paper(
         name: serve_box(teachers[_recipe_key(bench, *p.recipe(bench))], p.output_mode, p.policy, data, secret)
         for name, p in bench.protections.items()
     }
-    teacher = teachers[_recipe_key(bench, "cmim", bench.cmim_params, False)]
-    control = teachers[_recipe_key(bench, *CONTROL)]
-    p = plan(cfg, teacher, data, control=control, protections=boxes, budget_for=bench.budget_for)
-    if kept is not None:
-        p.fingerprint = kept.fingerprint(p)
-    done = run_in_pool(p, workers, on_progress=on_progress, results=None if kept is None else kept.tasks)
-    report = assemble(p.summary, done, wall_s=time.perf_counter() - t0).to_json()
+    report = run_audit(
+        cfg,
+        teachers[_recipe_key(bench, "cmim", bench.cmim_params, False)],
+        data,
+        control=teachers[_recipe_key(bench, *CONTROL)],
+        protections=boxes,
+        budget_for=bench.budget_for,
+        workers=workers,
+        on_progress=on_progress,
+        results=None if kept is None else kept.tasks,
+        named=None if kept is None else kept.fingerprint,
+    )
     report["benchmark"] = bench.model_dump(mode="json")
     # the monitor across keys against the unlimited fm_edge attacker of this benchmark (200k queries at most)
     attack = min(bench.epochs * len(data.x_train), 200_000)

@@ -361,21 +361,21 @@ def enforced_phase(
     roster = attackers(cfg, data, cfg.base_seed, aware)  # names and streams are the same for every seed
     context = [cfg.model_dump_json(), data.fingerprint, budget, list(keys), aware]
     context += [MonitorConfig().model_dump_json(), EnforcementPolicy().model_dump_json()]
-    jobs = [(s, i) for s in range(cfg.seeds) for i in range(len(roster))]
-    simulated = {j: None if kept is None else kept.piece("simulations", digest(*context, *j)) for j in jobs}
+    sim_keys = {(s, i): digest(*context, s, a.name) for s in range(cfg.seeds) for i, a in enumerate(roster)}
+    simulated = {j: None if kept is None else kept.piece("simulations", key) for j, key in sim_keys.items()}
     # the monitor-aware attackers (last) stream longest: they start first; each is kept where it ran
-    todo_sims = sorted((j for j in jobs if simulated[j] is None), key=lambda j: (-j[1], j[0]))
-    log(f"enforced: {len(jobs) - len(todo_sims)} of {len(jobs)} attackers' simulations kept")
+    todo_sims = sorted((j for j, got in simulated.items() if got is None), key=lambda j: (-j[1], j[0]))
+    log(f"enforced: {len(simulated) - len(todo_sims)} of {len(simulated)} attackers' simulations kept")
     args = [
-        (kept, "simulations", digest(*context, s, i), simulate_attacker, cfg, data, budget, s, i, keys, aware)
+        (kept, "simulations", sim_keys[(s, i)], simulate_attacker, cfg, data, budget, s, i, keys, aware)
         for s, i in todo_sims
     ]
     for j, got in zip(todo_sims, pool_map(keeping, args, workers), strict=True):
         simulated[j] = got
         log(f"enforced seed {j[0]}: {roster[j[1]].name} simulated with {', '.join(map(str, keys))} keys")
-    for s, i in jobs:
+    for (s, i), per_k in simulated.items():
         a = roster[i]
-        for k, (got, held) in zip(keys, simulated[(s, i)] or [], strict=True):
+        for k, (got, held) in zip(keys, per_k, strict=True):
             honest["suspended"] += held["suspended"]
             honest["limited"] += held["limited"]
             honest["keys"] += HONEST_KEYS
@@ -407,20 +407,8 @@ def enforced_phase(
             trained[(s, name, samples)] = (best, last)
             log(f"enforced seed {s}: {name} on {samples} samples: student {best:.2f}% (kept)")
     jobs = [
-        (
-            kept,
-            "enforced",
-            named[(s, st, n)],
-            train_attackers,
-            cfg,
-            data,
-            box,
-            s,
-            groups[(s, st, n)],
-            n,
-            aware,
-        )
-        for s, st, n in todo
+        (kept, "enforced", named[g], train_attackers, cfg, data, box, g[0], groups[g], g[2], aware)
+        for g in todo
     ]
     for (s, stream_key, samples), accs in zip(todo, pool_map(keeping, jobs, workers), strict=True):
         for name, got in zip(groups[(s, stream_key, samples)], accs, strict=True):

@@ -51,11 +51,9 @@ class Kept:
         """The name `plan`'s kept tasks go by: the fingerprint this folder recorded for the first plan given
         the same things (`identity`); `plan`'s own, recorded now, when there was none. So the tasks made on
         a CPU that rounds otherwise, or at another thread count, are read back, not trained again."""
-        found = self.piece("plans", identity(plan))
-        if found is None:
-            self.keep("plans", identity(plan), {"fingerprint": plan.fingerprint})
-            return plan.fingerprint
-        return str(found["fingerprint"])
+        return str(
+            self.made("plans", identity(plan), lambda: {"fingerprint": plan.fingerprint})["fingerprint"]
+        )
 
     def _teacher(self, name: str, recipe: str) -> Path:
         return self.folder / "teachers" / f"{name}-{digest(recipe)}"

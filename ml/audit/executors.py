@@ -111,6 +111,7 @@ def run_audit(
     workers: int = 1,
     on_progress: OnProgress | None = None,
     results: ResultStore | None = None,
+    named: Callable[[AuditPlan], str] | None = None,
 ) -> dict[str, Any]:
     """Audit a teacher as it will be served: plan, run (here, or in `workers` spawned processes: the
     same report) and assemble; returns the versioned JSON report (`AuditReport.to_json`).
@@ -118,9 +119,12 @@ def run_audit(
     `teacher` and `control` may be one model or one per seed; `protections` adds further black boxes
     attacked against the same LS students (each its own section under report["protections"]);
     `budget_for` names the black boxes attacked under the query budgets (default: all); tasks whose
-    result is in `results` are not run again.
+    result is in `results` are not run again; `named` gives the name the plan's tasks go by there (default:
+    the plan's fingerprint; `ml.resume.Kept.fingerprint` names them alike on every machine).
     """
     t0 = time.perf_counter()
     p = plan(cfg, teacher, dataset, control=control, protections=protections, budget_for=budget_for)
+    if named is not None:
+        p.fingerprint = named(p)
     out = run_in_pool(p, workers, on_progress=on_progress, results=results)
     return assemble(p.summary, out, wall_s=time.perf_counter() - t0).to_json()

@@ -6,7 +6,16 @@ from typing import Any
 import pytest
 
 import ml.audit.tasks as tasks_module
-from ml.benchmark import BENCHMARKS, Benchmark, Protection, budget_rows, paper_markdown, paper_rows, run_paper
+from ml.benchmark import (
+    BENCHMARKS,
+    Benchmark,
+    Protection,
+    budget_rows,
+    evidence_summary,
+    paper_markdown,
+    paper_rows,
+    run_paper,
+)
 from ml.oracle import OutputMode
 
 SUMMARY_KEYS = {
@@ -200,3 +209,21 @@ def test_kept_tasks_are_read_back_where_the_cpu_rounds_otherwise(
     )
     assert not any("stored result" in t for t in ticks)
     assert len(list((tmp_path / "plans").glob("*.json"))) == 2
+
+
+def test_the_widest_nulls_tpr_is_over_every_near_ls_knockoff_of_both_boxes() -> None:
+    """`evidence_widest_tpr` pools the near-LS knockoffs tested against the widest null over the two
+    boxes (3 of 4 called here: 2 of 3 and 1 of 1), not the mean of the boxes' rates (0.83)."""
+
+    def section(near: int, tpr: float | None) -> dict[str, Any]:
+        widest = {"near_ls_unlimited": near, "tpr_near_ls_unlimited": tpr, "fpr_by_family": {"cnn": 0.0}}
+        row = {"p": [0.001] * near, "near_ls": [True] * near}
+        return {"null": {}, "fpr": 0.0, "phases": {"unlimited": {"fm": row}}, "other_architectures": widest}
+
+    def report(*sections: dict[str, Any]) -> dict[str, Any]:
+        boxes = dict(zip(("protected", "control"), ({"mlp": s} for s in sections), strict=False))
+        return {"evidence": {"alpha": 0.01, "mechanisms": {"fingerprint": boxes}}}
+
+    assert evidence_summary(report(section(3, 2 / 3), section(1, 1.0)), "mlp")["evidence_widest_tpr"] == 0.75
+    # no near-LS knockoff tested against the widest null: no rate, not 0
+    assert evidence_summary(report(section(0, None), section(0, None)), "mlp")["evidence_widest_tpr"] is None
