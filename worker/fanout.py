@@ -53,7 +53,7 @@ def run_audit_task(handoff: dict[str, Any], index: int, settings: Settings) -> d
             stored, t0 = results.load(task.key) is not None, time.perf_counter()
             # Progress counts the whole audit's units, as an audit in one process does (the job's progress
             # and time left read it so): the tasks before this one in plan order, the order they are queued.
-            before = sum(p.task_epochs(t.phase) for t in p.tasks[:index])
+            before = sum(t.epochs for t in p.tasks[:index])
 
             def tick(done: int, message: str) -> None:
                 text = f"task {index + 1}/{len(p.tasks)}: {message}"

@@ -15,6 +15,8 @@ from ml.policy import PolicyConfig
 from ml.train import MAX_SEED, OptimConfig
 
 REPORT_VERSION = 1
+# What the evidence null trains (its own task, `ml.audit.tasks.AuditTask.key`): not in the plan's fingerprint.
+NULL_FIELDS = {"null_archs", "null_models"}
 # Label-only answers plus a per-key budget is the best protection our benchmark found: at 25 passes
 # (100k queries) no knockoff of it beat the LS student (docs/calibration.md).
 DEFAULT_BUDGET_PASSES = (1, 5, 25)
@@ -91,9 +93,18 @@ class AuditConfig(OptimConfig):
     null_archs: list[str] | None = Field(
         None,
         max_length=8,
-        description="evidence: families of independent models of other architectures in the null, one per "
-        "seed each (a zoo architecture, or the scikit-learn null 'logistic' or 'forest'). None (the "
-        "default): the zoo's other small student families that fit the input (ml.evidence.nulls); [] none",
+        description="evidence: families of independent models of other architectures in the null, "
+        "null_models per seed each (a zoo architecture, or the scikit-learn null 'logistic' or 'forest'). "
+        "None (the default): the zoo's other small student families that fit the input (ml.evidence.nulls); "
+        "[] none",
+    )
+    null_models: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="evidence: independent models of each null family per seed, each from its own seed. "
+        "More let the selected challenge be chosen against a family on half the seeds and measured on the "
+        "other half (a held-out family enters the null with at least 5 models)",
     )
     device: str = "auto"
 

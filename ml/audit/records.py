@@ -76,6 +76,7 @@ class TaskResult(BaseModel):
     seed_index: int
     phase: int | None
     records: list[StudentRecord]
+    nulls: bool = False  # the null's independent models of other architectures (phase None)
     seconds: float | None = None
     evidence: list[EvidenceRecord] = Field(default_factory=list)
 

@@ -42,13 +42,13 @@ def assemble(
     them, and a quick preset marks the findings indicative. `deployed` is the `deployed` section of a
     model audited through its endpoint (`worker.models`): the statement and findings say it is served
     as deployed."""
-    by_task = {(r.seed_index, r.phase): r for r in results}
+    by_task = {(r.seed_index, r.phase, r.nulls): r for r in results}
     cfg = summary.cfg
-    missing = [t.describe(cfg.seeds) for t in summary.tasks if (t.seed_index, t.phase) not in by_task]
+    missing = [t.describe(cfg.seeds) for t in summary.tasks if t.place not in by_task]
     if missing:
         what = ", ".join(missing)
         raise ValueError(f"{len(missing)} of {len(summary.tasks)} audit tasks have no result: {what}")
-    ordered = [by_task[(t.seed_index, t.phase)] for t in summary.tasks]
+    ordered = [by_task[t.place] for t in summary.tasks]
     values: dict[RowKey, dict[str, list[float]]] = {}
     queries: dict[RowKey, int] = {}
     for result in ordered:  # in task (seed) order: the values of a row are per seed, in seed order

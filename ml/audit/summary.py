@@ -22,10 +22,20 @@ class TaskRef(BaseModel):
     phase: int | None
     key: str
     epochs: int
+    nulls: bool = False  # the null's independent models of other architectures
+
+    @property
+    def place(self) -> tuple[int, int | None, bool]:
+        return self.seed_index, self.phase, self.nulls
 
     def describe(self, seeds: int) -> str:
-        budget = "" if self.phase is None else f", budget {self.phase}"
-        return f"seed {self.seed_index + 1}/{seeds}{budget}"
+        return describe_task(self.seed_index, seeds, self.phase, self.nulls)
+
+
+def describe_task(seed_index: int, seeds: int, phase: int | None, nulls: bool) -> str:
+    """A task in words: "seed 2/5", "seed 2/5, budget 4000", "seed 2/5, null models"."""
+    what = ", null models" if nulls else "" if phase is None else f", budget {phase}"
+    return f"seed {seed_index + 1}/{seeds}{what}"
 
 
 class PlanSummary(BaseModel):

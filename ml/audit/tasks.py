@@ -1,4 +1,5 @@
-"""The audit as a plan of independent, deterministic tasks: one per seed and budget phase.
+"""The audit as a plan of independent, deterministic tasks: one per seed and budget phase, and one per
+seed for the evidence null's independent models of other architectures.
 
 `plan(cfg, teacher, data, ...)` resolves everything the tasks share (the served black boxes, the
 attacker's data, the rows); `run(task)` trains one phase of one seed and returns its typed records
@@ -23,17 +24,17 @@ from torch import Tensor, nn
 
 from ml.attacks import ATTACKS
 from ml.audit.blackbox import BlackBox, as_models, serve_box, serving_summary, teacher_summary
-from ml.audit.config import REPORT_VERSION, AuditConfig, ls_recipes
+from ml.audit.config import NULL_FIELDS, REPORT_VERSION, AuditConfig, ls_recipes
 from ml.audit.lockstep import train_lockstep
 from ml.audit.nulls import train_nulls
 from ml.audit.records import EvidenceRecord, StudentRecord, TaskResult
 from ml.audit.result import DatasetInfo, ServedSummary
 from ml.audit.students import Run
-from ml.audit.summary import PlanSummary, TaskRef
+from ml.audit.summary import PlanSummary, TaskRef, describe_task
 from ml.cmi import model_logits
 from ml.data import Dataset, load_dataset
 from ml.evidence.audit import Challenges, build_challenges, evidence_records, keyed_costs
-from ml.evidence.nulls import default_null_families
+from ml.evidence.nulls import SKLEARN_NULLS, default_null_families
 from ml.evidence.secret import Secret
 from ml.policy import FittedPolicy, PolicyConfig
 from ml.train import keep_freed_memory, resolve_device
@@ -60,21 +61,35 @@ class AuditPlan:
     no_unlimited: list[str] = field(default_factory=list)  # black boxes attacked under the budgets only
 
     @property
+    def has_nulls(self) -> bool:
+        """Whether the audit trains independent models of other architectures (evidence measured, families
+        named)."""
+        return bool(self.challenges and self.cfg.null_archs)
+
+    @property
     def tasks(self) -> list[AuditTask]:
         """(seed index, phase) tasks: phase None trains the LS students and the unlimited attackers,
-        phase B the attackers holding B cached answers; every task is independent of the others."""
+        phase B the attackers holding B cached answers, and (`nulls`) the null's independent models of
+        other architectures; every task is independent of the others."""
         phases = [None, *(self.cfg.query_budgets or [])]
-        return [AuditTask(s, p, self) for s in range(self.cfg.seeds) for p in phases]
+        out = []
+        for s in range(self.cfg.seeds):
+            out += [AuditTask(s, p, self) for p in phases]
+            out += [AuditTask(s, None, self, nulls=True)] if self.has_nulls else []
+        return out
 
-    def task_epochs(self, phase: int | None) -> int:
+    def task_epochs(self, phase: int | None, nulls: bool = False) -> int:
         """A task's progress total, in epochs of the unlimited schedule."""
+        if nulls:
+            zoo = [f for f in self.cfg.null_archs or [] if f not in SKLEARN_NULLS]
+            return self.cfg.epochs * self.cfg.null_models if zoo else 1
         if phase is None:
             return self.cfg.epochs
         return self.cfg.epochs * len({len(ATTACKS.get(k).views) for _, k, _ in self.attack_rows})
 
     @property
     def total_epochs(self) -> int:
-        return sum(self.task_epochs(t.phase) for t in self.tasks)
+        return sum(t.epochs for t in self.tasks)
 
     @cached_property
     def summary(self) -> PlanSummary:
@@ -104,23 +119,30 @@ class AuditTask:
     seed_index: int
     phase: int | None
     plan: AuditPlan = field(compare=False, repr=False)
+    nulls: bool = False  # the null's independent models of other architectures (phase None)
 
     @property
     def index(self) -> int:
         """The task's position in its plan's task list."""
-        return self.seed_index * (1 + len(self.plan.cfg.query_budgets or [])) + (
-            0 if self.phase is None else 1 + (self.plan.cfg.query_budgets or []).index(self.phase)
-        )
+        return self.plan.tasks.index(self)
+
+    @property
+    def epochs(self) -> int:
+        return self.plan.task_epochs(self.phase, self.nulls)
 
     @property
     def key(self) -> str:
-        """The name its result is stored under: the plan's fingerprint and the task."""
+        """The name its result is stored under: the plan's fingerprint and the task (for the null's task,
+        what the null is: the plan's fingerprint leaves it out, so a changed null trains only the null)."""
+        if self.nulls:
+            what = json.dumps([self.plan.cfg.null_archs, self.plan.cfg.null_models]).encode()
+            null = hashlib.sha256(what).hexdigest()[:12]
+            return f"{self.plan.fingerprint[:32]}-s{self.seed_index}-nulls-{null}"
         phase = "full" if self.phase is None else str(self.phase)
         return f"{self.plan.fingerprint[:32]}-s{self.seed_index}-{phase}"
 
     def describe(self) -> str:
-        budget = "" if self.phase is None else f", budget {self.phase}"
-        return f"seed {self.seed_index + 1}/{self.plan.cfg.seeds}{budget}"
+        return describe_task(self.seed_index, self.plan.cfg.seeds, self.phase, self.nulls)
 
 
 class ResultStore(Protocol):
@@ -219,7 +241,7 @@ def _fingerprint(p: AuditPlan, measured: bool = True) -> str:
     float32 (the models' answers, the fitted policies, the challenges), which rounds apart on another
     kind of CPU or thread count."""
     h = hashlib.sha256(f"report v{REPORT_VERSION}".encode())
-    h.update(p.cfg.model_dump_json().encode())
+    h.update(p.cfg.model_dump_json(exclude=NULL_FIELDS).encode())  # the null's task keys them (AuditTask.key)
     h.update(json.dumps([p.dataset.fingerprint, p.data.fingerprint, len(p.data.x_train)]).encode())
     h.update(json.dumps(p.budget_teachers).encode())
     if p.no_unlimited:  # only when set: the fingerprints of ordinary plans are unchanged
@@ -266,7 +288,7 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
         stored = results.load(task.key)
         if stored is not None:
             if tick is not None:
-                tick(task.plan.task_epochs(task.phase), f"{task.describe()}: stored result")
+                tick(task.epochs, f"{task.describe()}: stored result")
             return stored
     keep_freed_memory()
     t0 = time.perf_counter()
@@ -294,7 +316,17 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
 
         return on_epoch
 
-    if phase is None:
+    if task.nulls:  # the null's other architectures (ml.audit.nulls), one lockstep per copy
+
+        def on_copy_epoch(k: int, epoch: int, epochs: int) -> None:
+            if tick is not None:
+                what = f"{task.describe()}, model {k + 1}/{cfg.null_models}, epoch {epoch}/{epochs}"
+                tick(k * cfg.epochs + round(epoch * cfg.epochs / epochs), what)
+
+        nulls, predict = train_nulls(cfg.null_archs or [], data, cfg, seed, on_epoch=on_copy_epoch)
+        evidence += evidence_records(nulls, predict, p.challenges, s, phase)
+        record(nulls, lambda r: 0)
+    elif phase is None:
         runs = [Run(name, arch, eps=e, mixup=m) for arch in cfg.students for name, e, m in p.ls_recipes]
         runs += p.attack_runs([t for t in p.teachers if t not in p.no_unlimited])
         predict = train_lockstep(
@@ -302,10 +334,6 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
         )
         evidence += evidence_records(runs, predict, p.challenges, s, phase)
         record(runs, lambda r: cfg.epochs * len(data.x_train) * len(r.views) if r.teacher else 0)
-        if p.challenges and cfg.null_archs:  # the null's other architectures, after (ml.audit.nulls)
-            nulls, predict = train_nulls(cfg.null_archs, data, cfg, seed)
-            evidence += evidence_records(nulls, predict, p.challenges, s, phase)
-            record(nulls, lambda r: 0)
     else:
         pending = p.attack_runs(p.budget_teachers)
         # every attack spends exactly B queries: attacks with as many views share one cached set
@@ -324,6 +352,7 @@ def run(task: AuditTask, *, results: ResultStore | None = None, tick: Tick | Non
         key=task.key,
         seed_index=s,
         phase=phase,
+        nulls=task.nulls,
         records=records,
         seconds=seconds,
         evidence=[EvidenceRecord.model_validate(e) for e in evidence],
@@ -365,7 +394,7 @@ def summarise_plan(p: AuditPlan) -> PlanSummary:
         ls_names=[name for name, _, _ in p.ls_recipes],
         attack_names=[name for name, _, _ in p.attack_rows],
         tasks=[
-            TaskRef(seed_index=t.seed_index, phase=t.phase, key=t.key, epochs=p.task_epochs(t.phase))
+            TaskRef(seed_index=t.seed_index, phase=t.phase, nulls=t.nulls, key=t.key, epochs=t.epochs)
             for t in p.tasks
         ],  # fmt: skip
         commitment=p.secret.commitment() if evidence and p.secret is not None else None,

@@ -18,7 +18,7 @@ from torch import Tensor
 from ml.data import Dataset
 from ml.evidence.base import Challenge
 from ml.evidence.heldout import selected_section
-from ml.evidence.nulls import NULL_ROW
+from ml.evidence.nulls import is_null_row
 from ml.evidence.registry import CHALLENGE_POINTS, MECHANISMS
 from ml.evidence.secret import Secret
 from ml.evidence.selected import pack_bits, pool_size, unpack_bits
@@ -105,9 +105,12 @@ def evidence_section(
         "limits": EVIDENCE_LIMITS,
         "mechanisms": {},
     }
-    for mech, box, arch in dict.fromkeys((k[0], k[1], k[2]) for k in agree if k[5] != NULL_ROW):
+    for mech, box, arch in dict.fromkeys((k[0], k[1], k[2]) for k in agree if not is_null_row(k[5])):
         negatives = {k[5]: v for k, v in agree.items() if k[:3] == (mech, box, arch) and k[4] is None}
-        others = {k[2]: v for k, v in agree.items() if k[:2] == (mech, box) and k[5] == NULL_ROW}
+        others: dict[str, list[float]] = {}  # per null family, every model of every seed
+        for k, v in agree.items():
+            if k[:2] == (mech, box) and is_null_row(k[5]):
+                others.setdefault(k[2], []).extend(v)
         by_family: dict[str, list[float]] = {}
         for row, values in negatives.items():
             by_family.setdefault(family(row), []).extend(values)
@@ -158,24 +161,26 @@ def _selected(
     """A selecting mechanism's section (`ml.evidence.heldout`): every independent model (LS families and
     other architectures) and knockoff of this box and architecture by its per-seed agreement bits."""
     mech, box, arch = which
-    negatives: dict[str, list[np.ndarray]] = {}  # per recipe: an LS row, a null family
+    negatives: dict[str, list[list[np.ndarray]]] = {}  # per recipe (an LS row, a null family), per seed
     families: dict[str, str] = {}
     knockoffs: dict[tuple[str, str], list[np.ndarray]] = {}
     near: dict[tuple[str, str], list[bool]] = {}
     for (m, b, a, phase, teacher, row), v in bits.items():
         if (m, b) != (mech, box):
             continue
-        if row == NULL_ROW:
-            negatives[a], families[a] = v, a
+        if is_null_row(row):  # a family's models of one seed together (null_models of them)
+            per_seed = negatives.setdefault(a, [[] for _ in v])
+            for models, b in zip(per_seed, v, strict=True):
+                models.append(b)
+            families[a] = a
         elif a == arch and teacher is None:
-            negatives[row], families[row] = v, family(row)
+            negatives[row], families[row] = [[b] for b in v], family(row)
         elif a == arch:
             key = ("unlimited" if phase is None else str(phase), row)
             knockoffs[key] = v
             acc = accuracy[(phase, teacher, arch, row)]
             near[key] = [x >= ls_x - NEAR_LS_POINTS for x, ls_x in zip(acc, best_ls, strict=True)]
-    per_seed = {r: [[b] for b in v] for r, v in negatives.items()}  # one model per recipe and seed
-    return selected_section(per_seed, families, knockoffs, near, CHALLENGE_POINTS)
+    return selected_section(negatives, families, knockoffs, near, CHALLENGE_POINTS)
 
 
 def _tested(

@@ -1,13 +1,15 @@
 """Independent models of other architectures for the evidence null (Dataset Inference's critique: a null of
 one architecture says nothing of a suspect of another).
 
-Beside its LS students (the audited student architectures), the audit trains one independent model per
-seed of each null family: by default the zoo's other small student families that fit the input (`mlp`,
-`cnn1d_small` on sequences, `cnn2d` on images), and any the owner names in `AuditConfig.null_archs`: a
-zoo architecture, or a scikit-learn model (`logistic`: multinomial logistic regression; `forest`: a random
-forest of 50 trees), fitted on a bootstrap of the attacker's labelled data drawn from the seed. They are
-trained with the data's labels only, plainly (no label smoothing), after the audit's own students, so
-they change none of their figures. The report gives the false-positive rate per family.
+Beside its LS students (the audited student architectures), the audit trains `AuditConfig.null_models`
+independent models per seed of each null family (each from its own seed, `null_seed`): by default the
+zoo's other small student families that fit the input (`mlp`, `cnn1d_small` on sequences, `cnn2d` on
+images), and any the owner names in `AuditConfig.null_archs`: a zoo architecture, or a scikit-learn model
+(`logistic`: multinomial logistic regression; `forest`: a random forest of 50 trees), fitted on a
+bootstrap of the attacker's labelled data drawn from the seed. They are trained with the data's labels
+only, plainly (no label smoothing), in a task of their own (`ml.audit.tasks`), so they change none of the
+students' figures and a null changed after an audit trains only the null. The report gives the
+false-positive rate per family.
 """
 
 from __future__ import annotations
@@ -26,6 +28,21 @@ from ml.models import MODELS
 STUDENT_FAMILIES = ("mlp", "cnn1d_small", "cnn2d")  # the zoo's small student families
 SKLEARN_NULLS = ("logistic", "forest")
 NULL_ROW = "null"  # the row name of a null family's independent model (its arch field names the family)
+
+
+def null_row(k: int) -> str:
+    """The row name of a family's k-th independent model of a seed: "null", "null_1", "null_2", ..."""
+    return NULL_ROW if k == 0 else f"{NULL_ROW}_{k}"
+
+
+def is_null_row(row: str) -> bool:
+    return row == NULL_ROW or row.startswith(NULL_ROW + "_")
+
+
+def null_seed(seed: int, k: int) -> int:
+    """The seed of a family's k-th independent model of the audit seed `seed`: the seed itself for the
+    first (the one model per seed audits had before), far from every audit seed for the others."""
+    return seed if k == 0 else seed + 1_000_003 * k
 
 
 def check_null_family(name: str) -> str:

@@ -41,9 +41,24 @@ CFG = AuditConfig(
 
 def test_plan_has_one_task_per_seed_and_phase_with_stable_keys(data, teachers) -> None:
     p = plan(CFG, teachers[0], data, control=teachers[1])
-    assert [(t.seed_index, t.phase) for t in p.tasks] == [(0, None), (0, 150), (1, None), (1, 150)]
-    assert [t.index for t in p.tasks] == [0, 1, 2, 3]
-    assert len({t.key for t in p.tasks}) == 4
+    # per seed: the unlimited phase, the budget, the null's independent models of other architectures
+    places = [
+        (0, None, False),
+        (0, 150, False),
+        (0, None, True),
+        (1, None, False),
+        (1, 150, False),
+        (1, None, True),
+    ]
+    assert [(t.seed_index, t.phase, t.nulls) for t in p.tasks] == places
+    assert [t.index for t in p.tasks] == list(range(6)) and p.tasks[2].describe() == "seed 1/2, null models"
+    assert len({t.key for t in p.tasks}) == 6
+    # a null changed after the audit renames the null's tasks only: nothing else trains again
+    more = plan(CFG.model_copy(update={"null_models": 2}), teachers[0], data, control=teachers[1])
+    assert [t.key for t in more.tasks if not t.nulls] == [t.key for t in p.tasks if not t.nulls]
+    assert not {t.key for t in more.tasks if t.nulls} & {t.key for t in p.tasks if t.nulls}
+    none = plan(CFG.model_copy(update={"null_archs": []}), teachers[0], data, control=teachers[1])
+    assert [t.key for t in none.tasks] == [t.key for t in p.tasks if not t.nulls]
     again = plan(CFG, teachers[0], data, control=teachers[1])
     assert [t.key for t in again.tasks] == [t.key for t in p.tasks]  # the same audit, the same names
     other = plan(CFG, teachers[1], data, control=teachers[0])
@@ -70,8 +85,8 @@ def test_stored_results_are_not_recomputed_and_any_order_assembles_the_same_repo
     random.Random(0).shuffle(shuffled)
     a, b = assemble(p.summary, first).to_json(), assemble(p.summary, shuffled).to_json()
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-    with pytest.raises(ValueError, match="1 of 4 audit tasks have no result: seed 2/2, budget 150"):
-        assemble(p.summary, first[:3])
+    with pytest.raises(ValueError, match="1 of 6 audit tasks have no result: seed 2/2, null models"):
+        assemble(p.summary, first[:5])
 
 
 def test_task_results_stored_as_positional_lists_are_read(data, teachers, tmp_path) -> None:
@@ -158,3 +173,35 @@ def test_figures_match_the_single_module_implementation(request, data, teachers)
         assert set(got) == set(rows), name
         for row, values in rows.items():
             assert got[row] == pytest.approx(values, abs=1.0), (name, row)
+
+
+def test_null_models_are_several_per_seed_each_from_its_own_seed_and_grouped_by_seed(data, teachers) -> None:
+    cfg = CFG.model_copy(
+        update={
+            "query_budgets": [],
+            "ls_eps": [0.0, 0.1],
+            "null_archs": ["cnn1d_small", "logistic"],
+            "null_models": 2,
+        }
+    )
+    p = plan(cfg, teachers[0], data, control=teachers[1])
+    results = run_in_process(p)
+    nulls = [r for r in results if r.nulls]
+    assert [r.seed_index for r in nulls] == [0, 1]
+    assert all(not any(rec.row.startswith("null") for rec in r.records) for r in results if not r.nulls)
+    rows = {(rec.row, rec.arch) for rec in nulls[0].records}
+    assert rows == {(row, arch) for row in ("null", "null_1") for arch in ("cnn1d_small", "logistic")}
+    bits = {
+        (e.row, e.arch): e.agrees
+        for e in nulls[0].evidence
+        if e.mechanism == "selected" and e.box == "teacher"
+    }
+    assert bits[("null", "cnn1d_small")] != bits[("null_1", "cnn1d_small")]  # two models, not one twice
+    assert bits[("null", "logistic")] != bits[("null_1", "logistic")]  # two bootstraps
+    report = assemble(p.summary, results).to_json()
+    mechanisms = report["evidence"]["mechanisms"]
+    widest = mechanisms["fingerprint"]["teacher"][cfg.students[0]]["other_architectures"]
+    assert {f: len(v) for f, v in widest["negatives"].items() if f in cfg.null_archs} == {
+        "cnn1d_small": 4,
+        "logistic": 4,
+    }

@@ -42,6 +42,7 @@ SUMMARY_KEYS = {
     "evidence_widest_tpr",
     "evidence_selected_tpr",
     "evidence_selected_fpr",
+    "evidence_selected_fpr_by_family",
     "enforced_margin",
     "enforced_margin_se",
     "enforced_queries",
@@ -227,3 +228,28 @@ def test_the_widest_nulls_tpr_is_over_every_near_ls_knockoff_of_both_boxes() -> 
     assert evidence_summary(report(section(3, 2 / 3), section(1, 1.0)), "mlp")["evidence_widest_tpr"] == 0.75
     # no near-LS knockoff tested against the widest null: no rate, not 0
     assert evidence_summary(report(section(0, None), section(0, None)), "mlp")["evidence_widest_tpr"] is None
+
+
+def test_the_per_family_rates_are_the_worst_over_both_boxes_of_each_mechanism() -> None:
+    def section(rates: dict[str, float | None]) -> dict[str, Any]:
+        return {
+            "null": {},
+            "fpr": 0.0,
+            "fpr_by_family": rates,
+            "phases": {},
+            "other_architectures": {"fpr_by_family": rates},
+        }
+
+    boxes = {
+        "protected": {"mlp": section({"cnn1d": 0.0, "plain": 0.1})},
+        "control": {"mlp": section({"cnn1d": 0.2, "plain": None})},
+    }
+    got = evidence_summary(
+        {"evidence": {"alpha": 0.01, "mechanisms": {"fingerprint": boxes, "selected": boxes}}}, "mlp"
+    )
+    assert (
+        got["evidence_fpr_by_family"]
+        == got["evidence_selected_fpr_by_family"]
+        == {"cnn1d": 0.2, "plain": 0.1}
+    )
+    assert BENCHMARKS.get("mnist1d").null_models == 3 and "cnn1d" in BENCHMARKS.get("mnist1d").null_archs

@@ -116,3 +116,32 @@ def test_a_scikit_learn_null_is_seeded_and_the_widest_null_pools_every_family() 
     note = evidence_note(report)["evidence"]
     assert note.startswith("The null does not cover cnn2d (2 models, 100% called copies)")
     assert "cnn1d_small" not in note and evidence_words(report["evidence"]) == note
+
+
+def test_a_null_familys_models_of_one_seed_are_held_out_together() -> None:
+    """Records of several null models a seed (rows null, null_1, ...) reach the selection grouped by seed:
+    chosen on the even seeds' models, measured on every model of the odd seeds."""
+    from ml.evidence.audit import evidence_section
+    from ml.evidence.registry import CHALLENGE_POINTS
+    from ml.evidence.selected import pool_size
+
+    rng, seeds, pool = np.random.default_rng(3), 4, pool_size(CHALLENGE_POINTS)
+    idio = np.arange(pool) < pool // 3
+
+    def hexed(p_idio: float) -> str:
+        return pack_bits(torch.from_numpy(np.where(idio, rng.random(pool) < p_idio, rng.random(pool) < 0.95)))
+
+    rows = [(None, "mlp", r, 0.3) for r in ("ls_0", "ls_0.1", "ls_0.2")]
+    rows += [(None, "cnn1d_small", r, 0.3) for r in ("null", "null_1", "null_2")]
+    rows += [("teacher", "mlp", "fm", 0.95)]
+    records = [
+        (None, teacher, arch, row, "selected", "teacher", 0.5, hexed(p))
+        for _ in range(seeds)
+        for teacher, arch, row, p in rows
+    ]
+    accuracy = {(None, teacher, arch, row): [80.0] * seeds for teacher, arch, row, _ in rows}
+    sec = evidence_section(records, accuracy, {}, {"sha256": "0", "committed_at": "now"})
+    sec = sec["mechanisms"]["selected"]["teacher"]["mlp"]
+    assert sec["works"], sec["reason"]
+    assert {f: len(v) for f, v in sec["negatives"].items()} == {"plain": 6, "cnn1d_small": 6}  # seeds 1, 3
+    assert sec["fpr_by_family"]["cnn1d_small"] == 0.0 and sec["near_ls_unlimited"] == 2

@@ -73,6 +73,7 @@ def seeded_report(database_url: str, tmp: Path) -> dict[str, Any]:
 
 ADDED = (
     ".config.null_archs",
+    ".config.null_models",
     ".other_architectures",
     ".evidence.mechanisms.selected",
     ".findings.evidence",
