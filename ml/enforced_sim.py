@@ -41,7 +41,7 @@ from torch import Tensor
 from ml.attacks import ATTACKS
 from ml.audit.batches import Batch
 from ml.audit.blackbox import BlackBox
-from ml.audit.config import AuditConfig
+from ml.audit.config import NULL_FIELDS, AuditConfig
 from ml.audit.lockstep import train_lockstep
 from ml.audit.sources import LiveSource
 from ml.audit.stats import summarise
@@ -359,7 +359,8 @@ def enforced_phase(
     groups: dict[tuple[int, str, int], list[str]] = {}
     honest = {"suspended": 0, "limited": 0, "keys": 0}
     roster = attackers(cfg, data, cfg.base_seed, aware)  # names and streams are the same for every seed
-    context = [cfg.model_dump_json(), data.fingerprint, budget, list(keys), aware]
+    setup = cfg.model_dump_json(exclude=NULL_FIELDS)  # the evidence null changes no simulation or student
+    context = [setup, data.fingerprint, budget, list(keys), aware]
     context += [MonitorConfig().model_dump_json(), EnforcementPolicy().model_dump_json()]
     sim_keys = {(s, i): digest(*context, s, a.name) for s in range(cfg.seeds) for i, a in enumerate(roster)}
     simulated = {j: None if kept is None else kept.piece("simulations", key) for j, key in sim_keys.items()}
@@ -393,7 +394,7 @@ def enforced_phase(
         f"over {workers} worker(s)"
     )
     served = [box.mode.model_dump_json(), [p.config.model_dump_json() for p in box.policies or []]]
-    context = [cfg.model_dump_json(), data.fingerprint, served, weights_digest(box.models), aware]
+    context = [setup, data.fingerprint, served, weights_digest(box.models), aware]
     named = {g: digest(*context, g, names) for g, names in groups.items()}
     trained: dict[tuple[int, str, int], tuple[float, float]] = {}
     todo = []
