@@ -322,7 +322,13 @@ def audit(
     arch: Annotated[str, typer.Option(help="teacher architecture when training one")] = "cnn1d",
     objective: Annotated[str, typer.Option(help="teacher objective when training one")] = "cmim",
     param: ParamList = None,
-    teacher_epochs: int = 60,
+    teacher_epochs: Annotated[
+        int,
+        typer.Option(
+            help="epochs of the trained teacher; for an ONNX or a fine-tuned checkpoint teacher, the CE "
+            "control's (trained from scratch, as the service trains it for an uploaded model)"
+        ),
+    ] = 60,
     student: Annotated[list[str] | None, typer.Option(help="student architecture, repeatable")] = None,
     attack: Annotated[list[str] | None, typer.Option(help="attack key, repeatable (default: all)")] = None,
     attack_param: Annotated[list[str] | None, typer.Option(help="key.name=value, repeatable")] = None,
@@ -411,6 +417,7 @@ def audit(
         )
         cfg.attack_rows()  # validates attack parameters before any training
         onnx = teacher is not None and teacher.suffix == ".onnx"
+        from_scratch = onnx  # the control is not trained by the teacher's own recipe
         if onnx:
             if dataset is None:
                 raise ValueError("--teacher model.onnx needs --dataset: the data set the model answers for")
@@ -431,6 +438,9 @@ def audit(
             recipe = recipe.model_copy(
                 update={"dataset": ds, "dataset_params": ds_params, "device": device, "arch": meta.arch}
             )
+            if "fine_tune" in meta.metrics:  # its recipe fine-tunes (a tenth of the rate), not a control's
+                from_scratch = True
+                recipe = recipe.model_copy(update={"epochs": teacher_epochs})
         else:
             recipe = TrainConfig(
                 dataset=dataset or "mnist1d",
@@ -461,7 +471,7 @@ def audit(
         if cfg.control:
             from ml.teachers import control_recipe
 
-            ce_recipe = control_recipe(recipe, control_arch)
+            ce_recipe = control_recipe(recipe, control_arch, from_scratch=from_scratch)
             ce = _train_stage(ce_recipe, f"CE control {ce_recipe.arch}", data)
             cfg = cfg.model_copy(update={"control_arch": ce_recipe.arch})
         report = run_with_progress(

@@ -161,7 +161,7 @@ def serve(
     from app.core.keys import create_api_key
     from app.core.migrate import upgrade
     from app.core.models import ApiKey
-    from worker.local import start_local_worker
+    from worker.local import SupervisedWorker
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     settings = get_settings()
@@ -171,9 +171,7 @@ def serve(
         if not s.scalar(select(func.count()).select_from(ApiKey)):
             first = create_api_key(s, name="first key", query_budget=settings.default_query_budget)[1]
         oldest = s.scalar(select(ApiKey.owner_id).order_by(ApiKey.created_at).limit(1))
-    proc = stop = None
-    if settings.embedded and worker:
-        proc, stop = start_local_worker()
+    local = SupervisedWorker() if settings.embedded and worker else None
     base = f"http://{host}:{port}"
     console.print(f"cmim API on {base}  (dashboard: {base}/  docs: {base}/docs)", highlight=False)
     if first:
@@ -194,11 +192,8 @@ def serve(
     try:
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
     finally:
-        if proc is not None and stop is not None:
-            stop.set()
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
+        if local is not None:
+            local.close()
 
 
 @cli.command("worker")

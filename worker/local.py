@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 import socket
 import threading
+import time
 from multiprocessing.synchronize import Event
 
 from sqlalchemy import select, update
@@ -85,10 +87,63 @@ def run_local_worker(stop: Event | threading.Event | None = None, settings: Sett
         stop.wait(settings.poll_seconds)
 
 
+def _run_embedded(stop: Event) -> None:
+    """The spawned worker's entry: Ctrl-C in the terminal is the server's to handle (it stops the worker
+    through `stop`), so the worker is not interrupted, and not taken for crashed, by the same signal."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_local_worker(stop)
+
+
 def start_local_worker() -> tuple[mp.process.BaseProcess, Event]:
     """The embedded worker in a fresh (spawned) process, so training never blocks the API's event loop."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
-    proc = ctx.Process(target=run_local_worker, args=(stop,), name="cmim-local-worker", daemon=True)
+    proc = ctx.Process(target=_run_embedded, args=(stop,), name="cmim-local-worker", daemon=True)
     proc.start()
     return proc, stop
+
+
+class SupervisedWorker:
+    """The embedded worker, started again whenever its process ends other than by `close` (a crash, an
+    out-of-memory kill, a signal): the new one releases the jobs the dead one held (`release_orphans`) and
+    resumes them from their checkpoints, without restarting `cmim serve`. A worker that keeps dying at
+    once is started again after a growing pause (1 s, doubling, at most a minute)."""
+
+    def __init__(self, settle_seconds: float = 60.0) -> None:
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self.settle_seconds, self.restarts = settle_seconds, 0
+        self.proc, self._stop = start_local_worker()
+        self._started = time.monotonic()
+        self._watcher = threading.Thread(target=self._watch, name="cmim-worker-supervisor", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        pause = 1.0
+        while not self._closing.is_set():
+            self.proc.join(timeout=0.5)
+            if self.proc.is_alive() or self._closing.is_set():
+                continue
+            lived = time.monotonic() - self._started
+            pause = 1.0 if lived >= self.settle_seconds else min(2 * pause, 60.0)
+            log.warning(
+                "the embedded worker ended (exit code %s) after %.0f s; starting another in %.0f s, which "
+                "resumes its jobs",
+                self.proc.exitcode, lived, pause,
+            )  # fmt: skip
+            if self._closing.wait(pause):
+                return
+            with self._lock:
+                if self._closing.is_set():
+                    return
+                self.proc, self._stop = start_local_worker()
+                self._started, self.restarts = time.monotonic(), self.restarts + 1
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker (it finishes nothing more: a running job resumes at the next start)."""
+        with self._lock:
+            self._closing.set()
+        self._stop.set()
+        self.proc.join(timeout=timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()

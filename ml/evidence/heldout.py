@@ -10,10 +10,12 @@ from typing import Any
 import numpy as np
 
 from ml.evidence.nulls import uncovered
+from ml.evidence.registry import DEFAULT_MECHANISM
 from ml.evidence.selected import KINDS, MIN_POINTS, pool_kinds, select
 from ml.evidence.stats import ALPHA, MIN_FAMILY, Null, fpr_by_family, members, rates
 
 TARGET_TPR = 0.9  # the detection rate near LS a working evidence should reach (docs/evidence.md)
+CANNOT = "Evidence for this model cannot work: "
 SPLIT = "chosen on the students of seeds 0, 2, 4, ...; measured on those of seeds 1, 3, 5, ..."
 
 Bits = list[np.ndarray]  # one per seed, in seed order
@@ -85,7 +87,7 @@ def _fails(reason: str) -> dict[str, Any]:
     return {
         "works": False,
         "meets_target": False,
-        "reason": "Evidence for this model cannot work: " + reason + ".",
+        "reason": CANNOT + reason + ".",
     }
 
 
@@ -120,10 +122,36 @@ def _judge(sec: dict[str, Any], by_family: dict[str, list[float]]) -> dict[str, 
     return _fails(why)
 
 
+def fingerprint_test(evidence: dict[str, Any] | None, box: str = "teacher") -> dict[str, Any] | None:
+    """The default mechanism's test of the served teacher (its first student architecture) as verify
+    applies it: against the widest null where the audit trained other architectures. None: no test."""
+    per_arch = ((evidence or {}).get("mechanisms", {}).get(DEFAULT_MECHANISM) or {}).get(box) or {}
+    sec = next(iter(per_arch.values()), None)
+    return None if sec is None else sec.get("other_architectures") or sec
+
+
+def works(test: dict[str, Any] | None) -> bool:
+    """A mechanism's test works: no more than alpha of the independent models called copies (measured),
+    and some knockoff with unlimited queries called one."""
+    if test is None or test.get("fpr") is None:
+        return False
+    return test["fpr"] <= ALPHA and bool(test.get("tpr_unlimited"))
+
+
 def evidence_words(evidence: dict[str, Any] | None) -> str | None:
     """What the report tells its owner of evidence: the selected challenge's reason for the served
-    teacher (the first student architecture) and the architectures the null does not cover; None when
-    the audit measured no evidence."""
+    teacher (the first student architecture), or, when it cannot work but the fingerprint does, that the
+    fingerprint works; and the architectures the null does not cover; None when the audit measured no
+    evidence."""
     per_arch = ((evidence or {}).get("mechanisms", {}).get("selected") or {}).get("teacher") or {}
-    words = [next((sec["reason"] for sec in per_arch.values()), None), uncovered(evidence)]
+    reason = next((sec["reason"] for sec in per_arch.values()), None)
+    fp = fingerprint_test(evidence)
+    if reason is not None and reason.startswith(CANNOT) and works(fp):
+        assert fp is not None
+        reason = (
+            f"Evidence works for this model with the fingerprint: it calls {fp['tpr_unlimited']:.0%} of the "
+            f"audit's knockoffs (unlimited queries) copies and {fp['fpr']:.0%} of its independent models. A "
+            "challenge chosen on the audit's students could not be: " + reason[len(CANNOT) :]
+        )
+    words = [reason, uncovered(evidence)]
     return " ".join(w for w in words if w) or None

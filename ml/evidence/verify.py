@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ml.cmi import model_logits
 from ml.evidence.base import Challenge
+from ml.evidence.heldout import fingerprint_test, works
 from ml.evidence.nulls import uncovered
 from ml.evidence.registry import DEFAULT_MECHANISM
 from ml.evidence.stats import ALPHA, MIN_FAMILY, Null, members
@@ -40,9 +41,7 @@ def chosen_section(report: dict[str, Any], box: str = "teacher") -> dict[str, An
     if sec is None or not sec.get("works"):
         return None
     fp = next(iter(((mechs.get(DEFAULT_MECHANISM) or {}).get(box) or {}).values()), {})
-    fp_tpr = fp.get("tpr_unlimited") or 0.0
-    fp_works = fp.get("fpr") is not None and fp["fpr"] <= ALPHA and fp_tpr > 0
-    return sec if not fp_works or sec["tpr_unlimited"] >= fp_tpr else None
+    return sec if not works(fp) or sec["tpr_unlimited"] >= (fp.get("tpr_unlimited") or 0.0) else None
 
 
 def selected_challenge(report: dict[str, Any], pool: Challenge) -> Challenge | None:
@@ -113,11 +112,13 @@ def null_from_report(report: dict[str, Any], mechanism: str, box: str = "teacher
 
 def evidence_note(report: dict[str, Any]) -> dict[str, str]:
     """What a verification adds from the audit's report: {"evidence": why evidence cannot work for this
-    model} when the audit found no challenge that discriminates (`ml.evidence.heldout`), and which
-    architectures the null does not cover (`ml.evidence.nulls.uncovered`); else nothing."""
+    model} when the audit found no challenge that discriminates (`ml.evidence.heldout`: no selected
+    challenge, and the fingerprint does not work as verify tests it), and which architectures the null
+    does not cover (`ml.evidence.nulls.uncovered`); else nothing."""
     per_arch = (report.get("evidence", {}).get("mechanisms", {}).get("selected") or {}).get("teacher") or {}
     failing = [sec["reason"] for sec in per_arch.values() if not sec.get("works", True)]
-    notes = [failing[0]] if failing and len(failing) == len(per_arch) else []
+    cannot = failing and len(failing) == len(per_arch) and not works(fingerprint_test(report.get("evidence")))
+    notes = [failing[0]] if cannot else []
     notes += [n for n in [uncovered(report.get("evidence"), DEFAULT_MECHANISM)] if n]
     return {"evidence": " ".join(notes)} if notes else {}
 

@@ -145,3 +145,34 @@ def test_a_null_familys_models_of_one_seed_are_held_out_together() -> None:
     assert sec["works"], sec["reason"]
     assert {f: len(v) for f, v in sec["negatives"].items()} == {"plain": 6, "cnn1d_small": 6}  # seeds 1, 3
     assert sec["fpr_by_family"]["cnn1d_small"] == 0.0 and sec["near_ls_unlimited"] == 2
+
+
+def test_a_working_fingerprint_is_said_when_no_challenge_could_be_chosen() -> None:
+    """No selected challenge, but the fingerprint works as verify tests it (its widest null where there is
+    one): the report and verify do not say that evidence cannot work; a fingerprint that calls no knockoff
+    against the widest null leaves the words as they were."""
+    negatives, families, knockoffs, near = population(np.random.default_rng(1), follow=0.3)
+    selected = selected_section(negatives, families, knockoffs, near, 512)
+    assert not selected["works"]
+    own = {"fpr": 0.0, "tpr_unlimited": 0.8, "negatives": {"plain": [0.5] * 5}}
+
+    def report(fingerprint: dict) -> dict:
+        mechanisms = {
+            "selected": {"teacher": {"mlp": selected}},
+            "fingerprint": {"teacher": {"mlp": fingerprint}},
+        }
+        return {"evidence": {"points": 512, "mechanisms": mechanisms}}
+
+    works = report(own)
+    words = evidence_words(works["evidence"])
+    assert words.startswith("Evidence works for this model with the fingerprint: it calls 80% of the audit's")
+    assert "could not be: on only" in words and evidence_note(works) == {}
+    widest = {
+        "fpr": 0.0,
+        "tpr_unlimited": 0.0,
+        "fpr_by_family": {"cnn1d": 0.0},
+        "negatives": {"cnn1d": [0.8] * 5},
+    }
+    fails = report(own | {"other_architectures": widest})  # verify tests against the widest: no copy
+    assert evidence_words(fails["evidence"]) == selected["reason"]
+    assert evidence_note(fails) == {"evidence": selected["reason"]}

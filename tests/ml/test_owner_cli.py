@@ -95,3 +95,32 @@ def test_ml_commands_work_without_the_service_packages(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done ") == len(commands)
+
+
+def test_a_fine_tuned_checkpoints_control_trains_from_scratch_for_teacher_epochs(
+    owner_example: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A checkpoint fine-tuned with `train --init` records a fine-tuning recipe (a tenth of the rate, a
+    warm-up): the audit's CE control trains from scratch for --teacher-epochs instead, as the service's."""
+    import ml.cli as cli_module
+    from ml.train import TrainConfig
+
+    data = ["--dataset", "npz", "--dataset-param", f"path={owner_example / 'tabular.npz'}"]
+    tuned = tmp_path / "tuned"
+    args = ["train", "--init", str(owner_example / "checkpoint" / "model.safetensors"), "--arch", "mlp"]
+    result = runner.invoke(app, [*args, "--objective", "cmim", "--epochs", "1", *data, "--out", str(tuned)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tuned / "model.json").read_text())["train_config"]["lr"] < TrainConfig().lr
+    stages = []
+    real = cli_module._train_stage
+    monkeypatch.setattr(cli_module, "_train_stage", lambda cfg, *a: stages.append(cfg) or real(cfg, *a))
+    args = ["audit", "--teacher", str(tuned / "model.safetensors"), *data, "--teacher-epochs", "2", *TINY]
+    result = runner.invoke(app, [*args, "--no-budgets", "--out", str(tmp_path / "audit.json")])
+    assert result.exit_code == 0, result.output
+    (control,) = stages
+    assert (control.objective, control.epochs, control.lr, control.warmup_epochs) == (
+        "ce",
+        2,
+        TrainConfig().lr,
+        0.0,
+    )

@@ -309,3 +309,30 @@ def test_embedded_serve_runs_a_job_without_redis_or_postgresql(embedded: Stack) 
     assert statuses(events) == ["queued", "training", "auditing", "succeeded"], embedded.logs()
     check_succeeded_job(embedded, job_id)
     assert not (embedded.tmp / "artifacts" / "audit-results" / job_id).exists()  # the report holds them
+
+
+def embedded_worker(stack: Stack) -> int | None:
+    """The pid of `cmim serve`'s embedded worker: its spawned child (not the resource tracker)."""
+    parent = stack.procs[0].popen.pid
+    for d in Path("/proc").iterdir():
+        try:
+            stat, cmd = (d / "stat").read_text(), (d / "cmdline").read_bytes()
+        except (OSError, NotADirectoryError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmd:
+            return int(d.name)
+    return None
+
+
+def test_an_embedded_worker_killed_mid_job_is_started_again_and_the_job_resumes(embedded: Stack) -> None:
+    job_id = submit(embedded, job_body())
+    follow(embedded, job_id, until=lambda e: e["kind"] == "progress")  # training: the job holds a lease
+    victim = embedded_worker(embedded)
+    assert victim is not None, embedded.logs()
+    os.kill(victim, signal.SIGKILL)
+    events = follow(embedded, job_id, timeout=300)
+    job = embedded.get(f"/api/v1/jobs/{job_id}").json()
+    assert statuses(events)[-1] == "succeeded" and job["attempts"] == 2, embedded.logs()
+    serve = embedded.procs[0].output()
+    assert "the embedded worker ended (exit code -9)" in serve and "resuming 1 job(s)" in serve, serve[-3000:]
+    assert embedded_worker(embedded) not in (None, victim)  # the server itself still runs the new one

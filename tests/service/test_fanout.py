@@ -85,16 +85,18 @@ def stored_results(stack: Stack, job_id: str) -> list[str]:
 
 def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(stack: Stack) -> None:
     body = job_body(**AUDIT)
-    one = submit(stack, body)  # one worker: both tasks run on it, one after the other
+    one = submit(
+        stack, body
+    )  # one worker: the 4 tasks (2 seeds, each with its null's task) run on it in turn
     assert statuses(follow(stack, one))[-1] == "succeeded", stack.logs()
     single = stack.get(f"/api/v1/jobs/{one}/report").json()
     (w1,) = workers(stack)
-    assert len([x for x in task_lines(w1, one) if "computed" in x]) == 2
-    # Its progress counts the whole audit's units over both tasks, as an audit in one process does.
+    assert len([x for x in task_lines(w1, one) if "computed" in x]) == 4
+    # Its progress counts the whole audit's units over every task, as an audit in one process does.
     events = stack.get(f"/api/v1/jobs/{one}/events?after=0").json()
     done = [x["data"]["done"] for x in events if x["kind"] == "progress"]
-    assert {x["data"]["total"] for x in events if x["kind"] == "progress"} == {30}
-    assert done == sorted(done) and done[-1] == 30, done
+    assert {x["data"]["total"] for x in events if x["kind"] == "progress"} == {60}
+    assert done == sorted(done) and done[-1] == 60, done
 
     start_worker(stack, "worker-2")
     two = submit(stack, body)  # the same audit again: a new job computes it afresh, on both workers
@@ -137,7 +139,9 @@ def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(st
     assert figures(stack.get(f"/api/v1/jobs/{three}/report").json()) == figures(single)
     lines = [x for p in stack.procs if p.name.startswith("worker") for x in task_lines(p, three)]
     computed = sorted(re.search(r"audit task (\d+)/", x).group(1) for x in lines if "computed" in x)
-    assert computed == ["1", "2"], lines  # each task computed once: the killed one only on attempt 2
+    assert computed == ["1", "2", "3", "4"], (
+        lines
+    )  # each task computed once: the killed one only on attempt 2
     killed = started[-1]
     assert [x for x in lines if "computed" in x and f"task {killed}/" in x and "attempt 2" in x], lines
     assert [x for x in lines if "found stored" in x and f"task {killed}/" not in x], lines
@@ -147,7 +151,8 @@ def test_two_workers_share_one_audit_and_a_killed_worker_redoes_only_its_task(st
 def test_cancel_mid_fan_out_stops_every_task_and_deletes_their_results(stack: Stack) -> None:
     while len(workers(stack)) < 2:
         start_worker(stack, f"worker-{len(stack.procs)}")
-    job = submit(stack, job_body(**AUDIT | {"audit.seeds": 4, "audit.epochs": 100}))
+    # 4 seeds, 4 tasks: no null's tasks (they would interleave with the seeds')
+    job = submit(stack, job_body(**AUDIT | {"audit.seeds": 4, "audit.epochs": 100, "audit.null_archs": []}))
 
     def lines() -> list[str]:
         return [x for w in workers(stack) for x in task_lines(w, job)]
