@@ -273,7 +273,8 @@ def test_parallel_seeds_give_the_same_report_and_budgets_only_where_asked(data, 
     seen: list = []
     one = run_audit(cfg, teachers[0], data, workers=1, **kwargs)
     two = run_audit(cfg, teachers[0], data, workers=2, on_progress=seen.append, **kwargs)
-    assert seen[-1].done == seen[-1].total == 2 * 2 * 2  # seeds x epochs x (unlimited + one budget)
+    # seeds x epochs x (unlimited + one budget + the null's one model of cnn1d_small)
+    assert seen[-1].done == seen[-1].total == 2 * 2 * 3
     for r in (one, two):
         for k in ("wall_s", "timing", "findings"):  # measured times differ between runs
             r.pop(k)
@@ -284,7 +285,7 @@ def test_parallel_seeds_give_the_same_report_and_budgets_only_where_asked(data, 
     seen.clear()  # no box under budgets: no budget phases, and the report and progress say so
     none = run_audit(cfg, teachers[0], data, control=teachers[1], budget_for=[], on_progress=seen.append)
     assert "budgets" not in none and none["config"]["query_budgets"] == []
-    assert seen[-1].done == seen[-1].total == 2 * 2
+    assert seen[-1].done == seen[-1].total == 2 * 2 * 2  # the unlimited phase and the null's model
     with pytest.raises(ValueError, match="budget_for names no audited black box: nope"):
         run_audit(cfg, teachers[0], data, control=teachers[1], budget_for=["nope"])
 
