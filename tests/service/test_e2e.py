@@ -325,8 +325,11 @@ def embedded_worker(stack: Stack) -> int | None:
 
 
 def test_an_embedded_worker_killed_mid_job_is_started_again_and_the_job_resumes(embedded: Stack) -> None:
-    job_id = submit(embedded, job_body())
-    follow(embedded, job_id, until=lambda e: e["kind"] == "progress")  # training: the job holds a lease
+    # a teacher of 40 epochs on 2,000 examples: still training when the first epoch's progress is read
+    body = job_body(**{"teacher.epochs": 40, "teacher.dataset_params": {"num_train": 2000, "num_test": 500}})
+    job_id = submit(embedded, body)
+    follow(embedded, job_id, until=lambda e: e["kind"] == "epoch")  # training: the job holds a lease
+    assert embedded.get(f"/api/v1/jobs/{job_id}").json()["status"] == "training"
     victim = embedded_worker(embedded)
     assert victim is not None, embedded.logs()
     os.kill(victim, signal.SIGKILL)
