@@ -109,14 +109,14 @@ class SupervisedWorker:
     resumes them from their checkpoints, without restarting `cmim serve`. A worker that keeps dying at
     once is started again after a growing pause (1 s, doubling, at most a minute)."""
 
-    def __init__(self, settle_seconds: float = 60.0) -> None:
+    SETTLED_SECONDS = 60.0  # a worker that lived this long died of something else: the pause starts over
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self.settle_seconds, self.restarts = settle_seconds, 0
         self.proc, self._stop = start_local_worker()
         self._started = time.monotonic()
-        self._watcher = threading.Thread(target=self._watch, name="cmim-worker-supervisor", daemon=True)
-        self._watcher.start()
+        threading.Thread(target=self._watch, name="cmim-worker-supervisor", daemon=True).start()
 
     def _watch(self) -> None:
         pause = 1.0
@@ -125,7 +125,7 @@ class SupervisedWorker:
             if self.proc.is_alive() or self._closing.is_set():
                 continue
             lived = time.monotonic() - self._started
-            pause = 1.0 if lived >= self.settle_seconds else min(2 * pause, 60.0)
+            pause = 1.0 if lived >= self.SETTLED_SECONDS else pause
             log.warning(
                 "the embedded worker ended (exit code %s) after %.0f s; starting another in %.0f s, which "
                 "resumes its jobs",
@@ -133,11 +133,12 @@ class SupervisedWorker:
             )  # fmt: skip
             if self._closing.wait(pause):
                 return
+            pause = min(2 * pause, 60.0)
             with self._lock:
                 if self._closing.is_set():
                     return
                 self.proc, self._stop = start_local_worker()
-                self._started, self.restarts = time.monotonic(), self.restarts + 1
+                self._started = time.monotonic()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the worker (it finishes nothing more: a running job resumes at the next start)."""

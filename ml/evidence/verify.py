@@ -33,15 +33,17 @@ def selected_names(job_id: str) -> tuple[str, str]:
 
 def chosen_section(report: dict[str, Any], box: str = "teacher") -> dict[str, Any] | None:
     """The selected challenge's section (the served teacher's first student architecture, as the report's
-    words) when verify uses it: the report says it works, and the fingerprint does not or detects no more
-    held-out knockoffs (`tpr_unlimited`; a fingerprint whose null calls over alpha of the independent
-    models copies, or that detects none, does not work). None: verify uses the fingerprint."""
+    words) when verify uses it: the report says it works, and the fingerprint, tested as verify tests it
+    (its widest null, `fingerprint_test`), does not work or detects no more knockoffs (`tpr_unlimited`).
+    None: verify uses the fingerprint."""
     mechs = report.get("evidence", {}).get("mechanisms", {})
     sec = next(iter(((mechs.get("selected") or {}).get(box) or {}).values()), None)
     if sec is None or not sec.get("works"):
         return None
-    fp = next(iter(((mechs.get(DEFAULT_MECHANISM) or {}).get(box) or {}).values()), {})
-    return sec if not works(fp) or sec["tpr_unlimited"] >= (fp.get("tpr_unlimited") or 0.0) else None
+    fp = fingerprint_test(report.get("evidence"), box)
+    if fp is not None and works(fp) and fp["tpr_unlimited"] > sec["tpr_unlimited"]:
+        return None
+    return sec
 
 
 def selected_challenge(report: dict[str, Any], pool: Challenge) -> Challenge | None:
